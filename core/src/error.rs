@@ -1,0 +1,83 @@
+//! Why a context is done: Go's `context.Canceled`, `context.DeadlineExceeded`, or a user cause.
+
+use core::fmt;
+
+use alloc::sync::Arc;
+
+/// The reason a [`Context`](crate::Context) (or a session) is done.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, ContextError};
+///
+/// let (ctx, cancel) = Context::background().with_cancel();
+/// assert_eq!(ctx.err(), None);
+/// cancel.cancel();
+/// assert_eq!(ctx.err(), Some(ContextError::Canceled));
+/// assert_eq!(ContextError::Canceled.to_string(), "context canceled");
+/// ```
+#[derive(Clone)]
+pub enum ContextError {
+    /// Cancelled (Go `context.Canceled`), also what `disable()` reports.
+    Canceled,
+    /// The deadline passed (Go `context.DeadlineExceeded`).
+    DeadlineExceeded,
+    /// Cancelled with a cause (Go `context.WithCancelCause`).
+    Cause(Arc<dyn core::error::Error + Send + Sync>),
+}
+
+impl ContextError {
+    /// Wraps a user error as a cancellation cause.
+    #[must_use]
+    pub fn cause(err: impl core::error::Error + Send + Sync + 'static) -> Self {
+        ContextError::Cause(Arc::new(err))
+    }
+
+    /// Whether this is a deadline expiry.
+    #[must_use]
+    pub fn is_deadline_exceeded(&self) -> bool {
+        matches!(self, ContextError::DeadlineExceeded)
+    }
+}
+
+/// Causes compare by identity (the same `Arc`), the other variants by kind.
+impl PartialEq for ContextError {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (ContextError::Canceled, ContextError::Canceled) => true,
+            (ContextError::DeadlineExceeded, ContextError::DeadlineExceeded) => true,
+            (ContextError::Cause(a), ContextError::Cause(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+impl Eq for ContextError {}
+
+impl fmt::Debug for ContextError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ContextError::Canceled => f.write_str("Canceled"),
+            ContextError::DeadlineExceeded => f.write_str("DeadlineExceeded"),
+            ContextError::Cause(c) => f.debug_tuple("Cause").field(&format_args!("{c}")).finish(),
+        }
+    }
+}
+
+impl fmt::Display for ContextError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ContextError::Canceled => f.write_str("context canceled"),
+            ContextError::DeadlineExceeded => f.write_str("context deadline exceeded"),
+            ContextError::Cause(c) => fmt::Display::fmt(c, f),
+        }
+    }
+}
+
+impl core::error::Error for ContextError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            ContextError::Cause(c) => Some(&**c),
+            _ => None,
+        }
+    }
+}

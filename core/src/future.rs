@@ -1,0 +1,163 @@
+//! [`WithSession`]: a future that carries its session across every `.await`, on any executor.
+//!
+//! Follows tokio's `TaskLocalFuture` and tracing's `Instrumented`/`WithDispatch`: around every
+//! `poll` — and around the inner future's drop — the wrapper swaps its session into the store's
+//! slot for the running unit and swaps whatever the slot holds afterwards back out. Nothing is
+//! cloned per poll. Because the session is taken back *from the slot*, a `bind` or `unbind`
+//! inside the future sticks to the future (Go's `BindSession` inside a goroutine), and never
+//! leaks into the next task the worker polls. A panic inside `poll` still restores the slot.
+
+use core::fmt;
+use core::future::Future;
+use core::pin::Pin;
+use core::task::{Context as TaskContext, Poll};
+
+use crate::session::AnySession;
+use crate::store::{ContextStore, current, global_store};
+
+pin_project_lite::pin_project! {
+    /// A future that runs with a session bound (see the [module docs](self)).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{current, set_global_store, Context, FutureExt, SessionCtx, SingleSlotStore};
+    /// static STORE: SingleSlotStore = SingleSlotStore::new();
+    /// set_global_store(&STORE).unwrap();
+    ///
+    /// let s = SessionCtx::new(&Context::background()).with_value("req", 7u32);
+    /// let fut = async { current().unwrap().value_cloned::<u32, _>(&"req") }.with_session(s);
+    /// assert_eq!(futures::executor::block_on(fut), Some(7));
+    /// assert!(current().is_none()); // nothing left behind
+    /// ```
+    #[must_use = "futures do nothing unless polled"]
+    pub struct WithSession<F> {
+        store: Option<&'static dyn ContextStore>,
+        session: Option<AnySession>,
+        #[pin]
+        future: Option<F>,
+    }
+
+    impl<F> PinnedDrop for WithSession<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let mut this = this.project();
+            if this.future.is_some() {
+                let store = *this.store;
+                with_swapped(store, this.session, || this.future.set(None));
+            }
+        }
+    }
+}
+
+impl<F> WithSession<F> {
+    /// Wraps `future` so that it runs with `session` (or with none) bound in the default store.
+    ///
+    /// # Examples
+    /// See [`WithSession`].
+    pub fn new(future: F, session: Option<AnySession>) -> Self {
+        WithSession { store: None, session, future: Some(future) }
+    }
+
+    /// Wraps `future` for a given store instead of the default one.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{with_current_in, Context, SessionCtx, SingleSlotStore, WithSession};
+    /// static STORE: SingleSlotStore = SingleSlotStore::new();
+    /// let s = SessionCtx::new(&Context::background());
+    /// let fut = WithSession::new_in(&STORE, async { with_current_in(&STORE, |s| s.is_some()) }, Some(s.into()));
+    /// assert!(futures::executor::block_on(fut));
+    /// ```
+    pub fn new_in(store: &'static dyn ContextStore, future: F, session: Option<AnySession>) -> Self {
+        WithSession { store: Some(store), session, future: Some(future) }
+    }
+
+    /// The session the future will run with next.
+    #[must_use]
+    pub fn session(&self) -> Option<&AnySession> {
+        self.session.as_ref()
+    }
+}
+
+/// Runs `f` with `session` swapped into the store's slot, and swaps the slot's content back
+/// into `session` afterwards (also when `f` panics).
+fn with_swapped<R>(store: Option<&'static dyn ContextStore>, session: &mut Option<AnySession>, f: impl FnOnce() -> R) -> R {
+    let Some(store) = store.or_else(global_store) else { return f() };
+    let prev = match store.replace(session.take()) {
+        Ok(prev) => prev,
+        Err(e) => {
+            // The store cannot tell the running unit: run without, keep the session.
+            *session = e.into_session();
+            return f();
+        }
+    };
+    struct Restore<'a> {
+        store: &'static dyn ContextStore,
+        prev: Option<AnySession>,
+        session: &'a mut Option<AnySession>,
+    }
+    impl Drop for Restore<'_> {
+        fn drop(&mut self) {
+            // What the slot holds now is the future's session from here on (a `bind` inside
+            // the future sticks to it).
+            if let Ok(ours) = self.store.replace(self.prev.take()) {
+                *self.session = ours;
+            }
+        }
+    }
+    let _restore = Restore { store, prev, session };
+    f()
+}
+
+impl<F: Future> Future for WithSession<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
+        let mut this = self.project();
+        let store = *this.store;
+        let poll = with_swapped(store, this.session, || match this.future.as_mut().as_pin_mut() {
+            Some(fut) => fut.poll(cx),
+            None => panic!("`WithSession` polled after completion"),
+        });
+        if poll.is_ready() {
+            // Drop the finished inner future now, with the session still bound.
+            with_swapped(store, this.session, || this.future.set(None));
+        }
+        poll
+    }
+}
+
+impl<F> fmt::Debug for WithSession<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WithSession").field("session", &self.session).finish_non_exhaustive()
+    }
+}
+
+/// Session combinators for every future.
+pub trait FutureExt: Future + Sized {
+    /// Runs this future with `session` bound (in the default store).
+    ///
+    /// # Examples
+    /// See [`WithSession`].
+    fn with_session(self, session: impl Into<AnySession>) -> WithSession<Self> {
+        WithSession::new(self, Some(session.into()))
+    }
+
+    /// Runs this future with the session that is current *now* (when this is called), wherever
+    /// and whenever it is polled.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{scope, current, set_global_store, Context, FutureExt, SessionCtx, SingleSlotStore};
+    /// static STORE: SingleSlotStore = SingleSlotStore::new();
+    /// set_global_store(&STORE).unwrap();
+    ///
+    /// let s = SessionCtx::new(&Context::background()).with_value("k", 1u8);
+    /// let fut = scope(s, || async { current().is_some() }.in_current_session());
+    /// assert!(futures::executor::block_on(fut));
+    /// ```
+    fn in_current_session(self) -> WithSession<Self> {
+        WithSession::new(self, current())
+    }
+}
+
+impl<F: Future> FutureExt for F {}

@@ -1,0 +1,99 @@
+//! `localsession-core`: implicit, execution-local context for Rust — the `no_std + alloc` core.
+//!
+//! A *session* carries request data (user ids, trace ids, RPC metadata, deadlines) from a root
+//! caller to deep callees without a `ctx` parameter in every signature, follows the work across
+//! threads and tasks, and can be disabled so that every session derived from it becomes
+//! invalid. This crate is a port of Go's `cloudwego/localsession` and of Go's `context` package:
+//!
+//! - [`Context`]: Go's `context.Context` — persistent values, a cancellation tree, deadlines
+//!   against a [`Clock`], `done()` futures and `after_cancel` callbacks.
+//! - [`Session`], [`SessionCtx`], [`SessionMap`], [`AnySession`]: Go's `Session` interface and
+//!   its two implementations.
+//! - [`ContextStore`] and the binding API ([`bind`], [`unbind`], [`current`], [`with_current`],
+//!   [`enter`], [`scope`]), with [`LocalSlot`], [`SingleSlotStore`] and [`ShardedStore`] (Go's
+//!   `SessionManager`) to build stores from; [`WithSession`] carries a session across
+//!   `.await` on any executor.
+//! - [`ManagerOptions`] with Go's defaults and its `CLOUDWEGO_SESSION_CONFIG_KEY` format.
+//! - [`MetaInfo`] and the backup functions of Kitex's `WithContextBackup`.
+//!
+//! The core knows nothing about threads or runtimes. Pick the adapter for your runtime
+//! (`localsession-std`, `localsession-tokio`, `localsession-async-std`), or implement
+//! [`ContextStore`] for your own executor.
+//!
+//! # Examples
+//! ```
+//! use localsession_core::{scope, current, set_global_store, Context, Key, SessionCtx, SingleSlotStore};
+//!
+//! static STORE: SingleSlotStore = SingleSlotStore::new();
+//! static USER: Key<u64> = Key::new("user");
+//!
+//! fn deep_callee() -> Option<u64> {
+//!     // No context parameter: read the current session.
+//!     current()?.get_cloned(&USER)
+//! }
+//!
+//! set_global_store(&STORE).unwrap();
+//! let session = SessionCtx::new(&Context::background()).with(&USER, 42);
+//! assert_eq!(scope(session.clone(), deep_callee), Some(42));
+//! session.disable();
+//! assert!(!session.is_valid());
+//! ```
+
+#![no_std]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms,
+    clippy::std_instead_of_core,
+    clippy::alloc_instead_of_core,
+    clippy::undocumented_unsafe_blocks
+)]
+
+extern crate alloc;
+
+mod backup;
+pub mod config;
+mod context;
+mod error;
+mod future;
+mod global;
+mod key;
+mod map;
+mod metainfo;
+mod node;
+mod primitive;
+mod scope;
+mod session;
+mod sharded;
+mod store;
+mod time;
+
+pub use backup::{backed_up_ctx, backup_ctx, clear_ctx, recover_ctx_on_demands};
+pub use config::{ConfigError, ConfigField, DurationError, ManagerOptions};
+pub use context::{CancelHandle, Context};
+pub use error::ContextError;
+pub use future::{FutureExt, WithSession};
+pub use key::{DynKey, Key, KeyQuery};
+pub use map::SessionMap;
+pub use metainfo::MetaInfo;
+pub use scope::{AfterCancel, Done};
+pub use session::{AnySession, Session, SessionCtx, SessionExt};
+pub use sharded::ShardedStore;
+pub use store::{
+    BindError, ContextStore, EnterGuard, LocalSlot, SetGlobalStoreError, SingleSlotStore, bind, collector, current,
+    enter, enter_in, global_store, scope, set_global_store, unbind, with_current, with_current_in,
+};
+pub use time::{Clock, Expiry, Instant, NoClockError, SetGlobalClockError, global_clock, set_global_clock};
+
+/// Re-exported for [`ContextStore::pin_epoch`] implementations.
+pub use crossbeam_epoch;
+
+#[doc(hidden)]
+pub mod __private {
+    //! Internal measurements exposed for the test and benchmark crates; not a stable API.
+
+    /// Bytes in the common node header.
+    pub const NODE_HEADER_BYTES: usize = core::mem::size_of::<crate::node::Header>();
+}

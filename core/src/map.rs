@@ -1,0 +1,617 @@
+//! [`SessionMap`]: Go's `SessionMap`, one shared, mutable map that every holder sees.
+//!
+//! # Synchronization
+//!
+//! The map is an atomic root pointer to the newest node of an immutable chain — the same nodes
+//! a [`Context`] is made of, so a snapshot ([`SessionMap::export`]) is just another reference
+//! to the current head. The chain's base is the map's validity scope.
+//!
+//! - **Readers** pin the epoch (crossbeam-epoch), load the root (`Acquire`) and look the key up
+//!   in the immutable chain. They never wait for a writer and never write shared memory
+//!   themselves (the pin is a thread-local operation).
+//! - **Writers** allocate one node above the current head and publish it with a
+//!   compare-and-swap (`AcqRel`); on failure they re-link the same node above the new head and
+//!   retry. Every successful CAS includes every earlier one, so no update is ever lost (loom
+//!   model `map_concurrent_writers`). The root's reference to the old head moves into the new
+//!   node, so an insert frees nothing.
+//! - **Compaction** keeps memory bounded: after enough writes a writer rebuilds the newest
+//!   binding of each live key into a fresh chain over the base and swaps it in with one CAS.
+//!   Only then can a reader still be walking a chain that nothing references any more, so the
+//!   root's reference to the old head is released through `Guard::defer`, after every reader
+//!   pinned at that time has unpinned. A compaction that loses its CAS race drops its private
+//!   chain and leaves the work to a later writer.
+//!
+//! Values are stored behind an `Arc`, so reads can hand out owned handles ([`SessionMap::value`])
+//! as well as borrows ([`SessionMap::read`]), and compaction can re-bind a value without copying
+//! it.
+
+use core::any::Any;
+use core::fmt;
+use core::hash::Hash;
+use core::ptr::NonNull;
+use core::time::Duration;
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+use crate::context::Context;
+use crate::error::ContextError;
+use crate::key::{DynKey, Key, KeyQuery, hashed_tag};
+use crate::node::{F_TOMBSTONE, F_VALUE, InlineKey, NodePtr, NodeRef, SharedKey, SharedValue, Tombstone, TypedKey, for_each_binding, lookup};
+use crate::primitive::epoch::{self, Guard};
+use crate::primitive::{AtomicPtr, AtomicUsize, Ordering};
+use crate::scope::Done;
+use crate::session::{AnySession, Session};
+use crate::time::{Instant, NoClockError, global_clock};
+
+/// Writes after which a compaction is attempted, at least.
+const COMPACT_MIN_WRITES: usize = 64;
+
+/// Go's `SessionMap`: a shared, mutable session. `with_value`/`insert` change the one map that
+/// every holder (and every thread) sees.
+///
+/// Reads are lock-free and never wait for writers; writes are lock-free and never lost. Values
+/// come back as `Arc` handles ([`value`](SessionMap::value), [`get`](SessionMap::get)) or as
+/// borrows inside a closure ([`read`](SessionMap::read), [`read_key`](SessionMap::read_key)),
+/// which pins the epoch but clones nothing.
+///
+/// # Examples
+/// ```
+/// use localsession_core::SessionMap;
+///
+/// let map = SessionMap::new();
+/// let seen_by_other_holder = map.clone();
+/// map.insert("user", 42u64);
+/// assert_eq!(seen_by_other_holder.value::<u64, _>(&"user").as_deref(), Some(&42));
+///
+/// let snapshot = map.export();
+/// map.insert("user", 43u64);
+/// assert_eq!(snapshot.value::<u64, _>(&"user"), Some(&42)); // a consistent snapshot
+///
+/// map.disable();
+/// assert!(!seen_by_other_holder.is_valid());
+/// ```
+#[derive(Clone)]
+pub struct SessionMap {
+    shared: Arc<MapShared>,
+}
+
+struct MapShared {
+    /// The newest node; owns one reference. Never null.
+    root: AtomicPtr<crate::node::Header>,
+    /// The validity scope: the chain's base (`top` is the scope node).
+    base: Context,
+    /// Successful writes since the last compaction (a heuristic; relaxed).
+    writes: AtomicUsize,
+    /// Live keys after the last compaction (a heuristic; relaxed).
+    live: AtomicUsize,
+}
+
+impl Drop for MapShared {
+    fn drop(&mut self) {
+        let root = self.root.load(Ordering::Relaxed);
+        // SAFETY: the root owns one reference; nobody else can reach the map any more.
+        drop(unsafe { NodeRef::from_raw(NonNull::new_unchecked(root)) });
+    }
+}
+
+impl SessionMap {
+    /// An empty map with its own validity scope (Go `NewSessionMap(map{})`).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// assert!(SessionMap::new().is_valid());
+    /// ```
+    #[must_use]
+    pub fn new() -> SessionMap {
+        SessionMap::new_in(&Context::background())
+    }
+
+    /// An empty map whose validity scope is opened under `ctx`: cancelling `ctx` (or reaching
+    /// its deadline) invalidates the map. The map holds only its own keys, as in Go: `ctx`'s
+    /// values are not visible through it (nor through its [`export`](SessionMap::export)).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, SessionMap};
+    /// let (ctx, cancel) = Context::background().with_value("tenant", "acme").with_cancel();
+    /// let map = SessionMap::new_in(&ctx);
+    /// assert!(map.value::<&str, _>(&"tenant").is_none());
+    /// assert!(map.is_valid());
+    /// cancel.cancel();
+    /// assert!(!map.is_valid());
+    /// ```
+    #[must_use]
+    pub fn new_in(ctx: &Context) -> SessionMap {
+        Self::from_base(ctx.open_scope_ctx(None, true))
+    }
+
+    /// An empty map that becomes invalid after `timeout` on the global clock (Go
+    /// `NewSessionMapWithTimeout`, without a goroutine per map).
+    ///
+    /// # Errors
+    /// [`NoClockError`] if no clock is registered.
+    ///
+    /// # Examples
+    /// ```
+    /// use core::time::Duration;
+    /// use localsession_core::SessionMap;
+    /// assert!(SessionMap::with_timeout(Duration::from_secs(1)).is_err()); // no clock here
+    /// ```
+    pub fn with_timeout(timeout: Duration) -> Result<SessionMap, NoClockError> {
+        let clock = global_clock().ok_or(NoClockError(()))?;
+        Ok(SessionMap::with_deadline(Instant::now(clock) + timeout))
+    }
+
+    /// An empty map that becomes invalid at `deadline`.
+    ///
+    /// # Examples
+    /// ```
+    /// use core::time::Duration;
+    /// use localsession_core::{Clock, Instant, SessionMap};
+    /// struct Fixed;
+    /// impl Clock for Fixed { fn now(&self) -> Duration { Duration::from_secs(1) } }
+    /// static CLOCK: Fixed = Fixed;
+    /// let map = SessionMap::with_deadline(Instant::from_clock_time(&CLOCK, Duration::ZERO));
+    /// assert!(!map.is_valid());
+    /// ```
+    #[must_use]
+    pub fn with_deadline(deadline: Instant) -> SessionMap {
+        Self::from_base(Context::background().open_scope_ctx(Some(deadline), true))
+    }
+
+    fn from_base(base: Context) -> SessionMap {
+        let root = base.top().cloned().expect("a scope context has a head").into_raw();
+        SessionMap {
+            shared: Arc::new(MapShared {
+                root: AtomicPtr::new(root.as_ptr()),
+                base,
+                writes: AtomicUsize::new(0),
+                live: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Binds `key` to `value` in the shared map (every holder sees it).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// let m = SessionMap::new();
+    /// m.insert(1u32, "one");
+    /// m.insert(1u32, "uno");
+    /// assert_eq!(m.value::<&str, _>(&1u32).as_deref(), Some(&"uno"));
+    /// ```
+    pub fn insert<K, V>(&self, key: K, value: V)
+    where
+        K: Eq + Hash + Any + Send + Sync + Clone,
+        V: Any + Send + Sync,
+    {
+        let tag = hashed_tag(&key);
+        let node = NodeRef::new_rebindable(None, tag, F_VALUE, InlineKey(key), SharedValue(Arc::new(value)));
+        self.publish(node, |_| true);
+    }
+
+    /// Binds a typed key in the shared map.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Key, SessionMap};
+    /// static N: Key<u32> = Key::new("n");
+    /// let m = SessionMap::new();
+    /// m.set(&N, 5);
+    /// assert_eq!(m.get(&N).as_deref(), Some(&5));
+    /// ```
+    pub fn set<T: Any + Send + Sync>(&self, key: &'static Key<T>, value: T) {
+        let node = NodeRef::new_rebindable(None, key.tag(), F_VALUE, TypedKey, SharedValue(Arc::new(value)));
+        self.publish(node, |_| true);
+    }
+
+    /// Inserts and returns the map itself (Go `WithValue`, which mutates and returns the
+    /// receiver).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// let m = SessionMap::new();
+    /// let same = m.with_value("k", 1u8);
+    /// assert!(same.ptr_eq(&m));
+    /// assert_eq!(m.value::<u8, _>(&"k").as_deref(), Some(&1));
+    /// ```
+    #[must_use = "the map is updated in place; the returned handle is the same map"]
+    pub fn with_value<K, V>(&self, key: K, value: V) -> SessionMap
+    where
+        K: Eq + Hash + Any + Send + Sync + Clone,
+        V: Any + Send + Sync,
+    {
+        self.insert(key, value);
+        self.clone()
+    }
+
+    /// Sets a typed key and returns the map itself.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Key, SessionMap};
+    /// static N: Key<u8> = Key::new("n");
+    /// let m = SessionMap::new().with(&N, 2);
+    /// assert_eq!(m.get(&N).as_deref(), Some(&2));
+    /// ```
+    #[must_use = "the map is updated in place; the returned handle is the same map"]
+    pub fn with<T: Any + Send + Sync>(&self, key: &'static Key<T>, value: T) -> SessionMap {
+        self.set(key, value);
+        self.clone()
+    }
+
+    /// Removes `key`. Returns whether it was present.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// let m = SessionMap::new().with_value("k", 1u8);
+    /// assert!(m.remove(&"k"));
+    /// assert!(!m.remove(&"k"));
+    /// assert!(m.value::<u8, _>(&"k").is_none());
+    /// ```
+    pub fn remove<K: Eq + Hash + Any + Send + Sync + Clone>(&self, key: &K) -> bool {
+        let q = KeyQuery::new(key);
+        let node = NodeRef::new_rebindable(None, q.tag, F_VALUE | F_TOMBSTONE, InlineKey(key.clone()), Tombstone);
+        self.publish(node, |head| Self::present(head, &q))
+    }
+
+    /// Removes a typed key. Returns whether it was present.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Key, SessionMap};
+    /// static N: Key<u8> = Key::new("n");
+    /// let m = SessionMap::new().with(&N, 1);
+    /// assert!(m.remove_key(&N));
+    /// assert!(m.get(&N).is_none());
+    /// ```
+    pub fn remove_key<T>(&self, key: &'static Key<T>) -> bool {
+        let q = KeyQuery::typed(key);
+        let node = NodeRef::new_rebindable(None, q.tag, F_VALUE | F_TOMBSTONE, TypedKey, Tombstone);
+        self.publish(node, |head| Self::present(head, &q))
+    }
+
+    /// # Safety
+    /// `head` is alive (the caller is pinned).
+    fn present(head: NodePtr, q: &KeyQuery<'_>) -> bool {
+        // SAFETY: the caller is pinned, so `head` and its chain are alive.
+        unsafe { lookup(head, q) }.is_some_and(|n| !unsafe { n.header() }.is_tombstone())
+    }
+
+    /// Publishes `node` above the current head if `precheck(head)` holds; returns whether it
+    /// was published.
+    fn publish(&self, mut node: NodeRef, precheck: impl Fn(NodePtr) -> bool) -> bool {
+        let guard = epoch::pin();
+        let root = &self.shared.root;
+        // Acquire: the head's contents (and the chain under it) were published with Release.
+        let mut head = root.load(Ordering::Acquire);
+        loop {
+            // SAFETY: `head` is non-null; we are pinned, so it is alive even if a compaction
+            // has already replaced it.
+            let head_ptr = NodePtr(unsafe { NonNull::new_unchecked(head) });
+            if !precheck(head_ptr) {
+                return false;
+            }
+            // SAFETY: `head` is alive (pinned); the new reference becomes the node's parent.
+            let parent = unsafe { NodeRef::clone_from_ptr(head_ptr) };
+            // SAFETY: `node` was never shared. The old parent (if any) is a reference we took.
+            drop(unsafe { node.relink(Some(parent)) });
+            // AcqRel: Release publishes the node; Acquire on failure sees the new head's chain.
+            match root.compare_exchange(head, node.ptr().0.as_ptr(), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    // The root now owns `node`; its old reference to `head` is released here.
+                    // It cannot be the last one: `node` holds another.
+                    let _ = node.into_raw();
+                    // SAFETY: the root owned this reference to `head` until the exchange.
+                    drop(unsafe { NodeRef::from_raw(head_ptr.0) });
+                    break;
+                }
+                Err(actual) => head = actual,
+            }
+        }
+        let writes = self.shared.writes.fetch_add(1, Ordering::Relaxed) + 1;
+        if writes >= COMPACT_MIN_WRITES.max(2 * self.shared.live.load(Ordering::Relaxed)) {
+            self.compact(&guard);
+        }
+        true
+    }
+
+    /// Rebuilds the live bindings into a fresh chain over the base and swaps it in.
+    fn compact(&self, guard: &Guard) {
+        let root = &self.shared.root;
+        let head = root.load(Ordering::Acquire);
+        // SAFETY: non-null; alive while pinned.
+        let head_ptr = NodePtr(unsafe { NonNull::new_unchecked(head) });
+        let base = self.shared.base.top().expect("a map's base has a head");
+        let mut live: Vec<NodePtr> = Vec::new();
+        // SAFETY: pinned, so the chain is alive.
+        unsafe {
+            for_each_binding(head_ptr, Some(base.ptr()), |n| {
+                if !n.header().is_tombstone() {
+                    live.push(n);
+                }
+            });
+        }
+        let mut top = base.clone();
+        for n in live.iter().rev() {
+            // SAFETY: map nodes are made with a rebindable vtable; `n` is alive (pinned).
+            let rebind = unsafe { n.header() }.vtable_rebind().expect("map nodes are rebindable");
+            // SAFETY: as above.
+            top = unsafe { rebind(n.0, Some(top)) };
+        }
+        let new_head = top.ptr().0.as_ptr();
+        // AcqRel: publishes the new chain / observes a concurrent writer's.
+        if root.compare_exchange(head, new_head, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            let _ = top.into_raw();
+            self.shared.writes.store(0, Ordering::Relaxed);
+            self.shared.live.store(live.len(), Ordering::Relaxed);
+            // SAFETY: the root owned this reference to the old head until the exchange.
+            let old = unsafe { NodeRef::from_raw(head_ptr.0) };
+            // Readers pinned before the exchange may still walk the old chain: release the
+            // root's reference only once they have all unpinned.
+            guard.defer(move || drop(old));
+        }
+        // Else: a writer got in first; our private chain is dropped here.
+    }
+
+    /// Calls `f` with a borrow of the current head (pinned for the call).
+    #[inline]
+    fn with_head<R>(&self, f: impl FnOnce(NodePtr) -> R) -> R {
+        let _guard = epoch::pin();
+        // Acquire: see the node's contents published by the writer's Release.
+        let head = self.shared.root.load(Ordering::Acquire);
+        // SAFETY: never null; alive while pinned.
+        f(NodePtr(unsafe { NonNull::new_unchecked(head) }))
+    }
+
+    fn find<R>(&self, q: &KeyQuery<'_>, f: impl FnOnce(Option<NodePtr>) -> R) -> R {
+        self.with_head(|head| {
+            // SAFETY: pinned by `with_head`; the node found lives as long as the pin.
+            let node = unsafe { lookup(head, q) }.filter(|n| !unsafe { n.header() }.is_tombstone());
+            f(node)
+        })
+    }
+
+    /// Calls `f` with the value bound to `key` if it is a `V`, borrowed for the call. Clones
+    /// nothing.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// let m = SessionMap::new().with_value("name", String::from("ann"));
+    /// assert_eq!(m.read(&"name", |v: Option<&String>| v.map(|s| s.len())), Some(3));
+    /// ```
+    #[inline]
+    pub fn read<V: Any, K: Eq + Hash + Any + Send + Sync, R>(&self, key: &K, f: impl FnOnce(Option<&V>) -> R) -> R {
+        // SAFETY: the node is alive for the closure (pinned).
+        self.find(&KeyQuery::new(key), |n| f(n.and_then(|n| unsafe { n.value() }.downcast_ref::<V>())))
+    }
+
+    /// Calls `f` with the value bound to a typed key, borrowed for the call.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Key, SessionMap};
+    /// static N: Key<u16> = Key::new("n");
+    /// let m = SessionMap::new().with(&N, 9);
+    /// assert_eq!(m.read_key(&N, |v| v.copied()), Some(9));
+    /// ```
+    #[inline]
+    pub fn read_key<T: Any, R>(&self, key: &'static Key<T>, f: impl FnOnce(Option<&T>) -> R) -> R {
+        // SAFETY: the node is alive for the closure (pinned).
+        self.find(&KeyQuery::typed(key), |n| f(n.and_then(|n| unsafe { n.value() }.downcast_ref::<T>())))
+    }
+
+    /// An owned handle to the value bound to `key`, if it is a `V`.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// let m = SessionMap::new().with_value("k", vec![1, 2]);
+    /// let v = m.value::<Vec<i32>, _>(&"k").unwrap();
+    /// m.insert("k", vec![3]);
+    /// assert_eq!(*v, vec![1, 2]); // the handle keeps the value it was given
+    /// ```
+    #[must_use]
+    pub fn value<V: Any + Send + Sync, K: Eq + Hash + Any + Send + Sync>(&self, key: &K) -> Option<Arc<V>> {
+        self.shared_value(&KeyQuery::new(key))
+    }
+
+    /// An owned handle to the value bound to a typed key.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Key, SessionMap};
+    /// static N: Key<u8> = Key::new("n");
+    /// assert!(SessionMap::new().get(&N).is_none());
+    /// ```
+    #[must_use]
+    pub fn get<T: Any + Send + Sync>(&self, key: &'static Key<T>) -> Option<Arc<T>> {
+        self.shared_value(&KeyQuery::typed(key))
+    }
+
+    fn shared_value<V: Any + Send + Sync>(&self, q: &KeyQuery<'_>) -> Option<Arc<V>> {
+        // SAFETY: the node is alive for the closure (pinned).
+        let any = self.find(q, |n| n.and_then(|n| unsafe { n.shared_value() }))?;
+        any.downcast::<V>().ok()
+    }
+
+    /// Whether `key` is bound.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// let m = SessionMap::new().with_value(1u8, ());
+    /// assert!(m.contains(&1u8) && !m.contains(&2u8));
+    /// ```
+    #[must_use]
+    pub fn contains<K: Eq + Hash + Any + Send + Sync>(&self, key: &K) -> bool {
+        self.find(&KeyQuery::new(key), |n| n.is_some())
+    }
+
+    /// The number of keys bound in the map itself (not counting the context it was opened
+    /// under). Walks the map: O(writes since the last compaction).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// let m = SessionMap::new().with_value("a", 1u8).with_value("b", 2u8).with_value("a", 3u8);
+    /// assert_eq!(m.len(), 2);
+    /// ```
+    #[must_use]
+    pub fn len(&self) -> usize {
+        let base = self.shared.base.top().map(NodeRef::ptr);
+        let mut n = 0;
+        // SAFETY: pinned by `with_head`.
+        self.with_head(|head| unsafe {
+            for_each_binding(head, base, |b| n += usize::from(!b.header().is_tombstone()));
+        });
+        n
+    }
+
+    /// Whether the map has no keys of its own.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// assert!(SessionMap::new().is_empty());
+    /// ```
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A consistent snapshot of the map as a [`Context`] (Go `Export`): later writes do not
+    /// change it; disabling the map cancels it.
+    ///
+    /// # Examples
+    /// See [`SessionMap`].
+    #[must_use]
+    pub fn export(&self) -> Context {
+        // SAFETY: pinned by `with_head`, so the head is alive while we take a reference.
+        let top = self.with_head(|head| unsafe { NodeRef::clone_from_ptr(head) });
+        Context::from_parts(Some(top), self.shared.base.scope_ptr())
+    }
+
+    /// Invalidates the map for every holder (Go `Disable`). Returns `false` if it was disabled
+    /// already.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// let m = SessionMap::new();
+    /// assert!(m.disable());
+    /// assert!(!m.is_valid());
+    /// ```
+    pub fn disable(&self) -> bool {
+        self.shared.base.scope().is_some_and(|s| s.cancel(ContextError::Canceled))
+    }
+
+    /// Whether the map is valid: not disabled, not expired, its parent context not cancelled.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// assert!(SessionMap::new().is_valid());
+    /// ```
+    #[inline]
+    #[must_use]
+    pub fn is_valid(&self) -> bool {
+        !self.shared.base.is_done()
+    }
+
+    /// Why the map is invalid, or `None`.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ContextError, SessionMap};
+    /// let m = SessionMap::new();
+    /// m.disable();
+    /// assert_eq!(m.err(), Some(ContextError::Canceled));
+    /// ```
+    #[must_use]
+    pub fn err(&self) -> Option<ContextError> {
+        self.shared.base.err()
+    }
+
+    /// A future that resolves when the map becomes invalid.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// # futures::executor::block_on(async {
+    /// let m = SessionMap::new();
+    /// m.disable();
+    /// m.done().await;
+    /// # });
+    /// ```
+    pub fn done(&self) -> Done {
+        self.shared.base.done()
+    }
+
+    /// Whether both handles are the same map.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// let m = SessionMap::new();
+    /// assert!(m.ptr_eq(&m.clone()) && !m.ptr_eq(&SessionMap::new()));
+    /// ```
+    #[must_use]
+    pub fn ptr_eq(&self, other: &SessionMap) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+}
+
+impl Default for SessionMap {
+    fn default() -> Self {
+        SessionMap::new()
+    }
+}
+
+impl<K, V> FromIterator<(K, V)> for SessionMap
+where
+    K: Eq + Hash + Any + Send + Sync + Clone,
+    V: Any + Send + Sync,
+{
+    /// Go `NewSessionMap(m)`.
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let map = SessionMap::new();
+        for (k, v) in iter {
+            map.insert(k, v);
+        }
+        map
+    }
+}
+
+impl Session for SessionMap {
+    fn is_valid(&self) -> bool {
+        SessionMap::is_valid(self)
+    }
+
+    fn get_with(&self, key: &KeyQuery<'_>, f: &mut dyn FnMut(Option<&(dyn Any + Send + Sync)>)) {
+        // SAFETY: the node is alive for the closure (pinned).
+        self.find(key, |n| f(n.map(|n| unsafe { n.value() })));
+    }
+
+    fn with_value_dyn(&self, key: DynKey, value: Arc<dyn Any + Send + Sync>) -> AnySession {
+        let node = match key.key {
+            Some(k) => NodeRef::new_rebindable(None, key.tag, F_VALUE, SharedKey(k), SharedValue(value)),
+            None => NodeRef::new_rebindable(None, key.tag, F_VALUE, TypedKey, SharedValue(value)),
+        };
+        self.publish(node, |_| true);
+        AnySession::Map(self.clone())
+    }
+}
+
+impl fmt::Debug for SessionMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionMap").field("valid", &self.is_valid()).field("len", &self.len()).finish()
+    }
+}
+

@@ -1,0 +1,933 @@
+//! Persistent, reference-counted nodes: the storage under [`Context`](crate::Context),
+//! [`SessionCtx`](crate::SessionCtx) and [`SessionMap`](crate::SessionMap).
+//!
+//! # Layout
+//!
+//! A context is a pointer to the newest node of an immutable chain; every node owns one reference
+//! to its parent, so cloning a context is one reference-count increment and `with_value` is one
+//! allocation plus one increment (the persistent-list shape of rpds' `List`). Every node starts
+//! with the same `#[repr(C)]` [`Header`] (48 bytes on 64-bit targets):
+//!
+//! | field    | bytes | meaning |
+//! |----------|-------|---------|
+//! | `refs`   | 8 | strong count (there are no weak references) |
+//! | `vtable` | 8 | drop, key equality and value access for the concrete node type |
+//! | `parent` | 8 | owning pointer to the parent node |
+//! | `tag`    | 8 | the key's tag (see [`key`](crate::key)); 0 for non-value nodes |
+//! | `table`  | 8 | the nearest index table at or below this node (or null) |
+//! | `bloom`, `seg`, `flags` | 8 | lookup filter, segment length, node kind |
+//!
+//! A value node bound under a typed [`Key`](crate::Key) stores nothing else but the value: the
+//! tag *is* the key. Cancel scopes ([`scope`](crate::scope)) are nodes of the same chain whose
+//! tag is 0, so value lookups pass over them.
+//!
+//! # Lookup: segments, a bloom filter and index tables
+//!
+//! A plain walk costs one dependent load per binding, which makes deep contexts slow. Instead,
+//! every [`SEGMENT`]-th value node carries an *index table*: an open-addressing hash table of
+//! every distinct key at or below it (newest binding wins), built by copying the previous table
+//! and adding the last segment. Every node points at the nearest table (`table`) and keeps a
+//! 32-bit bloom filter of the keys bound *above* that table (`bloom`, one bit per key). A lookup
+//! walks from the newest node while the filter says the key may be above the table, and otherwise
+//! jumps straight to the table:
+//!
+//! - a key bound in the newest node is found at the first node;
+//! - a key bound deep in the chain (or absent) costs one filter test and one table probe,
+//!   whatever the depth — this is what keeps a depth-64 read within 2x of a depth-1 read.
+//!
+//! Tables are only built while they stay below [`MAX_INDEXED`] distinct keys; a context with more
+//! distinct keys than that degrades to a walk above its last table (a documented limit: contexts
+//! carry request metadata, not databases). Building a table is the one case where `with_value`
+//! allocates twice; it happens at most once every [`SEGMENT`] bindings.
+//!
+//! # Reclamation
+//!
+//! Reference counting follows `alloc::sync::Arc` (relaxed increment, release decrement, acquire
+//! fence before freeing). Dropping the last reference to a node frees it and then releases its
+//! parent *in a loop*, so a chain of 100 000 nodes drops without recursion. The counts use
+//! `core`'s atomics even under loom: the protocol is `Arc`'s, and modelling every count would
+//! drown the loom models of the protocols that are this crate's own.
+
+use core::any::Any;
+use core::mem::ManuallyDrop;
+use core::ptr::{self, NonNull};
+use core::sync::atomic::{AtomicUsize, Ordering, fence};
+
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+use crate::key::{ErasedKey, KeyQuery};
+
+/// Value nodes per segment: a new index table is built every `SEGMENT` bindings.
+pub(crate) const SEGMENT: u16 = 8;
+/// Tables are not built past this many distinct keys.
+pub(crate) const MAX_INDEXED: usize = 512;
+
+/// The node binds a key to a value.
+pub(crate) const F_VALUE: u16 = 1;
+/// The binding removes the key (a `SessionMap::remove`).
+pub(crate) const F_TOMBSTONE: u16 = 2;
+/// `table` was built for this node and is freed with it.
+pub(crate) const F_OWNS_TABLE: u16 = 4;
+/// The node is a cancel scope (`scope::ScopeNode`).
+pub(crate) const F_SCOPE: u16 = 8;
+/// The value is `InlineValue<T>` for the `T` of the typed key whose address is the tag.
+pub(crate) const F_TYPED_INLINE: u16 = 16;
+/// Lookups from above do not see the bindings below this (scope) node: a `SessionMap`'s base.
+pub(crate) const F_BARRIER: u16 = 32;
+
+/// Refcounts above this abort, like `Arc` (unreachable in practice: it needs `isize::MAX`
+/// live contexts).
+const MAX_REFS: usize = isize::MAX as usize;
+
+/// The common prefix of every node.
+#[repr(C)]
+pub(crate) struct Header {
+    refs: AtomicUsize,
+    vtable: &'static VTable,
+    parent: Option<NodeRef>,
+    pub(crate) tag: u64,
+    table: *const Entry,
+    bloom: u32,
+    seg: u16,
+    pub(crate) flags: u16,
+}
+
+/// Operations that depend on the concrete node type.
+pub(crate) struct VTable {
+    /// Drops the node's payload and frees its allocation. The `parent` has been moved out.
+    pub(crate) drop_and_free: unsafe fn(NonNull<Header>),
+    /// Whether the node's (hashed) key equals `key`.
+    pub(crate) key_eq: unsafe fn(NonNull<Header>, &(dyn Any + Send + Sync)) -> bool,
+    /// The node's hashed key, if it has one.
+    pub(crate) key_any: unsafe fn(NonNull<Header>) -> Option<*const (dyn Any + Send + Sync)>,
+    /// The node's value.
+    pub(crate) value: unsafe fn(NonNull<Header>) -> *const (dyn Any + Send + Sync),
+    /// The value as a shared handle, when stored as one.
+    pub(crate) shared: unsafe fn(NonNull<Header>) -> Option<Arc<dyn Any + Send + Sync>>,
+    /// Re-binds the same key and value on another parent (`SessionMap` compaction).
+    pub(crate) rebind: Option<unsafe fn(NonNull<Header>, Option<NodeRef>) -> NodeRef>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key and value storage
+// ---------------------------------------------------------------------------------------------
+
+/// How a value node stores its key.
+pub(crate) trait KeySlot: Send + Sync + 'static {
+    fn eq_any(&self, key: &(dyn Any + Send + Sync)) -> bool;
+    fn as_any(&self) -> Option<&(dyn Any + Send + Sync)>;
+}
+
+/// A typed key: the tag is the key's address, nothing is stored.
+#[derive(Clone, Copy)]
+pub(crate) struct TypedKey;
+
+impl KeySlot for TypedKey {
+    fn eq_any(&self, _: &(dyn Any + Send + Sync)) -> bool {
+        // Typed tags are even and hashed tags odd: a typed node never meets a hashed query.
+        false
+    }
+    fn as_any(&self) -> Option<&(dyn Any + Send + Sync)> {
+        None
+    }
+}
+
+/// A hashed key stored inline.
+#[derive(Clone)]
+pub(crate) struct InlineKey<K>(pub(crate) K);
+
+impl<K: Eq + Any + Send + Sync> KeySlot for InlineKey<K> {
+    #[inline]
+    fn eq_any(&self, key: &(dyn Any + Send + Sync)) -> bool {
+        key.downcast_ref::<K>().is_some_and(|k| *k == self.0)
+    }
+    fn as_any(&self) -> Option<&(dyn Any + Send + Sync)> {
+        Some(&self.0)
+    }
+}
+
+/// A hashed key behind an erased shared pointer (the `dyn Session` path).
+#[derive(Clone)]
+pub(crate) struct SharedKey(pub(crate) Arc<dyn ErasedKey>);
+
+impl KeySlot for SharedKey {
+    fn eq_any(&self, key: &(dyn Any + Send + Sync)) -> bool {
+        self.0.erased_eq(key)
+    }
+    fn as_any(&self) -> Option<&(dyn Any + Send + Sync)> {
+        Some(self.0.as_any())
+    }
+}
+
+/// How a value node stores its value.
+pub(crate) trait ValueSlot: Send + Sync + 'static {
+    fn as_any(&self) -> &(dyn Any + Send + Sync);
+    fn shared(&self) -> Option<Arc<dyn Any + Send + Sync>> {
+        None
+    }
+}
+
+/// The value stored inline (contexts and `SessionCtx`).
+pub(crate) struct InlineValue<V>(pub(crate) V);
+
+impl<V: Any + Send + Sync> ValueSlot for InlineValue<V> {
+    #[inline]
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        &self.0
+    }
+}
+
+/// The value behind a shared pointer (`SessionMap`, which hands out owned handles and re-binds
+/// values when it compacts).
+#[derive(Clone)]
+pub(crate) struct SharedValue(pub(crate) Arc<dyn Any + Send + Sync>);
+
+impl ValueSlot for SharedValue {
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        &*self.0
+    }
+    fn shared(&self) -> Option<Arc<dyn Any + Send + Sync>> {
+        Some(Arc::clone(&self.0))
+    }
+}
+
+/// No value: the key was removed.
+#[derive(Clone, Copy)]
+pub(crate) struct Tombstone;
+
+impl ValueSlot for Tombstone {
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        &()
+    }
+}
+
+/// A node binding a key to a value.
+#[repr(C)]
+pub(crate) struct ValueNode<K, V> {
+    header: Header,
+    key: K,
+    value: V,
+}
+
+impl<K: KeySlot, V: ValueSlot> ValueNode<K, V> {
+    const VTABLE: VTable = VTable {
+        drop_and_free: Self::drop_and_free,
+        key_eq: Self::key_eq,
+        key_any: Self::key_any,
+        value: Self::value,
+        shared: Self::shared,
+        rebind: None,
+    };
+
+    /// # Safety
+    /// `node` is a `ValueNode<K, V>` with no other references, whose parent was moved out.
+    unsafe fn drop_and_free(node: NonNull<Header>) {
+        // SAFETY: the caller owns the allocation, which `new_value` made with `Box`.
+        drop(unsafe { Box::from_raw(node.cast::<Self>().as_ptr()) });
+    }
+
+    /// # Safety
+    /// `node` is a live `ValueNode<K, V>`.
+    unsafe fn key_eq(node: NonNull<Header>, key: &(dyn Any + Send + Sync)) -> bool {
+        // SAFETY: the caller guarantees the type and liveness; `key` is immutable.
+        unsafe { (*node.cast::<Self>().as_ptr()).key.eq_any(key) }
+    }
+
+    /// # Safety
+    /// `node` is a live `ValueNode<K, V>`.
+    unsafe fn key_any(node: NonNull<Header>) -> Option<*const (dyn Any + Send + Sync)> {
+        // SAFETY: as above.
+        unsafe { (*node.cast::<Self>().as_ptr()).key.as_any().map(|k| k as *const _) }
+    }
+
+    /// # Safety
+    /// `node` is a live `ValueNode<K, V>`.
+    unsafe fn value(node: NonNull<Header>) -> *const (dyn Any + Send + Sync) {
+        // SAFETY: as above.
+        unsafe { (*node.cast::<Self>().as_ptr()).value.as_any() }
+    }
+
+    /// # Safety
+    /// `node` is a live `ValueNode<K, V>`.
+    unsafe fn shared(node: NonNull<Header>) -> Option<Arc<dyn Any + Send + Sync>> {
+        // SAFETY: as above.
+        unsafe { (*node.cast::<Self>().as_ptr()).value.shared() }
+    }
+}
+
+impl<K: KeySlot + Clone, V: ValueSlot + Clone> ValueNode<K, V> {
+    const REBINDABLE_VTABLE: VTable = VTable { rebind: Some(Self::rebind), ..Self::VTABLE };
+
+    /// # Safety
+    /// `node` is a live `ValueNode<K, V>` created with the rebindable vtable.
+    unsafe fn rebind(node: NonNull<Header>, parent: Option<NodeRef>) -> NodeRef {
+        // SAFETY: the caller guarantees the type and liveness.
+        let this = unsafe { &*node.cast::<Self>().as_ptr() };
+        NodeRef::new_node(
+            parent,
+            this.header.tag,
+            this.header.flags & (F_VALUE | F_TOMBSTONE),
+            this.key.clone(),
+            this.value.clone(),
+            &Self::REBINDABLE_VTABLE,
+        )
+    }
+}
+
+impl Drop for Header {
+    fn drop(&mut self) {
+        if self.flags & F_OWNS_TABLE != 0 {
+            // SAFETY: the table was built for this node and nothing else frees it; every node
+            // that points at it is a descendant, and all of them are gone.
+            unsafe { Table::free(self.table) };
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// NodeRef
+// ---------------------------------------------------------------------------------------------
+
+/// An owning, reference-counted pointer to a node.
+pub(crate) struct NodeRef(NonNull<Header>);
+
+// SAFETY: nodes are immutable once published, except for the atomic reference count and the
+// cancel-scope state, which is atomic or behind a lock; every key and value stored in a node is
+// `Send + Sync`.
+unsafe impl Send for NodeRef {}
+// SAFETY: as above.
+unsafe impl Sync for NodeRef {}
+
+impl NodeRef {
+    /// Allocates a node and links it above `parent` (taking over that reference).
+    pub(crate) fn new_value<K: KeySlot, V: ValueSlot>(
+        parent: Option<NodeRef>,
+        tag: u64,
+        flags: u16,
+        key: K,
+        value: V,
+    ) -> NodeRef {
+        Self::new_node(parent, tag, flags, key, value, &ValueNode::<K, V>::VTABLE)
+    }
+
+    /// Like [`NodeRef::new_value`], for nodes a `SessionMap` can re-bind when it compacts.
+    pub(crate) fn new_rebindable<K: KeySlot + Clone, V: ValueSlot + Clone>(
+        parent: Option<NodeRef>,
+        tag: u64,
+        flags: u16,
+        key: K,
+        value: V,
+    ) -> NodeRef {
+        Self::new_node(parent, tag, flags, key, value, &ValueNode::<K, V>::REBINDABLE_VTABLE)
+    }
+
+    fn new_node<K: KeySlot, V: ValueSlot>(
+        parent: Option<NodeRef>,
+        tag: u64,
+        flags: u16,
+        key: K,
+        value: V,
+        vtable: &'static VTable,
+    ) -> NodeRef {
+        debug_assert!(tag != 0 && flags & F_VALUE != 0);
+        let node = Box::new(ValueNode { header: Header::new(vtable, tag, flags), key, value });
+        let ptr = NonNull::from(Box::leak(node)).cast::<Header>();
+        // SAFETY: the node is fresh and unshared.
+        unsafe { link(ptr, parent) };
+        NodeRef(ptr)
+    }
+
+    /// Wraps a freshly allocated node whose header is initialized, linking it above `parent`.
+    ///
+    /// # Safety
+    /// `ptr` points to an unshared node starting with a [`Header`] made by [`Header::new`],
+    /// allocated so that its vtable's `drop_and_free` frees it.
+    pub(crate) unsafe fn from_new(ptr: NonNull<Header>, parent: Option<NodeRef>) -> NodeRef {
+        // SAFETY: forwarded from the caller.
+        unsafe { link(ptr, parent) };
+        NodeRef(ptr)
+    }
+
+    /// Links a node that was never shared above another parent, returning the old parent.
+    ///
+    /// # Safety
+    /// `self` has never been shared with another thread or cloned.
+    pub(crate) unsafe fn relink(&mut self, parent: Option<NodeRef>) -> Option<NodeRef> {
+        let h = self.0.as_ptr();
+        // SAFETY: exclusive access (the caller's guarantee); the old table was built for this
+        // node alone.
+        unsafe {
+            if (*h).flags & F_OWNS_TABLE != 0 {
+                Table::free((*h).table);
+                (*h).flags &= !F_OWNS_TABLE;
+            }
+            let old = ptr::replace(ptr::addr_of_mut!((*h).parent), None);
+            link(self.0, parent);
+            old
+        }
+    }
+
+    #[inline]
+    pub(crate) fn header(&self) -> &Header {
+        // SAFETY: we hold a reference, so the node is alive.
+        unsafe { self.0.as_ref() }
+    }
+
+    #[inline]
+    pub(crate) fn ptr(&self) -> NodePtr {
+        NodePtr(self.0)
+    }
+
+    /// Gives up the reference without releasing it.
+    pub(crate) fn into_raw(self) -> NonNull<Header> {
+        ManuallyDrop::new(self).0
+    }
+
+    /// Takes over a reference previously given up with [`NodeRef::into_raw`] (or one that a
+    /// container owns and hands over).
+    ///
+    /// # Safety
+    /// `ptr` carries one reference that nobody else will release.
+    pub(crate) unsafe fn from_raw(ptr: NonNull<Header>) -> NodeRef {
+        NodeRef(ptr)
+    }
+
+    /// A new reference to a node that is kept alive by someone else for the duration of the call.
+    ///
+    /// # Safety
+    /// `ptr` points to a live node.
+    pub(crate) unsafe fn clone_from_ptr(ptr: NodePtr) -> NodeRef {
+        // SAFETY: the node is alive; incrementing its count gives us our own reference.
+        unsafe { ptr.header() }.acquire_ref();
+        NodeRef(ptr.0)
+    }
+
+    #[inline]
+    pub(crate) fn ptr_eq(a: &NodeRef, b: &NodeRef) -> bool {
+        a.0 == b.0
+    }
+}
+
+impl Clone for NodeRef {
+    #[inline]
+    fn clone(&self) -> Self {
+        self.header().acquire_ref();
+        NodeRef(self.0)
+    }
+}
+
+impl Drop for NodeRef {
+    #[inline]
+    fn drop(&mut self) {
+        // Release: our uses of the node happen before whoever frees it (`Arc::drop`).
+        if self.header().refs.fetch_sub(1, Ordering::Release) != 1 {
+            return;
+        }
+        // Acquire: every other holder's uses happen before we free.
+        fence(Ordering::Acquire);
+        // SAFETY: the count reached zero, so this was the last reference.
+        unsafe { drop_chain(self.0) };
+    }
+}
+
+impl core::fmt::Debug for NodeRef {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_tuple("NodeRef").field(&self.0).finish()
+    }
+}
+
+/// Frees `ptr` and then every ancestor whose last reference it held, iteratively.
+///
+/// # Safety
+/// `ptr`'s reference count has reached zero.
+unsafe fn drop_chain(mut ptr: NonNull<Header>) {
+    loop {
+        // SAFETY: nothing else owns the node. A cancel scope may still be listed in its parent
+        // scope; `detach` removes it (taking the parent's lock) before anything is freed, and
+        // only shared references are formed until then.
+        let parent = unsafe {
+            if (*ptr.as_ptr()).flags & F_SCOPE != 0 {
+                crate::scope::detach(ptr);
+            }
+            ptr::replace(ptr::addr_of_mut!((*ptr.as_ptr()).parent), None)
+        };
+        // SAFETY: the node is unreachable now; its vtable knows how it was allocated.
+        unsafe { ((*ptr.as_ptr()).vtable.drop_and_free)(ptr) };
+        let Some(parent) = parent else { return };
+        let parent = ManuallyDrop::new(parent);
+        if parent.header().refs.fetch_sub(1, Ordering::Release) != 1 {
+            return;
+        }
+        fence(Ordering::Acquire);
+        ptr = parent.0;
+    }
+}
+
+/// Sets a fresh node's parent and its lookup fields (segment, bloom filter, index table).
+///
+/// # Safety
+/// `ptr` is a fresh, unshared node with an initialized header.
+unsafe fn link(ptr: NonNull<Header>, parent: Option<NodeRef>) {
+    let (table, bloom, seg) = match &parent {
+        Some(p) => {
+            let ph = p.header();
+            (ph.table, ph.bloom, ph.seg)
+        }
+        None => (ptr::null(), 0, 0),
+    };
+    let h = ptr.as_ptr();
+    // SAFETY: a barrier hides everything below it: start from an empty filter and no table.
+    let (table, bloom, seg) = if unsafe { (*h).flags } & F_BARRIER != 0 { (ptr::null(), 0, 0) } else { (table, bloom, seg) };
+    // SAFETY: exclusive access to a fresh node (the caller's guarantee). Fields are written
+    // through the raw pointer so that no reference outlives the table build below, which reads
+    // the node through `ptr` again.
+    unsafe {
+        (*h).parent = parent;
+        (*h).table = table;
+        if (*h).flags & F_VALUE == 0 {
+            // Scopes are transparent to lookups.
+            (*h).bloom = bloom;
+            (*h).seg = seg;
+            return;
+        }
+        (*h).bloom = bloom | bloom_bit((*h).tag);
+        (*h).seg = seg.saturating_add(1);
+        if (*h).seg >= SEGMENT {
+            // The chain below the fresh node is alive: the node owns its parent.
+            if let Some(new_table) = Table::build(NodePtr(ptr), table, (*h).seg as usize) {
+                (*h).table = new_table;
+                (*h).flags |= F_OWNS_TABLE;
+                (*h).bloom = 0;
+                (*h).seg = 0;
+            }
+        }
+    }
+}
+
+impl Header {
+    pub(crate) fn new(vtable: &'static VTable, tag: u64, flags: u16) -> Header {
+        Header {
+            refs: AtomicUsize::new(1),
+            vtable,
+            parent: None,
+            tag,
+            table: ptr::null(),
+            bloom: 0,
+            seg: 0,
+            flags,
+        }
+    }
+
+    #[inline]
+    fn acquire_ref(&self) {
+        // Relaxed: a new reference can only be made from an existing one (`Arc::clone`).
+        let old = self.refs.fetch_add(1, Ordering::Relaxed);
+        if old > MAX_REFS {
+            abort_on_overflow();
+        }
+    }
+
+    /// Takes a new reference unless the count already reached zero (the node is being freed).
+    /// Used by a cancel scope to reach its children, under the lock their `detach` needs.
+    pub(crate) fn try_acquire_ref(&self) -> bool {
+        let mut n = self.refs.load(Ordering::Relaxed);
+        loop {
+            if n == 0 {
+                return false;
+            }
+            if n > MAX_REFS {
+                abort_on_overflow();
+            }
+            // Relaxed: as in `acquire_ref`; the caller's lock orders it with `detach`.
+            match self.refs.compare_exchange_weak(n, n + 1, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(actual) => n = actual,
+            }
+        }
+    }
+
+    #[inline]
+    pub(crate) fn is_value(&self) -> bool {
+        self.flags & F_VALUE != 0
+    }
+
+    #[inline]
+    pub(crate) fn is_tombstone(&self) -> bool {
+        self.flags & F_TOMBSTONE != 0
+    }
+
+    /// The node type's re-binding function, for nodes made with [`NodeRef::new_rebindable`].
+    #[inline]
+    pub(crate) fn vtable_rebind(&self) -> Option<unsafe fn(NonNull<Header>, Option<NodeRef>) -> NodeRef> {
+        self.vtable.rebind
+    }
+}
+
+/// A non-owning pointer to a live node, with the provenance of the whole allocation.
+///
+/// Everything that reaches past the [`Header`] into a node's key or value goes through a
+/// `NodePtr`, never through a `&Header`: a reference to the header only grants access to the
+/// header's bytes (Stacked Borrows), while the pointer kept in a [`NodeRef`] or a table entry
+/// was made from the allocation itself.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct NodePtr(pub(crate) NonNull<Header>);
+
+impl NodePtr {
+    /// The header, for reading its fields.
+    ///
+    /// # Safety
+    /// The node is alive for `'a`.
+    #[inline]
+    pub(crate) unsafe fn header<'a>(self) -> &'a Header {
+        // SAFETY: forwarded from the caller.
+        unsafe { &*self.0.as_ptr() }
+    }
+
+    /// # Safety
+    /// The node is alive.
+    #[inline]
+    pub(crate) unsafe fn parent(self) -> Option<NodePtr> {
+        // SAFETY: forwarded; the parent pointer read out keeps its own provenance.
+        unsafe { (*self.0.as_ptr()).parent.as_ref().map(|p| NodePtr(p.0)) }
+    }
+
+    /// The node's value (value nodes only).
+    ///
+    /// # Safety
+    /// The node is a value node alive for `'a`.
+    #[inline]
+    pub(crate) unsafe fn value<'a>(self) -> &'a (dyn Any + Send + Sync) {
+        // SAFETY: forwarded; the value lives as long as the node.
+        unsafe { &*((*self.0.as_ptr()).vtable.value)(self.0) }
+    }
+
+    /// The node's value as a shared handle, when stored as one.
+    ///
+    /// # Safety
+    /// The node is a live value node.
+    pub(crate) unsafe fn shared_value(self) -> Option<Arc<dyn Any + Send + Sync>> {
+        // SAFETY: forwarded.
+        unsafe { ((*self.0.as_ptr()).vtable.shared)(self.0) }
+    }
+
+    /// The node's hashed key (`None` for a typed key).
+    ///
+    /// # Safety
+    /// The node is a value node alive for `'a`.
+    pub(crate) unsafe fn key_any<'a>(self) -> Option<&'a (dyn Any + Send + Sync)> {
+        // SAFETY: forwarded; the key lives as long as the node.
+        unsafe { ((*self.0.as_ptr()).vtable.key_any)(self.0).map(|k| &*k) }
+    }
+
+    /// The value of a node made by the typed API for `T` (see [`F_TYPED_INLINE`]).
+    ///
+    /// # Safety
+    /// The node is alive for `'a`, its flags have [`F_TYPED_INLINE`] and its tag is the address
+    /// of a `Key<T>`.
+    #[inline]
+    pub(crate) unsafe fn typed_value<'a, T>(self) -> &'a T {
+        let node = self.0.as_ptr().cast::<ValueNode<TypedKey, InlineValue<T>>>();
+        // SAFETY: only `Context::with` sets the flag, on a `ValueNode<TypedKey, InlineValue<T>>`
+        // whose tag is the address of its `&'static Key<T>`; a static address names one key, so
+        // one `T`.
+        unsafe { &(*node).value.0 }
+    }
+
+    /// Whether this node binds the key `q` asks for.
+    ///
+    /// # Safety
+    /// The node is alive.
+    #[inline]
+    unsafe fn matches(self, q: &KeyQuery<'_>) -> bool {
+        // SAFETY: forwarded. A non-zero tag means a value node, whose vtable has `key_eq`.
+        unsafe {
+            (*self.0.as_ptr()).tag == q.tag
+                && match q.key {
+                    None => true,
+                    Some(key) => ((*self.0.as_ptr()).vtable.key_eq)(self.0, key),
+                }
+        }
+    }
+
+    /// Whether `self` and `other` bind the same key.
+    ///
+    /// # Safety
+    /// Both are live value nodes.
+    unsafe fn same_key(self, other: NodePtr) -> bool {
+        // SAFETY: forwarded.
+        unsafe {
+            (*self.0.as_ptr()).tag == (*other.0.as_ptr()).tag
+                && match other.key_any() {
+                    None => true,
+                    Some(key) => ((*self.0.as_ptr()).vtable.key_eq)(self.0, key),
+                }
+        }
+    }
+}
+
+#[cold]
+fn abort_on_overflow() -> ! {
+    // A panic while panicking aborts, also without `std::process::abort`.
+    struct Abort;
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            panic!("localsession: node reference count overflow");
+        }
+    }
+    let _abort = Abort;
+    panic!("localsession: node reference count overflow");
+}
+
+#[inline]
+fn mix(tag: u64) -> u64 {
+    tag.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+#[inline]
+fn bloom_bit(tag: u64) -> u32 {
+    1 << (mix(tag) >> 59)
+}
+
+/// Finds the newest node at or below `top` that binds `q` (a tombstone included).
+///
+/// # Safety
+/// `top` is alive; the result lives as long as `top` does.
+#[inline]
+pub(crate) unsafe fn lookup(top: NodePtr, q: &KeyQuery<'_>) -> Option<NodePtr> {
+    let bit = bloom_bit(q.tag);
+    let mut node = top;
+    // SAFETY: every node reached is `top` or an ancestor, alive as long as `top`. `table` is
+    // null or the table of a node at or below `node`; its entries point to nodes at or below that.
+    unsafe {
+        while node.header().bloom & bit != 0 {
+            if node.matches(q) {
+                return Some(node);
+            }
+            node = node.parent()?;
+        }
+        Table::find(node.header().table, q)
+    }
+}
+
+/// Calls `f` with the newest binding of every key at or below `top` and above `stop` (tombstones
+/// included), newest first. Allocates a list of the keys seen; used by `SessionMap` compaction and
+/// metainfo iteration, never by reads.
+///
+/// # Safety
+/// `top` is alive while this runs.
+pub(crate) unsafe fn for_each_binding(top: NodePtr, stop: Option<NodePtr>, mut f: impl FnMut(NodePtr)) {
+    let mut seen: Vec<NodePtr> = Vec::new();
+    let mut node = Some(top);
+    // SAFETY: every node reached is an ancestor of `top`, so alive.
+    unsafe {
+        while let Some(n) = node {
+            if Some(n) == stop {
+                return;
+            }
+            if n.header().is_value() && !seen.iter().any(|s| s.same_key(n)) {
+                seen.push(n);
+                f(n);
+            }
+            node = n.parent();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Index tables
+// ---------------------------------------------------------------------------------------------
+
+/// A slot of an index table; the first slot of every table holds its size instead.
+#[derive(Clone, Copy)]
+pub(crate) struct Entry {
+    tag: u64,
+    node: *const Header,
+}
+
+impl Entry {
+    const EMPTY: Entry = Entry { tag: 0, node: ptr::null() };
+}
+
+/// Index tables: `[meta, slot 0, .., slot mask]` in one allocation, where `meta.tag` holds
+/// `mask << 32 | len`. Open addressing with linear probing at load factor <= 1/2.
+struct Table;
+
+impl Table {
+    /// # Safety
+    /// `table` is null or a live table.
+    #[inline]
+    unsafe fn find(table: *const Entry, q: &KeyQuery<'_>) -> Option<NodePtr> {
+        if table.is_null() {
+            return None;
+        }
+        // SAFETY: a live table has `mask + 2` entries, the first being `meta`.
+        unsafe {
+            let mask = ((*table).tag >> 32) as usize;
+            let slots = table.add(1);
+            let mut i = (mix(q.tag) >> 32) as usize & mask;
+            loop {
+                let e = *slots.add(i);
+                if e.node.is_null() {
+                    return None;
+                }
+                let node = NodePtr(NonNull::new_unchecked(e.node.cast_mut()));
+                if e.tag == q.tag && node.matches(q) {
+                    return Some(node);
+                }
+                i = (i + 1) & mask;
+            }
+        }
+    }
+
+    /// # Safety
+    /// `table` is null or a live table.
+    unsafe fn len(table: *const Entry) -> usize {
+        if table.is_null() {
+            0
+        } else {
+            // SAFETY: the first entry of a live table is `meta`.
+            unsafe { ((*table).tag & 0xffff_ffff) as usize }
+        }
+    }
+
+    /// Builds the table for the fresh node `top`: the bindings of the last segment (from `top`
+    /// down to the node owning `below`), then the entries of `below`.
+    ///
+    /// # Safety
+    /// `top` is a fresh node linked above a live chain; `below` is the table of its parent.
+    unsafe fn build(top: NodePtr, below: *const Entry, seg: usize) -> Option<*const Entry> {
+        // SAFETY: forwarded.
+        let below_len = unsafe { Self::len(below) };
+        let upper = below_len + seg;
+        if upper > MAX_INDEXED {
+            return None;
+        }
+        let cap = (upper * 2).next_power_of_two().max(16);
+        let mask = cap - 1;
+        let mut slots: Vec<Entry> = alloc::vec![Entry::EMPTY; cap + 1];
+        let mut len = 0usize;
+        let mut insert = |slots: &mut [Entry], node: NodePtr| {
+            // SAFETY: `node` and every node already in the table are live nodes of this chain.
+            unsafe {
+                let tag = node.header().tag;
+                let mut i = (mix(tag) >> 32) as usize & mask;
+                loop {
+                    let e = slots[i + 1];
+                    if e.node.is_null() {
+                        slots[i + 1] = Entry { tag, node: node.0.as_ptr() };
+                        len += 1;
+                        return;
+                    }
+                    let other = NodePtr(NonNull::new_unchecked(e.node.cast_mut()));
+                    if e.tag == tag && other.same_key(node) {
+                        return; // a newer binding of the same key is already in
+                    }
+                    i = (i + 1) & mask;
+                }
+            }
+        };
+        // SAFETY: `top` and the chain below it are alive while we build; `below` is live and
+        // has `below_mask + 1` slots after its meta entry.
+        unsafe {
+            let mut node = Some(top);
+            while let Some(n) = node {
+                let h = n.header();
+                if h.is_value() {
+                    insert(&mut slots, n);
+                }
+                if (h.flags & F_OWNS_TABLE != 0 && h.table == below) || h.flags & F_BARRIER != 0 {
+                    break;
+                }
+                node = n.parent();
+            }
+            if !below.is_null() {
+                let below_mask = ((*below).tag >> 32) as usize;
+                for i in 0..=below_mask {
+                    let e = *below.add(i + 1);
+                    if let Some(n) = NonNull::new(e.node.cast_mut()) {
+                        insert(&mut slots, NodePtr(n));
+                    }
+                }
+            }
+        }
+        slots[0].tag = ((mask as u64) << 32) | len as u64;
+        let boxed: Box<[Entry]> = slots.into_boxed_slice();
+        Some(Box::into_raw(boxed).cast::<Entry>().cast_const())
+    }
+
+    /// # Safety
+    /// `table` is a table built by [`Table::build`] that nothing uses any more.
+    unsafe fn free(table: *const Entry) {
+        // SAFETY: rebuilds the boxed slice `build` leaked: `mask + 2` entries.
+        unsafe {
+            let mask = ((*table).tag >> 32) as usize;
+            let slice = ptr::slice_from_raw_parts_mut(table.cast_mut(), mask + 2);
+            drop(Box::from_raw(slice));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::hashed_tag;
+
+    fn bind(parent: Option<NodeRef>, k: u64, v: u64) -> NodeRef {
+        NodeRef::new_value(parent, hashed_tag(&k), F_VALUE, InlineKey(k), InlineValue(v))
+    }
+
+    fn get(top: &NodeRef, k: u64) -> Option<u64> {
+        let q = KeyQuery::new(&k);
+        // SAFETY: `top` is alive for the call.
+        unsafe { lookup(top.ptr(), &q).map(|n| *n.value().downcast_ref::<u64>().unwrap()) }
+    }
+
+    #[test]
+    fn header_is_48_bytes_on_64_bit() {
+        if core::mem::size_of::<usize>() == 8 {
+            assert_eq!(core::mem::size_of::<Header>(), 48);
+            assert_eq!(core::mem::size_of::<ValueNode<TypedKey, InlineValue<()>>>(), 48);
+        }
+    }
+
+    #[test]
+    fn lookups_across_tables_see_the_newest_binding() {
+        let mut top = bind(None, 0, 0);
+        for i in 1..200u64 {
+            top = bind(Some(top), i % 37, i);
+        }
+        for k in 0..37u64 {
+            let newest = (0..200u64).filter(|i| i % 37 == k).max().unwrap();
+            assert_eq!(get(&top, k), Some(newest), "key {k}");
+        }
+        assert_eq!(get(&top, 1000), None);
+    }
+
+    #[test]
+    fn every_depth_finds_every_key() {
+        let mut nodes = Vec::new();
+        let mut top: Option<NodeRef> = None;
+        for i in 0..100u64 {
+            let n = bind(top.take(), i, i * 10);
+            nodes.push(n.clone());
+            top = Some(n);
+        }
+        for (depth, n) in nodes.iter().enumerate() {
+            for k in 0..100u64 {
+                let expect = (k as usize <= depth).then_some(k * 10);
+                assert_eq!(get(n, k), expect, "depth {depth} key {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn deep_chain_drops_iteratively() {
+        let mut top = bind(None, 0, 0);
+        for i in 1..100_000u64 {
+            top = bind(Some(top), i & 7, i);
+        }
+        drop(top);
+    }
+}

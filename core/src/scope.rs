@@ -1,0 +1,531 @@
+//! Cancel scopes: validity flags, the cancellation tree, `done()` and `after_cancel`.
+//!
+//! A scope is a node of the context chain (tag 0, so value lookups pass over it) that a
+//! [`Context`](crate::Context) points at directly, so checking validity never walks the values.
+//!
+//! # Synchronization
+//!
+//! - `state` is `ACTIVE` or `CANCELLED`; it changes once, from `ACTIVE` to `CANCELLED`, under the
+//!   scope's lock, after `cause` was written. Readers load it with `Acquire` and only then read
+//!   `cause`, so checking validity is one atomic load per scope (plus a clock read when the scope
+//!   has a deadline) and takes no lock.
+//! - Cancellation propagates *down*, as in Go: a scope opened under another registers itself in
+//!   its parent's list, under the parent's lock. If the parent is cancelled already, the child is
+//!   born cancelled with the parent's cause; otherwise the parent's cancel will find it. Because
+//!   both the registration and the cancel's `ACTIVE -> CANCELLED` happen under the same lock,
+//!   no child is ever missed (the loom model `fork_vs_disable` checks this), and a single atomic
+//!   load of the child's own state is enough to observe an ancestor's cancellation once the
+//!   cancel returned.
+//! - Cancel takes the whole list under the lock, then works outside it: children are cancelled
+//!   iteratively (a work stack, so deep trees do not recurse), then wakers are woken, then
+//!   callbacks run, in registration order, on the cancelling thread. A panicking callback
+//!   unwinds to the canceller after the scope and its descendants are already cancelled; the
+//!   callbacks after it are dropped without running.
+//! - A parent reaches a child through a raw pointer in its list. A child whose count reaches zero
+//!   first removes itself from the parent's list, under the parent's lock ([`detach`]), and only
+//!   then is freed; the parent's cancel takes a reference to each child under that same lock,
+//!   only if the child's count is not already zero. So a child is never freed while its parent
+//!   can still reach it.
+//! - `done()` registers a waker under the lock after checking `state` under it, so a concurrent
+//!   cancel either sees the waker or the poll sees `CANCELLED`: no lost wake-up (loom model
+//!   `done_vs_cancel`).
+
+use core::future::Future;
+use core::pin::Pin;
+use core::ptr::NonNull;
+use core::task::{Context as TaskContext, Poll, Waker};
+use core::{fmt, mem};
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+
+use crate::error::ContextError;
+use crate::node::{F_BARRIER, F_SCOPE, Header, NodePtr, NodeRef, VTable};
+use crate::primitive::{AtomicU8, Mutex, Ordering, UnsafeCell};
+use crate::time::{Expiry, Instant};
+
+const ACTIVE: u8 = 0;
+const CANCELLED: u8 = 1;
+const NO_SLOT: usize = usize::MAX;
+
+/// A cancel scope: a node of the chain with the validity state.
+#[repr(C)]
+pub(crate) struct ScopeNode {
+    header: Header,
+    state: AtomicU8,
+    cause: UnsafeCell<Option<ContextError>>,
+    /// The nearest enclosing scope this one is registered in (alive: it is in our chain).
+    parent: Option<NonNull<ScopeNode>>,
+    slot_in_parent: usize,
+    /// The earliest deadline of this scope and its ancestors.
+    deadline: Option<Instant>,
+    timer_armed: AtomicU8,
+    regs: Mutex<Registrations>,
+}
+
+/// Raw pointer to a scope node, as kept in a [`Context`](crate::Context).
+pub(crate) type ScopePtr = NonNull<ScopeNode>;
+
+static UNIT: () = ();
+
+const SCOPE_VTABLE: VTable = VTable {
+    drop_and_free: ScopeNode::drop_and_free,
+    key_eq: |_, _| false,
+    key_any: |_| None,
+    value: |_| &UNIT,
+    shared: |_| None,
+    rebind: None,
+};
+
+enum Slot {
+    Vacant(usize),
+    Child(NodePtr),
+    Waker(Waker),
+    Callback(Box<dyn FnOnce() + Send>),
+}
+
+/// A slab of registrations: O(1) insert and removal by index, so a long-lived root with many
+/// short-lived children stays cheap.
+struct Registrations {
+    slots: Vec<Slot>,
+    free: usize,
+    live: usize,
+}
+
+impl Registrations {
+    const fn new() -> Self {
+        Registrations { slots: Vec::new(), free: NO_SLOT, live: 0 }
+    }
+
+    fn next_index(&self) -> usize {
+        if self.free == NO_SLOT { self.slots.len() } else { self.free }
+    }
+
+    fn insert(&mut self, slot: Slot) -> usize {
+        self.live += 1;
+        if self.free == NO_SLOT {
+            self.slots.push(slot);
+            self.slots.len() - 1
+        } else {
+            let idx = self.free;
+            self.free = match mem::replace(&mut self.slots[idx], slot) {
+                Slot::Vacant(next) => next,
+                _ => unreachable!("free list points at an occupied slot"),
+            };
+            idx
+        }
+    }
+
+    fn remove(&mut self, idx: usize) -> Option<Slot> {
+        match self.slots.get(idx) {
+            None | Some(Slot::Vacant(_)) => return None,
+            Some(_) => {}
+        }
+        let old = mem::replace(&mut self.slots[idx], Slot::Vacant(self.free));
+        self.free = idx;
+        self.live -= 1;
+        if self.live == 0 {
+            // Everything left: forget the free list and give memory back after a burst.
+            self.slots.clear();
+            self.free = NO_SLOT;
+            if self.slots.capacity() > 64 {
+                self.slots.shrink_to_fit();
+            }
+        }
+        Some(old)
+    }
+
+    fn take(&mut self) -> Vec<Slot> {
+        self.free = NO_SLOT;
+        self.live = 0;
+        mem::take(&mut self.slots)
+    }
+}
+
+/// What a cancel collected, to be processed outside every lock.
+#[derive(Default)]
+struct Fired {
+    children: Vec<NodeRef>,
+    wakers: Vec<Waker>,
+    callbacks: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl ScopeNode {
+    /// Opens a scope above `parent_top`, registered in `parent_scope`.
+    pub(crate) fn open(
+        parent_top: Option<NodeRef>,
+        parent_scope: Option<ScopePtr>,
+        deadline: Option<Instant>,
+        barrier: bool,
+    ) -> (NodeRef, ScopePtr) {
+        // SAFETY: `parent_scope` is in `parent_top`'s chain, which we hold.
+        let parent_deadline = parent_scope.and_then(|p| unsafe { p.as_ref() }.deadline);
+        let deadline = match (deadline, parent_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let node = Box::new(ScopeNode {
+            header: Header::new(&SCOPE_VTABLE, 0, if barrier { F_SCOPE | F_BARRIER } else { F_SCOPE }),
+            state: AtomicU8::new(ACTIVE),
+            cause: UnsafeCell::new(None),
+            parent: parent_scope,
+            slot_in_parent: NO_SLOT,
+            deadline,
+            timer_armed: AtomicU8::new(0),
+            regs: Mutex::new(Registrations::new()),
+        });
+        let ptr: ScopePtr = NonNull::from(Box::leak(node));
+        // SAFETY: a fresh node made with `Box`, freed by `SCOPE_VTABLE.drop_and_free`.
+        let node = unsafe { NodeRef::from_new(ptr.cast(), parent_top) };
+        if let Some(parent) = parent_scope {
+            // SAFETY: the parent scope is in our chain, alive while `node` is.
+            let parent = unsafe { parent.as_ref() };
+            let mut regs = parent.regs.lock();
+            // Relaxed: `state` only changes under this lock.
+            if parent.state.load(Ordering::Relaxed) == CANCELLED {
+                // Born cancelled; not registered anywhere. The node is still private to us.
+                let cause = parent.cause_unchecked();
+                // SAFETY: nobody else can reach the fresh node yet.
+                unsafe {
+                    (*ptr.as_ptr()).cause.with_mut(|c| *c = Some(cause));
+                    (*ptr.as_ptr()).parent = None;
+                }
+                // Relaxed is enough: the node is published to other threads only through
+                // synchronizing operations (a spawn, a channel, a lock).
+                // SAFETY: `ptr` is live.
+                unsafe { ptr.as_ref() }.state.store(CANCELLED, Ordering::Relaxed);
+            } else {
+                // SAFETY: the node is still private; the index is written before the parent
+                // can see the node.
+                unsafe { (*ptr.as_ptr()).slot_in_parent = regs.next_index() };
+                regs.insert(Slot::Child(node.ptr()));
+            }
+        }
+        (node, ptr)
+    }
+
+    /// The scope behind a node reference.
+    ///
+    /// # Safety
+    /// `node` is a scope node.
+    #[inline]
+    pub(crate) unsafe fn from_node(node: &NodeRef) -> &ScopeNode {
+        // SAFETY: forwarded; the pointer has the provenance of the whole allocation.
+        unsafe { node.ptr().0.cast::<ScopeNode>().as_ref() }
+    }
+
+    /// # Safety
+    /// `node` is a `ScopeNode` with no other references, detached, whose parent was moved out.
+    unsafe fn drop_and_free(node: NonNull<Header>) {
+        // SAFETY: allocated with `Box` in `open`.
+        drop(unsafe { Box::from_raw(node.cast::<ScopeNode>().as_ptr()) });
+    }
+
+    #[inline]
+    pub(crate) fn is_cancelled(&self) -> bool {
+        // Acquire: pairs with the Release store in `settle`, making `cause` readable.
+        self.state.load(Ordering::Acquire) == CANCELLED
+    }
+
+    #[inline]
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    #[inline]
+    fn deadline_passed(&self) -> bool {
+        self.deadline.is_some_and(|d| d.has_passed())
+    }
+
+    #[inline]
+    pub(crate) fn is_done(&self) -> bool {
+        self.is_cancelled() || self.deadline_passed()
+    }
+
+    pub(crate) fn err(&self) -> Option<ContextError> {
+        if self.is_cancelled() {
+            Some(self.cause_unchecked())
+        } else if self.deadline_passed() {
+            Some(ContextError::DeadlineExceeded)
+        } else {
+            None
+        }
+    }
+
+    /// The cause; the caller observed `CANCELLED` (with `Acquire`, or under the lock).
+    fn cause_unchecked(&self) -> ContextError {
+        // SAFETY: `cause` is written once before `state` becomes CANCELLED and never again.
+        unsafe { self.cause.with(|c| (*c).clone()) }.unwrap_or(ContextError::Canceled)
+    }
+
+    /// Cancels this scope and every scope under it. Returns `false` if it was cancelled already.
+    pub(crate) fn cancel(&self, cause: ContextError) -> bool {
+        let mut fired = Fired::default();
+        if !self.settle(&cause, &mut fired) {
+            return false;
+        }
+        let mut done = Vec::new();
+        while let Some(child) = fired.children.pop() {
+            // SAFETY: `Child` registrations are scope nodes; we hold a reference.
+            unsafe { ScopeNode::from_node(&child) }.settle(&cause, &mut fired);
+            done.push(child);
+        }
+        for waker in fired.wakers {
+            waker.wake();
+        }
+        for callback in fired.callbacks {
+            callback();
+        }
+        drop(done);
+        true
+    }
+
+    /// Marks this scope cancelled and collects its registrations.
+    fn settle(&self, cause: &ContextError, fired: &mut Fired) -> bool {
+        let slots = {
+            let mut regs = self.regs.lock();
+            // Relaxed: `state` only changes under this lock.
+            if self.state.load(Ordering::Relaxed) == CANCELLED {
+                return false;
+            }
+            // SAFETY: no reader reads `cause` before seeing CANCELLED, which is stored below.
+            unsafe { self.cause.with_mut(|c| *c = Some(cause.clone())) };
+            // Release: publishes `cause` to lock-free readers of `state`.
+            self.state.store(CANCELLED, Ordering::Release);
+            let slots = regs.take();
+            // Take references to children while we still hold the lock their `detach` needs.
+            for slot in &slots {
+                if let Slot::Child(child) = slot {
+                    // SAFETY: a listed child is not freed before it detaches under our lock.
+                    if unsafe { child.header() }.try_acquire_ref() {
+                        // SAFETY: we just acquired this reference.
+                        fired.children.push(unsafe { NodeRef::from_raw(child.0) });
+                    }
+                }
+            }
+            slots
+        };
+        for slot in slots {
+            match slot {
+                Slot::Waker(w) => fired.wakers.push(w),
+                Slot::Callback(f) => fired.callbacks.push(f),
+                Slot::Child(_) | Slot::Vacant(_) => {}
+            }
+        }
+        true
+    }
+
+    /// Registers a waker or callback; gives it back if the scope is cancelled already.
+    fn register(&self, slot: Slot) -> Result<usize, Slot> {
+        let mut regs = self.regs.lock();
+        // Relaxed: `state` only changes under this lock.
+        if self.state.load(Ordering::Relaxed) == CANCELLED {
+            return Err(slot);
+        }
+        Ok(regs.insert(slot))
+    }
+
+    /// Replaces the waker at `idx`; `Err` if the scope was cancelled meanwhile.
+    fn update_waker(&self, idx: usize, waker: &Waker) -> Result<(), ()> {
+        let old = {
+            let mut regs = self.regs.lock();
+            if self.state.load(Ordering::Relaxed) == CANCELLED {
+                return Err(());
+            }
+            match regs.slots.get_mut(idx) {
+                Some(Slot::Waker(w)) if w.will_wake(waker) => return Ok(()),
+                Some(Slot::Waker(w)) => mem::replace(w, waker.clone()),
+                _ => return Err(()),
+            }
+        };
+        drop(old);
+        Ok(())
+    }
+
+    /// Removes registration `idx`; `None` if the scope was cancelled (the cancel took it).
+    fn unregister(&self, idx: usize) -> Option<Slot> {
+        let mut regs = self.regs.lock();
+        if self.state.load(Ordering::Relaxed) == CANCELLED {
+            return None;
+        }
+        regs.remove(idx)
+    }
+
+    /// Asks the clock to fire this scope's expiry, once.
+    fn arm_timer(&self, node: &NodeRef) {
+        if let Some(deadline) = self.deadline {
+            // Relaxed: only decides which caller schedules; the expiry itself synchronizes
+            // through the lock in `settle`.
+            if self.timer_armed.swap(1, Ordering::Relaxed) == 0 {
+                deadline.clock().schedule(deadline.since_origin(), Expiry { scope: node.clone() });
+            }
+        }
+    }
+}
+
+/// Removes a scope whose count reached zero from its parent's list.
+///
+/// # Safety
+/// `node` is a scope node whose count reached zero and whose parent link is still held.
+pub(crate) unsafe fn detach(node: NonNull<Header>) {
+    // SAFETY: forwarded; only shared references are formed (the parent may be reading our count).
+    let this = unsafe { node.cast::<ScopeNode>().as_ref() };
+    if let Some(parent) = this.parent {
+        // SAFETY: the parent scope is in our chain, which we still hold.
+        let parent = unsafe { parent.as_ref() };
+        let removed = {
+            let mut regs = parent.regs.lock();
+            if parent.state.load(Ordering::Relaxed) == CANCELLED {
+                None
+            } else {
+                regs.remove(this.slot_in_parent)
+            }
+        };
+        debug_assert!(removed.is_none() || matches!(removed, Some(Slot::Child(_))));
+    }
+}
+
+/// A future that resolves when its context is cancelled or its deadline passes (Go's
+/// `ctx.Done()`).
+///
+/// Made by [`Context::done`](crate::Context::done); owns a reference to the scope, so it is
+/// `'static` and can move into a spawned task. A context that can never be cancelled
+/// ([`Context::background`](crate::Context::background), `without_cancel`) gives a future that
+/// never resolves.
+///
+/// # Examples
+/// ```
+/// use localsession_core::Context;
+/// # futures::executor::block_on(async {
+/// let (ctx, cancel) = Context::background().with_cancel();
+/// let done = ctx.done();
+/// cancel.cancel();
+/// done.await;
+/// assert!(ctx.is_done());
+/// # });
+/// ```
+#[must_use = "futures do nothing unless polled"]
+pub struct Done {
+    scope: Option<NodeRef>,
+    slot: usize,
+}
+
+impl Done {
+    pub(crate) fn new(scope: Option<NodeRef>) -> Done {
+        Done { scope, slot: NO_SLOT }
+    }
+}
+
+impl Future for Done {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let Some(node) = &this.scope else { return Poll::Pending };
+        // SAFETY: `Done` only holds scope nodes.
+        let scope = unsafe { ScopeNode::from_node(node) };
+        if scope.is_cancelled() {
+            this.slot = NO_SLOT; // the cancel took the registration
+            return Poll::Ready(());
+        }
+        if scope.deadline_passed() {
+            scope.cancel(ContextError::DeadlineExceeded);
+            this.slot = NO_SLOT;
+            return Poll::Ready(());
+        }
+        if this.slot == NO_SLOT {
+            match scope.register(Slot::Waker(cx.waker().clone())) {
+                Ok(idx) => this.slot = idx,
+                Err(_) => return Poll::Ready(()),
+            }
+        } else if scope.update_waker(this.slot, cx.waker()).is_err() {
+            this.slot = NO_SLOT;
+            return Poll::Ready(());
+        }
+        scope.arm_timer(node);
+        Poll::Pending
+    }
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        if let (Some(node), true) = (&self.scope, self.slot != NO_SLOT) {
+            // SAFETY: `Done` only holds scope nodes.
+            drop(unsafe { ScopeNode::from_node(node) }.unregister(self.slot));
+        }
+    }
+}
+
+impl fmt::Debug for Done {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Done").field("registered", &(self.slot != NO_SLOT)).finish()
+    }
+}
+
+/// The handle of a callback registered with [`Context::after_cancel`](crate::Context::after_cancel)
+/// (Go's `context.AfterFunc`). Dropping it leaves the callback registered.
+///
+/// # Examples
+/// ```
+/// use std::sync::atomic::{AtomicBool, Ordering};
+/// use std::sync::Arc;
+/// use localsession_core::Context;
+///
+/// let (ctx, cancel) = Context::background().with_cancel();
+/// let ran = Arc::new(AtomicBool::new(false));
+/// let flag = ran.clone();
+/// let handle = ctx.after_cancel(move || flag.store(true, Ordering::SeqCst));
+/// cancel.cancel();
+/// assert!(ran.load(Ordering::SeqCst));
+/// assert!(!handle.stop()); // too late: it ran
+/// ```
+pub struct AfterCancel {
+    scope: Option<NodeRef>,
+    slot: usize,
+}
+
+impl AfterCancel {
+    pub(crate) fn register(scope: Option<NodeRef>, f: Box<dyn FnOnce() + Send>) -> AfterCancel {
+        let Some(node) = scope else {
+            // Never cancelled: the callback can never run.
+            drop(f);
+            return AfterCancel { scope: None, slot: NO_SLOT };
+        };
+        // SAFETY: callers pass scope nodes only.
+        let s = unsafe { ScopeNode::from_node(&node) };
+        match s.register(Slot::Callback(f)) {
+            Ok(idx) => {
+                if s.deadline_passed() {
+                    s.cancel(ContextError::DeadlineExceeded);
+                } else {
+                    s.arm_timer(&node);
+                }
+                AfterCancel { scope: Some(node), slot: idx }
+            }
+            Err(slot) => {
+                if let Slot::Callback(f) = slot {
+                    f();
+                }
+                AfterCancel { scope: Some(node), slot: NO_SLOT }
+            }
+        }
+    }
+
+    /// Unregisters the callback. Returns `true` if this stopped it from running, `false` if it
+    /// has run (or is running) already.
+    #[must_use = "tells whether the callback was stopped before it ran"]
+    pub fn stop(self) -> bool {
+        match (&self.scope, self.slot) {
+            (None, _) => true,
+            (Some(_), NO_SLOT) => false,
+            // SAFETY: only scope nodes are held.
+            (Some(node), slot) => unsafe { ScopeNode::from_node(node) }.unregister(slot).is_some(),
+        }
+    }
+}
+
+impl fmt::Debug for AfterCancel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AfterCancel").field("registered", &(self.slot != NO_SLOT)).finish()
+    }
+}

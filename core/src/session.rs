@@ -1,0 +1,701 @@
+//! Sessions: Go's `Session` interface, [`SessionCtx`] and the [`AnySession`] handle stores keep.
+//!
+//! A [`Session`] is what "the current session" is: it can tell whether it is still valid, read
+//! a value, and derive a session with one more value. The library ships two implementations,
+//! [`SessionCtx`] (immutable, over a [`Context`]) and [`SessionMap`] (one shared mutable map);
+//! users may implement the trait for their own types, and every store accepts them through
+//! [`AnySession::custom`].
+//!
+//! # Validity scopes
+//!
+//! [`SessionCtx::new`] opens a new cancel scope under the given context. Sessions derived with
+//! [`with_value`](SessionCtx::with_value) share that scope (Go parity: `Disable()` on any of
+//! them disables all of them — the seed program relies on it), while [`fork`](SessionCtx::fork)
+//! opens a child scope: disabling the fork leaves the parent valid, disabling the parent reaches
+//! the fork. Unlike Go, which ignores the wrapped context, a session is also invalid once that
+//! context is cancelled or past its deadline.
+
+use core::any::Any;
+use core::fmt;
+use core::hash::Hash;
+use core::time::Duration;
+
+use alloc::sync::Arc;
+
+use crate::context::Context;
+use crate::error::ContextError;
+use crate::key::{DynKey, Key, KeyQuery};
+use crate::map::SessionMap;
+use crate::node::{F_VALUE, NodeRef, SharedKey, SharedValue, TypedKey};
+use crate::scope::Done;
+use crate::time::{Instant, NoClockError, global_clock};
+
+/// Go's `Session` interface: implicit request context that a store binds to an execution unit.
+///
+/// Object safe; typed conveniences live in [`SessionExt`], implemented for every session.
+///
+/// # Examples
+/// A user session backed by a fixed table:
+/// ```
+/// use std::any::Any;
+/// use std::sync::Arc;
+/// use localsession_core::{AnySession, DynKey, KeyQuery, Session, SessionCtx, SessionExt, Context};
+///
+/// struct Tenant(&'static str);
+///
+/// impl Session for Tenant {
+///     fn is_valid(&self) -> bool { true }
+///     fn get_with(&self, key: &KeyQuery<'_>, f: &mut dyn FnMut(Option<&(dyn Any + Send + Sync)>)) {
+///         if key.downcast::<&str>() == Some(&"tenant") { f(Some(&self.0)) } else { f(None) }
+///     }
+///     fn with_value_dyn(&self, key: DynKey, value: Arc<dyn Any + Send + Sync>) -> AnySession {
+///         // Derive a context-backed session that still answers "tenant".
+///         let ctx = Context::background().with_value("tenant", self.0);
+///         SessionCtx::new(&ctx).with_value_dyn(key, value)
+///     }
+/// }
+///
+/// let s = AnySession::custom(Tenant("acme"));
+/// assert_eq!(s.value_cloned::<&str, _>(&"tenant"), Some("acme"));
+/// let s2 = s.with_value("user", 7u32);
+/// assert_eq!(s2.value_cloned::<u32, _>(&"user"), Some(7));
+/// assert_eq!(s2.value_cloned::<&str, _>(&"tenant"), Some("acme"));
+/// ```
+pub trait Session: Send + Sync + 'static {
+    /// Whether the session is still valid (Go `IsValid`).
+    fn is_valid(&self) -> bool;
+
+    /// Calls `f` with the value bound to `key`, or `None` (Go `Get`). The value is only borrowed
+    /// for the call, so implementations can hand out data guarded by a lock or an epoch.
+    fn get_with(&self, key: &KeyQuery<'_>, f: &mut dyn FnMut(Option<&(dyn Any + Send + Sync)>));
+
+    /// A session with `key` bound to `value` (Go `WithValue`). For an immutable session this
+    /// derives a new one; for a shared map it updates the map and returns it.
+    fn with_value_dyn(&self, key: DynKey, value: Arc<dyn Any + Send + Sync>) -> AnySession;
+}
+
+/// Typed conveniences for every [`Session`] (including `dyn Session`).
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, Key, SessionCtx, SessionExt};
+/// static N: Key<u32> = Key::new("n");
+/// let s = SessionCtx::new(&Context::background()).with(&N, 5);
+/// let erased: &dyn localsession_core::Session = &s;
+/// assert_eq!(erased.read_key(&N, |v| v.copied()), Some(5));
+/// ```
+pub trait SessionExt: Session {
+    /// Calls `f` with the value bound to `key` if it is a `V`.
+    fn read<V: Any, K: Eq + Hash + Any + Send + Sync, R>(&self, key: &K, f: impl FnOnce(Option<&V>) -> R) -> R {
+        read_query(self, &KeyQuery::new(key), f)
+    }
+
+    /// Calls `f` with the value bound to a typed key.
+    fn read_key<T: Any, R>(&self, key: &'static Key<T>, f: impl FnOnce(Option<&T>) -> R) -> R {
+        read_query(self, &KeyQuery::typed(key), f)
+    }
+
+    /// A clone of the value bound to `key`, if it is a `V`.
+    fn value_cloned<V: Any + Clone, K: Eq + Hash + Any + Send + Sync>(&self, key: &K) -> Option<V> {
+        self.read(key, |v: Option<&V>| v.cloned())
+    }
+
+    /// A clone of the value bound to a typed key.
+    fn get_cloned<T: Any + Clone>(&self, key: &'static Key<T>) -> Option<T> {
+        self.read_key(key, |v| v.cloned())
+    }
+
+    /// Derives with one more binding (boxes the value; `SessionCtx::with_value` does not).
+    fn with_value<K: Eq + Hash + Any + Send + Sync, V: Any + Send + Sync>(&self, key: K, value: V) -> AnySession {
+        self.with_value_dyn(DynKey::new(key), Arc::new(value))
+    }
+}
+
+impl<S: Session + ?Sized> SessionExt for S {}
+
+fn read_query<S: Session + ?Sized, V: Any, R>(s: &S, q: &KeyQuery<'_>, f: impl FnOnce(Option<&V>) -> R) -> R {
+    let mut f = Some(f);
+    let mut out = None;
+    s.get_with(q, &mut |v| {
+        if let Some(f) = f.take() {
+            out = Some(f(v.and_then(|v| v.downcast_ref::<V>())));
+        }
+    });
+    match (out, f) {
+        (Some(r), _) => r,
+        // The implementation never called back: treat as absent.
+        (None, Some(f)) => f(None),
+        (None, None) => unreachable!("callback consumed without a result"),
+    }
+}
+
+/// Go's `SessionCtx`: an immutable session over a [`Context`], with its own validity scope.
+///
+/// `Clone` is one reference-count increment. Reads borrow from the session: no allocation, no
+/// lock, no atomic read-modify-write.
+///
+/// # Examples
+/// The seed program's rules:
+/// ```
+/// use localsession_core::{Context, SessionCtx};
+///
+/// let session = SessionCtx::new(&Context::background());
+/// let start = session.with_value("a", "b");
+/// let next = start.with_value("c", "d");
+/// assert_eq!(start.value::<&str, _>(&"c"), None); // `with_value` never changes `start`
+/// assert_eq!(next.value::<&str, _>(&"a"), Some(&"b"));
+///
+/// let forked = next.fork();
+/// forked.disable();
+/// assert!(!forked.is_valid() && next.is_valid()); // a fork's disable stays in the fork
+///
+/// session.disable(); // same scope as `start` and `next`
+/// assert!(!start.is_valid() && !next.is_valid());
+/// ```
+#[derive(Clone)]
+pub struct SessionCtx {
+    /// Always has a scope: the session's validity scope.
+    ctx: Context,
+}
+
+impl SessionCtx {
+    /// A new session over `ctx`, with a new validity scope under `ctx`'s (Go `NewSessionCtx`).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, SessionCtx};
+    /// let ctx = Context::background().with_value("k", 1u8);
+    /// let s = SessionCtx::new(&ctx);
+    /// assert_eq!(s.value::<u8, _>(&"k"), Some(&1));
+    /// assert!(s.is_valid());
+    /// ```
+    #[must_use]
+    pub fn new(ctx: &Context) -> SessionCtx {
+        SessionCtx { ctx: ctx.open_scope_ctx(None, false) }
+    }
+
+    /// A new session over `ctx` that becomes invalid after `timeout` on the
+    /// [global clock](crate::set_global_clock) (Go `NewSessionCtxWithTimeout`, without a
+    /// goroutine per session: expiry is observed lazily and fired by the clock's timer).
+    ///
+    /// # Errors
+    /// [`NoClockError`] if no clock is registered.
+    ///
+    /// # Examples
+    /// ```
+    /// use core::time::Duration;
+    /// use localsession_core::{Context, SessionCtx};
+    /// // No clock in this doctest's process:
+    /// assert!(SessionCtx::with_timeout(&Context::background(), Duration::from_secs(1)).is_err());
+    /// ```
+    pub fn with_timeout(ctx: &Context, timeout: Duration) -> Result<SessionCtx, NoClockError> {
+        let clock = global_clock().ok_or(NoClockError(()))?;
+        Ok(SessionCtx::with_deadline(ctx, Instant::now(clock) + timeout))
+    }
+
+    /// A new session over `ctx` that becomes invalid at `deadline`.
+    ///
+    /// # Examples
+    /// ```
+    /// use core::time::Duration;
+    /// use localsession_core::{Clock, Context, Instant, SessionCtx};
+    /// struct Fixed;
+    /// impl Clock for Fixed { fn now(&self) -> Duration { Duration::from_secs(5) } }
+    /// static CLOCK: Fixed = Fixed;
+    /// let s = SessionCtx::with_deadline(&Context::background(), Instant::from_clock_time(&CLOCK, Duration::from_secs(5)));
+    /// assert!(!s.is_valid());
+    /// ```
+    #[must_use]
+    pub fn with_deadline(ctx: &Context, deadline: Instant) -> SessionCtx {
+        SessionCtx { ctx: ctx.open_scope_ctx(Some(deadline), false) }
+    }
+
+    /// A session with one more binding, in the **same** validity scope (Go `WithValue`).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, SessionCtx};
+    /// let s = SessionCtx::new(&Context::background());
+    /// let t = s.with_value(1u32, "one");
+    /// s.disable();
+    /// assert!(!t.is_valid());
+    /// ```
+    #[must_use]
+    pub fn with_value<K, V>(&self, key: K, value: V) -> SessionCtx
+    where
+        K: Eq + Hash + Any + Send + Sync,
+        V: Any + Send + Sync,
+    {
+        SessionCtx { ctx: self.ctx.with_value(key, value) }
+    }
+
+    /// A session with one more typed binding, in the same validity scope.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, Key, SessionCtx};
+    /// static USER: Key<String> = Key::new("user");
+    /// let s = SessionCtx::new(&Context::background()).with(&USER, "ann".to_string());
+    /// assert_eq!(s.get(&USER).map(String::as_str), Some("ann"));
+    /// ```
+    #[must_use]
+    pub fn with<T: Any + Send + Sync>(&self, key: &'static Key<T>, value: T) -> SessionCtx {
+        SessionCtx { ctx: self.ctx.with(key, value) }
+    }
+
+    /// The value bound to `key`, if it is a `V` (borrowed from the session).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, SessionCtx};
+    /// let s = SessionCtx::new(&Context::background()).with_value("n", 3i32);
+    /// assert_eq!(s.value::<i32, _>(&"n"), Some(&3));
+    /// ```
+    #[inline]
+    #[must_use]
+    pub fn value<V: Any, K: Eq + Hash + Any + Send + Sync>(&self, key: &K) -> Option<&V> {
+        self.ctx.value(key)
+    }
+
+    /// The value bound to a typed key (borrowed from the session).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, Key, SessionCtx};
+    /// static N: Key<u8> = Key::new("n");
+    /// assert_eq!(SessionCtx::new(&Context::background()).with(&N, 1).get(&N), Some(&1));
+    /// ```
+    #[inline]
+    #[must_use]
+    pub fn get<T: Any>(&self, key: &'static Key<T>) -> Option<&T> {
+        self.ctx.get(key)
+    }
+
+    /// A session with a child validity scope: disabling it leaves `self` valid; disabling
+    /// `self` (or anything in its scope) reaches it.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, SessionCtx};
+    /// let parent = SessionCtx::new(&Context::background());
+    /// let child = parent.fork();
+    /// parent.disable();
+    /// assert!(!child.is_valid());
+    /// ```
+    #[must_use]
+    pub fn fork(&self) -> SessionCtx {
+        SessionCtx { ctx: self.ctx.open_scope_ctx(None, false) }
+    }
+
+    /// Invalidates this session's scope: this session, every session derived from it with
+    /// `with_value`, and every fork (Go `Disable`). Returns `false` if it was invalid already
+    /// by an earlier `disable`.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, ContextError, SessionCtx};
+    /// let s = SessionCtx::new(&Context::background());
+    /// assert!(s.disable());
+    /// assert!(!s.disable());
+    /// assert_eq!(s.err(), Some(ContextError::Canceled));
+    /// ```
+    pub fn disable(&self) -> bool {
+        self.ctx.scope().is_some_and(|s| s.cancel(ContextError::Canceled))
+    }
+
+    /// Whether the session is valid: not disabled, not expired, and its context not cancelled.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, SessionCtx};
+    /// let (ctx, cancel) = Context::background().with_cancel();
+    /// let s = SessionCtx::new(&ctx);
+    /// cancel.cancel(); // unlike Go, the wrapped context's cancellation counts
+    /// assert!(!s.is_valid());
+    /// ```
+    #[inline]
+    #[must_use]
+    pub fn is_valid(&self) -> bool {
+        !self.ctx.is_done()
+    }
+
+    /// Why the session is invalid, or `None` while it is valid.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, SessionCtx};
+    /// assert_eq!(SessionCtx::new(&Context::background()).err(), None);
+    /// ```
+    #[must_use]
+    pub fn err(&self) -> Option<ContextError> {
+        self.ctx.err()
+    }
+
+    /// A future that resolves when the session becomes invalid.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, SessionCtx};
+    /// # futures::executor::block_on(async {
+    /// let s = SessionCtx::new(&Context::background());
+    /// s.disable();
+    /// s.done().await;
+    /// # });
+    /// ```
+    pub fn done(&self) -> Done {
+        self.ctx.done()
+    }
+
+    /// The underlying context (Go `Export`): values, and cancellation by this session's scope.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, SessionCtx};
+    /// let s = SessionCtx::new(&Context::background()).with_value("k", 9u8);
+    /// let ctx = s.export();
+    /// assert_eq!(ctx.value::<u8, _>(&"k"), Some(&9));
+    /// s.disable();
+    /// assert!(ctx.is_done());
+    /// ```
+    #[must_use]
+    pub fn export(&self) -> Context {
+        self.ctx.clone()
+    }
+
+    /// The underlying context, borrowed.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, SessionCtx};
+    /// let s = SessionCtx::new(&Context::background());
+    /// assert!(!s.context().is_done());
+    /// ```
+    #[must_use]
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    /// Whether both are the same session (same chain head and scope).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, SessionCtx};
+    /// let s = SessionCtx::new(&Context::background());
+    /// assert!(s.ptr_eq(&s.clone()));
+    /// ```
+    #[must_use]
+    pub fn ptr_eq(&self, other: &SessionCtx) -> bool {
+        self.ctx.ptr_eq(&other.ctx)
+    }
+}
+
+impl Session for SessionCtx {
+    fn is_valid(&self) -> bool {
+        SessionCtx::is_valid(self)
+    }
+
+    fn get_with(&self, key: &KeyQuery<'_>, f: &mut dyn FnMut(Option<&(dyn Any + Send + Sync)>)) {
+        f(self.ctx.lookup(key));
+    }
+
+    fn with_value_dyn(&self, key: DynKey, value: Arc<dyn Any + Send + Sync>) -> AnySession {
+        let parent = self.ctx.top().cloned();
+        let node = match key.key {
+            Some(k) => NodeRef::new_value(parent, key.tag, F_VALUE, SharedKey(k), SharedValue(value)),
+            None => NodeRef::new_value(parent, key.tag, F_VALUE, TypedKey, SharedValue(value)),
+        };
+        AnySession::Ctx(SessionCtx { ctx: Context::from_parts(Some(node), self.ctx.scope_ptr()) })
+    }
+}
+
+impl fmt::Debug for SessionCtx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionCtx").field("valid", &self.is_valid()).finish_non_exhaustive()
+    }
+}
+
+/// A session of any kind, as stores hold it: the two built-in sessions without dynamic
+/// dispatch, or a user [`Session`] behind an `Arc`.
+///
+/// Cloning is one reference-count increment.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{AnySession, Context, SessionCtx, SessionMap};
+/// let a: AnySession = SessionCtx::new(&Context::background()).with_value("k", 1u8).into();
+/// let b: AnySession = SessionMap::new().with_value("k", 2u8).into();
+/// assert_eq!(a.value_cloned::<u8, _>(&"k"), Some(1));
+/// assert_eq!(b.value_cloned::<u8, _>(&"k"), Some(2));
+/// ```
+#[derive(Clone)]
+pub enum AnySession {
+    /// A [`SessionCtx`].
+    Ctx(SessionCtx),
+    /// A [`SessionMap`].
+    Map(SessionMap),
+    /// A user implementation.
+    Custom(Arc<dyn Session>),
+}
+
+impl AnySession {
+    /// Wraps a user [`Session`].
+    ///
+    /// # Examples
+    /// See [`Session`].
+    pub fn custom(session: impl Session) -> AnySession {
+        AnySession::Custom(Arc::new(session))
+    }
+
+    /// Whether the session is valid.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{AnySession, Context, SessionCtx};
+    /// let s = AnySession::from(SessionCtx::new(&Context::background()));
+    /// assert!(s.is_valid());
+    /// ```
+    #[inline]
+    #[must_use]
+    pub fn is_valid(&self) -> bool {
+        match self {
+            AnySession::Ctx(s) => s.is_valid(),
+            AnySession::Map(s) => s.is_valid(),
+            AnySession::Custom(s) => s.is_valid(),
+        }
+    }
+
+    /// Disables a built-in session (see [`SessionCtx::disable`], [`SessionMap::disable`]).
+    /// User sessions have no `disable` in the trait (as in Go): returns `false` for them.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{AnySession, SessionMap};
+    /// let s = AnySession::from(SessionMap::new());
+    /// assert!(s.disable());
+    /// assert!(!s.is_valid());
+    /// ```
+    pub fn disable(&self) -> bool {
+        match self {
+            AnySession::Ctx(s) => s.disable(),
+            AnySession::Map(s) => s.disable(),
+            AnySession::Custom(_) => false,
+        }
+    }
+
+    /// The session as a [`SessionCtx`], for borrowing reads without a closure.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{AnySession, Context, SessionCtx};
+    /// let s = AnySession::from(SessionCtx::new(&Context::background()).with_value("k", 1u8));
+    /// assert_eq!(s.as_ctx().and_then(|c| c.value::<u8, _>(&"k")), Some(&1));
+    /// ```
+    #[must_use]
+    pub fn as_ctx(&self) -> Option<&SessionCtx> {
+        match self {
+            AnySession::Ctx(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The session as a [`SessionMap`].
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{AnySession, SessionMap};
+    /// assert!(AnySession::from(SessionMap::new()).as_map().is_some());
+    /// ```
+    #[must_use]
+    pub fn as_map(&self) -> Option<&SessionMap> {
+        match self {
+            AnySession::Map(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The session's context, for the built-in sessions (see `export` on each).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{AnySession, Context, SessionCtx};
+    /// let s = AnySession::from(SessionCtx::new(&Context::background()).with_value("k", 1u8));
+    /// assert_eq!(s.export().unwrap().value::<u8, _>(&"k"), Some(&1));
+    /// ```
+    #[must_use]
+    pub fn export(&self) -> Option<Context> {
+        match self {
+            AnySession::Ctx(s) => Some(s.export()),
+            AnySession::Map(s) => Some(s.export()),
+            AnySession::Custom(_) => None,
+        }
+    }
+
+    /// Calls `f` with the value bound to a typed key, without cloning anything.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{AnySession, Context, Key, SessionCtx};
+    /// static N: Key<u64> = Key::new("n");
+    /// let s = AnySession::from(SessionCtx::new(&Context::background()).with(&N, 4));
+    /// assert_eq!(s.read_key(&N, |v| v.copied()), Some(4));
+    /// ```
+    #[inline]
+    pub fn read_key<T: Any, R>(&self, key: &'static Key<T>, f: impl FnOnce(Option<&T>) -> R) -> R {
+        match self {
+            AnySession::Ctx(s) => f(s.get(key)),
+            AnySession::Map(s) => s.read_key(key, f),
+            AnySession::Custom(s) => SessionExt::read_key(&**s, key, f),
+        }
+    }
+
+    /// Calls `f` with the value bound to `key` if it is a `V`, without cloning anything.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{AnySession, SessionMap};
+    /// let s = AnySession::from(SessionMap::new().with_value("k", 3u8));
+    /// assert_eq!(s.read(&"k", |v: Option<&u8>| v.copied()), Some(3));
+    /// ```
+    #[inline]
+    pub fn read<V: Any, K: Eq + Hash + Any + Send + Sync, R>(&self, key: &K, f: impl FnOnce(Option<&V>) -> R) -> R {
+        match self {
+            AnySession::Ctx(s) => f(s.value(key)),
+            AnySession::Map(s) => s.read(key, f),
+            AnySession::Custom(s) => SessionExt::read(&**s, key, f),
+        }
+    }
+
+    /// A clone of the value bound to a typed key.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{AnySession, Context, Key, SessionCtx};
+    /// static NAME: Key<String> = Key::new("name");
+    /// let s = AnySession::from(SessionCtx::new(&Context::background()).with(&NAME, "x".into()));
+    /// assert_eq!(s.get_cloned(&NAME).as_deref(), Some("x"));
+    /// ```
+    #[must_use]
+    pub fn get_cloned<T: Any + Clone>(&self, key: &'static Key<T>) -> Option<T> {
+        self.read_key(key, |v| v.cloned())
+    }
+
+    /// A clone of the value bound to `key`, if it is a `V`.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{AnySession, Context, SessionCtx};
+    /// let s = AnySession::from(SessionCtx::new(&Context::background()).with_value("a", "b"));
+    /// assert_eq!(s.value_cloned::<&str, _>(&"a"), Some("b"));
+    /// ```
+    #[must_use]
+    pub fn value_cloned<V: Any + Clone, K: Eq + Hash + Any + Send + Sync>(&self, key: &K) -> Option<V> {
+        self.read(key, |v: Option<&V>| v.cloned())
+    }
+
+    /// Derives with one more binding (Go `WithValue`): a new session for a [`SessionCtx`], the
+    /// same (updated) map for a [`SessionMap`].
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{AnySession, Context, SessionCtx};
+    /// let s = AnySession::from(SessionCtx::new(&Context::background()));
+    /// let t = s.with_value("k", 1u8);
+    /// assert_eq!(s.value_cloned::<u8, _>(&"k"), None);
+    /// assert_eq!(t.value_cloned::<u8, _>(&"k"), Some(1));
+    /// ```
+    #[must_use]
+    pub fn with_value<K: Eq + Hash + Any + Send + Sync + Clone, V: Any + Send + Sync>(&self, key: K, value: V) -> AnySession {
+        match self {
+            AnySession::Ctx(s) => AnySession::Ctx(s.with_value(key, value)),
+            AnySession::Map(s) => AnySession::Map(s.with_value(key, value)),
+            AnySession::Custom(s) => SessionExt::with_value(&**s, key, value),
+        }
+    }
+
+    /// Derives with one more typed binding.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{AnySession, Key, SessionMap};
+    /// static N: Key<u8> = Key::new("n");
+    /// let s = AnySession::from(SessionMap::new()).with(&N, 1);
+    /// assert_eq!(s.get_cloned(&N), Some(1));
+    /// ```
+    #[must_use]
+    pub fn with<T: Any + Send + Sync>(&self, key: &'static Key<T>, value: T) -> AnySession {
+        match self {
+            AnySession::Ctx(s) => AnySession::Ctx(s.with(key, value)),
+            AnySession::Map(s) => AnySession::Map(s.with(key, value)),
+            AnySession::Custom(s) => s.with_value_dyn(DynKey::typed(key), Arc::new(value)),
+        }
+    }
+
+    /// Whether both handles are the same session.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{AnySession, SessionMap};
+    /// let a = AnySession::from(SessionMap::new());
+    /// assert!(a.ptr_eq(&a.clone()));
+    /// assert!(!a.ptr_eq(&AnySession::from(SessionMap::new())));
+    /// ```
+    #[must_use]
+    pub fn ptr_eq(&self, other: &AnySession) -> bool {
+        match (self, other) {
+            (AnySession::Ctx(a), AnySession::Ctx(b)) => a.ptr_eq(b),
+            (AnySession::Map(a), AnySession::Map(b)) => a.ptr_eq(b),
+            (AnySession::Custom(a), AnySession::Custom(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Session for AnySession {
+    fn is_valid(&self) -> bool {
+        AnySession::is_valid(self)
+    }
+
+    fn get_with(&self, key: &KeyQuery<'_>, f: &mut dyn FnMut(Option<&(dyn Any + Send + Sync)>)) {
+        match self {
+            AnySession::Ctx(s) => s.get_with(key, f),
+            AnySession::Map(s) => s.get_with(key, f),
+            AnySession::Custom(s) => s.get_with(key, f),
+        }
+    }
+
+    fn with_value_dyn(&self, key: DynKey, value: Arc<dyn Any + Send + Sync>) -> AnySession {
+        match self {
+            AnySession::Ctx(s) => s.with_value_dyn(key, value),
+            AnySession::Map(s) => s.with_value_dyn(key, value),
+            AnySession::Custom(s) => s.with_value_dyn(key, value),
+        }
+    }
+}
+
+impl From<SessionCtx> for AnySession {
+    fn from(s: SessionCtx) -> Self {
+        AnySession::Ctx(s)
+    }
+}
+
+impl From<SessionMap> for AnySession {
+    fn from(s: SessionMap) -> Self {
+        AnySession::Map(s)
+    }
+}
+
+impl From<Arc<dyn Session>> for AnySession {
+    fn from(s: Arc<dyn Session>) -> Self {
+        AnySession::Custom(s)
+    }
+}
+
+impl fmt::Debug for AnySession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AnySession::Ctx(s) => fmt::Debug::fmt(s, f),
+            AnySession::Map(s) => fmt::Debug::fmt(s, f),
+            AnySession::Custom(s) => f.debug_struct("CustomSession").field("valid", &s.is_valid()).finish(),
+        }
+    }
+}

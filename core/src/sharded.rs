@@ -1,0 +1,257 @@
+//! [`ShardedStore`]: Go's `SessionManager` — sessions keyed by an executor-supplied id.
+//!
+//! For executors that can name the running unit with a `u64` (a task id, a green-thread id, a
+//! CPU number) but have no slot of their own to put a session in. Sessions live in
+//! `shard_number` hash maps, each behind its own spin lock and on its own cache line
+//! (crossbeam-utils' `CachePadded`); id `i` lives in shard `i % shard_number`, as in Go.
+//!
+//! # Garbage collection
+//!
+//! Go needs a GC because goroutines end without telling anyone; here an executor that knows a
+//! task ended calls [`ShardedStore::remove`], and [`ShardedStore::gc`] sweeps the sessions that
+//! became invalid. A sweep locks one shard at a time, only to copy its entries (cloning a handle
+//! runs no user code) and later to remove the invalid ones that are still bound; user code —
+//! `is_valid` of a user [`Session`](crate::Session), and the drop of a removed session — runs
+//! with no lock held. A panicking `is_valid` therefore leaves the store fully usable;
+//! [`ShardedStore::gc_with`] lets a caller with `std` catch such a panic and keep the entry (the
+//! std adapter's GC thread does).
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::fmt;
+
+use crossbeam_utils::CachePadded;
+use hashbrown::HashMap;
+
+use crate::config::{ConfigError, ManagerOptions};
+use crate::session::AnySession;
+use crate::store::{BindError, ContextStore};
+
+type Shard = CachePadded<spin::Mutex<HashMap<u64, AnySession>>>;
+
+/// Go's `SessionManager`: sessions keyed by execution-unit id, in shards.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, ManagerOptions, SessionCtx, ShardedStore};
+///
+/// let store = ShardedStore::new(ManagerOptions { shard_number: 10, ..Default::default() }, || None).unwrap();
+/// let s = SessionCtx::new(&Context::background());
+/// store.bind(7, s.clone());
+/// assert!(store.get(7).is_some());
+/// s.disable();
+/// assert_eq!(store.gc(), 1);
+/// assert!(store.get(7).is_none());
+/// ```
+pub struct ShardedStore {
+    shards: Box<[Shard]>,
+    current_id: Box<dyn Fn() -> Option<u64> + Send + Sync>,
+    options: ManagerOptions,
+}
+
+impl ShardedStore {
+    /// A store with `options.shard_number` shards; `current_id` names the running unit when the
+    /// store is used as a [`ContextStore`] (return `None` outside any unit).
+    ///
+    /// `gc_interval` and `implicit_transmit` are kept for the adapters (the std adapter runs a
+    /// GC thread for a store with a `gc_interval`); the core never starts threads.
+    ///
+    /// # Errors
+    /// [`ConfigError`] if the options are invalid (`shard_number` 0, GC interval below 1 s).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ManagerOptions, ShardedStore};
+    /// let bad = ManagerOptions { shard_number: 0, ..Default::default() };
+    /// assert!(ShardedStore::new(bad, || None).is_err());
+    /// ```
+    pub fn new(
+        options: ManagerOptions,
+        current_id: impl Fn() -> Option<u64> + Send + Sync + 'static,
+    ) -> Result<ShardedStore, ConfigError> {
+        options.validate()?;
+        let shards = (0..options.shard_number).map(|_| CachePadded::new(spin::Mutex::new(HashMap::new()))).collect();
+        Ok(ShardedStore { shards, current_id: Box::new(current_id), options })
+    }
+
+    /// The options the store was made with.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ManagerOptions, ShardedStore};
+    /// let s = ShardedStore::new(ManagerOptions::default(), || None).unwrap();
+    /// assert_eq!(s.options().shard_number, 100);
+    /// ```
+    #[must_use]
+    pub fn options(&self) -> &ManagerOptions {
+        &self.options
+    }
+
+    fn shard(&self, id: u64) -> &Shard {
+        // The length is at least 1 (validated), and the remainder is below it.
+        &self.shards[(id % self.shards.len() as u64) as usize]
+    }
+
+    /// Binds `session` to unit `id`, returning the previous one (Go `BindSession` with an id).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ManagerOptions, SessionMap, ShardedStore};
+    /// let store = ShardedStore::new(ManagerOptions::default(), || None).unwrap();
+    /// assert!(store.bind(1, SessionMap::new()).is_none());
+    /// assert!(store.bind(1, SessionMap::new()).is_some());
+    /// ```
+    pub fn bind(&self, id: u64, session: impl Into<AnySession>) -> Option<AnySession> {
+        let session = session.into();
+        self.shard(id).lock().insert(id, session)
+    }
+
+    /// A clone of the session bound to unit `id` (Go `GetSession`).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ManagerOptions, ShardedStore};
+    /// let store = ShardedStore::new(ManagerOptions::default(), || None).unwrap();
+    /// assert!(store.get(3).is_none());
+    /// ```
+    #[must_use]
+    pub fn get(&self, id: u64) -> Option<AnySession> {
+        self.shard(id).lock().get(&id).cloned()
+    }
+
+    /// Removes the session bound to unit `id` (Go `UnbindSession`; for executors: call it when
+    /// a task ends).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ManagerOptions, SessionMap, ShardedStore};
+    /// let store = ShardedStore::new(ManagerOptions::default(), || None).unwrap();
+    /// store.bind(5, SessionMap::new());
+    /// assert!(store.remove(5).is_some());
+    /// assert!(store.remove(5).is_none());
+    /// ```
+    pub fn remove(&self, id: u64) -> Option<AnySession> {
+        let removed = self.shard(id).lock().remove(&id);
+        removed
+    }
+
+    /// Keeps only the bindings for which `keep(id, session)` is true. Like [`gc`](Self::gc),
+    /// `keep` runs with no lock held.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ManagerOptions, SessionMap, ShardedStore};
+    /// let store = ShardedStore::new(ManagerOptions::default(), || None).unwrap();
+    /// for id in 0..10 { store.bind(id, SessionMap::new()); }
+    /// assert_eq!(store.retain(|id, _| id % 2 == 0), 5);
+    /// assert_eq!(store.len(), 5);
+    /// ```
+    pub fn retain(&self, mut keep: impl FnMut(u64, &AnySession) -> bool) -> usize {
+        let mut removed_total = 0;
+        for shard in self.shards.iter() {
+            let snapshot: Vec<(u64, AnySession)> = shard.lock().iter().map(|(id, s)| (*id, s.clone())).collect();
+            let doomed: Vec<(u64, AnySession)> = snapshot.into_iter().filter(|(id, s)| !keep(*id, s)).collect();
+            if doomed.is_empty() {
+                continue;
+            }
+            let mut removed = Vec::with_capacity(doomed.len());
+            {
+                let mut map = shard.lock();
+                for (id, s) in &doomed {
+                    // Only if the same session is still bound (it may have been rebound since).
+                    if map.get(id).is_some_and(|cur| cur.ptr_eq(s)) {
+                        removed.extend(map.remove(id));
+                    }
+                }
+            }
+            removed_total += removed.len();
+            // Sessions (and the copies in `doomed`) are dropped here, with no lock held.
+            drop(removed);
+            drop(doomed);
+        }
+        removed_total
+    }
+
+    /// Removes every invalid session (Go's GC sweep); returns how many were removed.
+    ///
+    /// # Examples
+    /// See [`ShardedStore`].
+    pub fn gc(&self) -> usize {
+        self.retain(|_, s| s.is_valid())
+    }
+
+    /// Like [`gc`](Self::gc), with the validity check supplied by the caller — e.g. one that
+    /// catches a panicking user `is_valid` and keeps the entry.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ManagerOptions, SessionMap, ShardedStore};
+    /// let store = ShardedStore::new(ManagerOptions::default(), || None).unwrap();
+    /// store.bind(1, SessionMap::new());
+    /// assert_eq!(store.gc_with(|_| false), 1);
+    /// ```
+    pub fn gc_with(&self, mut is_valid: impl FnMut(&AnySession) -> bool) -> usize {
+        self.retain(|_, s| is_valid(s))
+    }
+
+    /// Bound sessions in all shards.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ManagerOptions, ShardedStore};
+    /// assert_eq!(ShardedStore::new(ManagerOptions::default(), || None).unwrap().len(), 0);
+    /// ```
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    /// Whether no session is bound.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ManagerOptions, ShardedStore};
+    /// assert!(ShardedStore::new(ManagerOptions::default(), || None).unwrap().is_empty());
+    /// ```
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bound sessions per shard (for tests and metrics).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ManagerOptions, SessionMap, ShardedStore};
+    /// let store = ShardedStore::new(ManagerOptions { shard_number: 2, ..Default::default() }, || None).unwrap();
+    /// store.bind(0, SessionMap::new());
+    /// assert_eq!(store.shard_lens(), vec![1, 0]);
+    /// ```
+    #[must_use]
+    pub fn shard_lens(&self) -> Vec<usize> {
+        self.shards.iter().map(|s| s.lock().len()).collect()
+    }
+}
+
+impl ContextStore for ShardedStore {
+    fn with_current(&self, f: &mut dyn FnMut(Option<&AnySession>)) {
+        let cur = (self.current_id)().and_then(|id| self.get(id));
+        f(cur.as_ref());
+    }
+
+    fn replace(&self, session: Option<AnySession>) -> Result<Option<AnySession>, BindError> {
+        let Some(id) = (self.current_id)() else {
+            return Err(BindError::new(session, "the sharded store's id function reports no running unit"));
+        };
+        Ok(match session {
+            Some(s) => self.bind(id, s),
+            None => self.remove(id),
+        })
+    }
+}
+
+impl fmt::Debug for ShardedStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShardedStore").field("options", &self.options).field("len", &self.len()).finish()
+    }
+}

@@ -1,0 +1,522 @@
+//! Where "the current session" lives: [`ContextStore`], the process-wide default store, and the
+//! binding API ([`bind`], [`unbind`], [`current`], [`with_current`], [`enter`], [`scope`]).
+//!
+//! The core knows nothing about threads or tasks. An adapter (or your executor) implements
+//! [`ContextStore`] for its execution unit — a thread-local slot, a slot in a task struct, a map
+//! keyed by task id ([`ShardedStore`](crate::ShardedStore)) — and registers it once with
+//! [`set_global_store`], so that library code deep in a call stack can call [`current`] without
+//! knowing the executor. [`LocalSlot`] is the building block for slots owned by one execution
+//! unit: it hands out borrows of the current session without cloning it (no atomic
+//! read-modify-write on the read path), and stays sound when the session is replaced while
+//! borrowed.
+//!
+//! The scoped forms follow tracing-core's dispatcher and tokio's `task_local!`: [`enter`] returns
+//! a `!Send` guard that restores the previous binding when dropped — also during a panic — and
+//! [`scope`] is `let _guard = enter(session); f()`.
+
+use core::cell::{Cell, UnsafeCell};
+use core::fmt;
+use core::marker::PhantomData;
+use core::mem::ManuallyDrop;
+use core::ptr;
+
+use alloc::vec::Vec;
+
+use crate::global::Global;
+use crate::session::AnySession;
+
+/// The slot of "the current session" for the running execution unit.
+///
+/// Implementations decide what the unit is (a thread, a task, a core). The methods act on the
+/// unit that calls them.
+///
+/// # Examples
+/// A store for a single-threaded executor whose tasks each carry a [`LocalSlot`]; see also
+/// `tests/examples/custom_executor.rs` in the repository for a complete executor.
+/// ```
+/// use localsession_core::{AnySession, BindError, ContextStore, SingleSlotStore, Context, SessionCtx};
+///
+/// static STORE: SingleSlotStore = SingleSlotStore::new();
+///
+/// let s = SessionCtx::new(&Context::background()).with_value("k", 1u8);
+/// assert!(STORE.replace(Some(s.into())).unwrap().is_none());
+/// STORE.with_current(&mut |cur| {
+///     assert_eq!(cur.unwrap().value_cloned::<u8, _>(&"k"), Some(1));
+/// });
+/// assert!(STORE.replace(None).unwrap().is_some());
+/// ```
+pub trait ContextStore: Send + Sync + 'static {
+    /// Calls `f` with the session bound to the running unit, without cloning it.
+    ///
+    /// `f` may call back into the store (bind, unbind, read); implementations must stay sound
+    /// and must not deadlock when it does.
+    fn with_current(&self, f: &mut dyn FnMut(Option<&AnySession>));
+
+    /// Binds `session` to the running unit (`None` clears it) and returns the previous binding.
+    ///
+    /// # Errors
+    /// [`BindError`] if the store cannot tell which unit is running (for example a task-keyed
+    /// store called outside any task, or a thread-local slot during thread teardown). The
+    /// session is handed back inside the error: nothing is lost.
+    fn replace(&self, session: Option<AnySession>) -> Result<Option<AnySession>, BindError>;
+
+    /// An epoch guard for reading [`SessionMap`](crate::SessionMap)s, for `no_std` executors
+    /// that register a `crossbeam_epoch::LocalHandle` per execution unit. The default (`None`)
+    /// makes reads register a handle for their duration. Unused with the `std` feature, which
+    /// uses crossbeam-epoch's default collector.
+    fn pin_epoch(&self) -> Option<crossbeam_epoch::Guard> {
+        None
+    }
+}
+
+/// Binding failed; the session is returned.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{bind, Context, SessionCtx};
+/// // No global store is registered in this doctest's process:
+/// let err = bind(SessionCtx::new(&Context::background())).unwrap_err();
+/// assert!(err.into_session().is_some());
+/// ```
+pub struct BindError {
+    session: Option<AnySession>,
+    reason: &'static str,
+}
+
+impl BindError {
+    /// A bind error for stores that cannot identify the running unit; `reason` says why.
+    #[must_use]
+    pub fn new(session: Option<AnySession>, reason: &'static str) -> BindError {
+        BindError { session, reason }
+    }
+
+    pub(crate) fn no_store(session: Option<AnySession>) -> BindError {
+        BindError::new(
+            session,
+            "no global context store is registered (initialize an adapter, e.g. \
+             localsession_std::init_default_manager, or call localsession_core::set_global_store)",
+        )
+    }
+
+    /// The session that could not be bound.
+    #[must_use]
+    pub fn into_session(self) -> Option<AnySession> {
+        self.session
+    }
+}
+
+impl fmt::Debug for BindError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BindError").field("reason", &self.reason).finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for BindError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot bind the session: {}", self.reason)
+    }
+}
+
+impl core::error::Error for BindError {}
+
+static GLOBAL_STORE: Global<dyn ContextStore> = Global::new();
+
+/// Registers the process-wide default store (once; like `log::set_logger`).
+///
+/// # Errors
+/// [`SetGlobalStoreError`] if a store was registered already (or is being registered).
+///
+/// # Examples
+/// ```
+/// use localsession_core::{set_global_store, global_store, SingleSlotStore};
+/// static STORE: SingleSlotStore = SingleSlotStore::new();
+/// assert!(set_global_store(&STORE).is_ok());
+/// assert!(set_global_store(&STORE).is_err());
+/// assert!(global_store().is_some());
+/// ```
+pub fn set_global_store(store: &'static dyn ContextStore) -> Result<(), SetGlobalStoreError> {
+    GLOBAL_STORE.set(store).map_err(|()| SetGlobalStoreError(()))
+}
+
+/// The registered default store.
+///
+/// # Examples
+/// ```
+/// assert!(localsession_core::global_store().is_none());
+/// ```
+#[inline]
+#[must_use]
+pub fn global_store() -> Option<&'static dyn ContextStore> {
+    GLOBAL_STORE.get()
+}
+
+/// The error of a second [`set_global_store`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetGlobalStoreError(());
+
+impl fmt::Display for SetGlobalStoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a global context store has already been set")
+    }
+}
+
+impl core::error::Error for SetGlobalStoreError {}
+
+/// The epoch collector that [`SessionMap`](crate::SessionMap) reads pin: crossbeam-epoch's
+/// default collector with the `std` feature, otherwise one owned by this crate. `no_std`
+/// executors register a handle per execution unit with it and return guards from
+/// [`ContextStore::pin_epoch`].
+///
+/// # Examples
+/// ```
+/// let handle = localsession_core::collector().register();
+/// let _guard = handle.pin();
+/// ```
+#[must_use]
+pub fn collector() -> &'static crossbeam_epoch::Collector {
+    #[cfg(feature = "std")]
+    {
+        crossbeam_epoch::default_collector()
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        static COLLECTOR: spin::Once<crossbeam_epoch::Collector> = spin::Once::new();
+        COLLECTOR.call_once(crossbeam_epoch::Collector::new)
+    }
+}
+
+/// A clone of the current session of the default store (Go `CurSession`).
+///
+/// Cloning is one reference-count increment; to read without it, use [`with_current`].
+///
+/// # Examples
+/// ```
+/// // No store registered: nothing is current.
+/// assert!(localsession_core::current().is_none());
+/// ```
+#[must_use]
+pub fn current() -> Option<AnySession> {
+    with_current(|s| s.cloned())
+}
+
+/// Calls `f` with the current session of the default store, borrowed (no clone).
+///
+/// # Examples
+/// ```
+/// use localsession_core::with_current;
+/// assert_eq!(with_current(|s| s.is_some()), false);
+/// ```
+#[inline]
+pub fn with_current<R>(f: impl FnOnce(Option<&AnySession>) -> R) -> R {
+    match global_store() {
+        Some(store) => with_current_in(store, f),
+        None => f(None),
+    }
+}
+
+/// Calls `f` with the current session of `store`, borrowed.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{with_current_in, SingleSlotStore};
+/// static STORE: SingleSlotStore = SingleSlotStore::new();
+/// assert!(with_current_in(&STORE, |s| s.is_none()));
+/// ```
+#[inline]
+pub fn with_current_in<R>(store: &dyn ContextStore, f: impl FnOnce(Option<&AnySession>) -> R) -> R {
+    let mut f = Some(f);
+    let mut out = None;
+    store.with_current(&mut |s| {
+        if let Some(f) = f.take() {
+            out = Some(f(s));
+        }
+    });
+    match (out, f) {
+        (Some(r), _) => r,
+        // A store that never called back (it could not tell the unit): nothing is current.
+        (None, Some(f)) => f(None),
+        (None, None) => unreachable!("callback consumed without a result"),
+    }
+}
+
+/// Binds `session` to the running unit in the default store until it is unbound or replaced
+/// (Go `BindSession`). The previous binding is dropped.
+///
+/// # Errors
+/// [`BindError`] (with the session inside) if no store is registered or the store cannot tell
+/// the running unit.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{bind, Context, SessionCtx};
+/// assert!(bind(SessionCtx::new(&Context::background())).is_err()); // no store here
+/// ```
+pub fn bind(session: impl Into<AnySession>) -> Result<(), BindError> {
+    let session = session.into();
+    let store = global_store().ok_or_else(|| BindError::no_store(Some(session.clone())))?;
+    // The previous session is dropped here, outside the store's slot.
+    store.replace(Some(session)).map(drop)
+}
+
+/// Removes the binding of the running unit in the default store and returns it (Go
+/// `UnbindSession`).
+///
+/// # Examples
+/// ```
+/// assert!(localsession_core::unbind().is_none());
+/// ```
+pub fn unbind() -> Option<AnySession> {
+    global_store().and_then(|s| s.replace(None).ok().flatten())
+}
+
+/// Binds `session` to the running unit of the default store until the guard is dropped, then
+/// restores the previous binding — also when unwinding from a panic. If no store is
+/// registered, the guard does nothing.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{enter, current, set_global_store, Context, SessionCtx, SingleSlotStore};
+/// static STORE: SingleSlotStore = SingleSlotStore::new();
+/// set_global_store(&STORE).unwrap();
+///
+/// let s = SessionCtx::new(&Context::background());
+/// {
+///     let _guard = enter(s.clone());
+///     assert!(current().is_some());
+/// }
+/// assert!(current().is_none());
+/// ```
+pub fn enter(session: impl Into<AnySession>) -> EnterGuard {
+    match global_store() {
+        Some(store) => enter_in(store, session),
+        None => EnterGuard { store: None, prev: None, _not_send: PhantomData },
+    }
+}
+
+/// [`enter`] on a given store.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{enter_in, with_current_in, Context, SessionCtx, SingleSlotStore};
+/// static STORE: SingleSlotStore = SingleSlotStore::new();
+/// let guard = enter_in(&STORE, SessionCtx::new(&Context::background()));
+/// assert!(with_current_in(&STORE, |s| s.is_some()));
+/// drop(guard);
+/// assert!(with_current_in(&STORE, |s| s.is_none()));
+/// ```
+pub fn enter_in(store: &'static dyn ContextStore, session: impl Into<AnySession>) -> EnterGuard {
+    match store.replace(Some(session.into())) {
+        Ok(prev) => EnterGuard { store: Some(store), prev, _not_send: PhantomData },
+        Err(_) => EnterGuard { store: None, prev: None, _not_send: PhantomData },
+    }
+}
+
+/// Runs `f` with `session` bound in the default store, restoring the previous binding after
+/// (also on panic). `scope(s, f)` is `let _guard = enter(s); f()`.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{scope, current, set_global_store, Context, SessionCtx, SingleSlotStore};
+/// static STORE: SingleSlotStore = SingleSlotStore::new();
+/// set_global_store(&STORE).unwrap();
+///
+/// let s = SessionCtx::new(&Context::background()).with_value("k", 2u8);
+/// let v = scope(s, || current().unwrap().value_cloned::<u8, _>(&"k"));
+/// assert_eq!(v, Some(2));
+/// assert!(current().is_none());
+/// ```
+pub fn scope<R>(session: impl Into<AnySession>, f: impl FnOnce() -> R) -> R {
+    let _guard = enter(session);
+    f()
+}
+
+/// Restores the previous binding when dropped. `!Send`: it must be dropped on the execution
+/// unit that made it.
+#[must_use = "dropping the guard restores the previous session"]
+pub struct EnterGuard {
+    store: Option<&'static dyn ContextStore>,
+    prev: Option<AnySession>,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl Drop for EnterGuard {
+    fn drop(&mut self) {
+        if let Some(store) = self.store {
+            // The session we entered comes back and is dropped here, outside the slot.
+            drop(store.replace(self.prev.take()));
+        }
+    }
+}
+
+impl fmt::Debug for EnterGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnterGuard").field("active", &self.store.is_some()).finish_non_exhaustive()
+    }
+}
+
+/// A slot for one execution unit (a thread-local, a task struct): the building block of
+/// [`ContextStore`] implementations.
+///
+/// [`LocalSlot::with`] lends the current session without cloning it: it makes a bitwise view
+/// of the slot's handle and counts the active readers. If the slot is replaced while readers
+/// are active, the old session is kept alive in a *retired* list until the last reader
+/// returns, so every view stays valid; otherwise replacing costs nothing extra. `!Sync`: one
+/// unit uses it at a time.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, LocalSlot, SessionCtx};
+/// let slot = LocalSlot::new();
+/// let s = SessionCtx::new(&Context::background()).with_value("k", 1u8);
+/// slot.replace(Some(s.into()));
+/// slot.with(|cur| {
+///     // Replacing while borrowed is fine: `cur` stays valid.
+///     let _old = slot.replace(None);
+///     assert_eq!(cur.unwrap().value_cloned::<u8, _>(&"k"), Some(1));
+/// });
+/// assert!(slot.with(|cur| cur.is_none()));
+/// ```
+pub struct LocalSlot {
+    current: UnsafeCell<Option<AnySession>>,
+    readers: Cell<usize>,
+    retired: UnsafeCell<Vec<AnySession>>,
+}
+
+// SAFETY: a slot moves between threads only with its owner (a task struct); all its state is
+// owned. It is deliberately not `Sync`.
+unsafe impl Send for LocalSlot {}
+
+impl LocalSlot {
+    /// An empty slot.
+    ///
+    /// # Examples
+    /// ```
+    /// let slot = localsession_core::LocalSlot::new();
+    /// assert!(slot.with(|s| s.is_none()));
+    /// ```
+    #[must_use]
+    pub const fn new() -> LocalSlot {
+        LocalSlot { current: UnsafeCell::new(None), readers: Cell::new(0), retired: UnsafeCell::new(Vec::new()) }
+    }
+
+    /// Calls `f` with the slot's session, borrowed.
+    ///
+    /// # Examples
+    /// See [`LocalSlot`].
+    #[inline]
+    pub fn with<R>(&self, f: impl FnOnce(Option<&AnySession>) -> R) -> R {
+        // SAFETY: a bitwise copy of the handle, never dropped (`ManuallyDrop`). The session it
+        // points to stays alive while `readers > 0`: `replace` then parks a clone of the old
+        // handle in `retired`. `AnySession` holds only reference-counted raw pointers (no
+        // `Box`, no `&mut`), so a bitwise copy aliases nothing exclusively.
+        let view = ManuallyDrop::new(unsafe { ptr::read(self.current.get()) });
+        self.readers.set(self.readers.get() + 1);
+        let _reader = Reader(self);
+        f(view.as_ref())
+    }
+
+    /// Puts `session` in the slot (`None` empties it) and returns what was there.
+    ///
+    /// # Examples
+    /// See [`LocalSlot`].
+    pub fn replace(&self, session: Option<AnySession>) -> Option<AnySession> {
+        // SAFETY: no reference into `current` is ever held across calls (readers hold copies),
+        // and the slot is used by one unit at a time (`!Sync`).
+        let old = unsafe { ptr::replace(self.current.get(), session) };
+        if self.readers.get() > 0 {
+            if let Some(old) = &old {
+                // SAFETY: as above for `retired`; `push` runs no user code.
+                unsafe { (*self.retired.get()).push(old.clone()) };
+            }
+        }
+        old
+    }
+
+    /// Whether a session is in the slot.
+    ///
+    /// # Examples
+    /// ```
+    /// let slot = localsession_core::LocalSlot::new();
+    /// assert!(!slot.is_set());
+    /// ```
+    #[must_use]
+    pub fn is_set(&self) -> bool {
+        // SAFETY: a momentary shared read; no mutable access can be active (single unit).
+        unsafe { (*self.current.get()).is_some() }
+    }
+}
+
+struct Reader<'a>(&'a LocalSlot);
+
+impl Drop for Reader<'_> {
+    fn drop(&mut self) {
+        let slot = self.0;
+        let n = slot.readers.get() - 1;
+        slot.readers.set(n);
+        if n == 0 {
+            // SAFETY: no reader is active, so nothing borrows the retired sessions; take them
+            // out before dropping (a session's drop may use the slot again).
+            let retired = unsafe { core::mem::take(&mut *slot.retired.get()) };
+            drop(retired);
+        }
+    }
+}
+
+impl Default for LocalSlot {
+    fn default() -> Self {
+        LocalSlot::new()
+    }
+}
+
+impl fmt::Debug for LocalSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalSlot").field("set", &self.is_set()).finish_non_exhaustive()
+    }
+}
+
+/// A store with one slot for the whole program: for single-core `no_std` targets, or an
+/// executor that swaps the slot around each task poll itself.
+///
+/// Thread-safe (a spin lock guards the slot, and it is never held while user code runs):
+/// [`with_current`](ContextStore::with_current) clones the session out and calls `f` unlocked.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{ContextStore, SingleSlotStore};
+/// static STORE: SingleSlotStore = SingleSlotStore::new();
+/// assert!(STORE.replace(None).unwrap().is_none());
+/// ```
+pub struct SingleSlotStore {
+    slot: spin::Mutex<Option<AnySession>>,
+}
+
+impl SingleSlotStore {
+    /// An empty store, usable in a `static`.
+    #[must_use]
+    pub const fn new() -> SingleSlotStore {
+        SingleSlotStore { slot: spin::Mutex::new(None) }
+    }
+}
+
+impl Default for SingleSlotStore {
+    fn default() -> Self {
+        SingleSlotStore::new()
+    }
+}
+
+impl ContextStore for SingleSlotStore {
+    fn with_current(&self, f: &mut dyn FnMut(Option<&AnySession>)) {
+        let cur = self.slot.lock().clone();
+        f(cur.as_ref());
+    }
+
+    fn replace(&self, session: Option<AnySession>) -> Result<Option<AnySession>, BindError> {
+        Ok(core::mem::replace(&mut *self.slot.lock(), session))
+    }
+}
+
+impl fmt::Debug for SingleSlotStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SingleSlotStore").field("set", &self.slot.lock().is_some()).finish()
+    }
+}

@@ -1,0 +1,272 @@
+//! Time for deadlines: a [`Clock`] the runtime adapters provide, and [`Instant`]s read from it.
+//!
+//! The core has no OS, so it cannot read time itself. A clock reports monotonic time since an
+//! origin of its choosing and may offer a timer ([`Clock::schedule`]). Expiry is observed
+//! lazily: [`Context::err`](crate::Context::err) and [`Context::is_done`](crate::Context::is_done)
+//! compare the deadline with `now()`, so no thread or timer exists per context. Only when someone
+//! waits — a [`Done`](crate::Done) future is polled or an
+//! [`after_cancel`](crate::Context::after_cancel) callback is registered on a scope with a
+//! deadline — is the clock asked, once per scope, to [`Expiry::fire`] at the deadline; adapters
+//! implement that with their runtime's timer (the std adapter with one shared timer thread).
+//!
+//! One clock serves the process: register it with [`set_global_clock`]; `with_timeout` reads it.
+
+use core::cmp::Ordering;
+use core::fmt;
+use core::time::Duration;
+
+use crate::global::Global;
+use crate::node::NodeRef;
+
+/// A monotonic clock, and optionally a timer.
+///
+/// # Examples
+/// A manual clock, as a test or a kernel with a tick counter would write it:
+/// ```
+/// use core::sync::atomic::{AtomicU64, Ordering};
+/// use core::time::Duration;
+/// use localsession_core::{Clock, Context, Instant};
+///
+/// struct Ticks(AtomicU64);
+/// impl Clock for Ticks {
+///     fn now(&self) -> Duration {
+///         Duration::from_millis(self.0.load(Ordering::Relaxed))
+///     }
+/// }
+/// static CLOCK: Ticks = Ticks(AtomicU64::new(0));
+///
+/// let deadline = Instant::now(&CLOCK) + Duration::from_millis(5);
+/// let (ctx, _cancel) = Context::background().with_deadline(deadline);
+/// assert!(!ctx.is_done());
+/// CLOCK.0.store(5, Ordering::Relaxed);
+/// assert!(ctx.is_done());
+/// ```
+pub trait Clock: Send + Sync + 'static {
+    /// Monotonic time elapsed since this clock's origin.
+    fn now(&self) -> Duration;
+
+    /// Arranges for `expiry.fire()` to be called at or after `at` (a time on this clock).
+    ///
+    /// The default implementation has no timer: it drops `expiry`, and expiry is then only
+    /// observed lazily (by `err()`, `is_done()` and polls of `done()`), so `after_cancel`
+    /// callbacks do not run at a deadline. Implementations must not call `expiry.fire()` from
+    /// inside `schedule` itself; an already-passed deadline may be fired from the timer.
+    fn schedule(&self, at: Duration, expiry: Expiry) {
+        let _ = (at, expiry);
+    }
+}
+
+/// A point in time on a [`Clock`].
+///
+/// # Examples
+/// ```
+/// use core::time::Duration;
+/// use localsession_core::{Clock, Instant};
+///
+/// struct Fixed;
+/// impl Clock for Fixed {
+///     fn now(&self) -> Duration { Duration::from_secs(10) }
+/// }
+/// static FIXED: Fixed = Fixed;
+///
+/// let now = Instant::now(&FIXED);
+/// let later = now + Duration::from_secs(2);
+/// assert!(later > now);
+/// assert_eq!(later.saturating_duration_since(now), Duration::from_secs(2));
+/// assert!(now.has_passed());
+/// assert!(!later.has_passed());
+/// ```
+#[derive(Clone, Copy)]
+pub struct Instant {
+    at: Duration,
+    clock: &'static dyn Clock,
+}
+
+impl Instant {
+    /// The current time of `clock`.
+    #[must_use]
+    pub fn now(clock: &'static dyn Clock) -> Instant {
+        Instant { at: clock.now(), clock }
+    }
+
+    /// A given time on `clock`.
+    #[must_use]
+    pub fn from_clock_time(clock: &'static dyn Clock, since_origin: Duration) -> Instant {
+        Instant { at: since_origin, clock }
+    }
+
+    /// Time since the clock's origin.
+    #[must_use]
+    pub fn since_origin(&self) -> Duration {
+        self.at
+    }
+
+    /// The clock this instant belongs to.
+    #[must_use]
+    pub fn clock(&self) -> &'static dyn Clock {
+        self.clock
+    }
+
+    /// Whether the clock has reached this instant.
+    #[must_use]
+    pub fn has_passed(&self) -> bool {
+        self.clock.now() >= self.at
+    }
+
+    /// Time left until this instant (zero once it has passed).
+    #[must_use]
+    pub fn remaining(&self) -> Duration {
+        self.at.saturating_sub(self.clock.now())
+    }
+
+    /// `self + d`, or `None` on overflow.
+    #[must_use]
+    pub fn checked_add(&self, d: Duration) -> Option<Instant> {
+        self.at.checked_add(d).map(|at| Instant { at, clock: self.clock })
+    }
+
+    /// `self - earlier`, or zero if `earlier` is later.
+    #[must_use]
+    pub fn saturating_duration_since(&self, earlier: Instant) -> Duration {
+        self.at.saturating_sub(earlier.at)
+    }
+}
+
+impl core::ops::Add<Duration> for Instant {
+    type Output = Instant;
+    /// Saturates at `Duration::MAX` (a deadline that never comes) instead of overflowing.
+    fn add(self, d: Duration) -> Instant {
+        Instant { at: self.at.saturating_add(d), clock: self.clock }
+    }
+}
+
+/// Instants compare by time; instants of different clocks are not meant to be compared (one
+/// clock serves a process).
+impl PartialEq for Instant {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+impl Eq for Instant {}
+impl PartialOrd for Instant {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Instant {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.at.cmp(&other.at)
+    }
+}
+
+impl fmt::Debug for Instant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Instant").field(&self.at).finish()
+    }
+}
+
+/// A scope's pending expiry, handed to [`Clock::schedule`].
+///
+/// Holds the scope alive until it is fired or dropped; timers may drop entries whose scope is
+/// already [settled](Expiry::is_settled) to free memory early.
+pub struct Expiry {
+    pub(crate) scope: NodeRef,
+}
+
+impl Expiry {
+    /// Cancels the scope with [`ContextError::DeadlineExceeded`](crate::ContextError) (and every
+    /// scope under it), waking its `done()` futures and running its `after_cancel` callbacks on
+    /// the calling thread. Does nothing if the scope was cancelled already.
+    pub fn fire(self) {
+        // SAFETY: `scope` is a live scope node (only `scope::arm_timer` makes an `Expiry`).
+        let scope = unsafe { crate::scope::ScopeNode::from_node(&self.scope) };
+        scope.cancel(crate::ContextError::DeadlineExceeded);
+    }
+
+    /// Whether the scope is already cancelled, so firing would do nothing.
+    #[must_use]
+    pub fn is_settled(&self) -> bool {
+        // SAFETY: as in `fire`.
+        unsafe { crate::scope::ScopeNode::from_node(&self.scope) }.is_cancelled()
+    }
+
+    /// The deadline this expiry is for.
+    #[must_use]
+    pub fn deadline(&self) -> Option<Instant> {
+        // SAFETY: as in `fire`.
+        unsafe { crate::scope::ScopeNode::from_node(&self.scope) }.deadline()
+    }
+}
+
+impl fmt::Debug for Expiry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Expiry").field("deadline", &self.deadline()).finish()
+    }
+}
+
+static GLOBAL_CLOCK: Global<dyn Clock> = Global::new();
+
+/// Registers the process-wide clock used by `with_timeout`. Adapters call this when they are
+/// initialized; it can be set once.
+///
+/// # Errors
+/// [`SetGlobalClockError`] if a clock was registered already.
+///
+/// # Examples
+/// ```
+/// use core::time::Duration;
+/// use localsession_core::{Clock, set_global_clock, global_clock};
+/// struct Zero;
+/// impl Clock for Zero { fn now(&self) -> Duration { Duration::ZERO } }
+/// static ZERO: Zero = Zero;
+///
+/// // Each doctest is its own process, so this is the first registration.
+/// assert!(set_global_clock(&ZERO).is_ok());
+/// assert!(set_global_clock(&ZERO).is_err());
+/// assert!(global_clock().is_some());
+/// ```
+pub fn set_global_clock(clock: &'static dyn Clock) -> Result<(), SetGlobalClockError> {
+    GLOBAL_CLOCK.set(clock).map_err(|()| SetGlobalClockError(()))
+}
+
+/// The registered process-wide clock.
+///
+/// # Examples
+/// ```
+/// // Nothing registered in this process.
+/// assert!(localsession_core::global_clock().is_none());
+/// ```
+#[must_use]
+pub fn global_clock() -> Option<&'static dyn Clock> {
+    GLOBAL_CLOCK.get()
+}
+
+/// The error of a second [`set_global_clock`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetGlobalClockError(());
+
+impl fmt::Display for SetGlobalClockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a global clock has already been set")
+    }
+}
+
+impl core::error::Error for SetGlobalClockError {}
+
+/// `with_timeout` needs a clock and none is registered.
+///
+/// Register one with [`set_global_clock`] (the std, tokio and async-std adapters do when they
+/// are initialized), or use `with_deadline` with an [`Instant`] of your clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoClockError(pub(crate) ());
+
+impl fmt::Display for NoClockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "no clock is registered: call localsession_core::set_global_clock (or initialize a \
+             runtime adapter) before using a timeout, or pass a deadline from your clock",
+        )
+    }
+}
+
+impl core::error::Error for NoClockError {}

@@ -1,0 +1,1 @@
+//! Shared helpers for localsession's cross-crate tests.
