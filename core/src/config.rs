@@ -267,18 +267,13 @@ impl ManagerOptions {
         let shards = fields.next().unwrap_or_default().trim_ascii();
         let gc = fields.next().unwrap_or_default().trim_ascii();
         if fields.next().is_some() {
-            return Err(ConfigError::new(
-                ConfigField::Format,
-                value.trim_ascii(),
-                Reason::TooManyFields,
-            ));
+            return Err(ConfigError::new(ConfigField::Format, value.trim_ascii(), Reason::TooManyFields));
         }
 
         let mut out = base;
         if !implicit.is_empty() {
-            out.implicit_transmit = parse_bool(implicit).ok_or_else(|| {
-                ConfigError::new(ConfigField::Implicit, implicit, Reason::NotBool)
-            })?;
+            out.implicit_transmit = parse_bool(implicit)
+                .ok_or_else(|| ConfigError::new(ConfigField::Implicit, implicit, Reason::NotBool))?;
         }
         if shards.is_empty() {
             check_shards(base.shard_number)?;
@@ -343,10 +338,7 @@ fn parse_shards(text: &str) -> Result<usize, ConfigError> {
     }
     let n = digits
         .bytes()
-        .try_fold(0_usize, |acc, b| {
-            acc.checked_mul(10)?
-                .checked_add(usize::from(b.wrapping_sub(b'0')))
-        })
+        .try_fold(0_usize, |acc, b| acc.checked_mul(10)?.checked_add(usize::from(b.wrapping_sub(b'0'))))
         .ok_or_else(|| err(Reason::TooManyShards))?;
     if n == 0 {
         return Err(err(Reason::ZeroShards));
@@ -356,36 +348,26 @@ fn parse_shards(text: &str) -> Result<usize, ConfigError> {
 
 /// Parses a GC interval and applies the minimum.
 fn parse_gc_interval(text: &str) -> Result<Duration, ConfigError> {
-    let d = parse_go_duration(text)
-        .map_err(|e| ConfigError::new(ConfigField::GcInterval, text, Reason::Duration(e)))?;
+    let d =
+        parse_go_duration(text).map_err(|e| ConfigError::new(ConfigField::GcInterval, text, Reason::Duration(e)))?;
     if d < MIN_GC_INTERVAL {
-        return Err(ConfigError::new(
-            ConfigField::GcInterval,
-            text,
-            Reason::BelowMinimum,
-        ));
+        return Err(ConfigError::new(ConfigField::GcInterval, text, Reason::BelowMinimum));
     }
     Ok(d)
 }
 
 fn check_shards(n: usize) -> Result<(), ConfigError> {
     if n == 0 {
-        return Err(ConfigError::new(
-            ConfigField::Shards,
-            "0",
-            Reason::ZeroShards,
-        ));
+        return Err(ConfigError::new(ConfigField::Shards, "0", Reason::ZeroShards));
     }
     Ok(())
 }
 
 fn check_gc_interval(gc: Option<Duration>) -> Result<(), ConfigError> {
     match gc {
-        Some(d) if d < MIN_GC_INTERVAL => Err(ConfigError::new(
-            ConfigField::GcInterval,
-            &format_go_duration(d),
-            Reason::BelowMinimum,
-        )),
+        Some(d) if d < MIN_GC_INTERVAL => {
+            Err(ConfigError::new(ConfigField::GcInterval, &format_go_duration(d), Reason::BelowMinimum))
+        }
         _ => Ok(()),
     }
 }
@@ -432,10 +414,7 @@ fn check_gc_interval(gc: Option<Duration>) -> Result<(), ConfigError> {
 /// # Ok::<(), localsession_core::config::DurationError>(())
 /// ```
 pub fn parse_go_duration(s: &str) -> Result<Duration, DurationError> {
-    let err = |kind| DurationError {
-        input: s.to_string(),
-        kind,
-    };
+    let err = |kind| DurationError { input: s.to_string(), kind };
     if s.starts_with('-') {
         return Err(err(DurationErrorKind::Negative));
     }
@@ -468,16 +447,13 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, DurationError> {
         if unit.is_empty() {
             return Err(err(DurationErrorKind::MissingUnit));
         }
-        let unit_nanos = unit_nanos(unit)
-            .ok_or_else(|| err(DurationErrorKind::UnknownUnit(unit.to_string())))?;
+        let unit_nanos = unit_nanos(unit).ok_or_else(|| err(DurationErrorKind::UnknownUnit(unit.to_string())))?;
 
         let component = int_value
             .checked_mul(unit_nanos)
             .and_then(|whole| whole.checked_add(fraction_nanos(frac_digits, unit_nanos)))
             .ok_or_else(|| err(DurationErrorKind::Overflow))?;
-        total = total
-            .checked_add(component)
-            .ok_or_else(|| err(DurationErrorKind::Overflow))?;
+        total = total.checked_add(component).ok_or_else(|| err(DurationErrorKind::Overflow))?;
         rest = after_unit;
     }
     Ok(Duration::from_nanos(total))
@@ -494,10 +470,7 @@ fn split_while(s: &str, keep: impl Fn(u8) -> bool) -> (&str, &str) {
 
 /// Parses ASCII digits (possibly none, giving 0); `None` on overflow.
 fn parse_u64(digits: &str) -> Option<u64> {
-    digits.bytes().try_fold(0_u64, |acc, b| {
-        acc.checked_mul(10)?
-            .checked_add(u64::from(b.wrapping_sub(b'0')))
-    })
+    digits.bytes().try_fold(0_u64, |acc, b| acc.checked_mul(10)?.checked_add(u64::from(b.wrapping_sub(b'0'))))
 }
 
 /// `floor(0.<digits> * unit)`, exactly, for any number of digits.
@@ -679,11 +652,7 @@ enum Reason {
 
 impl ConfigError {
     fn new(field: ConfigField, value: &str, reason: Reason) -> Self {
-        ConfigError {
-            field,
-            value: value.to_string(),
-            reason,
-        }
+        ConfigError { field, value: value.to_string(), reason }
     }
 
     /// The field that is invalid.
@@ -727,9 +696,9 @@ impl fmt::Display for ConfigError {
             Reason::TooManyShards => write!(f, "too large (the maximum is {})", usize::MAX),
             Reason::Duration(e) => e.kind.fmt(f),
             Reason::BelowMinimum => write!(f, "below the {} minimum", GoDuration(MIN_GC_INTERVAL)),
-            Reason::TooManyFields => f.write_str(
-                "expected at most 3 comma-separated fields ([implicit][,shards][,gc_interval])",
-            ),
+            Reason::TooManyFields => {
+                f.write_str("expected at most 3 comma-separated fields ([implicit][,shards][,gc_interval])")
+            }
         }
     }
 }
@@ -883,60 +852,25 @@ mod tests {
     #[test]
     fn validate() {
         let ok = |o: ManagerOptions| assert_eq!(o.validate(), Ok(()));
-        ok(ManagerOptions {
-            gc_interval: None,
-            ..base()
-        });
-        ok(ManagerOptions {
-            gc_interval: Some(MIN_GC_INTERVAL),
-            ..base()
-        });
-        ok(ManagerOptions {
-            shard_number: 1,
-            ..base()
-        });
-        ok(ManagerOptions {
-            shard_number: usize::MAX,
-            gc_interval: Some(Duration::MAX),
-            implicit_transmit: true,
-        });
+        ok(ManagerOptions { gc_interval: None, ..base() });
+        ok(ManagerOptions { gc_interval: Some(MIN_GC_INTERVAL), ..base() });
+        ok(ManagerOptions { shard_number: 1, ..base() });
+        ok(ManagerOptions { shard_number: usize::MAX, gc_interval: Some(Duration::MAX), implicit_transmit: true });
 
-        let e = ManagerOptions {
-            shard_number: 0,
-            gc_interval: Some(Duration::ZERO),
-            ..base()
-        }
-        .validate()
-        .unwrap_err();
+        let e = ManagerOptions { shard_number: 0, gc_interval: Some(Duration::ZERO), ..base() }.validate().unwrap_err();
         assert_eq!(e.field(), ConfigField::Shards);
         assert_eq!(e.value(), "0");
-        assert_eq!(
-            e.to_string(),
-            r#"invalid shard number "0": must be at least 1"#
-        );
+        assert_eq!(e.to_string(), r#"invalid shard number "0": must be at least 1"#);
         assert!(e.source().is_none());
 
-        let gc_err = |d: Duration| {
-            ManagerOptions {
-                gc_interval: Some(d),
-                ..base()
-            }
-            .validate()
-            .unwrap_err()
-        };
+        let gc_err = |d: Duration| ManagerOptions { gc_interval: Some(d), ..base() }.validate().unwrap_err();
         let e = gc_err(Duration::from_millis(500));
         assert_eq!(e.field(), ConfigField::GcInterval);
         assert_eq!(e.value(), "500ms");
-        assert_eq!(
-            e.to_string(),
-            r#"invalid GC interval "500ms": below the 1s minimum"#
-        );
+        assert_eq!(e.to_string(), r#"invalid GC interval "500ms": below the 1s minimum"#);
         assert!(e.source().is_none());
         assert_eq!(gc_err(Duration::ZERO).value(), "0s");
-        assert_eq!(
-            gc_err(Duration::from_nanos(999_999_999)).value(),
-            "999.999999ms"
-        );
+        assert_eq!(gc_err(Duration::from_nanos(999_999_999)).value(), "999.999999ms");
     }
 
     #[test]
@@ -951,11 +885,7 @@ mod tests {
 
     #[test]
     fn empty_input_and_fields_keep_base() {
-        let custom = ManagerOptions {
-            shard_number: 7,
-            gc_interval: None,
-            implicit_transmit: true,
-        };
+        let custom = ManagerOptions { shard_number: 7, gc_interval: None, implicit_transmit: true };
         for s in ["", " ", " \t\r\n", ",", ",,", " , , ", "\t,\n,\r"] {
             assert_eq!(ManagerOptions::parse_env(s, custom), Ok(custom), "{s:?}");
             assert_eq!(parse(s), Ok(base()), "{s:?}");
@@ -963,18 +893,9 @@ mod tests {
         // A present field replaces `None`.
         assert_eq!(
             ManagerOptions::parse_env(",,2s", custom),
-            Ok(ManagerOptions {
-                gc_interval: Some(Duration::from_secs(2)),
-                ..custom
-            })
+            Ok(ManagerOptions { gc_interval: Some(Duration::from_secs(2)), ..custom })
         );
-        assert_eq!(
-            ManagerOptions::parse_env("0", custom),
-            Ok(ManagerOptions {
-                implicit_transmit: false,
-                ..custom
-            })
-        );
+        assert_eq!(ManagerOptions::parse_env("0", custom), Ok(ManagerOptions { implicit_transmit: false, ..custom }));
     }
 
     #[test]
@@ -1006,17 +927,11 @@ mod tests {
             assert_eq!(parse(s).map(|o| o.implicit_transmit), Ok(true), "{s:?}");
         }
         for s in ["0", "f", "F", "FALSE", "false", "False"] {
-            let on = ManagerOptions {
-                implicit_transmit: true,
-                ..base()
-            };
+            let on = ManagerOptions { implicit_transmit: true, ..base() };
             let got = ManagerOptions::parse_env(s, on).map(|o| o.implicit_transmit);
             assert_eq!(got, Ok(false), "{s:?}");
         }
-        for s in [
-            "tru", "tRuE", "TRue", "yes", "no", "on", "off", "2", "01", "y", "truee", "１",
-            "true\0", "-1",
-        ] {
+        for s in ["tru", "tRuE", "TRue", "yes", "no", "on", "off", "2", "01", "y", "truee", "１", "true\0", "-1"] {
             let e = err(s);
             assert_eq!(e.field(), ConfigField::Implicit, "{s:?}");
             assert_eq!(e.value(), s);
@@ -1040,29 +955,15 @@ mod tests {
         let msg = |s: &str| e(s).to_string();
         for s in ["0", "+0", "000", "-0", "-5", "-99999999999999999999"] {
             assert_eq!(e(s).field(), ConfigField::Shards, "{s:?}");
-            assert_eq!(
-                msg(s),
-                alloc::format!("invalid shard number {s:?}: must be at least 1")
-            );
+            assert_eq!(msg(s), alloc::format!("invalid shard number {s:?}: must be at least 1"));
         }
-        for s in [
-            "ab", "+", "-", "+-1", "--1", "1.5", "1e3", "0x10", "1_000", "１０", "10\0", "١",
-        ] {
+        for s in ["ab", "+", "-", "+-1", "--1", "1.5", "1e3", "0x10", "1_000", "１０", "10\0", "١"] {
             assert_eq!(e(s).field(), ConfigField::Shards, "{s:?}");
             assert_eq!(e(s).value(), s);
-            assert_eq!(
-                msg(s),
-                alloc::format!("invalid shard number {s:?}: not a decimal integer")
-            );
+            assert_eq!(msg(s), alloc::format!("invalid shard number {s:?}: not a decimal integer"));
         }
-        assert_eq!(
-            msg("ab"),
-            r#"invalid shard number "ab": not a decimal integer"#
-        );
-        assert_eq!(
-            msg("10\0"),
-            r#"invalid shard number "10\0": not a decimal integer"#
-        );
+        assert_eq!(msg("ab"), r#"invalid shard number "ab": not a decimal integer"#);
+        assert_eq!(msg("10\0"), r#"invalid shard number "10\0": not a decimal integer"#);
 
         let too_big = e("99999999999999999999");
         assert_eq!(too_big.field(), ConfigField::Shards);
@@ -1091,16 +992,10 @@ mod tests {
             assert!(got.source().is_none());
             assert_eq!(
                 got.to_string(),
-                alloc::format!(
-                    "invalid GC interval {:?}: below the 1s minimum",
-                    s.trim_ascii()
-                )
+                alloc::format!("invalid GC interval {:?}: below the 1s minimum", s.trim_ascii())
             );
         }
-        assert_eq!(
-            e("500ms").to_string(),
-            r#"invalid GC interval "500ms": below the 1s minimum"#
-        );
+        assert_eq!(e("500ms").to_string(), r#"invalid GC interval "500ms": below the 1s minimum"#);
         assert_eq!(
             e("10x").to_string(),
             r#"invalid GC interval "10x": unknown unit "x" (valid units are ns, us, µs, ms, s, m, h)"#
@@ -1126,21 +1021,14 @@ mod tests {
             // The GC message ends with the duration error's explanation.
             let duration_msg = src.to_string();
             let reason = duration_msg.split_once(": ").unwrap().1;
-            assert_eq!(
-                got.to_string(),
-                alloc::format!("invalid GC interval {s:?}: {reason}")
-            );
+            assert_eq!(got.to_string(), alloc::format!("invalid GC interval {s:?}: {reason}"));
         }
         assert_eq!(
             e("1h\u{0}").to_string(),
             r#"invalid GC interval "1h\0": unknown unit "h\0" (valid units are ns, us, µs, ms, s, m, h)"#
         );
         assert!(e("-1s").to_string().contains("negative"));
-        assert!(
-            e("9999999999999999999h")
-                .to_string()
-                .contains("out of range")
-        );
+        assert!(e("9999999999999999999h").to_string().contains("out of range"));
     }
 
     #[test]
@@ -1169,11 +1057,8 @@ mod tests {
         assert_eq!(err("true,0,10x").field(), ConfigField::Shards);
         assert_eq!(err("true,1,10x").field(), ConfigField::GcInterval);
 
-        let bad_base = ManagerOptions {
-            shard_number: 0,
-            gc_interval: Some(Duration::from_millis(10)),
-            implicit_transmit: false,
-        };
+        let bad_base =
+            ManagerOptions { shard_number: 0, gc_interval: Some(Duration::from_millis(10)), implicit_transmit: false };
         let e = |s: &str| ManagerOptions::parse_env(s, bad_base).unwrap_err();
         assert_eq!(e("").field(), ConfigField::Shards);
         assert_eq!(e("").value(), "0");
@@ -1225,10 +1110,7 @@ mod tests {
             ("0.9999999999s", SEC - 1),
             ("0.99999999999999999999999999999999999h", 3_600 * SEC - 1),
             ("1.1234567891h", 3_600 * SEC + 444_444_440_760),
-            (
-                "0.1234567890123456789012345678901234567890h",
-                444_444_440_444,
-            ),
+            ("0.1234567890123456789012345678901234567890h", 444_444_440_444),
             ("18446744073709551615ns", u64::MAX),
             ("18446744073.709551615s", u64::MAX),
             ("5124095h", 5_124_095 * 3_600 * SEC),
@@ -1289,23 +1171,14 @@ mod tests {
             msg(""),
             r#"invalid duration "": empty (expected a number followed by a unit, e.g. "10m" or "1h30m")"#
         );
-        assert_eq!(
-            msg("-1s"),
-            r#"invalid duration "-1s": negative durations are not allowed"#
-        );
+        assert_eq!(msg("-1s"), r#"invalid duration "-1s": negative durations are not allowed"#);
         assert_eq!(
             msg("x1s"),
             r#"invalid duration "x1s": unexpected character 'x' (expected a number followed by a unit, e.g. "10m" or "1h30m")"#
         );
         assert_eq!(msg("."), r#"invalid duration ".": '.' without digits"#);
-        assert_eq!(
-            msg("10"),
-            r#"invalid duration "10": missing unit (valid units are ns, us, µs, ms, s, m, h)"#
-        );
-        assert_eq!(
-            msg("10x"),
-            r#"invalid duration "10x": unknown unit "x" (valid units are ns, us, µs, ms, s, m, h)"#
-        );
+        assert_eq!(msg("10"), r#"invalid duration "10": missing unit (valid units are ns, us, µs, ms, s, m, h)"#);
+        assert_eq!(msg("10x"), r#"invalid duration "10x": unknown unit "x" (valid units are ns, us, µs, ms, s, m, h)"#);
         assert_eq!(
             msg("9999999999999999999h"),
             r#"invalid duration "9999999999999999999h": out of range (the maximum is 5124095h34m33.709551615s, about 584 years)"#
@@ -1334,10 +1207,7 @@ mod tests {
         assert_eq!(f(2 * 3_600 * SEC + 45 * 60 * SEC), "2h45m0s");
         assert_eq!(f(u64::MAX), "5124095h34m33.709551615s");
         // Beyond u64 nanoseconds: formats without overflow.
-        assert_eq!(
-            format_go_duration(Duration::MAX),
-            "5124095576030431h0m15.999999999s"
-        );
+        assert_eq!(format_go_duration(Duration::MAX), "5124095576030431h0m15.999999999s");
     }
 
     #[test]
@@ -1369,9 +1239,6 @@ mod tests {
     fn from_str_uses_defaults() {
         assert_eq!("".parse(), Ok(base()));
         assert_eq!("t,16".parse(), Ok(opts(true, 16, 600)));
-        assert_eq!(
-            "x".parse::<ManagerOptions>().map_err(|e| e.field()),
-            Err(ConfigField::Implicit)
-        );
+        assert_eq!("x".parse::<ManagerOptions>().map_err(|e| e.field()), Err(ConfigField::Implicit));
     }
 }

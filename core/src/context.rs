@@ -139,13 +139,8 @@ impl Context {
     /// ```
     #[must_use]
     pub fn with<T: Any + Send + Sync>(&self, key: &'static Key<T>, value: T) -> Context {
-        let node = NodeRef::new_value(
-            self.top.clone(),
-            key.tag(),
-            F_VALUE | F_TYPED_INLINE,
-            TypedKey,
-            InlineValue(value),
-        );
+        let node =
+            NodeRef::new_value(self.top.clone(), key.tag(), F_VALUE | F_TYPED_INLINE, TypedKey, InlineValue(value));
         Context { top: Some(node), scope: self.scope }
     }
 
@@ -545,7 +540,7 @@ mod tests {
     #[test]
     fn dropped_children_leave_the_parent_list() {
         let (root, cancel) = Context::background().with_cancel();
-        for _ in 0..1000 {
+        for _ in 0..if cfg!(miri) { 50 } else { 1000 } {
             let (c, _h) = root.with_cancel();
             drop(c);
         }
@@ -558,7 +553,7 @@ mod tests {
         let (root, cancel) = Context::background().with_cancel();
         let mut ctx = root.clone();
         let mut handles = alloc::vec::Vec::new();
-        for _ in 0..50_000 {
+        for _ in 0..if cfg!(miri) { 300 } else { 50_000 } {
             let (c, h) = ctx.with_cancel();
             handles.push(h);
             ctx = c;

@@ -80,7 +80,11 @@ impl<F> WithSession<F> {
 
 /// Runs `f` with `session` swapped into the store's slot, and swaps the slot's content back
 /// into `session` afterwards (also when `f` panics).
-fn with_swapped<R>(store: Option<&'static dyn ContextStore>, session: &mut Option<AnySession>, f: impl FnOnce() -> R) -> R {
+fn with_swapped<R>(
+    store: Option<&'static dyn ContextStore>,
+    session: &mut Option<AnySession>,
+    f: impl FnOnce() -> R,
+) -> R {
     let Some(store) = store.or_else(global_store) else { return f() };
     let prev = match store.replace(session.take()) {
         Ok(prev) => prev,

@@ -91,10 +91,7 @@ impl<T> Key<T> {
 
 impl<T> fmt::Debug for Key<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Key")
-            .field("name", &self.name)
-            .field("type", &core::any::type_name::<T>())
-            .finish()
+        f.debug_struct("Key").field("name", &self.name).field("type", &core::any::type_name::<T>()).finish()
     }
 }
 

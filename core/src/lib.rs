@@ -52,6 +52,9 @@
 )]
 
 extern crate alloc;
+// loom's macros name `std`; loom models always run with std.
+#[cfg(localsession_loom)]
+extern crate std;
 
 mod backup;
 pub mod config;

@@ -37,15 +37,22 @@ use alloc::vec::Vec;
 use crate::context::Context;
 use crate::error::ContextError;
 use crate::key::{DynKey, Key, KeyQuery, hashed_tag};
-use crate::node::{F_TOMBSTONE, F_VALUE, InlineKey, NodePtr, NodeRef, SharedKey, SharedValue, Tombstone, TypedKey, for_each_binding, lookup};
+use crate::node::{
+    F_TOMBSTONE, F_VALUE, InlineKey, NodePtr, NodeRef, SharedKey, SharedValue, Tombstone, TypedKey, for_each_binding,
+    lookup,
+};
 use crate::primitive::epoch::{self, Guard};
 use crate::primitive::{AtomicPtr, AtomicUsize, Ordering};
 use crate::scope::Done;
 use crate::session::{AnySession, Session};
 use crate::time::{Instant, NoClockError, global_clock};
 
-/// Writes after which a compaction is attempted, at least.
+/// Writes after which a compaction is attempted, at least. Small under loom, so that the models
+/// explore compaction racing with writers and readers.
+#[cfg(not(localsession_loom))]
 const COMPACT_MIN_WRITES: usize = 64;
+#[cfg(localsession_loom)]
+const COMPACT_MIN_WRITES: usize = 2;
 
 /// Go's `SessionMap`: a shared, mutable session. `with_value`/`insert` change the one map that
 /// every holder (and every thread) sees.
@@ -614,4 +621,3 @@ impl fmt::Debug for SessionMap {
         f.debug_struct("SessionMap").field("valid", &self.is_valid()).field("len", &self.len()).finish()
     }
 }
-

@@ -45,7 +45,8 @@ pub struct MetaInfo {
     upstream: BTreeMap<Arc<str>, Arc<str>>,
 }
 
-static EMPTY: MetaInfo = MetaInfo { persistent: BTreeMap::new(), transient: BTreeMap::new(), upstream: BTreeMap::new() };
+static EMPTY: MetaInfo =
+    MetaInfo { persistent: BTreeMap::new(), transient: BTreeMap::new(), upstream: BTreeMap::new() };
 
 impl MetaInfo {
     /// The metainfo of `ctx` (empty if none was set).
@@ -148,7 +149,8 @@ impl MetaInfo {
     /// Transient values set here and received from upstream (this hop's wins), in key order.
     pub fn transient_values(&self) -> impl Iterator<Item = (&str, &str)> {
         let local = self.transient.iter().map(|(k, v)| (&**k, &**v));
-        let upstream = self.upstream.iter().filter(|(k, _)| !self.transient.contains_key(*k)).map(|(k, v)| (&**k, &**v));
+        let upstream =
+            self.upstream.iter().filter(|(k, _)| !self.transient.contains_key(*k)).map(|(k, v)| (&**k, &**v));
         local.chain(upstream)
     }
 

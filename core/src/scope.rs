@@ -375,11 +375,7 @@ pub(crate) unsafe fn detach(node: NonNull<Header>) {
         let parent = unsafe { parent.as_ref() };
         let removed = {
             let mut regs = parent.regs.lock();
-            if parent.state.load(Ordering::Relaxed) == CANCELLED {
-                None
-            } else {
-                regs.remove(this.slot_in_parent)
-            }
+            if parent.state.load(Ordering::Relaxed) == CANCELLED { None } else { regs.remove(this.slot_in_parent) }
         };
         debug_assert!(removed.is_none() || matches!(removed, Some(Slot::Child(_))));
     }

@@ -604,7 +604,11 @@ impl AnySession {
     /// assert_eq!(t.value_cloned::<u8, _>(&"k"), Some(1));
     /// ```
     #[must_use]
-    pub fn with_value<K: Eq + Hash + Any + Send + Sync + Clone, V: Any + Send + Sync>(&self, key: K, value: V) -> AnySession {
+    pub fn with_value<K: Eq + Hash + Any + Send + Sync + Clone, V: Any + Send + Sync>(
+        &self,
+        key: K,
+        value: V,
+    ) -> AnySession {
         match self {
             AnySession::Ctx(s) => AnySession::Ctx(s.with_value(key, value)),
             AnySession::Map(s) => AnySession::Map(s.with_value(key, value)),

@@ -2,7 +2,7 @@
 //!
 //! For executors that can name the running unit with a `u64` (a task id, a green-thread id, a
 //! CPU number) but have no slot of their own to put a session in. Sessions live in
-//! `shard_number` hash maps, each behind its own spin lock and on its own cache line
+//! `shard_number` hash maps, each behind its own lock (a spin lock; loom's under loom) and on its own cache line
 //! (crossbeam-utils' `CachePadded`); id `i` lives in shard `i % shard_number`, as in Go.
 //!
 //! # Garbage collection
@@ -24,10 +24,11 @@ use crossbeam_utils::CachePadded;
 use hashbrown::HashMap;
 
 use crate::config::{ConfigError, ManagerOptions};
+use crate::primitive::Mutex;
 use crate::session::AnySession;
 use crate::store::{BindError, ContextStore};
 
-type Shard = CachePadded<spin::Mutex<HashMap<u64, AnySession>>>;
+type Shard = CachePadded<Mutex<HashMap<u64, AnySession>>>;
 
 /// Go's `SessionManager`: sessions keyed by execution-unit id, in shards.
 ///
@@ -70,7 +71,7 @@ impl ShardedStore {
         current_id: impl Fn() -> Option<u64> + Send + Sync + 'static,
     ) -> Result<ShardedStore, ConfigError> {
         options.validate()?;
-        let shards = (0..options.shard_number).map(|_| CachePadded::new(spin::Mutex::new(HashMap::new()))).collect();
+        let shards = (0..options.shard_number).map(|_| CachePadded::new(Mutex::new(HashMap::new()))).collect();
         Ok(ShardedStore { shards, current_id: Box::new(current_id), options })
     }
 
@@ -131,8 +132,7 @@ impl ShardedStore {
     /// assert!(store.remove(5).is_none());
     /// ```
     pub fn remove(&self, id: u64) -> Option<AnySession> {
-        let removed = self.shard(id).lock().remove(&id);
-        removed
+        self.shard(id).lock().remove(&id)
     }
 
     /// Keeps only the bindings for which `keep(id, session)` is true. Like [`gc`](Self::gc),

@@ -423,11 +423,9 @@ impl LocalSlot {
         // SAFETY: no reference into `current` is ever held across calls (readers hold copies),
         // and the slot is used by one unit at a time (`!Sync`).
         let old = unsafe { ptr::replace(self.current.get(), session) };
-        if self.readers.get() > 0 {
-            if let Some(old) = &old {
-                // SAFETY: as above for `retired`; `push` runs no user code.
-                unsafe { (*self.retired.get()).push(old.clone()) };
-            }
+        if let (true, Some(old)) = (self.readers.get() > 0, &old) {
+            // SAFETY: as above for `retired`; `push` runs no user code.
+            unsafe { (*self.retired.get()).push(old.clone()) };
         }
         old
     }

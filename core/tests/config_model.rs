@@ -11,9 +11,7 @@
 use core::fmt::Debug;
 use core::time::Duration;
 
-use localsession_core::config::{
-    ConfigField, ManagerOptions, format_go_duration, parse_go_duration,
-};
+use localsession_core::config::{ConfigField, ManagerOptions, format_go_duration, parse_go_duration};
 use proptest::prelude::*;
 use proptest::sample::select;
 
@@ -25,16 +23,8 @@ const MIN: u64 = 60 * SEC;
 const HOUR: u64 = 60 * MIN;
 
 /// Every unit spelling accepted by Go, with its length in nanoseconds.
-const UNITS: &[(&str, u64)] = &[
-    ("ns", NS),
-    ("us", US),
-    ("\u{b5}s", US),
-    ("\u{3bc}s", US),
-    ("ms", MS),
-    ("s", SEC),
-    ("m", MIN),
-    ("h", HOUR),
-];
+const UNITS: &[(&str, u64)] =
+    &[("ns", NS), ("us", US), ("\u{b5}s", US), ("\u{3bc}s", US), ("ms", MS), ("s", SEC), ("m", MIN), ("h", HOUR)];
 
 /// What a generated field should mean.
 #[derive(Debug, Clone)]
@@ -55,20 +45,11 @@ struct Field<T> {
 }
 
 fn absent<T: Debug + Clone + 'static>() -> BoxedStrategy<Field<T>> {
-    Just(Field {
-        text: String::new(),
-        meaning: Meaning::Absent,
-    })
-    .boxed()
+    Just(Field { text: String::new(), meaning: Meaning::Absent }).boxed()
 }
 
 fn invalid<T: Debug + Clone + 'static>(bad: &'static [&'static str]) -> BoxedStrategy<Field<T>> {
-    select(bad)
-        .prop_map(|text| Field {
-            text: text.to_owned(),
-            meaning: Meaning::Invalid,
-        })
-        .boxed()
+    select(bad).prop_map(|text| Field { text: text.to_owned(), meaning: Meaning::Invalid }).boxed()
 }
 
 fn implicit_field() -> BoxedStrategy<Field<bool>> {
@@ -113,10 +94,7 @@ fn implicit_field() -> BoxedStrategy<Field<bool>> {
     ];
     prop_oneof![
         absent(),
-        select(SPELLINGS).prop_map(|(text, b)| Field {
-            text: text.to_owned(),
-            meaning: Meaning::Valid(b),
-        }),
+        select(SPELLINGS).prop_map(|(text, b)| Field { text: text.to_owned(), meaning: Meaning::Valid(b) }),
         invalid(BAD),
     ]
     .boxed()
@@ -178,25 +156,14 @@ impl Component {
     fn nanos(&self) -> u64 {
         let (_, unit) = UNITS[self.unit];
         let frac = self.frac.as_deref().unwrap_or("");
-        let frac_value: u64 = if frac.is_empty() {
-            0
-        } else {
-            frac.parse().unwrap()
-        };
+        let frac_value: u64 = if frac.is_empty() { 0 } else { frac.parse().unwrap() };
         let scale = 10_u64.pow(u32::try_from(frac.len()).unwrap());
         self.int * unit + frac_value * unit / scale
     }
 }
 
-fn component(
-    ints: core::ops::RangeInclusive<u64>,
-    units: &'static [usize],
-) -> impl Strategy<Value = Component> {
-    (ints, prop::option::of("[0-9]{0,3}"), select(units)).prop_map(|(int, frac, unit)| Component {
-        int,
-        frac,
-        unit,
-    })
+fn component(ints: core::ops::RangeInclusive<u64>, units: &'static [usize]) -> impl Strategy<Value = Component> {
+    (ints, prop::option::of("[0-9]{0,3}"), select(units)).prop_map(|(int, frac, unit)| Component { int, frac, unit })
 }
 
 fn gc_field() -> BoxedStrategy<Field<Duration>> {
@@ -252,10 +219,7 @@ fn gc_field() -> BoxedStrategy<Field<Duration>> {
                 text.push_str(&c.text());
                 nanos += c.nanos();
             }
-            Field {
-                text,
-                meaning: Meaning::Valid(Duration::from_nanos(nanos)),
-            }
+            Field { text, meaning: Meaning::Valid(Duration::from_nanos(nanos)) }
         });
     // Spellings of exactly the 1s minimum, which is allowed.
     let minimum = select(
@@ -274,10 +238,7 @@ fn gc_field() -> BoxedStrategy<Field<Duration>> {
             "0.01666666666666666667m",
         ][..],
     )
-    .prop_map(|text| Field {
-        text: text.to_owned(),
-        meaning: Meaning::Valid(Duration::from_secs(1)),
-    });
+    .prop_map(|text| Field { text: text.to_owned(), meaning: Meaning::Valid(Duration::from_secs(1)) });
     prop_oneof![3 => absent(), 3 => valid, 1 => minimum, 3 => invalid(BAD)].boxed()
 }
 
@@ -293,12 +254,10 @@ fn base_options() -> impl Strategy<Value = ManagerOptions> {
         // Invalid: below the minimum.
         1 => (0..SEC).prop_map(|n| Some(Duration::from_nanos(n))),
     ];
-    (shards, gc, any::<bool>()).prop_map(|(shard_number, gc_interval, implicit_transmit)| {
-        ManagerOptions {
-            shard_number,
-            gc_interval,
-            implicit_transmit,
-        }
+    (shards, gc, any::<bool>()).prop_map(|(shard_number, gc_interval, implicit_transmit)| ManagerOptions {
+        shard_number,
+        gc_interval,
+        implicit_transmit,
     })
 }
 
@@ -322,43 +281,20 @@ fn case() -> impl Strategy<Value = Case> {
         shards_field(),
         gc_field(),
         1..=3_usize,
-        prop::option::weighted(
-            0.1,
-            prop::collection::vec(select(&["", "4", "x", " "][..]), 1..3),
-        ),
-        [
-            (padding(), padding()),
-            (padding(), padding()),
-            (padding(), padding()),
-        ],
+        prop::option::weighted(0.1, prop::collection::vec(select(&["", "4", "x", " "][..]), 1..3)),
+        [(padding(), padding()), (padding(), padding()), (padding(), padding())],
     )
-        .prop_map(
-            |(base, implicit, shards, mut gc_field, written, extra, pads)| {
-                let mut shards_field = shards;
-                let written = if extra.is_some() { 3 } else { written };
-                if written < 3 {
-                    gc_field = Field {
-                        text: String::new(),
-                        meaning: Meaning::Absent,
-                    };
-                }
-                if written < 2 {
-                    shards_field = Field {
-                        text: String::new(),
-                        meaning: Meaning::Absent,
-                    };
-                }
-                Case {
-                    base,
-                    implicit,
-                    shards: shards_field,
-                    gc: gc_field,
-                    written,
-                    extra,
-                    pads,
-                }
-            },
-        )
+        .prop_map(|(base, implicit, shards, mut gc_field, written, extra, pads)| {
+            let mut shards_field = shards;
+            let written = if extra.is_some() { 3 } else { written };
+            if written < 3 {
+                gc_field = Field { text: String::new(), meaning: Meaning::Absent };
+            }
+            if written < 2 {
+                shards_field = Field { text: String::new(), meaning: Meaning::Absent };
+            }
+            Case { base, implicit, shards: shards_field, gc: gc_field, written, extra, pads }
+        })
 }
 
 impl Case {
@@ -389,20 +325,14 @@ enum ErrValue {
 fn model(case: &Case) -> Result<ManagerOptions, (ConfigField, ErrValue)> {
     let input = case.input();
     if case.extra.is_some() {
-        return Err((
-            ConfigField::Format,
-            ErrValue::Text(input.trim_ascii().to_owned()),
-        ));
+        return Err((ConfigField::Format, ErrValue::Text(input.trim_ascii().to_owned())));
     }
     let mut out = case.base;
     match &case.implicit.meaning {
         Meaning::Absent => {}
         Meaning::Valid(b) => out.implicit_transmit = *b,
         Meaning::Invalid => {
-            return Err((
-                ConfigField::Implicit,
-                ErrValue::Text(case.implicit.text.clone()),
-            ));
+            return Err((ConfigField::Implicit, ErrValue::Text(case.implicit.text.clone())));
         }
     }
     match &case.shards.meaning {
@@ -412,10 +342,7 @@ fn model(case: &Case) -> Result<ManagerOptions, (ConfigField, ErrValue)> {
         Meaning::Absent => {}
         Meaning::Valid(n) => out.shard_number = *n,
         Meaning::Invalid => {
-            return Err((
-                ConfigField::Shards,
-                ErrValue::Text(case.shards.text.clone()),
-            ));
+            return Err((ConfigField::Shards, ErrValue::Text(case.shards.text.clone())));
         }
     }
     match &case.gc.meaning {
@@ -427,10 +354,7 @@ fn model(case: &Case) -> Result<ManagerOptions, (ConfigField, ErrValue)> {
         },
         Meaning::Valid(d) => out.gc_interval = Some(*d),
         Meaning::Invalid => {
-            return Err((
-                ConfigField::GcInterval,
-                ErrValue::Text(case.gc.text.clone()),
-            ));
+            return Err((ConfigField::GcInterval, ErrValue::Text(case.gc.text.clone())));
         }
     }
     Ok(out)
@@ -488,16 +412,8 @@ fn reference_duration(s: &str) -> Result<Option<u128>, ()> {
         if frac.len() > 24 {
             return Err(());
         }
-        let int_value: u128 = if int.is_empty() {
-            0
-        } else {
-            int.parse().unwrap()
-        };
-        let frac_value: u128 = if frac.is_empty() {
-            0
-        } else {
-            frac.parse().unwrap()
-        };
+        let int_value: u128 = if int.is_empty() { 0 } else { int.parse().unwrap() };
+        let frac_value: u128 = if frac.is_empty() { 0 } else { frac.parse().unwrap() };
         let scale = 10_u128.pow(u32::try_from(frac.len()).unwrap());
         total += int_value * unit_nanos + frac_value * unit_nanos / scale;
     }
@@ -507,11 +423,7 @@ fn reference_duration(s: &str) -> Result<Option<u128>, ()> {
 /// Duration-like strings: up to four components with numbers of up to 20
 /// digits (so `reference_duration` cannot overflow) and good or bad units.
 fn duration_like() -> impl Strategy<Value = String> {
-    let unit = select(
-        &[
-            "ns", "us", "µs", "μs", "ms", "s", "m", "h", "", "x", " ", "H", "sm", "h ",
-        ][..],
-    );
+    let unit = select(&["ns", "us", "µs", "μs", "ms", "s", "m", "h", "", "x", " ", "H", "sm", "h "][..]);
     // Mostly random digits; sometimes numbers near the u64 nanosecond limit.
     let int = prop_oneof![
         4 => "[0-9]{0,20}".boxed(),
@@ -534,24 +446,14 @@ fn duration_like() -> impl Strategy<Value = String> {
         Some(frac) => format!("{int}.{frac}{unit}"),
         None => format!("{int}{unit}"),
     });
-    (
-        select(&["", "", "+", "-", "0"][..]),
-        prop::collection::vec(comp, 0..5),
-    )
+    (select(&["", "", "+", "-", "0"][..]), prop::collection::vec(comp, 0..5))
         .prop_map(|(sign, comps)| format!("{sign}{}", comps.concat()))
 }
 
 fn any_duration() -> impl Strategy<Value = Duration> {
     const CENTURY: u64 = 100 * 365 * 24 * HOUR;
-    prop_oneof![
-        0..US,
-        0..MS,
-        0..SEC,
-        0..HOUR,
-        (0..=CENTURY / SEC).prop_map(|s| s * SEC),
-        0..=CENTURY,
-    ]
-    .prop_map(Duration::from_nanos)
+    prop_oneof![0..US, 0..MS, 0..SEC, 0..HOUR, (0..=CENTURY / SEC).prop_map(|s| s * SEC), 0..=CENTURY,]
+        .prop_map(Duration::from_nanos)
 }
 
 proptest! {

@@ -1,0 +1,221 @@
+//! Loom models of every atomic protocol in the core.
+//!
+//! Run with (see DESIGN.md §9 and `.ci/run`):
+//! `RUSTFLAGS="--cfg localsession_loom --cfg crossbeam_loom" LOOM_MAX_PREEMPTIONS=2 \
+//!  CARGO_TARGET_DIR=target/loom cargo test -p localsession-core --test loom --release`
+//!
+//! Under `--cfg localsession_loom` the crate's atomics, `UnsafeCell`s and locks are loom's
+//! (`src/primitive.rs`) and crossbeam-epoch's are too (`crossbeam_loom`), so loom explores
+//! every interleaving of the protocols below up to the preemption bound. Node reference counts
+//! stay on `core` atomics: they follow `Arc`'s protocol (see `src/node.rs`).
+#![cfg(localsession_loom)]
+#![allow(missing_docs)]
+
+use std::sync::atomic::AtomicUsize as StdAtomicUsize;
+
+use loom::sync::Arc;
+use loom::thread;
+
+use localsession_core::{AnySession, Context, ContextError, ManagerOptions, SessionCtx, SessionMap, ShardedStore};
+
+/// Runs a model (bounded to 2 preemptions unless `LOOM_MAX_PREEMPTIONS` says otherwise) and
+/// prints how many interleavings loom explored.
+fn model(f: impl Fn() + Sync + Send + 'static) {
+    let mut builder = loom::model::Builder::new();
+    if builder.preemption_bound.is_none() {
+        builder.preemption_bound = Some(2);
+    }
+    let iterations = std::sync::Arc::new(StdAtomicUsize::new(0));
+    let counter = iterations.clone();
+    builder.check(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        f();
+    });
+    println!("loom explored {} interleavings", iterations.load(std::sync::atomic::Ordering::Relaxed));
+}
+
+/// `fork` and `with_value` racing with `disable`: once both are done, every derived session is
+/// invalid — a fork registered concurrently is never missed by the cancel.
+#[test]
+fn fork_vs_disable() {
+    model(|| {
+        let root = SessionCtx::new(&Context::background());
+        let r2 = root.clone();
+        let t = thread::spawn(move || {
+            let fork = r2.fork();
+            let derived = r2.with_value(1u8, 1u8);
+            (fork, derived)
+        });
+        assert!(root.disable());
+        let (fork, derived) = t.join().unwrap();
+        assert!(!fork.is_valid());
+        assert!(!derived.is_valid());
+        assert_eq!(fork.err(), Some(ContextError::Canceled));
+    });
+}
+
+/// A reader that observes invalidity also observes the cause (Release/Acquire on `state`).
+#[test]
+fn is_valid_vs_disable_publishes_cause() {
+    model(|| {
+        let s = SessionCtx::new(&Context::background()).fork();
+        let s2 = s.clone();
+        let t = thread::spawn(move || {
+            if !s2.is_valid() {
+                assert_eq!(s2.err(), Some(ContextError::Canceled));
+            }
+        });
+        s.disable();
+        t.join().unwrap();
+    });
+}
+
+/// Two cancels of the same scope: exactly one wins.
+#[test]
+fn concurrent_cancels_have_one_winner() {
+    model(|| {
+        let (ctx, cancel) = Context::background().with_cancel();
+        let c2 = cancel.clone();
+        let t = thread::spawn(move || c2.cancel());
+        let mine = cancel.cancel();
+        let theirs = t.join().unwrap();
+        assert!(mine ^ theirs);
+        assert!(ctx.is_done());
+    });
+}
+
+/// `done()` registration racing with cancel: the waiting thread always wakes (loom reports a
+/// deadlock if the wake-up is lost).
+#[test]
+fn done_vs_cancel() {
+    model(|| {
+        let (ctx, cancel) = Context::background().with_cancel();
+        let (child, _h) = ctx.with_cancel();
+        let t = thread::spawn(move || {
+            loom::future::block_on(child.done());
+            assert!(child.is_done());
+        });
+        cancel.cancel();
+        t.join().unwrap();
+    });
+}
+
+/// `after_cancel` racing with cancel and with `stop`: the callback runs exactly once, or never
+/// and then `stop` says it stopped it.
+#[test]
+fn after_cancel_vs_cancel_vs_stop() {
+    model(|| {
+        let (ctx, cancel) = Context::background().with_cancel();
+        let ran = std::sync::Arc::new(StdAtomicUsize::new(0));
+        let r = ran.clone();
+        let handle = ctx.after_cancel(move || {
+            r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        let t = thread::spawn(move || cancel.cancel());
+        let stopped = handle.stop();
+        t.join().unwrap();
+        let runs = ran.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(runs, usize::from(!stopped));
+    });
+}
+
+/// A child scope dropped while its parent is cancelled: the parent either cancels it or skips
+/// it, and the child's detach never touches a list the cancel took.
+#[test]
+fn child_drop_vs_parent_cancel() {
+    model(|| {
+        let (root, cancel) = Context::background().with_cancel();
+        let (child, child_cancel) = root.with_cancel();
+        let (keep, _h) = root.with_cancel();
+        let t = thread::spawn(move || {
+            drop(child);
+            drop(child_cancel);
+        });
+        cancel.cancel();
+        t.join().unwrap();
+        assert!(keep.is_done());
+    });
+}
+
+/// Concurrent writers on one `SessionMap`, with a concurrent reader and compaction (the
+/// threshold is 2 writes under loom): no update is lost, the reader sees either nothing or the
+/// written value, and old chains are reclaimed through the epoch.
+#[test]
+fn map_concurrent_writers() {
+    model(|| {
+        let map = SessionMap::new();
+        map.insert(0u8, 0u32);
+        let m1 = map.clone();
+        let w1 = thread::spawn(move || m1.insert(1u8, 10u32));
+        map.insert(2u8, 20u32);
+        let seen = map.read(&1u8, |v: Option<&u32>| v.copied());
+        assert!(seen.is_none() || seen == Some(10));
+        w1.join().unwrap();
+        assert_eq!(map.value::<u32, _>(&0u8).as_deref(), Some(&0));
+        assert_eq!(map.value::<u32, _>(&1u8).as_deref(), Some(&10));
+        assert_eq!(map.value::<u32, _>(&2u8).as_deref(), Some(&20));
+    });
+}
+
+/// `remove` racing with `insert` of the same key: the result is one of the two orders.
+#[test]
+fn map_remove_vs_insert() {
+    model(|| {
+        let map = SessionMap::new();
+        map.insert(0u8, 0u32);
+        let m = map.clone();
+        let t = thread::spawn(move || m.remove(&0u8));
+        map.insert(0u8, 1u32);
+        let removed = t.join().unwrap();
+        assert!(removed);
+        // Either the insert came last (value 1) or the remove did (absent).
+        let v = map.value::<u32, _>(&0u8).map(|v| *v);
+        assert!(v == Some(1) || v.is_none());
+    });
+}
+
+/// Snapshots taken while writers and compaction run stay consistent.
+#[test]
+fn map_export_vs_writer() {
+    model(|| {
+        let map = SessionMap::new();
+        map.insert(1u8, 1u32);
+        let m = map.clone();
+        let w = thread::spawn(move || {
+            m.insert(1u8, 2u32);
+            m.insert(2u8, 2u32);
+        });
+        let snap = map.export();
+        let v1 = *snap.value::<u32, _>(&1u8).unwrap();
+        let v2 = snap.value::<u32, _>(&2u8).copied();
+        // Writes are ordered: seeing key 2 implies seeing the second value of key 1.
+        assert!(v2.is_none() || v1 == 2);
+        w.join().unwrap();
+        assert_eq!(snap.value::<u32, _>(&1u8), Some(&v1));
+    });
+}
+
+/// `ShardedStore` bind/remove racing with a GC sweep: a session rebound after the sweep's
+/// snapshot is never removed by it, and invalid ones are.
+#[test]
+fn sharded_bind_vs_gc() {
+    model(|| {
+        let store =
+            Arc::new(ShardedStore::new(ManagerOptions { shard_number: 1, ..Default::default() }, || None).unwrap());
+        let dead = SessionCtx::new(&Context::background());
+        dead.disable();
+        store.bind(1, dead.clone());
+        store.bind(2, dead);
+        let fresh: AnySession = SessionCtx::new(&Context::background()).into();
+        let s = store.clone();
+        let f = fresh.clone();
+        let binder = thread::spawn(move || {
+            s.bind(1, f);
+            s.remove(2);
+        });
+        store.gc();
+        binder.join().unwrap();
+        assert!(store.get(1).is_some_and(|s| s.ptr_eq(&fresh)), "a valid rebinding was swept");
+        assert!(store.get(2).is_none());
+    });
+}
