@@ -455,29 +455,31 @@ pub struct CancelHandle {
 }
 
 impl CancelHandle {
-    /// Cancels with [`ContextError::Canceled`]. Returns `false` if it was cancelled already.
+    /// Cancels with [`ContextError::Canceled`]. Returns `false` if the scope was done already
+    /// (cancelled, through an ancestor too, or past its deadline; `err()` then keeps its first
+    /// value, as in Go).
     pub fn cancel(&self) -> bool {
         self.cancel_with_cause(ContextError::Canceled)
     }
 
     /// Cancels with a cause that [`Context::err`] will return (Go `CancelCauseFunc`).
-    /// Returns `false` if it was cancelled already (the first cause stays).
+    /// Returns `false` if the scope was done already (the first cause stays).
     pub fn cancel_with_cause(&self, cause: ContextError) -> bool {
         // SAFETY: a handle always holds a scope node.
         unsafe { ScopeNode::from_node(&self.scope) }.cancel(cause)
     }
 
-    /// Whether the scope is cancelled (by this handle, an ancestor, or its deadline timer).
+    /// Whether the scope is done: cancelled (by this handle or an ancestor) or past its deadline.
     #[must_use]
     pub fn is_cancelled(&self) -> bool {
         // SAFETY: as above.
-        unsafe { ScopeNode::from_node(&self.scope) }.is_cancelled()
+        unsafe { ScopeNode::from_node(&self.scope) }.is_done()
     }
 }
 
 impl fmt::Debug for CancelHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CancelHandle").field("cancelled", &self.is_cancelled()).finish()
+        f.debug_struct("CancelHandle").field("done", &self.is_cancelled()).finish()
     }
 }
 

@@ -505,8 +505,8 @@ impl SessionMap {
         Context::from_parts(Some(top), self.shared.base.scope_ptr())
     }
 
-    /// Invalidates the map for every holder (Go `Disable`). Returns `false` if it was disabled
-    /// already.
+    /// Invalidates the map for every holder (Go `Disable`). Returns `false` if it was invalid
+    /// already (disabled, expired, or its parent context cancelled).
     ///
     /// # Examples
     /// ```

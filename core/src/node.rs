@@ -904,16 +904,16 @@ mod tests {
     fn every_depth_finds_every_key() {
         let mut nodes = Vec::new();
         let mut top: Option<NodeRef> = None;
-        let depth = if cfg!(miri) { 30 } else { 100 };
+        let depth: u64 = if cfg!(miri) { 30 } else { 100 };
         for i in 0..depth {
             let n = bind(top.take(), i, i * 10);
             nodes.push(n.clone());
             top = Some(n);
         }
-        for (depth, n) in nodes.iter().enumerate() {
+        for (d, n) in nodes.iter().enumerate() {
             for k in 0..depth {
-                let expect = (k as usize <= depth).then_some(k * 10);
-                assert_eq!(get(n, k), expect, "depth {depth} key {k}");
+                let expect = (k as usize <= d).then_some(k * 10);
+                assert_eq!(get(n, k), expect, "depth {d} key {k}");
             }
         }
     }

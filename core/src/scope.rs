@@ -258,8 +258,14 @@ impl ScopeNode {
         unsafe { self.cause.with(|c| (*c).clone()) }.unwrap_or(ContextError::Canceled)
     }
 
-    /// Cancels this scope and every scope under it. Returns `false` if it was cancelled already.
+    /// Cancels this scope and every scope under it. Returns `false` if it was done already —
+    /// cancelled, or past its deadline: like Go, whose timer would have cancelled it with
+    /// `DeadlineExceeded` first, a scope whose deadline has passed settles with
+    /// `DeadlineExceeded` whatever cause the late cancel brings, so `err()` never changes once
+    /// it is `Some`.
     pub(crate) fn cancel(&self, cause: ContextError) -> bool {
+        let expired = !cause.is_deadline_exceeded() && self.deadline_passed();
+        let cause = if expired { ContextError::DeadlineExceeded } else { cause };
         let mut fired = Fired::default();
         if !self.settle(&cause, &mut fired) {
             return false;
@@ -267,7 +273,14 @@ impl ScopeNode {
         let mut done = Vec::new();
         while let Some(child) = fired.children.pop() {
             // SAFETY: `Child` registrations are scope nodes; we hold a reference.
-            unsafe { ScopeNode::from_node(&child) }.settle(&cause, &mut fired);
+            let c = unsafe { ScopeNode::from_node(&child) };
+            // A child already past its (earlier) deadline reports that, as in Go.
+            let child_cause = if !cause.is_deadline_exceeded() && c.deadline_passed() {
+                &ContextError::DeadlineExceeded
+            } else {
+                &cause
+            };
+            c.settle(child_cause, &mut fired);
             done.push(child);
         }
         for waker in fired.wakers {
@@ -277,7 +290,7 @@ impl ScopeNode {
             callback();
         }
         drop(done);
-        true
+        !expired
     }
 
     /// Marks this scope cancelled and collects its registrations.

@@ -288,8 +288,8 @@ impl SessionCtx {
     }
 
     /// Invalidates this session's scope: this session, every session derived from it with
-    /// `with_value`, and every fork (Go `Disable`). Returns `false` if it was invalid already
-    /// by an earlier `disable`.
+    /// `with_value`, and every fork (Go `Disable`). Returns `false` if the session was invalid
+    /// already (disabled, expired, or its context cancelled); `err()` then keeps its first value.
     ///
     /// # Examples
     /// ```

@@ -174,6 +174,11 @@ impl ShardedStore {
 
     /// Removes every invalid session (Go's GC sweep); returns how many were removed.
     ///
+    /// # Panics
+    /// If a user session's `is_valid` panics, the panic propagates and the shards after it are
+    /// not swept this time; the store stays consistent and usable (no lock is held). Use
+    /// [`gc_with`](Self::gc_with) to catch such panics.
+    ///
     /// # Examples
     /// See [`ShardedStore`].
     pub fn gc(&self) -> usize {

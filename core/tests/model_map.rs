@@ -1,0 +1,509 @@
+//! Model-based property tests for [`SessionMap`] (arc-swap's `tests/random.rs` pattern).
+//!
+//! The model is one `BTreeMap` shared by every handle (Go's `SessionMap` is one mutable map),
+//! plus a validity flag, plus the snapshots taken with `export` together with a copy of the
+//! model at that time. Sequences are long enough (up to 300 operations, mostly writes, over
+//! 12 keys) to pass the compaction threshold (64 writes) several times, and every snapshot is
+//! re-checked after every operation: compaction must never change what an old snapshot sees.
+//! A plain multi-threaded test checks that no concurrent insert is lost.
+//!
+//! Without the `std` feature and without a global store, every `SessionMap` read registers an
+//! epoch handle for its duration (a few microseconds in a debug build), so the properties run
+//! fewer cases than proptest's default (24) and read each key through one read path per step, in
+//! turn. `PROPTEST_CASES` overrides the case count.
+
+#![allow(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use localsession_core::{
+    AnySession, CancelHandle, Context, ContextError, DynKey, Key, Session, SessionExt, SessionMap,
+};
+use proptest::prelude::*;
+
+/// A lower case count than proptest's default, unless `PROPTEST_CASES` overrides it.
+fn config(cases: u32) -> ProptestConfig {
+    let base = ProptestConfig::default();
+    if std::env::var_os("PROPTEST_CASES").is_some() { base } else { ProptestConfig { cases, ..base } }
+}
+
+/// Keys are `u8`s below this.
+const KEYS: u8 = 12;
+
+/// How a value is written.
+#[derive(Debug, Clone, Copy)]
+enum Write {
+    /// `map.insert(k, v)`.
+    Insert,
+    /// `map.with_value(k, v)` (returns the same map).
+    WithValue,
+    /// `SessionExt::with_value` (the erased `Session::with_value_dyn` path).
+    Dyn,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Insert {
+        h: usize,
+        key: u8,
+        value: u32,
+        how: Write,
+    },
+    Remove {
+        h: usize,
+        key: u8,
+    },
+    Get {
+        h: usize,
+        key: u8,
+    },
+    Export {
+        h: usize,
+    },
+    Len {
+        h: usize,
+    },
+    Disable {
+        h: usize,
+    },
+    /// Cancels the context the map was opened under (if any).
+    CancelParent,
+    Clone {
+        h: usize,
+    },
+    DropHandle {
+        h: usize,
+    },
+    /// Replaces snapshot `s` by `s.with_value(key, value)`: contexts derived from a snapshot
+    /// see the map's keys and their own, never the parent context's (the map's base hides them).
+    Derive {
+        s: usize,
+        key: u8,
+        value: u32,
+    },
+    DropSnapshot {
+        s: usize,
+    },
+}
+
+fn write() -> impl Strategy<Value = Write> {
+    prop_oneof![4 => Just(Write::Insert), 1 => Just(Write::WithValue), 1 => Just(Write::Dyn)]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let idx = || 0..16usize;
+    prop_oneof![
+        12 => (idx(), 0..KEYS, any::<u32>(), write()).prop_map(|(h, key, value, how)| Op::Insert { h, key, value, how }),
+        6 => (idx(), 0..KEYS).prop_map(|(h, key)| Op::Remove { h, key }),
+        2 => (idx(), 0..KEYS).prop_map(|(h, key)| Op::Get { h, key }),
+        1 => idx().prop_map(|h| Op::Export { h }),
+        1 => idx().prop_map(|h| Op::Len { h }),
+        1 => idx().prop_map(|h| Op::Disable { h }),
+        1 => Just(Op::CancelParent),
+        1 => idx().prop_map(|h| Op::Clone { h }),
+        1 => idx().prop_map(|h| Op::DropHandle { h }),
+        1 => idx().prop_map(|s| Op::DropSnapshot { s }),
+        2 => (idx(), 0..KEYS, any::<u32>()).prop_map(|(s, key, value)| Op::Derive { s, key, value }),
+    ]
+}
+
+#[derive(Debug, Default)]
+struct Model {
+    map: BTreeMap<u8, u32>,
+    disabled: bool,
+    parent_cancelled: bool,
+    /// The model at each live snapshot.
+    snapshots: Vec<BTreeMap<u8, u32>>,
+}
+
+impl Model {
+    fn invalid(&self) -> bool {
+        self.disabled || self.parent_cancelled
+    }
+}
+
+struct Real {
+    handles: Vec<SessionMap>,
+    snapshots: Vec<Context>,
+    parent: Option<(Context, CancelHandle)>,
+}
+
+/// A parent context that binds every key the map uses (twice over, so index tables exist under
+/// the map's base): the map must not see any of it.
+fn parent_context() -> (Context, CancelHandle) {
+    let mut ctx = Context::background();
+    for round in 0..2u32 {
+        for k in 0..KEYS {
+            ctx = ctx.with_value(k, 1_000 * (round + 1) + u32::from(k));
+        }
+    }
+    ctx.with_cancel()
+}
+
+fn apply(op: &Op, real: &mut Real, model: &mut Model) -> Result<(), TestCaseError> {
+    let nh = real.handles.len();
+    match *op {
+        Op::Insert { h, key, value, how } => {
+            let map = &real.handles[h % nh];
+            match how {
+                Write::Insert => map.insert(key, value),
+                Write::WithValue => {
+                    let same = map.with_value(key, value);
+                    prop_assert!(same.ptr_eq(map), "with_value returned another map");
+                }
+                Write::Dyn => {
+                    let same = SessionExt::with_value(map, key, value);
+                    prop_assert!(same.as_map().is_some_and(|m| m.ptr_eq(map)), "with_value_dyn returned another map");
+                }
+            }
+            model.map.insert(key, value);
+        }
+        Op::Remove { h, key } => {
+            let got = real.handles[h % nh].remove(&key);
+            let want = model.map.remove(&key).is_some();
+            prop_assert_eq!(got, want, "remove({}) return value", key);
+        }
+        Op::Get { h, key } => {
+            let map = &real.handles[h % nh];
+            let want = model.map.get(&key).copied();
+            prop_assert_eq!(map.value::<u32, _>(&key).map(|v| *v), want, "value({})", key);
+            prop_assert_eq!(map.read(&key, |v: Option<&u32>| v.copied()), want, "read({})", key);
+            prop_assert_eq!(map.contains(&key), want.is_some(), "contains({})", key);
+        }
+        Op::Export { h } => {
+            real.snapshots.push(real.handles[h % nh].export());
+            model.snapshots.push(model.map.clone());
+        }
+        Op::Len { h } => {
+            prop_assert_eq!(real.handles[h % nh].len(), model.map.len(), "len()");
+            prop_assert_eq!(real.handles[h % nh].is_empty(), model.map.is_empty(), "is_empty()");
+        }
+        Op::Disable { h } => {
+            let got = real.handles[h % nh].disable();
+            let want = !model.invalid();
+            model.disabled = true;
+            prop_assert_eq!(got, want, "disable() return value");
+        }
+        Op::CancelParent => {
+            if let Some((_, handle)) = &real.parent {
+                let got = handle.cancel();
+                prop_assert_eq!(got, !model.parent_cancelled, "parent cancel() return value");
+                model.parent_cancelled = true;
+            }
+        }
+        Op::Clone { h } => {
+            let c = real.handles[h % nh].clone();
+            real.handles.push(c);
+        }
+        Op::DropHandle { h } => {
+            // Keep one handle: the map lives as long as any handle (or snapshot) does.
+            if nh > 1 {
+                drop(real.handles.remove(h % nh));
+            }
+        }
+        Op::Derive { s, key, value } => {
+            if !real.snapshots.is_empty() {
+                let i = s % real.snapshots.len();
+                real.snapshots[i] = real.snapshots[i].with_value(key, value);
+                model.snapshots[i].insert(key, value);
+            }
+        }
+        Op::DropSnapshot { s } => {
+            if !real.snapshots.is_empty() {
+                let i = s % real.snapshots.len();
+                drop(real.snapshots.remove(i));
+                model.snapshots.remove(i);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check(step: usize, real: &Real, model: &Model) -> Result<(), TestCaseError> {
+    let invalid = model.invalid();
+    // Every handle is the same map: validity on all of them, values on a rotating one.
+    for (i, map) in real.handles.iter().enumerate() {
+        prop_assert_eq!(map.is_valid(), !invalid, "handle {} is_valid", i);
+        prop_assert!(map.ptr_eq(&real.handles[0]), "handle {} is another map", i);
+    }
+    if let Some((parent, _)) = &real.parent {
+        prop_assert_eq!(parent.is_done(), model.parent_cancelled, "the map's parent context is_done");
+    }
+    let map = &real.handles[step % real.handles.len()];
+    prop_assert_eq!(map.err(), invalid.then_some(ContextError::Canceled), "err()");
+    prop_assert_eq!(AnySession::from(map.clone()).is_valid(), !invalid, "AnySession::is_valid");
+    // Every key through one of the read paths, in turn (each read pins the epoch, which costs
+    // a handle registration without a store; see the module docs).
+    for k in 0..KEYS {
+        let want = model.map.get(&k).copied();
+        match step % 4 {
+            0 => prop_assert_eq!(map.value::<u32, _>(&k).map(|v| *v), want, "value({})", k),
+            1 => prop_assert_eq!(map.read(&k, |v: Option<&u32>| v.copied()), want, "read({})", k),
+            2 => prop_assert_eq!(map.value_cloned::<u32, _>(&k), want, "get_with({})", k),
+            _ => {
+                prop_assert_eq!(map.contains(&k), want.is_some(), "contains({})", k);
+                prop_assert_eq!(map.value::<u64, _>(&k), None, "value::<u64>({})", k);
+            }
+        }
+    }
+    prop_assert_eq!(map.value::<u32, _>(&KEYS).map(|v| *v), None, "unbound key");
+    prop_assert_eq!(map.len(), model.map.len(), "len()");
+    prop_assert_eq!(real.snapshots.len(), model.snapshots.len());
+    for (s, (snap, want)) in real.snapshots.iter().zip(&model.snapshots).enumerate() {
+        for k in 0..KEYS {
+            prop_assert_eq!(snap.value::<u32, _>(&k).copied(), want.get(&k).copied(), "snapshot {} key {}", s, k);
+        }
+        prop_assert_eq!(snap.is_done(), invalid, "snapshot {} is_done", s);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config(24))]
+
+    /// Long random sequences of writes, removes, snapshots and disables over a few handles of
+    /// one map, optionally opened under a context that binds the same keys.
+    #[test]
+    fn session_map_matches_model(ops in prop::collection::vec(op(), 100..300), under_parent in any::<bool>()) {
+        let parent = under_parent.then(parent_context);
+        let map = match &parent {
+            Some((ctx, _)) => SessionMap::new_in(ctx),
+            None => SessionMap::new(),
+        };
+        let mut real = Real { handles: vec![map], snapshots: Vec::new(), parent };
+        let mut model = Model::default();
+        check(0, &real, &model)?;
+        for (step, op) in ops.iter().enumerate() {
+            apply(op, &mut real, &mut model)?;
+            check(step, &real, &model)?;
+        }
+    }
+}
+
+static T0: Key<u32> = Key::new("t0");
+static T1: Key<u32> = Key::new("t1");
+static T2: Key<u32> = Key::new("t2");
+static T3: Key<u32> = Key::new("t3");
+
+fn typed_key(which: usize) -> &'static Key<u32> {
+    match which % 4 {
+        0 => &T0,
+        1 => &T1,
+        2 => &T2,
+        _ => &T3,
+    }
+}
+
+#[derive(Debug, Clone)]
+enum TypedOp {
+    Set {
+        which: usize,
+        value: u32,
+    },
+    /// `map.with(&key, v)` (returns the same map).
+    With {
+        which: usize,
+        value: u32,
+    },
+    RemoveKey {
+        which: usize,
+    },
+    /// `Session::with_value_dyn(DynKey::typed(&key), value)`; with `wrong_type` the value is a
+    /// `u64`: the key is bound (it counts in `len`, `remove_key` finds it) but reads as absent.
+    SetDyn {
+        which: usize,
+        value: u32,
+        wrong_type: bool,
+    },
+    /// An untyped key with the same small number: must never be confused with a typed key.
+    InsertUntyped {
+        key: u8,
+        value: u32,
+    },
+    RemoveUntyped {
+        key: u8,
+    },
+    Export,
+}
+
+fn typed_op() -> impl Strategy<Value = TypedOp> {
+    prop_oneof![
+        6 => (0..4usize, any::<u32>()).prop_map(|(which, value)| TypedOp::Set { which, value }),
+        2 => (0..4usize, any::<u32>()).prop_map(|(which, value)| TypedOp::With { which, value }),
+        4 => (0..4usize).prop_map(|which| TypedOp::RemoveKey { which }),
+        2 => (0..4usize, any::<u32>(), any::<bool>())
+            .prop_map(|(which, value, wrong_type)| TypedOp::SetDyn { which, value, wrong_type }),
+        2 => (0..4u8, any::<u32>()).prop_map(|(key, value)| TypedOp::InsertUntyped { key, value }),
+        1 => (0..4u8).prop_map(|key| TypedOp::RemoveUntyped { key }),
+        1 => Just(TypedOp::Export),
+    ]
+}
+
+/// What a typed key is bound to.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+enum Slot {
+    #[default]
+    Absent,
+    Value(u32),
+    /// A value of another type (bound, but unreadable through the typed key).
+    WrongType,
+}
+
+impl Slot {
+    fn readable(self) -> Option<u32> {
+        match self {
+            Slot::Value(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn bound(self) -> bool {
+        self != Slot::Absent
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct TypedModel {
+    typed: [Slot; 4],
+    untyped: BTreeMap<u8, u32>,
+}
+
+fn check_typed(step: usize, map: &SessionMap, m: &TypedModel) -> Result<(), TestCaseError> {
+    for (w, slot) in m.typed.iter().enumerate() {
+        let key = typed_key(w);
+        let want = &slot.readable();
+        match step % 3 {
+            0 => prop_assert_eq!(map.get(key).map(|v| *v), *want, "get(T{})", w),
+            1 => prop_assert_eq!(map.read_key(key, |v| v.copied()), *want, "read_key(T{})", w),
+            _ => prop_assert_eq!(map.get_cloned(key), *want, "get_cloned(T{})", w),
+        }
+    }
+    for k in 0..4u8 {
+        prop_assert_eq!(map.value::<u32, _>(&k).map(|v| *v), m.untyped.get(&k).copied(), "value({})", k);
+    }
+    prop_assert_eq!(map.len(), m.typed.iter().filter(|s| s.bound()).count() + m.untyped.len(), "len()");
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config(24))]
+
+    /// Typed keys (`set`, `with`, `get`, `read_key`, `remove_key`) mixed with untyped ones,
+    /// across compactions, with snapshots that must not change.
+    #[test]
+    fn typed_keys_match_model(ops in prop::collection::vec(typed_op(), 100..300)) {
+        let map = SessionMap::new();
+        let mut model = TypedModel::default();
+        let mut snapshots: Vec<(Context, TypedModel)> = Vec::new();
+        for (step, op) in ops.iter().enumerate() {
+            match *op {
+                TypedOp::Set { which, value } => {
+                    map.set(typed_key(which), value);
+                    model.typed[which] = Slot::Value(value);
+                }
+                TypedOp::With { which, value } => {
+                    prop_assert!(map.with(typed_key(which), value).ptr_eq(&map));
+                    model.typed[which] = Slot::Value(value);
+                }
+                TypedOp::RemoveKey { which } => {
+                    let got = map.remove_key(typed_key(which));
+                    let want = std::mem::take(&mut model.typed[which]).bound();
+                    prop_assert_eq!(got, want, "remove_key(T{})", which);
+                }
+                TypedOp::SetDyn { which, value, wrong_type } => {
+                    let boxed: Arc<dyn std::any::Any + Send + Sync> =
+                        if wrong_type { Arc::new(u64::from(value)) } else { Arc::new(value) };
+                    let same = map.with_value_dyn(DynKey::typed(typed_key(which)), boxed);
+                    prop_assert!(same.as_map().is_some_and(|m| m.ptr_eq(&map)));
+                    model.typed[which] = if wrong_type { Slot::WrongType } else { Slot::Value(value) };
+                }
+                TypedOp::InsertUntyped { key, value } => {
+                    map.insert(key, value);
+                    model.untyped.insert(key, value);
+                }
+                TypedOp::RemoveUntyped { key } => {
+                    prop_assert_eq!(map.remove(&key), model.untyped.remove(&key).is_some(), "remove({})", key);
+                }
+                TypedOp::Export => snapshots.push((map.export(), model.clone())),
+            }
+            check_typed(step, &map, &model)?;
+            for (s, (snap, m)) in snapshots.iter().enumerate() {
+                for (w, slot) in m.typed.iter().enumerate() {
+                    prop_assert_eq!(snap.get(typed_key(w)).copied(), slot.readable(), "snapshot {} T{}", s, w);
+                }
+                for k in 0..4u8 {
+                    prop_assert_eq!(snap.value::<u32, _>(&k).copied(), m.untyped.get(&k).copied(), "snapshot {} key {}", s, k);
+                }
+            }
+        }
+    }
+}
+
+/// Four writers insert 500 distinct keys each into one map while a reader watches: no insert is
+/// lost, and every snapshot the reader takes shows, for each writer, a prefix of its inserts
+/// (each writer inserts in order, and a later head contains every earlier write).
+#[test]
+fn concurrent_inserts_are_never_lost() {
+    const WRITERS: u64 = 4;
+    const PER_WRITER: u64 = 500;
+    let map = SessionMap::new();
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let reader = {
+        let map = map.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut last_len = 0;
+            let mut rounds = 0u32;
+            while !stop.load(Ordering::Acquire) || rounds == 0 {
+                rounds += 1;
+                let len = map.len();
+                assert!(len >= last_len, "len went backwards: {len} after {last_len}");
+                last_len = len;
+                let snap = map.export();
+                for t in 0..WRITERS {
+                    let visible: Vec<bool> =
+                        (0..PER_WRITER).map(|i| snap.value::<u64, _>(&(t * 1000 + i)).is_some()).collect();
+                    let prefix = visible.iter().take_while(|&&v| v).count();
+                    assert!(
+                        visible[prefix..].iter().all(|&v| !v),
+                        "writer {t}: a later insert is visible without an earlier one"
+                    );
+                    for i in 0..prefix as u64 {
+                        let key = t * 1000 + i;
+                        assert_eq!(snap.value::<u64, _>(&key), Some(&(key * 2)));
+                    }
+                }
+            }
+            rounds
+        })
+    };
+
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|t| {
+            let map = map.clone();
+            std::thread::spawn(move || {
+                for i in 0..PER_WRITER {
+                    let key = t * 1000 + i;
+                    map.insert(key, key * 2);
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    stop.store(true, Ordering::Release);
+    let rounds = reader.join().unwrap();
+    assert!(rounds > 0);
+
+    for t in 0..WRITERS {
+        for i in 0..PER_WRITER {
+            let key = t * 1000 + i;
+            assert_eq!(map.value::<u64, _>(&key).map(|v| *v), Some(key * 2), "lost insert of key {key}");
+        }
+    }
+    assert_eq!(map.len(), (WRITERS * PER_WRITER) as usize);
+    assert!(map.is_valid());
+}
