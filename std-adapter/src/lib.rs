@@ -1,1 +1,155 @@
-//! placeholder
+//! `localsession-std`: implicit, execution-local sessions on OS threads, with Go's API.
+//!
+//! | Go (`cloudwego/localsession`) | here |
+//! |---|---|
+//! | `InitDefaultManager(opts)` | [`init_default_manager`] (errors instead of ignoring) |
+//! | `ResetDefaultManager(opts)` | [`reset_default_manager`] |
+//! | `DefaultManagerOptions()` | [`default_manager_options`] |
+//! | `BindSession(s)` / `UnbindSession()` | [`bind`] / [`unbind`] |
+//! | `CurSession()` | [`current`] (a clone) or [`with_current`] (a borrow) |
+//! | — | [`enter`] / [`scope`]: bind for a scope, restored on drop or panic |
+//! | `Go(f)` / `GoSession(s, f)` | [`go`] / [`go_session`], [`Builder`], [`ScopeExt`] |
+//! | `NewSessionManager(opts)` + GC goroutine | [`ShardedManager`] (GC thread stopped on drop) |
+//! | timers of `NewSessionCtxWithTimeout` | [`STD_CLOCK`]: one shared timer thread |
+//!
+//! The sessions, contexts and the backup functions come from [`localsession_core`], re-exported
+//! here.
+//!
+//! # Examples
+//! ```
+//! use localsession_core::{Context, SessionCtx};
+//! use localsession_std::{bind, current, go, init_default_manager, default_manager_options, unbind};
+//!
+//! init_default_manager(default_manager_options()).unwrap();
+//! let session = SessionCtx::new(&Context::background()).with_value("user", 7u64);
+//! bind(session.clone());
+//! let child = go(|| current().unwrap().value_cloned::<u64, _>(&"user"));
+//! assert_eq!(child.join().unwrap(), Some(7));
+//! session.disable();
+//! assert!(!current().unwrap().is_valid()); // still bound, now invalid (Go parity)
+//! unbind();
+//! ```
+
+mod clock;
+mod live;
+mod manager;
+mod sharded;
+mod store;
+mod thread;
+
+pub use clock::{STD_CLOCK, StdClock};
+pub use live::live_sessions;
+pub use manager::{InitError, default_manager_options, init_default_manager, manager_options, reset_default_manager};
+pub use sharded::{ShardedManager, thread_id};
+pub use store::{THREAD_STORE, ThreadStore};
+pub use thread::{Builder, ScopeExt, go, go_session};
+
+pub use localsession_core::config::ManagerOptions;
+pub use localsession_core::{
+    AnySession, Context, ContextError, EnterGuard, Key, MetaInfo, Session, SessionCtx, SessionExt, SessionMap,
+    backed_up_ctx, backup_ctx, clear_ctx, recover_ctx_on_demands,
+};
+
+/// A clone of this thread's current session (Go `CurSession`).
+///
+/// # Examples
+/// ```
+/// assert!(localsession_std::current().is_none());
+/// ```
+#[inline]
+#[must_use]
+pub fn current() -> Option<AnySession> {
+    THREAD_STORE.with(|s| s.cloned())
+}
+
+/// Calls `f` with this thread's current session, borrowed: no clone, no lock, no atomic
+/// read-modify-write.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, Key, SessionCtx};
+/// use localsession_std::{scope, with_current};
+/// static USER: Key<u64> = Key::new("user");
+/// let s = SessionCtx::new(&Context::background()).with(&USER, 3);
+/// let user = scope(s, || with_current(|s| s.and_then(|s| s.read_key(&USER, |u| u.copied()))));
+/// assert_eq!(user, Some(3));
+/// ```
+#[inline]
+pub fn with_current<R>(f: impl FnOnce(Option<&AnySession>) -> R) -> R {
+    THREAD_STORE.with(f)
+}
+
+/// Binds `session` to this thread until [`unbind`] or another `bind` (Go `BindSession`).
+/// Registers the thread-local store as the process-wide default if no store is registered, so
+/// `localsession_core::current()` sees it too.
+///
+/// During thread teardown (thread-local storage already destroyed) the session is dropped.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, SessionCtx};
+/// use localsession_std::{bind, current, unbind};
+/// bind(SessionCtx::new(&Context::background()));
+/// assert!(current().is_some());
+/// assert!(localsession_core::current().is_some()); // the core sees the same store
+/// unbind();
+/// ```
+pub fn bind(session: impl Into<AnySession>) {
+    ensure_registered();
+    drop(THREAD_STORE.swap(Some(session.into())));
+}
+
+/// Removes this thread's binding and returns it (Go `UnbindSession`).
+///
+/// # Examples
+/// ```
+/// assert!(localsession_std::unbind().is_none());
+/// ```
+pub fn unbind() -> Option<AnySession> {
+    THREAD_STORE.swap(None).ok().flatten()
+}
+
+/// Binds `session` to this thread until the guard is dropped, then restores the previous
+/// binding — also when a panic unwinds through it. The guard is `!Send`.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, SessionCtx};
+/// use localsession_std::{current, enter};
+/// {
+///     let _guard = enter(SessionCtx::new(&Context::background()));
+///     assert!(current().is_some());
+/// }
+/// assert!(current().is_none());
+/// ```
+pub fn enter(session: impl Into<AnySession>) -> EnterGuard {
+    ensure_registered();
+    localsession_core::enter_in(&THREAD_STORE, session)
+}
+
+/// Runs `f` with `session` bound to this thread, restoring the previous binding afterwards
+/// (also on panic).
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, SessionCtx};
+/// use localsession_std::{current, scope};
+/// let s = SessionCtx::new(&Context::background()).with_value("k", 1u8);
+/// assert_eq!(scope(s, || current().unwrap().value_cloned::<u8, _>(&"k")), Some(1));
+/// assert!(current().is_none());
+/// ```
+pub fn scope<R>(session: impl Into<AnySession>, f: impl FnOnce() -> R) -> R {
+    let _guard = enter(session);
+    f()
+}
+
+/// Registers the thread store (and std clock) globally once, if nothing else is registered.
+#[inline]
+fn ensure_registered() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Another store may be registered on purpose; then this crate's functions still act on
+        // the thread-local store and `init_default_manager` reports the conflict.
+        let _ = manager::register_globals();
+    });
+}

@@ -1,0 +1,189 @@
+//! The default manager: Go's `InitDefaultManager`, `ResetDefaultManager` and
+//! `DefaultManagerOptions`, over the thread-local store.
+//!
+//! In Go the default manager is a sharded map from goroutine id to session, swept by a GC
+//! goroutine, because Go has no goroutine-local storage and cannot tell when a goroutine ends.
+//! Rust threads have thread-local storage that is freed when the thread exits, so the default
+//! manager here is the [`ThreadStore`](crate::ThreadStore): reads are a thread-local access,
+//! nothing leaks when a thread ends, and nothing needs sweeping. The options are still parsed,
+//! validated and kept (including from `CLOUDWEGO_SESSION_CONFIG_KEY`):
+//! - `shard_number` and `gc_interval` configure [`ShardedManager`](crate::ShardedManager)s
+//!   made with [`ShardedManager::from_default_options`](crate::ShardedManager::from_default_options),
+//!   for executors that key sessions by task id;
+//! - `implicit_transmit` is read by the tokio adapter's runtime builder; std threads have no
+//!   spawn hook, so [`go`](crate::go) is the way to hand a session to a new thread.
+//!
+//! As in Go, a session stays bound — and visible to `current()` — after it is disabled, until it
+//! is unbound or replaced; check [`is_valid`](localsession_core::AnySession::is_valid).
+
+use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{PoisonError, RwLock};
+
+use localsession_core::config::{ConfigError, ENV_KEY, ManagerOptions};
+use localsession_core::{ContextStore, global_clock, global_store, set_global_clock, set_global_store};
+
+use crate::clock::STD_CLOCK;
+use crate::store::{THREAD_STORE, bump_generation};
+
+const UNINIT: u8 = 0;
+const INITIALIZING: u8 = 1;
+const INITIALIZED: u8 = 2;
+
+static STATE: AtomicU8 = AtomicU8::new(UNINIT);
+static OPTIONS: RwLock<Option<ManagerOptions>> = RwLock::new(None);
+
+/// Go's `DefaultManagerOptions()`: 100 shards, GC every 10 minutes, no implicit transmission.
+///
+/// # Examples
+/// ```
+/// let opts = localsession_std::default_manager_options();
+/// assert_eq!(opts.shard_number, 100);
+/// assert!(!opts.implicit_transmit);
+/// ```
+#[must_use]
+pub fn default_manager_options() -> ManagerOptions {
+    ManagerOptions::default()
+}
+
+/// Initializes the default manager (Go `InitDefaultManager`): registers the thread-local store
+/// and the std clock process-wide, and records `opts`, overridden field by field by the
+/// `CLOUDWEGO_SESSION_CONFIG_KEY` environment variable (format `[implicit][,shards][,gc]`, e.g.
+/// `true,10,1h`).
+///
+/// # Errors
+/// - [`InitError::AlreadyInitialized`] on a second call (Go silently does nothing; use
+///   [`reset_default_manager`] to replace the manager on purpose);
+/// - [`InitError::Env`] if the variable is malformed — naming the field and the value (Go
+///   silently ignores it) — and [`InitError::Options`] if `opts` itself is invalid;
+/// - [`InitError::ForeignStore`] if another store was registered as the process-wide default.
+///
+/// # Examples
+/// ```
+/// use localsession_std::{init_default_manager, default_manager_options, InitError};
+/// init_default_manager(default_manager_options()).unwrap();
+/// assert!(matches!(init_default_manager(default_manager_options()), Err(InitError::AlreadyInitialized)));
+/// ```
+pub fn init_default_manager(opts: ManagerOptions) -> Result<(), InitError> {
+    let opts = resolve(opts)?;
+    // Acquire/Relaxed: only one caller proceeds; publication is the Release store below.
+    if STATE.compare_exchange(UNINIT, INITIALIZING, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        return Err(InitError::AlreadyInitialized);
+    }
+    let registered = register_globals();
+    if let Err(e) = registered {
+        STATE.store(UNINIT, Ordering::Release);
+        return Err(e);
+    }
+    *OPTIONS.write().unwrap_or_else(PoisonError::into_inner) = Some(opts);
+    STATE.store(INITIALIZED, Ordering::Release);
+    Ok(())
+}
+
+/// Replaces the default manager (Go `ResetDefaultManager`): every session bound before the
+/// call, on every thread, is unbound (each thread drops its stale binding the next time it
+/// reads or binds), and `opts` (with the environment override) become the options. Safe while
+/// other threads call `current()`/`bind()`: a racing bind lands before or after the reset,
+/// never half-way. Initializes the manager if it was not.
+///
+/// # Errors
+/// [`InitError::Env`] / [`InitError::Options`] for invalid options (nothing changes then), and
+/// [`InitError::ForeignStore`] as for [`init_default_manager`].
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, SessionCtx};
+/// use localsession_std::{bind, current, reset_default_manager, ManagerOptions};
+///
+/// bind(SessionCtx::new(&Context::background()));
+/// reset_default_manager(ManagerOptions { shard_number: 10, ..Default::default() }).unwrap();
+/// assert!(current().is_none());
+/// assert_eq!(localsession_std::manager_options().unwrap().shard_number, 10);
+/// ```
+pub fn reset_default_manager(opts: ManagerOptions) -> Result<(), InitError> {
+    let opts = resolve(opts)?;
+    register_globals()?;
+    bump_generation();
+    *OPTIONS.write().unwrap_or_else(PoisonError::into_inner) = Some(opts);
+    STATE.store(INITIALIZED, Ordering::Release);
+    Ok(())
+}
+
+/// The options of the default manager, once it is initialized.
+///
+/// # Examples
+/// ```
+/// assert!(localsession_std::manager_options().is_none()); // not initialized in this doctest
+/// ```
+#[must_use]
+pub fn manager_options() -> Option<ManagerOptions> {
+    *OPTIONS.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn resolve(opts: ManagerOptions) -> Result<ManagerOptions, InitError> {
+    opts.validate().map_err(InitError::Options)?;
+    match std::env::var(ENV_KEY) {
+        Ok(value) => ManagerOptions::parse_env(&value, opts).map_err(InitError::Env),
+        Err(std::env::VarError::NotPresent) => Ok(opts),
+        Err(std::env::VarError::NotUnicode(raw)) => Err(InitError::EnvNotUnicode(raw.to_string_lossy().into_owned())),
+    }
+}
+
+/// Registers the thread store and the std clock as the process-wide defaults if nothing else
+/// is registered; fails if another store is.
+pub(crate) fn register_globals() -> Result<(), InitError> {
+    let ours: &'static dyn ContextStore = &THREAD_STORE;
+    if global_store().is_none() {
+        // Losing a race to another registration is checked just below.
+        let _ = set_global_store(ours);
+    }
+    if global_clock().is_none() {
+        // Another clock may be registered (a test's manual clock): keep it.
+        let _ = set_global_clock(&STD_CLOCK);
+    }
+    match global_store() {
+        Some(s) if std::ptr::addr_eq(s as *const dyn ContextStore, ours as *const dyn ContextStore) => Ok(()),
+        _ => Err(InitError::ForeignStore),
+    }
+}
+
+/// Why the default manager could not be initialized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InitError {
+    /// `init_default_manager` was called before.
+    AlreadyInitialized,
+    /// The options passed in are invalid.
+    Options(ConfigError),
+    /// `CLOUDWEGO_SESSION_CONFIG_KEY` is malformed.
+    Env(ConfigError),
+    /// `CLOUDWEGO_SESSION_CONFIG_KEY` is not valid Unicode (lossy rendering inside).
+    EnvNotUnicode(String),
+    /// Another store is registered as the process-wide default store.
+    ForeignStore,
+}
+
+impl fmt::Display for InitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InitError::AlreadyInitialized => f.write_str(
+                "the default session manager is already initialized (use reset_default_manager to replace it)",
+            ),
+            InitError::Options(e) => write!(f, "invalid session manager options: {e}"),
+            InitError::Env(e) => write!(f, "invalid {ENV_KEY} environment variable: {e}"),
+            InitError::EnvNotUnicode(v) => write!(f, "invalid {ENV_KEY} environment variable: not Unicode: {v:?}"),
+            InitError::ForeignStore => f.write_str(
+                "another context store is registered as the process-wide default; the thread-local store cannot be",
+            ),
+        }
+    }
+}
+
+impl std::error::Error for InitError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            InitError::Options(e) | InitError::Env(e) => Some(e),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! [`ShardedManager`]: a [`ShardedStore`] (Go's `SessionManager`) with its GC thread.
+//!
+//! Go starts a GC goroutine per manager and never stops it. Here the thread sleeps on a
+//! condition variable for `gc_interval` between sweeps and stops as soon as the manager is
+//! [closed](ShardedManager::close) or dropped. A user session whose `is_valid` panics is kept
+//! (the sweep catches the panic and goes on with the other sessions).
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use localsession_core::config::{ConfigError, ManagerOptions};
+use localsession_core::{AnySession, ShardedStore};
+
+/// A [`ShardedStore`] plus a GC thread when the options ask for a `gc_interval`.
+///
+/// # Examples
+/// ```
+/// use std::time::Duration;
+/// use localsession_core::{Context, ManagerOptions, SessionCtx};
+/// use localsession_std::ShardedManager;
+///
+/// let opts = ManagerOptions { shard_number: 4, gc_interval: Some(Duration::from_secs(1)), ..Default::default() };
+/// let manager = ShardedManager::new(opts, || None).unwrap();
+/// let s = SessionCtx::new(&Context::background());
+/// manager.store().bind(1, s.clone());
+/// s.disable();
+/// // The GC thread removes it within a second; `gc()` does it now.
+/// assert_eq!(manager.store().gc(), 1);
+/// manager.close();
+/// ```
+#[derive(Debug)]
+pub struct ShardedManager {
+    store: Arc<ShardedStore>,
+    gc: Option<GcThread>,
+}
+
+#[derive(Debug)]
+struct GcThread {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    handle: JoinHandle<()>,
+    sweeps: Arc<AtomicU64>,
+}
+
+impl ShardedManager {
+    /// A store with `options.shard_number` shards, `current_id` naming the running unit, and a
+    /// GC thread sweeping invalid sessions every `options.gc_interval` (none if `None`).
+    ///
+    /// # Errors
+    /// [`ConfigError`] for invalid options.
+    pub fn new(
+        options: ManagerOptions,
+        current_id: impl Fn() -> Option<u64> + Send + Sync + 'static,
+    ) -> Result<ShardedManager, ConfigError> {
+        let store = Arc::new(ShardedStore::new(options, current_id)?);
+        let gc = options.gc_interval.map(|interval| GcThread::start(Arc::clone(&store), interval));
+        Ok(ShardedManager { store, gc })
+    }
+
+    /// A manager with the default manager's options (after `init_default_manager`; Go's
+    /// defaults otherwise), keyed by [`thread_id`].
+    ///
+    /// # Errors
+    /// [`ConfigError`] for invalid options.
+    ///
+    /// # Examples
+    /// ```
+    /// let m = localsession_std::ShardedManager::from_default_options().unwrap();
+    /// assert_eq!(m.store().options().shard_number, 100);
+    /// ```
+    pub fn from_default_options() -> Result<ShardedManager, ConfigError> {
+        let opts = crate::manager_options().unwrap_or_default();
+        ShardedManager::new(opts, || Some(thread_id()))
+    }
+
+    /// The store (shareable: register it, or hand it to an executor).
+    #[must_use]
+    pub fn store(&self) -> &Arc<ShardedStore> {
+        &self.store
+    }
+
+    /// How many GC sweeps have run so far.
+    #[must_use]
+    pub fn gc_sweeps(&self) -> u64 {
+        self.gc.as_ref().map_or(0, |g| g.sweeps.load(Ordering::Relaxed))
+    }
+
+    /// Stops the GC thread and waits for it (also done on drop).
+    pub fn close(mut self) {
+        self.stop_gc();
+    }
+
+    fn stop_gc(&mut self) {
+        if let Some(gc) = self.gc.take() {
+            {
+                let (stopped, wake) = &*gc.stop;
+                *stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
+                wake.notify_all();
+            }
+            // The GC thread catches user panics, so it does not panic itself.
+            let _ = gc.handle.join();
+        }
+    }
+}
+
+impl Drop for ShardedManager {
+    fn drop(&mut self) {
+        self.stop_gc();
+    }
+}
+
+impl GcThread {
+    fn start(store: Arc<ShardedStore>, interval: Duration) -> GcThread {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let sweeps = Arc::new(AtomicU64::new(0));
+        let (stop2, sweeps2) = (Arc::clone(&stop), Arc::clone(&sweeps));
+        let handle = std::thread::Builder::new()
+            .name("localsession-gc".into())
+            .spawn(move || {
+                let (stopped, wake) = &*stop2;
+                let mut guard = stopped.lock().unwrap_or_else(PoisonError::into_inner);
+                loop {
+                    let (g, _) = wake
+                        .wait_timeout_while(guard, interval, |stopped| !*stopped)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    if *g {
+                        return;
+                    }
+                    drop(g);
+                    store.gc_with(is_valid_or_keep);
+                    sweeps2.fetch_add(1, Ordering::Relaxed);
+                    guard = stopped.lock().unwrap_or_else(PoisonError::into_inner);
+                }
+            })
+            .expect("failed to start the localsession GC thread");
+        GcThread { stop, handle, sweeps }
+    }
+}
+
+/// `is_valid`, keeping the session if it panics.
+fn is_valid_or_keep(s: &AnySession) -> bool {
+    catch_unwind(AssertUnwindSafe(|| s.is_valid())).unwrap_or(true)
+}
+
+/// A process-unique `u64` for the calling thread (for [`ShardedStore`]s keyed by thread).
+///
+/// # Examples
+/// ```
+/// let a = localsession_std::thread_id();
+/// let b = std::thread::spawn(localsession_std::thread_id).join().unwrap();
+/// assert_ne!(a, b);
+/// assert_eq!(a, localsession_std::thread_id());
+/// ```
+#[must_use]
+pub fn thread_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static ID: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    ID.with(|id| *id)
+}

@@ -1,0 +1,139 @@
+//! The thread-local [`ContextStore`]: one [`LocalSlot`] per OS thread.
+//!
+//! Reading is a thread-local access, one relaxed load of a "was anything ever bound" flag (the
+//! fast path of tracing-core's `SCOPED_COUNT`: a process that never binds skips the
+//! thread-local entirely), one acquire load of the manager generation, and a borrow of the
+//! slot — no lock, no atomic read-modify-write, no clone.
+//!
+//! # Generations
+//!
+//! [`reset_default_manager`](crate::reset_default_manager) must make every earlier binding
+//! disappear, on every thread, safely while other threads bind and read. Each slot remembers
+//! the generation it was bound in; a reset bumps the global generation (one atomic add), and a
+//! slot whose generation is stale reads as empty and is cleared the next time its thread
+//! touches it. A bind that races with a reset lands in one generation or the other, never in a
+//! torn state.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use localsession_core::{AnySession, BindError, ContextStore, LocalSlot};
+
+/// The generation of the default manager; bumped by `reset_default_manager`.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+/// Whether any thread ever bound a session (a process that never binds skips TLS on reads).
+static EVER_BOUND: AtomicBool = AtomicBool::new(false);
+
+struct ThreadSlot {
+    slot: LocalSlot,
+    generation: Cell<u64>,
+}
+
+impl Drop for ThreadSlot {
+    fn drop(&mut self) {
+        // The thread ends with a session bound: it is released with the slot.
+        crate::live::on_unbind(self.slot.is_set());
+    }
+}
+
+thread_local! {
+    static SLOT: ThreadSlot = const { ThreadSlot { slot: LocalSlot::new(), generation: Cell::new(0) } };
+}
+
+/// The thread-local store: "the current session" of each OS thread.
+///
+/// Registered as the process-wide default store by
+/// [`init_default_manager`](crate::init_default_manager) (and on first use of this crate's
+/// binding functions if no store is registered), so `localsession_core::current()` sees it.
+/// The tokio and async-std adapters install a task's session into this store around each poll.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, ContextStore, SessionCtx};
+/// use localsession_std::THREAD_STORE;
+///
+/// let s = SessionCtx::new(&Context::background());
+/// THREAD_STORE.replace(Some(s.into())).unwrap();
+/// THREAD_STORE.with_current(&mut |cur| assert!(cur.is_some()));
+/// THREAD_STORE.replace(None).unwrap();
+/// ```
+#[derive(Debug)]
+pub struct ThreadStore(());
+
+/// The one [`ThreadStore`].
+pub static THREAD_STORE: ThreadStore = ThreadStore(());
+
+impl ThreadStore {
+    /// Calls `f` with this thread's session, borrowed (see [`with_current`](crate::with_current)).
+    #[inline]
+    pub fn with<R>(&self, f: impl FnOnce(Option<&AnySession>) -> R) -> R {
+        // Relaxed: only a hint; a thread always sees its own binds, and another thread's binds
+        // cannot be in this thread's slot.
+        if !EVER_BOUND.load(Ordering::Relaxed) {
+            return f(None);
+        }
+        let mut f = Some(f);
+        let out = SLOT.try_with(|t| {
+            // Acquire: pairs with the reset's bump, ordering it before anything the resetting
+            // thread did afterwards.
+            let generation = GENERATION.load(Ordering::Acquire);
+            if t.generation.get() != generation {
+                let stale = t.slot.replace(None);
+                t.generation.set(generation);
+                crate::live::on_unbind(stale.is_some());
+                drop(stale);
+            }
+            let f = f.take().expect("called once");
+            t.slot.with(f)
+        });
+        match out {
+            Ok(r) => r,
+            // The thread is being torn down: nothing is bound any more.
+            Err(_) => (f.take().expect("not consumed on error"))(None),
+        }
+    }
+
+    /// Binds `session` (or clears with `None`) on this thread; returns the previous binding.
+    /// Returns `Err` only during thread teardown, with the session.
+    pub fn swap(&self, session: Option<AnySession>) -> Result<Option<AnySession>, BindError> {
+        if session.is_some() && !EVER_BOUND.load(Ordering::Relaxed) {
+            EVER_BOUND.store(true, Ordering::Relaxed);
+        }
+        let mut session = Some(session);
+        let r = SLOT.try_with(|t| {
+            let generation = GENERATION.load(Ordering::Acquire);
+            let stale = t.generation.get() != generation;
+            t.generation.set(generation);
+            let new = session.take().expect("called once");
+            crate::live::on_bind(new.is_some());
+            let old = t.slot.replace(new);
+            crate::live::on_unbind(old.is_some());
+            if stale {
+                drop(old);
+                None
+            } else {
+                old
+            }
+        });
+        r.map_err(|_| {
+            BindError::new(session.take().flatten(), "the thread is being torn down (thread-local storage is gone)")
+        })
+    }
+}
+
+impl ContextStore for ThreadStore {
+    #[inline]
+    fn with_current(&self, f: &mut dyn FnMut(Option<&AnySession>)) {
+        self.with(f);
+    }
+
+    fn replace(&self, session: Option<AnySession>) -> Result<Option<AnySession>, BindError> {
+        self.swap(session)
+    }
+}
+
+/// Invalidates every binding made before, on every thread (see the module docs).
+pub(crate) fn bump_generation() {
+    // Release: bindings made after the reset (with the new generation) are ordered after it.
+    GENERATION.fetch_add(1, Ordering::AcqRel);
+}

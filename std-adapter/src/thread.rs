@@ -1,0 +1,254 @@
+//! Spawning OS threads that carry a session: Go's `Go` and `GoSession`.
+//!
+//! The new thread binds the session before running `f` and unbinds it when `f` returns or
+//! panics (a guard dropped during unwinding), so a thread from a pool never keeps a request's
+//! session. A panic in `f` reaches the `JoinHandle`, exactly as with `std::thread::spawn`.
+
+use std::io;
+use std::thread::{JoinHandle, Scope, ScopedJoinHandle};
+
+use localsession_core::AnySession;
+
+use crate::store::THREAD_STORE;
+
+/// Binds a session on the current thread for its lifetime on the stack, and unbinds on drop.
+struct ThreadBinding;
+
+impl ThreadBinding {
+    fn new(session: Option<AnySession>) -> ThreadBinding {
+        if session.is_some() {
+            // A fresh thread has nothing bound; a failure means teardown, where nothing can be.
+            drop(THREAD_STORE.swap(session));
+        }
+        ThreadBinding
+    }
+}
+
+impl Drop for ThreadBinding {
+    fn drop(&mut self) {
+        // Unbind even if `f` bound something else itself (Go: the goroutine's binding ends).
+        drop(THREAD_STORE.swap(None));
+    }
+}
+
+fn wrap<F, T>(session: Option<AnySession>, f: F) -> impl FnOnce() -> T + Send
+where
+    F: FnOnce() -> T + Send,
+{
+    move || {
+        let _binding = ThreadBinding::new(session);
+        f()
+    }
+}
+
+/// Spawns a thread that runs `f` with the caller's current session (Go `Go`).
+///
+/// # Panics
+/// As `std::thread::spawn`: if the OS fails to create the thread (use [`Builder`] to get the
+/// error instead).
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, SessionCtx};
+/// use localsession_std::{bind, current, go, unbind};
+///
+/// bind(SessionCtx::new(&Context::background()).with_value("req", 1u32));
+/// let seen = go(|| current().and_then(|s| s.value_cloned::<u32, _>(&"req"))).join().unwrap();
+/// assert_eq!(seen, Some(1));
+/// unbind();
+/// ```
+pub fn go<F, T>(f: F) -> JoinHandle<T>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    std::thread::spawn(wrap(crate::current(), f))
+}
+
+/// Spawns a thread that runs `f` with `session` bound (Go `GoSession`).
+///
+/// # Panics
+/// As `std::thread::spawn`: if the OS fails to create the thread.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, SessionCtx};
+/// use localsession_std::{current, go_session};
+///
+/// let s = SessionCtx::new(&Context::background()).with_value("k", "v");
+/// let v = go_session(s, || current().unwrap().value_cloned::<&str, _>(&"k")).join().unwrap();
+/// assert_eq!(v, Some("v"));
+/// ```
+pub fn go_session<F, T>(session: impl Into<AnySession>, f: F) -> JoinHandle<T>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    std::thread::spawn(wrap(Some(session.into()), f))
+}
+
+/// `std::thread::Builder` that hands a session to the new thread.
+///
+/// By default the thread gets the spawner's current session (as [`go`]); [`session`](Builder::session)
+/// gives it another one, [`no_session`](Builder::no_session) none.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, SessionCtx};
+/// use localsession_std::{current, Builder};
+///
+/// let s = SessionCtx::new(&Context::background()).with_value(1u8, 2u8);
+/// let h = Builder::new()
+///     .name("worker".into())
+///     .stack_size(256 * 1024)
+///     .session(s)
+///     .spawn(|| (std::thread::current().name().map(str::to_owned), current().is_some()))
+///     .unwrap();
+/// assert_eq!(h.join().unwrap(), (Some("worker".to_owned()), true));
+/// ```
+#[derive(Debug)]
+pub struct Builder {
+    inner: std::thread::Builder,
+    session: SessionChoice,
+}
+
+#[derive(Debug)]
+enum SessionChoice {
+    Inherit,
+    Given(AnySession),
+    None,
+}
+
+impl Builder {
+    /// A builder whose threads inherit the spawner's session.
+    #[must_use]
+    pub fn new() -> Builder {
+        Builder { inner: std::thread::Builder::new(), session: SessionChoice::Inherit }
+    }
+
+    /// Names the thread.
+    #[must_use]
+    pub fn name(self, name: String) -> Builder {
+        Builder { inner: self.inner.name(name), ..self }
+    }
+
+    /// Sets the thread's stack size.
+    #[must_use]
+    pub fn stack_size(self, size: usize) -> Builder {
+        Builder { inner: self.inner.stack_size(size), ..self }
+    }
+
+    /// Runs the thread with `session` bound instead of the spawner's.
+    #[must_use]
+    pub fn session(self, session: impl Into<AnySession>) -> Builder {
+        Builder { session: SessionChoice::Given(session.into()), ..self }
+    }
+
+    /// Runs the thread with no session bound.
+    #[must_use]
+    pub fn no_session(self) -> Builder {
+        Builder { session: SessionChoice::None, ..self }
+    }
+
+    fn resolve(session: SessionChoice) -> Option<AnySession> {
+        match session {
+            SessionChoice::Inherit => crate::current(),
+            SessionChoice::Given(s) => Some(s),
+            SessionChoice::None => None,
+        }
+    }
+
+    /// Spawns the thread.
+    ///
+    /// # Errors
+    /// The OS error if the thread could not be created (the session is dropped).
+    pub fn spawn<F, T>(self, f: F) -> io::Result<JoinHandle<T>>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        self.inner.spawn(wrap(Self::resolve(self.session), f))
+    }
+
+    /// Spawns a scoped thread (see [`std::thread::scope`]).
+    ///
+    /// # Errors
+    /// The OS error if the thread could not be created.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, SessionCtx};
+    /// use localsession_std::{current, Builder};
+    /// let s = SessionCtx::new(&Context::background());
+    /// let local = 5;
+    /// std::thread::scope(|scope| {
+    ///     let h = Builder::new().session(s).spawn_scoped(scope, || current().is_some() && local == 5).unwrap();
+    ///     assert!(h.join().unwrap());
+    /// });
+    /// ```
+    pub fn spawn_scoped<'scope, 'env, F, T>(
+        self,
+        scope: &'scope Scope<'scope, 'env>,
+        f: F,
+    ) -> io::Result<ScopedJoinHandle<'scope, T>>
+    where
+        F: FnOnce() -> T + Send + 'scope,
+        T: Send + 'scope,
+    {
+        self.inner.spawn_scoped(scope, wrap(Self::resolve(self.session), f))
+    }
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder::new()
+    }
+}
+
+/// Session-carrying spawns on a [`std::thread::Scope`].
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, SessionCtx};
+/// use localsession_std::{bind, current, unbind, ScopeExt};
+///
+/// bind(SessionCtx::new(&Context::background()).with_value("k", 1u8));
+/// let mut results = Vec::new();
+/// std::thread::scope(|scope| {
+///     let a = scope.go(|| current().and_then(|s| s.value_cloned::<u8, _>(&"k")));
+///     results.push(a.join().unwrap());
+/// });
+/// assert_eq!(results, vec![Some(1)]);
+/// unbind();
+/// ```
+pub trait ScopeExt<'scope> {
+    /// Spawns a scoped thread with the caller's current session.
+    fn go<F, T>(&'scope self, f: F) -> ScopedJoinHandle<'scope, T>
+    where
+        F: FnOnce() -> T + Send + 'scope,
+        T: Send + 'scope;
+
+    /// Spawns a scoped thread with `session` bound.
+    fn go_session<F, T>(&'scope self, session: impl Into<AnySession>, f: F) -> ScopedJoinHandle<'scope, T>
+    where
+        F: FnOnce() -> T + Send + 'scope,
+        T: Send + 'scope;
+}
+
+impl<'scope, 'env> ScopeExt<'scope> for Scope<'scope, 'env> {
+    fn go<F, T>(&'scope self, f: F) -> ScopedJoinHandle<'scope, T>
+    where
+        F: FnOnce() -> T + Send + 'scope,
+        T: Send + 'scope,
+    {
+        self.spawn(wrap(crate::current(), f))
+    }
+
+    fn go_session<F, T>(&'scope self, session: impl Into<AnySession>, f: F) -> ScopedJoinHandle<'scope, T>
+    where
+        F: FnOnce() -> T + Send + 'scope,
+        T: Send + 'scope,
+    {
+        self.spawn(wrap(Some(session.into()), f))
+    }
+}
