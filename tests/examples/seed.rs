@@ -1,0 +1,24 @@
+//! The seed program of Go's localsession README, in Rust (see `src/seed.rs` for the code).
+//!
+//! Run with `cargo run -p localsession-tests --example seed`. Pass `map` to run it with a
+//! `SessionMap` instead of a `SessionCtx`.
+
+use localsession_std::{default_manager_options, init_default_manager};
+use localsession_tests::seed::{Kind, run};
+
+fn main() {
+    // Go: `func init() { InitDefaultManager(DefaultManagerOptions()) }`
+    if let Err(e) = init_default_manager(default_manager_options()) {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
+    let kind = match std::env::args().nth(1).as_deref() {
+        None | Some("ctx") => Kind::Ctx,
+        Some("map") => Kind::Map,
+        Some(other) => {
+            eprintln!("error: unknown session kind {other:?} (expected \"ctx\" or \"map\")");
+            std::process::exit(2);
+        }
+    };
+    run(kind, |line| println!("{line}"));
+}
