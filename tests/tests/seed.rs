@@ -10,8 +10,7 @@ fn run_and_collect(kind: Kind) -> Vec<String> {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let sink = lines.clone();
     run(kind, move |line| sink.lock().unwrap().push(line.to_owned()));
-    let lines = lines.lock().unwrap().clone();
-    lines
+    lines.lock().unwrap().clone()
 }
 
 fn check(lines: &[String]) {
