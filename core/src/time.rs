@@ -190,6 +190,13 @@ impl Expiry {
         unsafe { crate::scope::ScopeNode::from_node(&self.scope) }.is_cancelled()
     }
 
+    /// A future that resolves when the scope is done (cancelled, or fired): a timer task can
+    /// race it against its sleep to release the scope early when it is cancelled before the
+    /// deadline.
+    pub fn settled(&self) -> crate::Done {
+        crate::Done::new(Some(self.scope.clone()))
+    }
+
     /// The deadline this expiry is for.
     #[must_use]
     pub fn deadline(&self) -> Option<Instant> {

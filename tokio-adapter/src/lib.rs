@@ -1,1 +1,66 @@
-//! placeholder
+//! `localsession-tokio`: sessions that follow tokio tasks.
+//!
+//! Two ways to hand a session to a task:
+//!
+//! - **Explicit** (any build): [`spawn`], [`spawn_with`], [`spawn_blocking`], [`spawn_local`],
+//!   [`JoinSetExt`] and [`FutureExt::with_session`] / [`FutureExt::in_current_session`]. The
+//!   session is installed around every poll of the future and around its drop, on whichever
+//!   worker polls it, and removed afterwards.
+//! - **Implicit** (`--cfg tokio_unstable`): build the runtime through
+//!   [`enable_implicit_sessions`] and every plain `tokio::spawn` inherits the spawner's
+//!   session — also in library code you do not control. No other Rust crate does this; tokio's
+//!   own `task_local!` cannot, and Go had to drop its implicit mode. See [`implicit`] for what
+//!   the hooks do not cover (`spawn_blocking`, `LocalSet`), where the explicit helpers apply.
+//!
+//! Reading the session inside a task is the std adapter's thread-local read
+//! ([`localsession_std::current`], [`localsession_std::with_current`]): the session is in the
+//! polling worker's slot for the duration of the poll.
+//!
+//! Deadlines run on tokio's timer once [`init`] registered [`TOKIO_CLOCK`].
+//!
+//! # Examples
+//! ```
+//! use localsession_core::{Context, SessionCtx};
+//! use localsession_std::{current, scope};
+//!
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)] async fn main() {
+//! localsession_tokio::init(localsession_std::default_manager_options()).unwrap();
+//! let request = SessionCtx::new(&Context::background()).with_value("trace", "abc");
+//! let handle = scope(request.clone(), || localsession_tokio::spawn(async {
+//!     let child = localsession_tokio::spawn(async { current().unwrap().value_cloned::<&str, _>(&"trace") });
+//!     child.await.unwrap()
+//! }));
+//! assert_eq!(handle.await.unwrap(), Some("abc"));
+//! # }
+//! ```
+
+mod clock;
+mod explicit;
+#[cfg(tokio_unstable)]
+pub mod implicit;
+
+pub use clock::{TOKIO_CLOCK, TokioClock};
+pub use explicit::{FutureExt, JoinSetExt, spawn, spawn_blocking, spawn_local, spawn_with};
+#[cfg(tokio_unstable)]
+pub use implicit::{enable_implicit_sessions, implicit_task_sessions};
+
+use localsession_core::config::ManagerOptions;
+
+/// Registers [`TOKIO_CLOCK`] as the process-wide clock (so `with_timeout` deadlines fire on
+/// tokio's timer), then initializes the std default manager (the thread-local store tokio's
+/// workers use) with `opts`.
+///
+/// # Errors
+/// As [`localsession_std::init_default_manager`]. If another clock was registered already,
+/// that clock stays (deadlines still work, on its timer).
+///
+/// # Examples
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// localsession_tokio::init(localsession_std::default_manager_options()).unwrap();
+/// # }
+/// ```
+pub fn init(opts: ManagerOptions) -> Result<(), localsession_std::InitError> {
+    let _ = localsession_core::set_global_clock(&TOKIO_CLOCK);
+    localsession_std::init_default_manager(opts)
+}

@@ -1,0 +1,202 @@
+//! Explicit inheritance: spawn helpers and future combinators.
+//!
+//! Every helper wraps the future in [`WithSession`] bound to the thread-local store of
+//! `localsession-std`: around each poll — on whichever worker polls it — the session is swapped
+//! into that worker's slot and swapped out afterwards, so a worker never carries one task's
+//! session into the next. Works on any runtime flavour, with or without `tokio_unstable`.
+
+use std::future::Future;
+
+use localsession_core::{AnySession, WithSession};
+use localsession_std::THREAD_STORE;
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
+
+/// Session combinators for futures, bound to the thread-local store that tokio's workers use.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, SessionCtx};
+/// use localsession_tokio::FutureExt;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let s = SessionCtx::new(&Context::background()).with_value("k", 1u8);
+/// let v = async { localsession_std::current().unwrap().value_cloned::<u8, _>(&"k") }.with_session(s).await;
+/// assert_eq!(v, Some(1));
+/// # }
+/// ```
+pub trait FutureExt: Future + Sized {
+    /// Runs this future with `session` bound, around every poll and around its drop.
+    fn with_session(self, session: impl Into<AnySession>) -> WithSession<Self> {
+        WithSession::new_in(&THREAD_STORE, self, Some(session.into()))
+    }
+
+    /// Runs this future with the session current *now* (none if none is bound).
+    fn in_current_session(self) -> WithSession<Self> {
+        WithSession::new_in(&THREAD_STORE, self, localsession_std::current())
+    }
+
+    /// Runs this future with no session bound, whatever the polling thread has.
+    fn without_session(self) -> WithSession<Self> {
+        WithSession::new_in(&THREAD_STORE, self, None)
+    }
+}
+
+impl<F: Future> FutureExt for F {}
+
+/// `tokio::spawn` with the spawner's current session.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, SessionCtx};
+/// use localsession_std::{current, scope};
+///
+/// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)] async fn main() {
+/// let s = SessionCtx::new(&Context::background()).with_value("user", 9u32);
+/// let handle = scope(s, || localsession_tokio::spawn(async {
+///     tokio::task::yield_now().await; // may resume on another worker
+///     current().unwrap().value_cloned::<u32, _>(&"user")
+/// }));
+/// assert_eq!(handle.await.unwrap(), Some(9));
+/// # }
+/// ```
+#[track_caller]
+pub fn spawn<F>(future: F) -> JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(future.in_current_session())
+}
+
+/// `tokio::spawn` with a given session.
+///
+/// # Examples
+/// ```
+/// use localsession_core::SessionMap;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let map = SessionMap::new().with_value("k", 5u8);
+/// let h = localsession_tokio::spawn_with(map, async { localsession_std::current().is_some() });
+/// assert!(h.await.unwrap());
+/// # }
+/// ```
+#[track_caller]
+pub fn spawn_with<F>(session: impl Into<AnySession>, future: F) -> JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(future.with_session(session))
+}
+
+/// `tokio::task::spawn_blocking` with the spawner's current session (bound on the blocking
+/// thread for the closure's duration, unbound after, panic or not).
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, SessionCtx};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let s = SessionCtx::new(&Context::background()).with_value("k", 2u8);
+/// let h = localsession_std::scope(s, || {
+///     localsession_tokio::spawn_blocking(|| localsession_std::current().unwrap().value_cloned::<u8, _>(&"k"))
+/// });
+/// assert_eq!(h.await.unwrap(), Some(2));
+/// # }
+/// ```
+#[track_caller]
+pub fn spawn_blocking<F, R>(f: F) -> JoinHandle<R>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    let session = localsession_std::current();
+    tokio::task::spawn_blocking(move || match session {
+        Some(s) => localsession_std::scope(s, f),
+        // The blocking pool thread may not keep anything from a previous job.
+        None => {
+            let _guard = unbound_guard();
+            f()
+        }
+    })
+}
+
+/// Unbinds on drop (a blocking-pool thread must end each job with nothing bound).
+fn unbound_guard() -> impl Drop {
+    struct Unbind;
+    impl Drop for Unbind {
+        fn drop(&mut self) {
+            drop(localsession_std::unbind());
+        }
+    }
+    Unbind
+}
+
+/// `tokio::task::spawn_local` (inside a `LocalSet`) with the spawner's current session.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, SessionCtx};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let local = tokio::task::LocalSet::new();
+/// let s = SessionCtx::new(&Context::background()).with_value("k", 3u8);
+/// let v = local.run_until(async move {
+///     let h = localsession_std::scope(s, || localsession_tokio::spawn_local(async {
+///         localsession_std::current().unwrap().value_cloned::<u8, _>(&"k")
+///     }));
+///     h.await.unwrap()
+/// }).await;
+/// assert_eq!(v, Some(3));
+/// # }
+/// ```
+#[track_caller]
+pub fn spawn_local<F>(future: F) -> JoinHandle<F::Output>
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    tokio::task::spawn_local(future.in_current_session())
+}
+
+/// Session-carrying spawns on a [`JoinSet`].
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, SessionCtx};
+/// use localsession_tokio::JoinSetExt;
+/// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)] async fn main() {
+/// let mut set = tokio::task::JoinSet::new();
+/// for i in 0..4u32 {
+///     let s = SessionCtx::new(&Context::background()).with_value("i", i);
+///     set.spawn_with(s, async { localsession_std::current().unwrap().value_cloned::<u32, _>(&"i").unwrap() });
+/// }
+/// let mut got: Vec<u32> = set.join_all().await;
+/// got.sort();
+/// assert_eq!(got, vec![0, 1, 2, 3]);
+/// # }
+/// ```
+pub trait JoinSetExt<T> {
+    /// Spawns into the set with the spawner's current session.
+    fn spawn_current<F>(&mut self, future: F) -> AbortHandle
+    where
+        F: Future<Output = T> + Send + 'static;
+
+    /// Spawns into the set with a given session.
+    fn spawn_with<F>(&mut self, session: impl Into<AnySession>, future: F) -> AbortHandle
+    where
+        F: Future<Output = T> + Send + 'static;
+}
+
+impl<T: Send + 'static> JoinSetExt<T> for JoinSet<T> {
+    fn spawn_current<F>(&mut self, future: F) -> AbortHandle
+    where
+        F: Future<Output = T> + Send + 'static,
+    {
+        self.spawn(future.in_current_session())
+    }
+
+    fn spawn_with<F>(&mut self, session: impl Into<AnySession>, future: F) -> AbortHandle
+    where
+        F: Future<Output = T> + Send + 'static,
+    {
+        self.spawn(future.with_session(session))
+    }
+}
