@@ -11,6 +11,7 @@
 //! | `Go(f)` / `GoSession(s, f)` | [`go`] / [`go_session`], [`Builder`], [`ScopeExt`] |
 //! | `NewSessionManager(opts)` + GC goroutine | [`ShardedManager`] (GC thread stopped on drop) |
 //! | timers of `NewSessionCtxWithTimeout` | [`STD_CLOCK`]: one shared timer thread |
+//! | — | [`FutureExt`]: a session that follows a future on any executor; [`in_current_session`] for pool jobs |
 //!
 //! The sessions, contexts and the backup functions come from [`localsession_core`], re-exported
 //! here.
@@ -31,6 +32,7 @@
 //! ```
 
 mod clock;
+mod future;
 mod live;
 mod manager;
 mod sharded;
@@ -38,11 +40,12 @@ mod store;
 mod thread;
 
 pub use clock::{STD_CLOCK, StdClock};
+pub use future::FutureExt;
 pub use live::live_sessions;
 pub use manager::{InitError, default_manager_options, init_default_manager, manager_options, reset_default_manager};
 pub use sharded::{ShardedManager, thread_id};
 pub use store::{THREAD_STORE, ThreadStore};
-pub use thread::{Builder, ScopeExt, go, go_session};
+pub use thread::{Builder, ScopeExt, go, go_session, in_current_session, with_session};
 
 pub use localsession_core::config::ManagerOptions;
 pub use localsession_core::{

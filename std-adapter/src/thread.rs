@@ -41,6 +41,44 @@ where
     }
 }
 
+/// Wraps `f` so that it runs with the session current *now*, on whatever thread later calls it,
+/// and leaves that thread with nothing bound afterwards (panic or not). For thread pools and
+/// blocking pools (rayon, `spawn_blocking`, a job queue).
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, SessionCtx};
+/// use localsession_std::{current, in_current_session, scope};
+///
+/// let s = SessionCtx::new(&Context::background()).with_value("job", 4u8);
+/// let job = scope(s, || in_current_session(|| current().unwrap().value_cloned::<u8, _>(&"job")));
+/// let seen = std::thread::spawn(job).join().unwrap(); // a plain thread: the job carries it
+/// assert_eq!(seen, Some(4));
+/// ```
+pub fn in_current_session<F, T>(f: F) -> impl FnOnce() -> T + Send
+where
+    F: FnOnce() -> T + Send,
+{
+    wrap(crate::current(), f)
+}
+
+/// Wraps `f` so that it runs with `session` bound (or none), on whatever thread calls it, and
+/// leaves that thread with nothing bound afterwards.
+///
+/// # Examples
+/// ```
+/// use localsession_core::SessionMap;
+/// use localsession_std::{current, with_session};
+/// let job = with_session(Some(SessionMap::new().into()), || current().is_some());
+/// assert!(std::thread::spawn(job).join().unwrap());
+/// ```
+pub fn with_session<F, T>(session: Option<AnySession>, f: F) -> impl FnOnce() -> T + Send
+where
+    F: FnOnce() -> T + Send,
+{
+    wrap(session, f)
+}
+
 /// Spawns a thread that runs `f` with the caller's current session (Go `Go`).
 ///
 /// # Panics

@@ -1,47 +1,15 @@
 //! Explicit inheritance: spawn helpers and future combinators.
 //!
-//! Every helper wraps the future in [`WithSession`] bound to the thread-local store of
+//! Every helper wraps the future in `WithSession` bound to the thread-local store of
 //! `localsession-std`: around each poll — on whichever worker polls it — the session is swapped
 //! into that worker's slot and swapped out afterwards, so a worker never carries one task's
 //! session into the next. Works on any runtime flavour, with or without `tokio_unstable`.
 
 use std::future::Future;
 
-use localsession_core::{AnySession, WithSession};
-use localsession_std::THREAD_STORE;
+use localsession_core::AnySession;
+pub use localsession_std::FutureExt;
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
-
-/// Session combinators for futures, bound to the thread-local store that tokio's workers use.
-///
-/// # Examples
-/// ```
-/// use localsession_core::{Context, SessionCtx};
-/// use localsession_tokio::FutureExt;
-///
-/// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// let s = SessionCtx::new(&Context::background()).with_value("k", 1u8);
-/// let v = async { localsession_std::current().unwrap().value_cloned::<u8, _>(&"k") }.with_session(s).await;
-/// assert_eq!(v, Some(1));
-/// # }
-/// ```
-pub trait FutureExt: Future + Sized {
-    /// Runs this future with `session` bound, around every poll and around its drop.
-    fn with_session(self, session: impl Into<AnySession>) -> WithSession<Self> {
-        WithSession::new_in(&THREAD_STORE, self, Some(session.into()))
-    }
-
-    /// Runs this future with the session current *now* (none if none is bound).
-    fn in_current_session(self) -> WithSession<Self> {
-        WithSession::new_in(&THREAD_STORE, self, localsession_std::current())
-    }
-
-    /// Runs this future with no session bound, whatever the polling thread has.
-    fn without_session(self) -> WithSession<Self> {
-        WithSession::new_in(&THREAD_STORE, self, None)
-    }
-}
-
-impl<F: Future> FutureExt for F {}
 
 /// `tokio::spawn` with the spawner's current session.
 ///
@@ -108,26 +76,7 @@ where
     F: FnOnce() -> R + Send + 'static,
     R: Send + 'static,
 {
-    let session = localsession_std::current();
-    tokio::task::spawn_blocking(move || match session {
-        Some(s) => localsession_std::scope(s, f),
-        // The blocking pool thread may not keep anything from a previous job.
-        None => {
-            let _guard = unbound_guard();
-            f()
-        }
-    })
-}
-
-/// Unbinds on drop (a blocking-pool thread must end each job with nothing bound).
-fn unbound_guard() -> impl Drop {
-    struct Unbind;
-    impl Drop for Unbind {
-        fn drop(&mut self) {
-            drop(localsession_std::unbind());
-        }
-    }
-    Unbind
+    tokio::task::spawn_blocking(localsession_std::in_current_session(f))
 }
 
 /// `tokio::task::spawn_local` (inside a `LocalSet`) with the spawner's current session.
