@@ -335,13 +335,20 @@ proptest! {
     }
 }
 
+/// Past the 512-key table cap natively. Under miri (an interpreter, where the walks above the
+/// last table take minutes) a shorter chain: crossing the cap runs no unsafe code of its own
+/// (it only skips building a table), and the table code is covered by the other properties.
+fn wide_len() -> std::ops::Range<usize> {
+    if cfg!(miri) { 40..80 } else { 600..1200 }
+}
+
 proptest! {
     #![proptest_config(config(24))]
 
     /// More distinct keys than the index tables take (512): lookups above the last table must
     /// still find every key, in the newest context and in older prefixes.
     #[test]
-    fn wide_chain_matches_hashmap(binds in prop::collection::vec((0..800u16, any::<u32>()), 600..1200)) {
+    fn wide_chain_matches_hashmap(binds in prop::collection::vec((0..800u16, any::<u32>()), wide_len())) {
         let mut ctx = Context::background();
         let mut model: HashMap<u16, u32> = HashMap::new();
         let mut kept = Vec::new();
@@ -349,13 +356,15 @@ proptest! {
             model.insert(key, value);
             ctx = ctx.with_value(key, value);
             prop_assert_eq!(ctx.value::<u32, _>(&key).copied(), Some(value), "newest binding at depth {}", i + 1);
-            if i % 97 == 0 {
+            // Under miri (an interpreter) keep the same shape but check a sample.
+            if i % 97 == 0 && !cfg!(miri) {
                 kept.push((i + 1, ctx.clone(), model.clone()));
             }
         }
         kept.push((binds.len(), ctx, model));
+        let step = if cfg!(miri) { 41 } else { 1 };
         for (at, c, m) in &kept {
-            for key in 0..810u16 {
+            for key in (0..810u16).step_by(step) {
                 prop_assert_eq!(c.value::<u32, _>(&key).copied(), m.get(&key).copied(), "depth {} key {}", at, key);
             }
         }

@@ -1,0 +1,637 @@
+//! localsession against its peers, side by side in one run (DESIGN.md §8, P1–P8).
+//!
+//! `cargo bench -p localsession-tests --bench sessions` measures every figure with criterion and
+//! then prints a table: operation, ours, peer, ratio, target, met. The implicit tokio mode
+//! (P6 implicit) needs `RUSTFLAGS="--cfg tokio_unstable"`; `tests/benches/report.sh` runs the
+//! whole suite that way. No figure here is asserted: machines are shared and noisy.
+//!
+//! Peers: a raw `thread_local!` pointer read doing the same list walk (the floor), tokio's
+//! `task_local!` (`sync_scope`, `scope`, `with`), `opentelemetry::Context` (`current`, `attach`,
+//! `with_value`), plain `tokio::spawn` and `std::thread::spawn`. Go's figures (DESIGN.md §8,
+//! measured upstream on this machine kind) are printed for reference.
+#![allow(missing_docs)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion};
+use localsession_core::{Context, Key, SessionCtx, SessionMap};
+use localsession_std::{current, enter, go, scope, with_current};
+
+// ---------------------------------------------------------------------------------------------
+// Allocation counting (only while `COUNTING` is set, outside timed loops).
+// ---------------------------------------------------------------------------------------------
+
+struct Counting;
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+static ALLOC_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator; the counters do not affect allocation.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+            ALLOC_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+        }
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn count_allocs<R>(n: usize, mut f: impl FnMut() -> R) -> (f64, f64) {
+    ALLOCS.store(0, Ordering::SeqCst);
+    ALLOC_BYTES.store(0, Ordering::SeqCst);
+    let mut keep = Vec::with_capacity(n);
+    COUNTING.store(true, Ordering::SeqCst);
+    for _ in 0..n {
+        keep.push(f());
+    }
+    COUNTING.store(false, Ordering::SeqCst);
+    drop(keep);
+    (ALLOCS.load(Ordering::SeqCst) as f64 / n as f64, ALLOC_BYTES.load(Ordering::SeqCst) as f64 / n as f64)
+}
+
+fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keys and peers
+// ---------------------------------------------------------------------------------------------
+
+static K: Key<u64> = Key::new("k");
+static FILLER: [Key<u64>; 64] = [const { Key::new("filler") }; 64];
+
+/// The floor: a raw thread-local pointer to a hand-written list, walked the same way.
+struct RawNode {
+    key: usize,
+    value: u64,
+    next: *const RawNode,
+}
+
+thread_local! {
+    static RAW: Cell<*const RawNode> = const { Cell::new(std::ptr::null()) };
+}
+
+#[inline(never)]
+fn raw_get(key: usize) -> u64 {
+    RAW.with(|head| {
+        let mut p = head.get();
+        // SAFETY: the list is leaked for the benchmark's lifetime.
+        unsafe {
+            while !p.is_null() {
+                if (*p).key == key {
+                    return (*p).value;
+                }
+                p = (*p).next;
+            }
+        }
+        0
+    })
+}
+
+tokio::task_local! {
+    static TL: u64;
+}
+
+#[derive(Clone, Copy)]
+struct OtelValue(u64);
+
+/// A session context of `depth` typed bindings with `K` bound first (deepest).
+fn session_of_depth(depth: usize) -> SessionCtx {
+    let mut s = SessionCtx::new(&Context::background()).with(&K, 7);
+    for key in FILLER.iter().take(depth - 1) {
+        s = s.with(key, 1);
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benchmarks
+// ---------------------------------------------------------------------------------------------
+
+fn p1_current_get(c: &mut Criterion) {
+    let mut g = c.benchmark_group("p1_current_get");
+    // Ours: `current()`'s borrowed form plus a typed get, through the std thread store.
+    let _bound = enter(session_of_depth(1));
+    g.bench_function("localsession", |b| {
+        b.iter(|| with_current(|s| s.map_or(0, |s| s.read_key(&K, |v| v.copied().unwrap_or(0)))))
+    });
+    // The floor: one list node behind a thread-local pointer.
+    let node = Box::leak(Box::new(RawNode { key: 1, value: 7, next: std::ptr::null() }));
+    RAW.with(|h| h.set(node));
+    g.bench_function("raw_thread_local", |b| b.iter(|| raw_get(black_box(1))));
+    // tokio task_local inside sync_scope.
+    TL.sync_scope(7, || g.bench_function("tokio_task_local", |b| b.iter(|| TL.with(|v| *v))));
+    // opentelemetry: Context::current() + get.
+    let _otel = opentelemetry::Context::current_with_value(OtelValue(7)).attach();
+    g.bench_function("opentelemetry", |b| {
+        b.iter(|| opentelemetry::Context::current().get::<OtelValue>().map_or(0, |v| v.0))
+    });
+    g.finish();
+}
+
+fn p2_enter(c: &mut Criterion) {
+    let mut g = c.benchmark_group("p2_enter");
+    let s: localsession_core::AnySession = session_of_depth(1).into();
+    g.bench_function("localsession", |b| {
+        b.iter(|| {
+            let guard = enter(s.clone());
+            drop(black_box(guard));
+        })
+    });
+    // Same without the clone of the session handle (what `WithSession` does per poll: a swap).
+    let store = &localsession_std::THREAD_STORE;
+    let mut held = Some(s.clone());
+    g.bench_function("localsession_swap", |b| {
+        b.iter(|| {
+            let prev = store.swap(held.take()).ok().flatten();
+            held = store.swap(prev).ok().flatten();
+        })
+    });
+    g.bench_function("tokio_sync_scope", |b| b.iter(|| TL.sync_scope(black_box(7), || ())));
+    let otel = opentelemetry::Context::new().with_value(OtelValue(7));
+    g.bench_function("opentelemetry_attach", |b| {
+        b.iter(|| {
+            let guard = otel.clone().attach();
+            drop(black_box(guard));
+        })
+    });
+    g.finish();
+}
+
+fn p3_with_value(c: &mut Criterion) {
+    let mut g = c.benchmark_group("p3_with_value");
+    let base = session_of_depth(1);
+    g.bench_function("localsession", |b| b.iter(|| black_box(base.with(&FILLER[0], 1))));
+    g.bench_function("localsession_any_key", |b| b.iter(|| black_box(base.with_value("a", 1u64))));
+    let otel = opentelemetry::Context::new().with_value(OtelValue(1));
+    g.bench_function("opentelemetry", |b| b.iter(|| black_box(otel.with_value(7u64))));
+    g.finish();
+}
+
+fn p4_depth(c: &mut Criterion) {
+    let mut g = c.benchmark_group("p4_get_depth");
+    for depth in [1usize, 10, 64] {
+        let s = session_of_depth(depth);
+        g.bench_with_input(BenchmarkId::new("localsession", depth), &s, |b, s| {
+            b.iter(|| s.get(black_box(&K)).copied().unwrap_or(0))
+        });
+        let mut ctx = Context::background().with_value("k", 7u64);
+        for i in 1..depth {
+            ctx = ctx.with_value(i as u32, 1u64);
+        }
+        g.bench_with_input(BenchmarkId::new("localsession_any_key", depth), &ctx, |b, ctx| {
+            b.iter(|| ctx.value::<u64, _>(black_box(&"k")).copied().unwrap_or(0))
+        });
+        // The raw list walk at the same depth (key bound deepest).
+        let mut head: *const RawNode = Box::leak(Box::new(RawNode { key: 1, value: 7, next: std::ptr::null() }));
+        for i in 1..depth {
+            head = Box::leak(Box::new(RawNode { key: 100 + i, value: 1, next: head }));
+        }
+        RAW.with(|h| h.set(head));
+        g.bench_function(BenchmarkId::new("raw_list", depth), |b| b.iter(|| raw_get(black_box(1))));
+        let mut otel = opentelemetry::Context::new().with_value(OtelValue(7));
+        for i in 1..depth {
+            otel = otel.with_value(i as u32);
+        }
+        g.bench_with_input(BenchmarkId::new("opentelemetry", depth), &otel, |b, cx| {
+            b.iter(|| cx.get::<OtelValue>().map_or(0, |v| v.0))
+        });
+    }
+    g.finish();
+}
+
+fn map_with_10_keys() -> SessionMap {
+    let map = SessionMap::new();
+    for i in 0..10u64 {
+        map.insert(i, i);
+    }
+    map.set(&K, 7);
+    map
+}
+
+fn p5_map(c: &mut Criterion) {
+    let mut g = c.benchmark_group("p5_session_map");
+    let map = map_with_10_keys();
+    g.bench_function("read", |b| b.iter(|| map.read_key(black_box(&K), |v| v.copied().unwrap_or(0))));
+    g.bench_function("read_pinned", |b| {
+        // With the thread already pinned (an outer guard), as inside a batch of reads.
+        let guard = localsession_core::crossbeam_epoch::pin();
+        b.iter(|| map.read_key(black_box(&K), |v| v.copied().unwrap_or(0)));
+        drop(guard);
+    });
+    g.bench_function("value_arc", |b| b.iter(|| map.get(black_box(&K)).map_or(0, |v| *v)));
+    g.bench_function("insert", |b| {
+        let mut i = 0u64;
+        b.iter(|| {
+            i = (i + 1) % 10;
+            map.insert(i, i);
+        })
+    });
+    // Readers while another thread writes continuously.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (map, stop) = (map.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i = (i + 1) % 10;
+                map.insert(i, i);
+            }
+        })
+    };
+    g.bench_function("read_under_writer", |b| b.iter(|| map.read_key(black_box(&K), |v| v.copied().unwrap_or(0))));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    g.finish();
+}
+
+fn tokio_runtime(implicit: bool) -> tokio::runtime::Runtime {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.worker_threads(2).enable_all();
+    #[cfg(tokio_unstable)]
+    if implicit {
+        localsession_tokio::enable_implicit_sessions(&mut b);
+    }
+    #[cfg(not(tokio_unstable))]
+    let _ = implicit;
+    b.build().unwrap()
+}
+
+/// Times `iters` spawn+join rounds from inside a worker task.
+fn spawn_join_rounds(rt: &tokio::runtime::Runtime, iters: u64, kind: SpawnKind) -> Duration {
+    rt.block_on(async move {
+        // The measuring task runs with a session (installed around each of its polls).
+        localsession_tokio::spawn_with(session_of_depth(1), async move {
+            let start = Instant::now();
+            for _ in 0..iters {
+                match kind {
+                    SpawnKind::Plain => tokio::spawn(async { black_box(1u64) }).await.unwrap(),
+                    SpawnKind::Explicit => localsession_tokio::spawn(async { black_box(1u64) }).await.unwrap(),
+                };
+            }
+            start.elapsed()
+        })
+        .await
+        .unwrap()
+    })
+}
+
+#[derive(Clone, Copy)]
+enum SpawnKind {
+    Plain,
+    Explicit,
+}
+
+fn p6_tokio_spawn(c: &mut Criterion) {
+    let mut g = c.benchmark_group("p6_tokio_spawn");
+    let rt = tokio_runtime(false);
+    g.bench_function("plain", |b| b.iter_custom(|iters| spawn_join_rounds(&rt, iters, SpawnKind::Plain)));
+    g.bench_function("explicit", |b| b.iter_custom(|iters| spawn_join_rounds(&rt, iters, SpawnKind::Explicit)));
+    #[cfg(tokio_unstable)]
+    {
+        let rt_implicit = tokio_runtime(true);
+        g.bench_function("implicit", |b| {
+            b.iter_custom(|iters| spawn_join_rounds(&rt_implicit, iters, SpawnKind::Plain))
+        });
+    }
+    drop(rt);
+    g.finish();
+}
+
+fn p7_go(c: &mut Criterion) {
+    let mut g = c.benchmark_group("p7_thread_spawn");
+    g.sample_size(30);
+    let _bound = enter(session_of_depth(1));
+    g.bench_function("std_thread_spawn", |b| b.iter(|| std::thread::spawn(|| black_box(1u64)).join().unwrap()));
+    g.bench_function("go", |b| b.iter(|| go(|| black_box(1u64)).join().unwrap()));
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------------------
+
+fn output_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("criterion")
+}
+
+fn median_ns(group: &str, id: &str) -> Option<f64> {
+    let path = output_dir().join(group).join(id).join("new").join("estimates.json");
+    let text = std::fs::read_to_string(path).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    json["median"]["point_estimate"].as_f64()
+}
+
+struct Row {
+    label: &'static str,
+    ours: Option<f64>,
+    peer_label: &'static str,
+    peer: Option<f64>,
+    target: &'static str,
+    /// Decides "met" from (ours, peer).
+    check: fn(f64, Option<f64>) -> bool,
+}
+
+fn fmt_ns(v: Option<f64>) -> String {
+    match v {
+        Some(ns) if ns >= 10_000.0 => format!("{:.1} µs", ns / 1000.0),
+        Some(ns) => format!("{ns:.1} ns"),
+        None => "—".into(),
+    }
+}
+
+fn report(memory: &[String]) {
+    let m = median_ns;
+    let rows = [
+        Row {
+            label: "P1 current()+get, depth 1 (std)",
+            ours: m("p1_current_get", "localsession"),
+            peer_label: "raw thread_local walk",
+            peer: m("p1_current_get", "raw_thread_local"),
+            target: "<= 2x raw; <= 8 ns",
+            check: |o, p| o <= 8.0 && p.is_some_and(|p| o <= 2.0 * p),
+        },
+        Row {
+            label: "P1 (peer) tokio task_local with",
+            ours: m("p1_current_get", "localsession"),
+            peer_label: "tokio task_local",
+            peer: m("p1_current_get", "tokio_task_local"),
+            target: "(reference)",
+            check: |_, _| true,
+        },
+        Row {
+            label: "P1 (peer) otel Context::current+get",
+            ours: m("p1_current_get", "localsession"),
+            peer_label: "opentelemetry",
+            peer: m("p1_current_get", "opentelemetry"),
+            target: "(reference)",
+            check: |_, _| true,
+        },
+        Row {
+            label: "P2 enter + drop guard",
+            ours: m("p2_enter", "localsession"),
+            peer_label: "tokio sync_scope",
+            peer: m("p2_enter", "tokio_sync_scope"),
+            target: "<= 1x tokio sync_scope",
+            check: |o, p| p.is_some_and(|p| o <= p),
+        },
+        Row {
+            label: "P2 enter + drop guard",
+            ours: m("p2_enter", "localsession"),
+            peer_label: "otel attach",
+            peer: m("p2_enter", "opentelemetry_attach"),
+            target: "<= 0.5x otel attach",
+            check: |o, p| p.is_some_and(|p| o <= 0.5 * p),
+        },
+        Row {
+            label: "P2 swap in/out (per poll)",
+            ours: m("p2_enter", "localsession_swap"),
+            peer_label: "tokio sync_scope",
+            peer: m("p2_enter", "tokio_sync_scope"),
+            target: "(reference)",
+            check: |_, _| true,
+        },
+        Row {
+            label: "P3 SessionCtx::with (typed key)",
+            ours: m("p3_with_value", "localsession"),
+            peer_label: "otel with_value",
+            peer: m("p3_with_value", "opentelemetry"),
+            target: "<= 25 ns, 1 alloc",
+            check: |o, _| o <= 25.0,
+        },
+        Row {
+            label: "P3 SessionCtx::with_value(\"a\")",
+            ours: m("p3_with_value", "localsession_any_key"),
+            peer_label: "Go WithValue 123 ns",
+            peer: Some(123.0),
+            target: "<= 25 ns",
+            check: |o, _| o <= 25.0,
+        },
+        Row {
+            label: "P4 get, depth 1",
+            ours: m("p4_get_depth", "localsession/1"),
+            peer_label: "raw list walk",
+            peer: m("p4_get_depth", "raw_list/1"),
+            target: "(reference)",
+            check: |_, _| true,
+        },
+        Row {
+            label: "P4 get, depth 10",
+            ours: m("p4_get_depth", "localsession/10"),
+            peer_label: "raw list walk",
+            peer: m("p4_get_depth", "raw_list/10"),
+            target: "<= 10 ns",
+            check: |o, _| o <= 10.0,
+        },
+        Row {
+            label: "P4 get, depth 64",
+            ours: m("p4_get_depth", "localsession/64"),
+            peer_label: "ours at depth 1",
+            peer: m("p4_get_depth", "localsession/1"),
+            target: "<= 2x depth 1",
+            check: |o, p| p.is_some_and(|p| o <= 2.0 * p),
+        },
+        Row {
+            label: "P4 get(\"k\"), depth 64",
+            ours: m("p4_get_depth", "localsession_any_key/64"),
+            peer_label: "any-key at depth 1",
+            peer: m("p4_get_depth", "localsession_any_key/1"),
+            target: "<= 2x depth 1",
+            check: |o, p| p.is_some_and(|p| o <= 2.0 * p),
+        },
+        Row {
+            label: "P4 (peer) otel get, depth 64",
+            ours: m("p4_get_depth", "localsession/64"),
+            peer_label: "opentelemetry",
+            peer: m("p4_get_depth", "opentelemetry/64"),
+            target: "(reference)",
+            check: |_, _| true,
+        },
+        Row {
+            label: "P5 SessionMap read (10 keys)",
+            ours: m("p5_session_map", "read"),
+            peer_label: "Go SessionMap.Get 26.5 ns",
+            peer: Some(26.5),
+            target: "<= 13 ns (0.5x Go)",
+            check: |o, _| o <= 13.0,
+        },
+        Row {
+            label: "P5 SessionMap read, thread pinned",
+            ours: m("p5_session_map", "read_pinned"),
+            peer_label: "Go SessionMap.Get 26.5 ns",
+            peer: Some(26.5),
+            target: "(reference)",
+            check: |_, _| true,
+        },
+        Row {
+            label: "P5 SessionMap insert (10 keys)",
+            ours: m("p5_session_map", "insert"),
+            peer_label: "Go WithValue 50 ns",
+            peer: Some(50.0),
+            target: "<= 100 ns",
+            check: |o, _| o <= 100.0,
+        },
+        Row {
+            label: "P5 read under a concurrent writer",
+            ours: m("p5_session_map", "read_under_writer"),
+            peer_label: "read, no writer",
+            peer: m("p5_session_map", "read"),
+            target: "<= 1.5x",
+            check: |o, p| p.is_some_and(|p| o <= 1.5 * p),
+        },
+        Row {
+            label: "P6 tokio spawn+join, explicit",
+            ours: m("p6_tokio_spawn", "explicit"),
+            peer_label: "plain tokio::spawn",
+            peer: m("p6_tokio_spawn", "plain"),
+            target: "<= 1.10x",
+            check: |o, p| p.is_some_and(|p| o <= 1.10 * p),
+        },
+        Row {
+            label: "P6 tokio spawn+join, implicit",
+            ours: m("p6_tokio_spawn", "implicit"),
+            peer_label: "plain tokio::spawn",
+            peer: m("p6_tokio_spawn", "plain"),
+            target: "<= 1.15x",
+            check: |o, p| p.is_some_and(|p| o <= 1.15 * p),
+        },
+        Row {
+            label: "P7 go() + join",
+            ours: m("p7_thread_spawn", "go"),
+            peer_label: "std::thread::spawn",
+            peer: m("p7_thread_spawn", "std_thread_spawn"),
+            target: "<= 1.05x",
+            check: |o, p| p.is_some_and(|p| o <= 1.05 * p),
+        },
+    ];
+    println!();
+    println!("| # | operation | ours | peer | peer figure | ratio | target | met |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (i, r) in rows.iter().enumerate() {
+        let ratio = match (r.ours, r.peer) {
+            (Some(o), Some(p)) if p > 0.0 => format!("{:.2}x", o / p),
+            _ => "—".into(),
+        };
+        let met = match r.ours {
+            Some(o) if r.target == "(reference)" => {
+                let _ = o;
+                "—"
+            }
+            Some(o) => {
+                if (r.check)(o, r.peer) {
+                    "yes"
+                } else {
+                    "no"
+                }
+            }
+            None => "not run",
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            i + 1,
+            r.label,
+            fmt_ns(r.ours),
+            r.peer_label,
+            fmt_ns(r.peer),
+            ratio,
+            r.target,
+            met
+        );
+    }
+    println!();
+    for line in memory {
+        println!("{line}");
+    }
+}
+
+/// P8: bytes per `with_value` node, allocations per call, RSS over 10^6 bind/spawn cycles.
+fn p8_memory() -> Vec<String> {
+    let mut out = Vec::new();
+    let base = session_of_depth(1);
+    let (allocs, bytes) = count_allocs(10_000, || base.with(&FILLER[0], 1u64));
+    out.push(format!(
+        "P8 SessionCtx::with(typed key, u64): {allocs:.2} allocations/call, {bytes:.1} bytes/call \
+         ({:.1} bytes besides the 8-byte value; target <= 48)",
+        bytes - 8.0
+    ));
+    let (allocs, bytes) = count_allocs(10_000, || base.with_value("a", 1u64));
+    out.push(format!("P8 SessionCtx::with_value(&str key, u64): {allocs:.2} allocations/call, {bytes:.1} bytes/call"));
+    // Depth 1..64 builds: amortized allocations (index tables every 8 bindings).
+    let (allocs, _) = count_allocs(200, || session_of_depth(64));
+    out.push(format!(
+        "P8 building a 64-deep session: {:.3} allocations per binding (incl. the scope node and index tables)",
+        allocs / 64.0
+    ));
+    let rt = tokio_runtime(false);
+    let before = rss_kib();
+    let start = Instant::now();
+    for round in 0..10u64 {
+        for i in 0..100_000u64 {
+            let s = SessionCtx::new(&Context::background()).with(&K, i);
+            scope(s.clone(), || black_box(current().is_some()));
+            if i % 1000 == 0 {
+                let _ = go(|| black_box(current().is_some())).join();
+            }
+            s.disable();
+        }
+        rt.block_on(localsession_tokio::spawn_with(SessionCtx::new(&Context::background()).with(&K, round), async {
+            let mut handles = Vec::with_capacity(1000);
+            for _ in 0..1000 {
+                handles.push(localsession_tokio::spawn(async { black_box(current().is_some()) }));
+            }
+            for h in handles {
+                let _ = h.await;
+            }
+        }))
+        .unwrap();
+    }
+    let after = rss_kib();
+    out.push(format!(
+        "P8 RSS over 10^6 bind/disable cycles (+1 000 go() and 10 000 tokio spawns): {} KiB -> {} KiB in {:.1} s",
+        before.map_or("?".into(), |v| v.to_string()),
+        after.map_or("?".into(), |v| v.to_string()),
+        start.elapsed().as_secs_f64()
+    ));
+    out.push(format!("P8 node header: {} bytes", localsession_core::__private::NODE_HEADER_BYTES));
+    out
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .output_directory(&output_dir())
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(40)
+        .configure_from_args();
+    p1_current_get(&mut c);
+    p2_enter(&mut c);
+    p3_with_value(&mut c);
+    p4_depth(&mut c);
+    p5_map(&mut c);
+    p6_tokio_spawn(&mut c);
+    p7_go(&mut c);
+    c.final_summary();
+    // Only the full run prints the report (not `--test`, `--list`, or a filtered run).
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--bench") && !args.iter().skip(1).any(|a| !a.starts_with('-')) {
+        let memory = p8_memory();
+        report(&memory);
+    }
+}
