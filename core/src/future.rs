@@ -86,6 +86,7 @@ fn with_swapped<R>(
     f: impl FnOnce() -> R,
 ) -> R {
     let Some(store) = store.or_else(global_store) else { return f() };
+    let generation = store.generation();
     let prev = match store.replace(session.take()) {
         Ok(prev) => prev,
         Err(e) => {
@@ -97,18 +98,21 @@ fn with_swapped<R>(
     struct Restore<'a> {
         store: &'static dyn ContextStore,
         prev: Option<AnySession>,
+        generation: u64,
         session: &'a mut Option<AnySession>,
     }
     impl Drop for Restore<'_> {
         fn drop(&mut self) {
+            // The unit's binding from before a reset is not restored (see `EnterGuard`).
+            let prev = self.prev.take().filter(|_| self.store.generation() == self.generation);
             // What the slot holds now is the future's session from here on (a `bind` inside
             // the future sticks to it).
-            if let Ok(ours) = self.store.replace(self.prev.take()) {
+            if let Ok(ours) = self.store.replace(prev) {
                 *self.session = ours;
             }
         }
     }
-    let _restore = Restore { store, prev, session };
+    let _restore = Restore { store, prev, generation, session };
     f()
 }
 

@@ -561,6 +561,22 @@ impl SessionMap {
         self.shared.base.done()
     }
 
+    /// Runs `f` once when the map becomes invalid (see [`Context::after_cancel`]).
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::mpsc;
+    /// use localsession_core::SessionMap;
+    /// let m = SessionMap::new();
+    /// let (tx, rx) = mpsc::channel();
+    /// let _h = m.after_cancel(move || tx.send(()).unwrap());
+    /// m.disable();
+    /// rx.recv().unwrap();
+    /// ```
+    pub fn after_cancel(&self, f: impl FnOnce() + Send + 'static) -> crate::AfterCancel {
+        self.shared.base.after_cancel(f)
+    }
+
     /// Whether both handles are the same map.
     ///
     /// # Examples

@@ -346,6 +346,26 @@ impl SessionCtx {
         self.ctx.done()
     }
 
+    /// Runs `f` once when the session becomes invalid (disabled, expired on the clock's timer,
+    /// or its context cancelled); immediately if it is invalid already. See
+    /// [`Context::after_cancel`].
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// use std::sync::Arc;
+    /// use localsession_core::{Context, SessionCtx};
+    /// let s = SessionCtx::new(&Context::background());
+    /// let flag = Arc::new(AtomicBool::new(false));
+    /// let f = flag.clone();
+    /// let _h = s.after_cancel(move || f.store(true, Ordering::SeqCst));
+    /// s.disable();
+    /// assert!(flag.load(Ordering::SeqCst));
+    /// ```
+    pub fn after_cancel(&self, f: impl FnOnce() + Send + 'static) -> crate::AfterCancel {
+        self.ctx.after_cancel(f)
+    }
+
     /// The underlying context (Go `Export`): values, and cancellation by this session's scope.
     ///
     /// # Examples

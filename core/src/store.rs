@@ -60,6 +60,13 @@ pub trait ContextStore: Send + Sync + 'static {
     /// session is handed back inside the error: nothing is lost.
     fn replace(&self, session: Option<AnySession>) -> Result<Option<AnySession>, BindError>;
 
+    /// The store's generation: a store that can be reset (the std adapter's
+    /// `reset_default_manager`) changes it, so that guards made before a reset do not restore
+    /// bindings from before it. Stores that are never reset keep the default (0).
+    fn generation(&self) -> u64 {
+        0
+    }
+
     /// An epoch guard for reading [`SessionMap`](crate::SessionMap)s, for `no_std` executors
     /// that register a `crossbeam_epoch::LocalHandle` per execution unit. The default (`None`)
     /// makes reads register a handle for their duration. Unused with the `std` feature, which
@@ -289,7 +296,7 @@ pub fn unbind() -> Option<AnySession> {
 pub fn enter(session: impl Into<AnySession>) -> EnterGuard {
     match global_store() {
         Some(store) => enter_in(store, session),
-        None => EnterGuard { store: None, prev: None, _not_send: PhantomData },
+        None => EnterGuard { store: None, prev: None, generation: 0, _not_send: PhantomData },
     }
 }
 
@@ -305,9 +312,10 @@ pub fn enter(session: impl Into<AnySession>) -> EnterGuard {
 /// assert!(with_current_in(&STORE, |s| s.is_none()));
 /// ```
 pub fn enter_in(store: &'static dyn ContextStore, session: impl Into<AnySession>) -> EnterGuard {
+    let generation = store.generation();
     match store.replace(Some(session.into())) {
-        Ok(prev) => EnterGuard { store: Some(store), prev, _not_send: PhantomData },
-        Err(_) => EnterGuard { store: None, prev: None, _not_send: PhantomData },
+        Ok(prev) => EnterGuard { store: Some(store), prev, generation, _not_send: PhantomData },
+        Err(_) => EnterGuard { store: None, prev: None, generation: 0, _not_send: PhantomData },
     }
 }
 
@@ -331,19 +339,23 @@ pub fn scope<R>(session: impl Into<AnySession>, f: impl FnOnce() -> R) -> R {
 }
 
 /// Restores the previous binding when dropped. `!Send`: it must be dropped on the execution
-/// unit that made it.
+/// unit that made it. If the store was reset meanwhile ([`ContextStore::generation`] changed),
+/// the previous binding belonged to the old generation and is not restored: the slot is left
+/// empty.
 #[must_use = "dropping the guard restores the previous session"]
 pub struct EnterGuard {
     store: Option<&'static dyn ContextStore>,
     prev: Option<AnySession>,
+    generation: u64,
     _not_send: PhantomData<*const ()>,
 }
 
 impl Drop for EnterGuard {
     fn drop(&mut self) {
         if let Some(store) = self.store {
+            let prev = self.prev.take().filter(|_| store.generation() == self.generation);
             // The session we entered comes back and is dropped here, outside the slot.
-            drop(store.replace(self.prev.take()));
+            drop(store.replace(prev));
         }
     }
 }
@@ -451,9 +463,10 @@ impl Drop for Reader<'_> {
         let slot = self.0;
         let n = slot.readers.get() - 1;
         slot.readers.set(n);
-        if n == 0 {
-            // SAFETY: no reader is active, so nothing borrows the retired sessions; take them
-            // out before dropping (a session's drop may use the slot again).
+        // SAFETY: no reader is active when `n == 0`, so nothing borrows the retired sessions;
+        // they are taken out before dropping (a session's drop may use the slot again).
+        if n == 0 && unsafe { !(*slot.retired.get()).is_empty() } {
+            // SAFETY: as above.
             let retired = unsafe { core::mem::take(&mut *slot.retired.get()) };
             drop(retired);
         }

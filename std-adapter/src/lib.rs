@@ -50,8 +50,27 @@ pub use thread::{Builder, ScopeExt, go, go_session, in_current_session, with_ses
 pub use localsession_core::config::ManagerOptions;
 pub use localsession_core::{
     AnySession, Context, ContextError, EnterGuard, Key, MetaInfo, Session, SessionCtx, SessionExt, SessionMap,
-    backed_up_ctx, backup_ctx, clear_ctx, recover_ctx_on_demands,
+    backed_up_ctx, clear_ctx, recover_ctx_on_demands,
 };
+
+/// Backs `ctx` up as this thread's session (Kitex `BackupCtx`; see
+/// [`localsession_core::backup_ctx`]). Unlike the core function, which does nothing while no
+/// store is registered, this registers the thread-local store first, so a server that backs up
+/// before anything else was bound does not lose the backup.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, MetaInfo};
+/// use localsession_std::{backed_up_ctx, backup_ctx, clear_ctx};
+/// let ctx = MetaInfo::with_persistent(&Context::background(), "tenant", "acme");
+/// backup_ctx(&ctx);
+/// assert_eq!(MetaInfo::of(&backed_up_ctx().unwrap()).persistent("tenant"), Some("acme"));
+/// clear_ctx();
+/// ```
+pub fn backup_ctx(ctx: &Context) {
+    ensure_registered();
+    bind(SessionCtx::new(ctx));
+}
 
 /// A clone of this thread's current session (Go `CurSession`).
 ///

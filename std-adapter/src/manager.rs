@@ -82,7 +82,9 @@ pub fn init_default_manager(opts: ManagerOptions) -> Result<(), InitError> {
 
 /// Replaces the default manager (Go `ResetDefaultManager`): every session bound before the
 /// call, on every thread, is unbound (each thread drops its stale binding the next time it
-/// reads or binds), and `opts` (with the environment override) become the options. Safe while
+/// reads or binds; `enter` guards and future wrappers opened before the reset do not restore
+/// the old bindings when they end), and `opts` (with the environment override) become the
+/// options. Safe while
 /// other threads call `current()`/`bind()`: a racing bind lands before or after the reset,
 /// never half-way. Initializes the manager if it was not.
 ///
@@ -173,7 +175,7 @@ impl fmt::Display for InitError {
             InitError::Env(e) => write!(f, "invalid {ENV_KEY} environment variable: {e}"),
             InitError::EnvNotUnicode(v) => write!(f, "invalid {ENV_KEY} environment variable: not Unicode: {v:?}"),
             InitError::ForeignStore => f.write_str(
-                "another context store is registered as the process-wide default; the thread-local store cannot be",
+                "another context store is registered as the process-wide default, so the thread-local store cannot be registered",
             ),
         }
     }

@@ -130,6 +130,11 @@ impl ContextStore for ThreadStore {
     fn replace(&self, session: Option<AnySession>) -> Result<Option<AnySession>, BindError> {
         self.swap(session)
     }
+
+    fn generation(&self) -> u64 {
+        // Acquire: as in `with`.
+        GENERATION.load(Ordering::Acquire)
+    }
 }
 
 /// Invalidates every binding made before, on every thread (see the module docs).

@@ -38,6 +38,8 @@ mod clock;
 mod explicit;
 #[cfg(tokio_unstable)]
 pub mod implicit;
+#[cfg(feature = "tower")]
+pub mod tower;
 
 pub use clock::{TOKIO_CLOCK, TokioClock};
 pub use explicit::{FutureExt, JoinSetExt, spawn, spawn_blocking, spawn_local, spawn_with};

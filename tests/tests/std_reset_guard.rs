@@ -1,0 +1,62 @@
+//! Regression: an `enter` guard (or a `scope`) opened before `reset_default_manager` used to
+//! restore, when it ended after the reset, the binding that was current before the reset:
+//! ```text
+//! bind(a);
+//! let guard = enter(b);
+//! reset_default_manager(opts)?;   // current() is None here, as documented
+//! drop(guard);                    // current() was `a` again
+//! ```
+//! Fixed by `ContextStore::generation`: guards (and `WithSession`) made before a reset leave the
+//! slot empty instead of restoring a binding of the old generation.
+//!
+//! Global state: the default manager (resets); one test in this file.
+#![allow(missing_docs)]
+
+use localsession_std::{
+    AnySession, Context, ManagerOptions, SessionCtx, bind, current, enter, reset_default_manager, scope, unbind,
+};
+
+fn session(n: u8) -> AnySession {
+    SessionCtx::new(&Context::background()).with_value("n", n).into()
+}
+
+fn options() -> ManagerOptions {
+    ManagerOptions { shard_number: 1, gc_interval: None, implicit_transmit: false }
+}
+
+#[test]
+fn reported_bug_a_guard_opened_before_a_reset_must_not_restore_a_pre_reset_binding() {
+    // SAFETY: single-threaded at this point: this file has one test and it has not spawned any
+    // thread yet, so nothing reads or writes the environment concurrently.
+    unsafe { std::env::remove_var(localsession_core::config::ENV_KEY) };
+
+    // A thread that is inside `scope` while another thread resets the manager.
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+    let (reset_tx, reset_rx) = std::sync::mpsc::channel::<()>();
+    let worker = std::thread::spawn(move || {
+        bind(session(1));
+        let inside = scope(session(2), || {
+            entered_tx.send(()).unwrap();
+            reset_rx.recv().unwrap();
+            current().is_none()
+        });
+        (inside, current().and_then(|c| c.value_cloned::<u8, _>(&"n")))
+    });
+    entered_rx.recv().unwrap();
+    reset_default_manager(options()).unwrap();
+    reset_tx.send(()).unwrap();
+
+    // The same on this thread, with `enter`.
+    bind(session(1));
+    let guard = enter(session(2));
+    reset_default_manager(options()).unwrap();
+    assert!(current().is_none(), "documented: the reset unbinds everything");
+    drop(guard);
+    let here = current().and_then(|c| c.value_cloned::<u8, _>(&"n"));
+    unbind();
+
+    let (inside, there) = worker.join().unwrap();
+    assert!(inside, "documented: the reset unbinds the scoped session too");
+    assert_eq!(here, None, "BUG: the guard restored session 1, bound before the reset");
+    assert_eq!(there, None, "BUG: the scope restored session 1, bound before the reset");
+}
