@@ -84,7 +84,7 @@ fn blocking_and_local_tasks_inherit_and_leave_threads_clean() {
     assert_eq!(v, Some(3));
     // A later plain blocking job on the pool sees nothing.
     for _ in 0..16 {
-        assert_eq!(block_on(async_std::task::spawn_blocking(|| current().is_none())), true);
+        assert!(block_on(async_std::task::spawn_blocking(|| current().is_none())));
     }
     let local = block_on(async { scope(session(4), || localsession_async_std::spawn_local(async { cur_id() })).await });
     assert_eq!(local, Some(4));
