@@ -276,13 +276,15 @@ pub fn after(d: Duration) -> Instant {
 /// manager (the thread-local store async-std's workers use).
 ///
 /// # Errors
-/// As [`localsession_std::init_default_manager`].
+/// As [`localsession_std::init_default_manager`], and
+/// [`InitError::ForeignClock`](localsession_std::InitError::ForeignClock) if another clock was
+/// registered before.
 ///
 /// # Examples
 /// ```
 /// localsession_async_std::init(localsession_std::default_manager_options()).unwrap();
 /// ```
 pub fn init(opts: ManagerOptions) -> Result<(), localsession_std::InitError> {
-    let _ = localsession_core::set_global_clock(&ASYNC_IO_CLOCK);
+    localsession_std::register_adapter_clock(&ASYNC_IO_CLOCK)?;
     localsession_std::init_default_manager(opts)
 }

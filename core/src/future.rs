@@ -140,7 +140,10 @@ impl<F> fmt::Debug for WithSession<F> {
     }
 }
 
-/// Session combinators for every future.
+/// Session combinators for every future, on the process-wide default store.
+///
+/// The std adapter's `localsession_std::FutureExt` (re-exported by the tokio and async-std
+/// adapters) has the same methods bound to the thread-local store; import one of the two.
 pub trait FutureExt: Future + Sized {
     /// Runs this future with `session` bound (in the default store).
     ///
@@ -165,6 +168,21 @@ pub trait FutureExt: Future + Sized {
     /// ```
     fn in_current_session(self) -> WithSession<Self> {
         WithSession::new(self, current())
+    }
+
+    /// Runs this future with no session bound, whatever the polling unit has.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{scope, current, set_global_store, Context, FutureExt, SessionCtx, SingleSlotStore};
+    /// static STORE: SingleSlotStore = SingleSlotStore::new();
+    /// set_global_store(&STORE).unwrap();
+    /// let s = SessionCtx::new(&Context::background());
+    /// let fut = async { current().is_none() }.without_session();
+    /// assert!(scope(s, || futures::executor::block_on(fut)));
+    /// ```
+    fn without_session(self) -> WithSession<Self> {
+        WithSession::new(self, None)
     }
 }
 

@@ -484,6 +484,45 @@ impl AnySession {
         }
     }
 
+    /// Why the session is invalid, or `None` while it is valid. A user session has no cause:
+    /// an invalid one reports [`ContextError::Canceled`].
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{AnySession, ContextError, SessionMap};
+    /// let s = AnySession::from(SessionMap::new());
+    /// s.disable();
+    /// assert_eq!(s.err(), Some(ContextError::Canceled));
+    /// ```
+    #[must_use]
+    pub fn err(&self) -> Option<ContextError> {
+        match self {
+            AnySession::Ctx(s) => s.err(),
+            AnySession::Map(s) => s.err(),
+            AnySession::Custom(s) => (!s.is_valid()).then_some(ContextError::Canceled),
+        }
+    }
+
+    /// A future that resolves when a built-in session becomes invalid. A user session cannot
+    /// signal that (the trait has no such method, as in Go): its future never resolves.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{AnySession, SessionMap};
+    /// # futures::executor::block_on(async {
+    /// let s = AnySession::from(SessionMap::new());
+    /// s.disable();
+    /// s.done().await;
+    /// # });
+    /// ```
+    pub fn done(&self) -> Done {
+        match self {
+            AnySession::Ctx(s) => s.done(),
+            AnySession::Map(s) => s.done(),
+            AnySession::Custom(_) => Done::new(None),
+        }
+    }
+
     /// Disables a built-in session (see [`SessionCtx::disable`], [`SessionMap::disable`]).
     /// User sessions have no `disable` in the trait (as in Go): returns `false` for them.
     ///

@@ -42,7 +42,10 @@ mod thread;
 pub use clock::{STD_CLOCK, StdClock};
 pub use future::FutureExt;
 pub use live::live_sessions;
-pub use manager::{InitError, default_manager_options, init_default_manager, manager_options, reset_default_manager};
+pub use manager::{
+    InitError, default_manager_options, init_default_manager, manager_options, register_adapter_clock,
+    reset_default_manager,
+};
 pub use sharded::{ShardedManager, thread_id};
 pub use store::{THREAD_STORE, ThreadStore};
 pub use thread::{Builder, ScopeExt, go, go_session, in_current_session, with_session};
@@ -103,7 +106,7 @@ pub fn with_current<R>(f: impl FnOnce(Option<&AnySession>) -> R) -> R {
 
 /// Binds `session` to this thread until [`unbind`] or another `bind` (Go `BindSession`).
 /// Registers the thread-local store as the process-wide default if no store is registered, so
-/// `localsession_core::current()` sees it too.
+/// `localsession_core::current()` sees it too (the clock is registered by the init functions).
 ///
 /// During thread teardown (thread-local storage already destroyed) the session is dropped.
 ///
@@ -165,13 +168,15 @@ pub fn scope<R>(session: impl Into<AnySession>, f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Registers the thread store (and std clock) globally once, if nothing else is registered.
+/// Registers the thread store globally once, if no store is registered. The clock is left to
+/// the init functions (`init_default_manager`, `localsession_tokio::init`, ...), so that binding
+/// before an adapter's init does not pick the clock for it.
 #[inline]
 fn ensure_registered() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // Another store may be registered on purpose; then this crate's functions still act on
         // the thread-local store and `init_default_manager` reports the conflict.
-        let _ = manager::register_globals();
+        let _ = manager::register_store();
     });
 }

@@ -132,20 +132,41 @@ fn resolve(opts: ManagerOptions) -> Result<ManagerOptions, InitError> {
 }
 
 /// Registers the thread store and the std clock as the process-wide defaults if nothing else
-/// is registered; fails if another store is.
+/// is registered; fails if another store is. An adapter's clock (tokio's, async-io's) or a
+/// user's registered before stays.
 pub(crate) fn register_globals() -> Result<(), InitError> {
+    register_store()?;
+    if global_clock().is_none() {
+        // Losing a race to another registration keeps the other clock: fine.
+        let _ = set_global_clock(&STD_CLOCK);
+    }
+    Ok(())
+}
+
+/// Registers the thread store as the process-wide default store if none is; fails if another is.
+pub(crate) fn register_store() -> Result<(), InitError> {
     let ours: &'static dyn ContextStore = &THREAD_STORE;
     if global_store().is_none() {
         // Losing a race to another registration is checked just below.
         let _ = set_global_store(ours);
     }
-    if global_clock().is_none() {
-        // Another clock may be registered (a test's manual clock): keep it.
-        let _ = set_global_clock(&STD_CLOCK);
-    }
     match global_store() {
         Some(s) if std::ptr::addr_eq(s as *const dyn ContextStore, ours as *const dyn ContextStore) => Ok(()),
         _ => Err(InitError::ForeignStore),
+    }
+}
+
+/// Registers `clock` as the process-wide clock for an adapter's init; fails if another clock
+/// is registered already (deadlines would silently run on that one).
+///
+/// # Errors
+/// [`InitError::ForeignClock`] if a different clock is registered.
+#[doc(hidden)]
+pub fn register_adapter_clock(clock: &'static dyn localsession_core::Clock) -> Result<(), InitError> {
+    let _ = set_global_clock(clock);
+    match global_clock() {
+        Some(c) if std::ptr::addr_eq(c as *const dyn localsession_core::Clock, clock as *const _) => Ok(()),
+        _ => Err(InitError::ForeignClock),
     }
 }
 
@@ -163,6 +184,9 @@ pub enum InitError {
     EnvNotUnicode(String),
     /// Another store is registered as the process-wide default store.
     ForeignStore,
+    /// An adapter's init found another clock registered as the process-wide clock (register
+    /// yours after the adapter's init, or do not call both).
+    ForeignClock,
 }
 
 impl fmt::Display for InitError {
@@ -174,6 +198,10 @@ impl fmt::Display for InitError {
             InitError::Options(e) => write!(f, "invalid session manager options: {e}"),
             InitError::Env(e) => write!(f, "invalid {ENV_KEY} environment variable: {e}"),
             InitError::EnvNotUnicode(v) => write!(f, "invalid {ENV_KEY} environment variable: not Unicode: {v:?}"),
+            InitError::ForeignClock => f.write_str(
+                "another clock is registered as the process-wide clock, so this runtime's clock cannot be \
+                 (deadlines would fire on the other one)",
+            ),
             InitError::ForeignStore => f.write_str(
                 "another context store is registered as the process-wide default, so the thread-local store cannot be registered",
             ),

@@ -16,10 +16,9 @@ struct ThreadBinding;
 
 impl ThreadBinding {
     fn new(session: Option<AnySession>) -> ThreadBinding {
-        if session.is_some() {
-            // A fresh thread has nothing bound; a failure means teardown, where nothing can be.
-            drop(THREAD_STORE.swap(session));
-        }
+        // Install exactly `session` (none included): a pool thread may hold a binding that an
+        // earlier job leaked. A failure means teardown, where nothing can be bound.
+        drop(THREAD_STORE.swap(session));
         ThreadBinding
     }
 }

@@ -8,13 +8,20 @@
 //! | hook | runs on | does |
 //! |---|---|---|
 //! | `on_task_spawn` | the spawning thread | records the spawner's current session under the new task's id |
-//! | `on_before_task_poll` | the polling worker | swaps the task's session into the worker's slot, stashing what was there |
-//! | `on_after_task_poll` | the polling worker | swaps the stash back; whatever the slot held becomes the task's session (a `bind` inside a task sticks to it) |
+//! | `on_before_task_poll` | the polling worker | installs a clone of the task's session in the worker's slot, stashing what was there |
+//! | `on_after_task_poll` | the polling worker | swaps the stash back; if the task bound (or unbound) a session during the poll, that becomes its session |
 //! | `on_task_terminate` | where the task ends | releases the task's entry |
 //!
 //! Tasks without a session cost two thread-local swaps per poll, and no map access at all while
 //! no task has a session. Entries are released when their task terminates, so the table does
 //! not grow with the number of tasks ever spawned.
+//!
+//! Two orderings of tokio 1.54 shape this: `on_task_terminate` runs *inside* the final poll,
+//! before `on_after_task_poll` (so the after-poll hook must not re-insert a task that just
+//! ended), and `on_after_task_poll` runs after the task is already idle again, so another
+//! worker may poll it before the hook ran. The entry therefore stays in the table during a
+//! poll; the cost of that race is only that a `bind` made inside such an overlapping poll may
+//! be overwritten by the other worker's after-poll (last writer wins).
 //!
 //! # What the hooks do not cover
 //! - `spawn_blocking`: tokio fires no spawn hook for blocking tasks; use
@@ -54,9 +61,19 @@ static TASKS: TaskSessions = TaskSessions {
     len: AtomicUsize::new(0),
 };
 
+/// The poll in progress on this thread.
+struct Polling {
+    id: Id,
+    /// The session installed for the poll (a clone of the table's entry).
+    installed: Option<AnySession>,
+    /// What the worker's slot held before.
+    previous: Option<AnySession>,
+    /// The task terminated during the poll.
+    terminated: bool,
+}
+
 thread_local! {
-    /// What the worker's slot held before the task being polled was swapped in.
-    static STASH: Cell<Option<AnySession>> = const { Cell::new(None) };
+    static POLLING: Cell<Option<Polling>> = const { Cell::new(None) };
 }
 
 impl TaskSessions {
@@ -75,6 +92,13 @@ impl TaskSessions {
             self.len.fetch_add(1, Ordering::Relaxed);
         }
         drop(old);
+    }
+
+    fn get(&self, id: Id) -> Option<AnySession> {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        self.shard(id).lock().unwrap_or_else(PoisonError::into_inner).get(&id).cloned()
     }
 
     fn remove(&self, id: Id) -> Option<AnySession> {
@@ -116,28 +140,55 @@ fn on_spawn(meta: &TaskMeta<'_>) {
 }
 
 fn on_before_poll(meta: &TaskMeta<'_>) {
-    let session = TASKS.remove(meta.id());
+    let id = meta.id();
+    // The entry stays in the table during the poll (the worker gets a clone): tokio runs
+    // `on_after_poll` only after the task is idle again, so another worker may already poll it
+    // (woken by a timer or a child) before this worker's `on_after_poll` ran — it must still
+    // find the session.
+    let session = TASKS.get(id);
     // Install the task's session (or none: a worker must not lend the previous task's, nor the
     // `block_on` caller's), keeping what was there for `on_after_poll`.
-    let previous = THREAD_STORE.swap(session).ok().flatten();
-    STASH.with(|stash| {
-        let older = stash.replace(previous);
+    let previous = THREAD_STORE.swap(session.clone()).ok().flatten();
+    POLLING.with(|p| {
+        let older = p.replace(Some(Polling { id, installed: session, previous, terminated: false }));
         debug_assert!(older.is_none(), "task polls do not nest on one thread");
         drop(older);
     });
 }
 
 fn on_after_poll(meta: &TaskMeta<'_>) {
-    let previous = STASH.with(Cell::take);
-    if let Ok(Some(session)) = THREAD_STORE.swap(previous) {
-        // The task's session after this poll (what it inherited, or what it bound itself).
-        TASKS.insert(meta.id(), session);
+    let Some(polling) = POLLING.with(|p| p.take()) else { return };
+    let after = THREAD_STORE.swap(polling.previous).ok().flatten();
+    if polling.terminated || polling.id != meta.id() {
+        // The task ended during this poll (tokio fires `on_task_terminate` before
+        // `on_after_task_poll`): its entry is gone and must stay gone.
+        return;
+    }
+    let changed = match (&after, &polling.installed) {
+        (Some(a), Some(b)) => !a.ptr_eq(b),
+        (None, None) => false,
+        _ => true,
+    };
+    if changed {
+        // The task bound (or unbound) a session during the poll: that is its session now.
+        match after {
+            Some(session) => TASKS.insert(meta.id(), session),
+            None => drop(TASKS.remove(meta.id())),
+        }
     }
 }
 
 fn on_terminate(meta: &TaskMeta<'_>) {
+    let id = meta.id();
+    // If this thread is polling the task right now, `on_after_poll` must not put it back.
+    POLLING.with(|p| {
+        if let Some(polling) = p.take() {
+            let ending = polling.id == id;
+            p.set(Some(Polling { terminated: polling.terminated || ending, ..polling }));
+        }
+    });
     // Tasks the hooks never saw spawn (runtime internals, `spawn_blocking`) have no entry.
-    drop(TASKS.remove(meta.id()));
+    drop(TASKS.remove(id));
 }
 
 /// Installs the implicit-inheritance hooks on a tokio runtime builder (see the module docs).

@@ -53,8 +53,9 @@ use localsession_core::config::ManagerOptions;
 /// workers use) with `opts`.
 ///
 /// # Errors
-/// As [`localsession_std::init_default_manager`]. If another clock was registered already,
-/// that clock stays (deadlines still work, on its timer).
+/// As [`localsession_std::init_default_manager`], and
+/// [`InitError::ForeignClock`](localsession_std::InitError::ForeignClock) if another clock was
+/// registered before (then deadlines would not run on tokio's timer).
 ///
 /// # Examples
 /// ```
@@ -63,6 +64,6 @@ use localsession_core::config::ManagerOptions;
 /// # }
 /// ```
 pub fn init(opts: ManagerOptions) -> Result<(), localsession_std::InitError> {
-    let _ = localsession_core::set_global_clock(&TOKIO_CLOCK);
+    localsession_std::register_adapter_clock(&TOKIO_CLOCK)?;
     localsession_std::init_default_manager(opts)
 }
