@@ -260,13 +260,19 @@ fn check(step: usize, real: &Real, model: &Model) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Long enough to cross the compaction threshold (64 writes) several times; under miri (an
+/// interpreter) just once.
+fn seq_len() -> std::ops::Range<usize> {
+    if cfg!(miri) { 80..100 } else { 100..300 }
+}
+
 proptest! {
     #![proptest_config(config(24))]
 
     /// Long random sequences of writes, removes, snapshots and disables over a few handles of
     /// one map, optionally opened under a context that binds the same keys.
     #[test]
-    fn session_map_matches_model(ops in prop::collection::vec(op(), 100..300), under_parent in any::<bool>()) {
+    fn session_map_matches_model(ops in prop::collection::vec(op(), seq_len()), under_parent in any::<bool>()) {
         let parent = under_parent.then(parent_context);
         let map = match &parent {
             Some((ctx, _)) => SessionMap::new_in(ctx),
@@ -392,7 +398,7 @@ proptest! {
     /// Typed keys (`set`, `with`, `get`, `read_key`, `remove_key`) mixed with untyped ones,
     /// across compactions, with snapshots that must not change.
     #[test]
-    fn typed_keys_match_model(ops in prop::collection::vec(typed_op(), 100..300)) {
+    fn typed_keys_match_model(ops in prop::collection::vec(typed_op(), seq_len())) {
         let map = SessionMap::new();
         let mut model = TypedModel::default();
         let mut snapshots: Vec<(Context, TypedModel)> = Vec::new();
