@@ -23,6 +23,19 @@ use localsession_core::{
 };
 use proptest::prelude::*;
 
+/// Runs crossbeam-epoch's pending deferred destructions (the old chains a compaction released),
+/// when a test ends: epoch garbage otherwise outlives the process, which miri's leak check
+/// reports. Several pins, because an epoch advances one step per collection.
+struct Quiesce;
+
+impl Drop for Quiesce {
+    fn drop(&mut self) {
+        for _ in 0..8 {
+            localsession_core::collector().register().pin().flush();
+        }
+    }
+}
+
 /// A lower case count than proptest's default, unless `PROPTEST_CASES` overrides it.
 fn config(cases: u32) -> ProptestConfig {
     let base = ProptestConfig::default();
@@ -273,6 +286,7 @@ proptest! {
     /// one map, optionally opened under a context that binds the same keys.
     #[test]
     fn session_map_matches_model(ops in prop::collection::vec(op(), seq_len()), under_parent in any::<bool>()) {
+        let _quiesce = Quiesce;
         let parent = under_parent.then(parent_context);
         let map = match &parent {
             Some((ctx, _)) => SessionMap::new_in(ctx),
@@ -399,6 +413,7 @@ proptest! {
     /// across compactions, with snapshots that must not change.
     #[test]
     fn typed_keys_match_model(ops in prop::collection::vec(typed_op(), seq_len())) {
+        let _quiesce = Quiesce;
         let map = SessionMap::new();
         let mut model = TypedModel::default();
         let mut snapshots: Vec<(Context, TypedModel)> = Vec::new();
@@ -451,6 +466,7 @@ proptest! {
 /// (each writer inserts in order, and a later head contains every earlier write).
 #[test]
 fn concurrent_inserts_are_never_lost() {
+    let _quiesce = Quiesce;
     const WRITERS: u64 = 4;
     // Fewer under miri (an interpreter): the interleavings, not the count, are the point there.
     const PER_WRITER: u64 = if cfg!(miri) { 40 } else { 500 };

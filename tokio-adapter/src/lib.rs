@@ -7,9 +7,9 @@
 //!   session is installed around every poll of the future and around its drop, on whichever
 //!   worker polls it, and removed afterwards.
 //! - **Implicit** (`--cfg tokio_unstable`): build the runtime through
-//!   [`enable_implicit_sessions`] and every plain `tokio::spawn` inherits the spawner's
+//!   `enable_implicit_sessions` and every plain `tokio::spawn` inherits the spawner's
 //!   session — also in library code you do not control. No other Rust crate does this; tokio's
-//!   own `task_local!` cannot, and Go had to drop its implicit mode. See [`implicit`] for what
+//!   own `task_local!` cannot, and Go had to drop its implicit mode. See the `implicit` module for what
 //!   the hooks do not cover (`spawn_blocking`, `LocalSet`), where the explicit helpers apply.
 //!
 //! Reading the session inside a task is the std adapter's thread-local read
