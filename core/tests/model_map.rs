@@ -23,9 +23,9 @@ use localsession_core::{
 };
 use proptest::prelude::*;
 
-/// Runs crossbeam-epoch's pending deferred destructions (the old chains a compaction released),
-/// when a test ends: epoch garbage otherwise outlives the process, which miri's leak check
-/// reports. Several pins, because an epoch advances one step per collection.
+/// Runs crossbeam-epoch's pending deferred destructions (the old chains a compaction released)
+/// when a test ends, so that their drop code runs — under miri too — instead of outliving the
+/// process in the collector's queue. Several pins: an epoch advances one step per collection.
 struct Quiesce;
 
 impl Drop for Quiesce {
