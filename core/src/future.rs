@@ -80,6 +80,7 @@ impl<F> WithSession<F> {
 
 /// Runs `f` with `session` swapped into the store's slot, and swaps the slot's content back
 /// into `session` afterwards (also when `f` panics).
+#[inline]
 fn with_swapped<R>(
     store: Option<&'static dyn ContextStore>,
     session: &mut Option<AnySession>,
@@ -87,32 +88,28 @@ fn with_swapped<R>(
 ) -> R {
     let Some(store) = store.or_else(global_store) else { return f() };
     let generation = store.generation();
-    let prev = match store.replace(session.take()) {
-        Ok(prev) => prev,
-        Err(e) => {
-            // The store cannot tell the running unit: run without, keep the session.
-            *session = e.into_session();
-            return f();
-        }
-    };
+    if !store.swap(session) {
+        // The store cannot tell the running unit: run without; the session stays with us.
+        return f();
+    }
+    // `session` now holds what the unit had before; the future's session is in the slot.
     struct Restore<'a> {
         store: &'static dyn ContextStore,
-        prev: Option<AnySession>,
         generation: u64,
         session: &'a mut Option<AnySession>,
     }
     impl Drop for Restore<'_> {
         fn drop(&mut self) {
             // The unit's binding from before a reset is not restored (see `EnterGuard`).
-            let prev = self.prev.take().filter(|_| self.store.generation() == self.generation);
-            // What the slot holds now is the future's session from here on (a `bind` inside
-            // the future sticks to it).
-            if let Ok(ours) = self.store.replace(prev) {
-                *self.session = ours;
+            if self.store.generation() != self.generation {
+                *self.session = None;
             }
+            // Swap back: what the slot holds now is the future's session from here on (a
+            // `bind` inside the future sticks to it).
+            self.store.swap(self.session);
         }
     }
-    let _restore = Restore { store, prev, generation, session };
+    let _restore = Restore { store, generation, session };
     f()
 }
 
@@ -122,15 +119,17 @@ impl<F: Future> Future for WithSession<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
         let mut this = self.project();
         let store = *this.store;
-        let poll = with_swapped(store, this.session, || match this.future.as_mut().as_pin_mut() {
-            Some(fut) => fut.poll(cx),
-            None => panic!("`WithSession` polled after completion"),
-        });
-        if poll.is_ready() {
-            // Drop the finished inner future now, with the session still bound.
-            with_swapped(store, this.session, || this.future.set(None));
-        }
-        poll
+        with_swapped(store, this.session, || {
+            let poll = match this.future.as_mut().as_pin_mut() {
+                Some(fut) => fut.poll(cx),
+                None => panic!("`WithSession` polled after completion"),
+            };
+            if poll.is_ready() {
+                // Drop the finished inner future now, with the session still bound.
+                this.future.set(None);
+            }
+            poll
+        })
     }
 }
 

@@ -60,6 +60,28 @@ pub trait ContextStore: Send + Sync + 'static {
     /// session is handed back inside the error: nothing is lost.
     fn replace(&self, session: Option<AnySession>) -> Result<Option<AnySession>, BindError>;
 
+    /// Exchanges the running unit's session with `*session` in place: the hot path of
+    /// [`WithSession`](crate::WithSession) and [`EnterGuard`] (twice per poll or scope). Returns
+    /// `false`, leaving `*session` as it was, if the store cannot tell the running unit.
+    ///
+    /// The default goes through [`replace`](ContextStore::replace); stores built on a
+    /// [`LocalSlot`] should override it with [`LocalSlot::swap`], which moves nothing but the two
+    /// handles (passing a session by value costs store-forwarding stalls that dominate the
+    /// few nanoseconds of the rest).
+    #[inline]
+    fn swap(&self, session: &mut Option<AnySession>) -> bool {
+        match self.replace(session.take()) {
+            Ok(previous) => {
+                *session = previous;
+                true
+            }
+            Err(e) => {
+                *session = e.into_session();
+                false
+            }
+        }
+    }
+
     /// The store's generation: a store that can be reset (the std adapter's
     /// `reset_default_manager`) changes it, so that guards made before a reset do not restore
     /// bindings from before it. Stores that are never reset keep the default (0).
@@ -313,9 +335,11 @@ pub fn enter(session: impl Into<AnySession>) -> EnterGuard {
 /// ```
 pub fn enter_in(store: &'static dyn ContextStore, session: impl Into<AnySession>) -> EnterGuard {
     let generation = store.generation();
-    match store.replace(Some(session.into())) {
-        Ok(prev) => EnterGuard { store: Some(store), prev, generation, _not_send: PhantomData },
-        Err(_) => EnterGuard { store: None, prev: None, generation: 0, _not_send: PhantomData },
+    let mut slot = Some(session.into());
+    if store.swap(&mut slot) {
+        EnterGuard { store: Some(store), prev: slot, generation, _not_send: PhantomData }
+    } else {
+        EnterGuard { store: None, prev: None, generation: 0, _not_send: PhantomData }
     }
 }
 
@@ -353,9 +377,12 @@ pub struct EnterGuard {
 impl Drop for EnterGuard {
     fn drop(&mut self) {
         if let Some(store) = self.store {
-            let prev = self.prev.take().filter(|_| store.generation() == self.generation);
-            // The session we entered comes back and is dropped here, outside the slot.
-            drop(store.replace(prev));
+            if store.generation() != self.generation {
+                self.prev = None;
+            }
+            // The session we entered comes back into `prev` and is dropped with the guard,
+            // outside the slot.
+            store.swap(&mut self.prev);
         }
     }
 }
@@ -440,6 +467,29 @@ impl LocalSlot {
             unsafe { (*self.retired.get()).push(old.clone()) };
         }
         old
+    }
+
+    /// Exchanges the slot's session with `*other` in place (the cheapest form of
+    /// [`replace`](LocalSlot::replace): nothing is moved but the two handles).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{LocalSlot, SessionMap};
+    /// let slot = LocalSlot::new();
+    /// let mut s = Some(SessionMap::new().into());
+    /// slot.swap(&mut s);
+    /// assert!(s.is_none() && slot.is_set());
+    /// slot.swap(&mut s);
+    /// assert!(s.is_some() && !slot.is_set());
+    /// ```
+    #[inline]
+    pub fn swap(&self, other: &mut Option<AnySession>) {
+        // SAFETY: as in `replace`; `other` is a distinct place (a `&mut` cannot alias the slot).
+        unsafe { ptr::swap(self.current.get(), other) };
+        if let (true, Some(old)) = (self.readers.get() > 0, &*other) {
+            // SAFETY: as in `replace`.
+            unsafe { (*self.retired.get()).push(old.clone()) };
+        }
     }
 
     /// Whether a session is in the slot.

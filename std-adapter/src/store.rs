@@ -95,29 +95,36 @@ impl ThreadStore {
 
     /// Binds `session` (or clears with `None`) on this thread; returns the previous binding.
     /// Returns `Err` only during thread teardown, with the session.
+    #[inline]
     pub fn swap(&self, session: Option<AnySession>) -> Result<Option<AnySession>, BindError> {
+        let mut session = session;
+        if self.swap_in_place(&mut session) {
+            Ok(session)
+        } else {
+            Err(BindError::new(session, "the thread is being torn down (thread-local storage is gone)"))
+        }
+    }
+
+    /// Exchanges this thread's binding with `*session` in place (what `WithSession` does around
+    /// each poll). Returns `false` — leaving `*session` untouched — during thread teardown.
+    #[inline]
+    pub fn swap_in_place(&self, session: &mut Option<AnySession>) -> bool {
         if session.is_some() && !EVER_BOUND.load(Ordering::Relaxed) {
             EVER_BOUND.store(true, Ordering::Relaxed);
         }
-        let mut session = Some(session);
-        let r = SLOT.try_with(|t| {
+        SLOT.try_with(|t| {
             let generation = GENERATION.load(Ordering::Acquire);
             let stale = t.generation.get() != generation;
             t.generation.set(generation);
-            let new = session.take().expect("called once");
-            crate::live::on_bind(new.is_some());
-            let old = t.slot.replace(new);
-            crate::live::on_unbind(old.is_some());
+            crate::live::on_bind(session.is_some());
+            t.slot.swap(session);
+            crate::live::on_unbind(session.is_some());
             if stale {
-                drop(old);
-                None
-            } else {
-                old
+                // A binding from before a reset is not handed back.
+                drop(session.take());
             }
-        });
-        r.map_err(|_| {
-            BindError::new(session.take().flatten(), "the thread is being torn down (thread-local storage is gone)")
         })
+        .is_ok()
     }
 }
 
@@ -128,7 +135,12 @@ impl ContextStore for ThreadStore {
     }
 
     fn replace(&self, session: Option<AnySession>) -> Result<Option<AnySession>, BindError> {
-        self.swap(session)
+        ThreadStore::swap(self, session)
+    }
+
+    #[inline]
+    fn swap(&self, session: &mut Option<AnySession>) -> bool {
+        self.swap_in_place(session)
     }
 
     fn generation(&self) -> u64 {

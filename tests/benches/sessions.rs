@@ -591,15 +591,19 @@ fn p8_memory() -> Vec<String> {
             }
             s.disable();
         }
-        rt.block_on(localsession_tokio::spawn_with(SessionCtx::new(&Context::background()).with(&K, round), async {
-            let mut handles = Vec::with_capacity(1000);
-            for _ in 0..1000 {
-                handles.push(localsession_tokio::spawn(async { black_box(current().is_some()) }));
-            }
-            for h in handles {
-                let _ = h.await;
-            }
-        }))
+        let session = SessionCtx::new(&Context::background()).with(&K, round);
+        rt.block_on(async move {
+            localsession_tokio::spawn_with(session, async {
+                let mut handles = Vec::with_capacity(1000);
+                for _ in 0..1000 {
+                    handles.push(localsession_tokio::spawn(async { black_box(current().is_some()) }));
+                }
+                for h in handles {
+                    let _ = h.await;
+                }
+            })
+            .await
+        })
         .unwrap();
     }
     let after = rss_kib();

@@ -145,10 +145,14 @@ fn on_before_poll(meta: &TaskMeta<'_>) {
     // `on_after_poll` only after the task is idle again, so another worker may already poll it
     // (woken by a timer or a child) before this worker's `on_after_poll` ran — it must still
     // find the session.
-    let session = TASKS.get(id);
+    let installed = TASKS.get(id);
     // Install the task's session (or none: a worker must not lend the previous task's, nor the
     // `block_on` caller's), keeping what was there for `on_after_poll`.
-    let previous = THREAD_STORE.swap(session.clone()).ok().flatten();
+    let mut previous = installed.clone();
+    if !THREAD_STORE.swap_in_place(&mut previous) {
+        previous = None;
+    }
+    let session = installed;
     POLLING.with(|p| {
         let older = p.replace(Some(Polling { id, installed: session, previous, terminated: false }));
         debug_assert!(older.is_none(), "task polls do not nest on one thread");
@@ -157,8 +161,11 @@ fn on_before_poll(meta: &TaskMeta<'_>) {
 }
 
 fn on_after_poll(meta: &TaskMeta<'_>) {
-    let Some(polling) = POLLING.with(|p| p.take()) else { return };
-    let after = THREAD_STORE.swap(polling.previous).ok().flatten();
+    let Some(mut polling) = POLLING.with(|p| p.take()) else { return };
+    let mut after = polling.previous.take();
+    if !THREAD_STORE.swap_in_place(&mut after) {
+        after = None;
+    }
     if polling.terminated || polling.id != meta.id() {
         // The task ended during this poll (tokio fires `on_task_terminate` before
         // `on_after_task_poll`): its entry is gone and must stay gone.
