@@ -12,8 +12,10 @@
 //! - **Writers** allocate one node above the current head and publish it with a
 //!   compare-and-swap (`AcqRel`); on failure they re-link the same node above the new head and
 //!   retry. Every successful CAS includes every earlier one, so no update is ever lost (loom
-//!   model `map_concurrent_writers`). The root's reference to the old head moves into the new
-//!   node, so an insert frees nothing.
+//!   model `map_concurrent_writers`). The new node is linked with the root's own reference to
+//!   the old head, *lent* until the exchange succeeds (then it has moved into the node): an
+//!   insert touches no reference count of the head — whose header readers are reading — and
+//!   frees nothing.
 //! - **Compaction** keeps memory bounded: after enough writes a writer rebuilds the newest
 //!   binding of each live key into a fresh chain over the base and swaps it in with one CAS.
 //!   Only then can a reader still be walking a chain that nothing references any more, so the
@@ -33,6 +35,8 @@ use core::time::Duration;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+
+use crossbeam_utils::CachePadded;
 
 use crate::context::Context;
 use crate::error::ContextError;
@@ -84,12 +88,13 @@ pub struct SessionMap {
 }
 
 struct MapShared {
-    /// The newest node; owns one reference. Never null.
-    root: AtomicPtr<crate::node::Header>,
+    /// The newest node; owns one reference. Never null. On its own cache line: every write
+    /// changes it, and nothing else should bounce with it.
+    root: CachePadded<AtomicPtr<crate::node::Header>>,
     /// The validity scope: the chain's base (`top` is the scope node).
     base: Context,
     /// Successful writes since the last compaction (a heuristic; relaxed).
-    writes: AtomicUsize,
+    writes: CachePadded<AtomicUsize>,
     /// Live keys after the last compaction (a heuristic; relaxed).
     live: AtomicUsize,
 }
@@ -172,9 +177,9 @@ impl SessionMap {
         let root = base.top().cloned().expect("a scope context has a head").into_raw();
         SessionMap {
             shared: Arc::new(MapShared {
-                root: AtomicPtr::new(root.as_ptr()),
+                root: CachePadded::new(AtomicPtr::new(root.as_ptr())),
                 base,
-                writes: AtomicUsize::new(0),
+                writes: CachePadded::new(AtomicUsize::new(0)),
                 live: AtomicUsize::new(0),
             }),
         }
@@ -293,35 +298,57 @@ impl SessionMap {
     /// Publishes `node` above the current head if `precheck(head)` holds; returns whether it
     /// was published.
     fn publish(&self, mut node: NodeRef, precheck: impl Fn(NodePtr) -> bool) -> bool {
+        /// Links the unpublished node above the head with the *root's* reference to the head,
+        /// lent rather than copied (no reference-count traffic on the head, whose header readers
+        /// are reading). Unless the exchange succeeds — the root's reference then moves into the
+        /// node — the loan is given back when this is dropped, also during unwinding (a user
+        /// `Eq` may panic while the node's index table is built).
+        struct Loan<'a> {
+            node: &'a mut NodeRef,
+            published: bool,
+        }
+        impl Drop for Loan<'_> {
+            fn drop(&mut self) {
+                if !self.published {
+                    // SAFETY: the node was never shared; relinking above nothing runs no user
+                    // code. The parent it returns is the lent reference: not ours to release.
+                    core::mem::forget(unsafe { self.node.relink(None) });
+                }
+            }
+        }
+
         let guard = epoch::pin();
         let root = &self.shared.root;
         // Acquire: the head's contents (and the chain under it) were published with Release.
         let mut head = root.load(Ordering::Acquire);
         loop {
             // SAFETY: `head` is non-null; we are pinned, so it is alive even if a compaction
-            // has already replaced it.
+            // has already replaced it (its reference is then released only after we unpin).
             let head_ptr = NodePtr(unsafe { NonNull::new_unchecked(head) });
             if !precheck(head_ptr) {
                 return false;
             }
-            // SAFETY: `head` is alive (pinned); the new reference becomes the node's parent.
-            let parent = unsafe { NodeRef::clone_from_ptr(head_ptr) };
-            // SAFETY: `node` was never shared. The old parent (if any) is a reference we took.
-            drop(unsafe { node.relink(Some(parent)) });
+            let mut loan = Loan { node: &mut node, published: false };
+            // SAFETY: `node` was never shared and has no parent (a failed attempt gave its loan
+            // back); the lent reference stays the root's until the exchange below succeeds.
+            drop(unsafe { loan.node.relink(Some(NodeRef::from_raw(head_ptr.0))) });
             // AcqRel: Release publishes the node; Acquire on failure sees the new head's chain.
-            match root.compare_exchange(head, node.ptr().0.as_ptr(), Ordering::AcqRel, Ordering::Acquire) {
+            match root.compare_exchange(head, loan.node.ptr().0.as_ptr(), Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
-                    // The root now owns `node`; its old reference to `head` is released here.
-                    // It cannot be the last one: `node` holds another.
+                    // The root's reference to `head` is now the node's parent, and the root owns
+                    // the node's initial reference.
+                    loan.published = true;
+                    drop(loan);
                     let _ = node.into_raw();
-                    // SAFETY: the root owned this reference to `head` until the exchange.
-                    drop(unsafe { NodeRef::from_raw(head_ptr.0) });
                     break;
                 }
                 Err(actual) => head = actual,
             }
         }
-        let writes = self.shared.writes.fetch_add(1, Ordering::Relaxed) + 1;
+        // A heuristic count (load + store, not a read-modify-write: a lost increment under
+        // concurrent writers only delays a compaction).
+        let writes = self.shared.writes.load(Ordering::Relaxed) + 1;
+        self.shared.writes.store(writes, Ordering::Relaxed);
         if writes >= COMPACT_MIN_WRITES.max(2 * self.shared.live.load(Ordering::Relaxed)) {
             self.compact(&guard);
         }
@@ -575,6 +602,10 @@ impl SessionMap {
     /// ```
     pub fn after_cancel(&self, f: impl FnOnce() + Send + 'static) -> crate::AfterCancel {
         self.shared.base.after_cancel(f)
+    }
+
+    pub(crate) fn identity(&self) -> usize {
+        Arc::as_ptr(&self.shared) as usize
     }
 
     /// Whether both handles are the same map.

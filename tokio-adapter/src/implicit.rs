@@ -64,8 +64,8 @@ static TASKS: TaskSessions = TaskSessions {
 /// The poll in progress on this thread.
 struct Polling {
     id: Id,
-    /// The session installed for the poll (a clone of the table's entry).
-    installed: Option<AnySession>,
+    /// The identity of the session installed for the poll (the table's entry).
+    installed: Option<(usize, usize)>,
     /// What the worker's slot held before.
     previous: Option<AnySession>,
     /// The task terminated during the poll.
@@ -145,16 +145,15 @@ fn on_before_poll(meta: &TaskMeta<'_>) {
     // `on_after_poll` only after the task is idle again, so another worker may already poll it
     // (woken by a timer or a child) before this worker's `on_after_poll` ran — it must still
     // find the session.
-    let installed = TASKS.get(id);
-    // Install the task's session (or none: a worker must not lend the previous task's, nor the
-    // `block_on` caller's), keeping what was there for `on_after_poll`.
-    let mut previous = installed.clone();
+    // Install (a clone of) the task's session — or none: a worker must not lend the previous
+    // task's, nor the `block_on` caller's — keeping what was there for `on_after_poll`.
+    let mut previous = TASKS.get(id);
+    let installed = previous.as_ref().map(AnySession::identity);
     if !THREAD_STORE.swap_in_place(&mut previous) {
         previous = None;
     }
-    let session = installed;
     POLLING.with(|p| {
-        let older = p.replace(Some(Polling { id, installed: session, previous, terminated: false }));
+        let older = p.replace(Some(Polling { id, installed, previous, terminated: false }));
         debug_assert!(older.is_none(), "task polls do not nest on one thread");
         drop(older);
     });
@@ -171,11 +170,7 @@ fn on_after_poll(meta: &TaskMeta<'_>) {
         // `on_after_task_poll`): its entry is gone and must stay gone.
         return;
     }
-    let changed = match (&after, &polling.installed) {
-        (Some(a), Some(b)) => !a.ptr_eq(b),
-        (None, None) => false,
-        _ => true,
-    };
+    let changed = after.as_ref().map(AnySession::identity) != polling.installed;
     if changed {
         // The task bound (or unbound) a session during the poll: that is its session now.
         match after {
