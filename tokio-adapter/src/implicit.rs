@@ -38,7 +38,6 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError};
 
 use localsession_core::AnySession;
 use localsession_std::THREAD_STORE;
@@ -49,7 +48,10 @@ const SHARDS: usize = 16;
 
 /// Sessions of tasks that have one, keyed by task id (ids are unique process-wide).
 struct TaskSessions {
-    shards: [Mutex<TaskMap>; SHARDS],
+    /// Spin locks: the critical sections are one hash-map operation that runs no user code
+    /// (session drops happen after unlocking), so one compare-and-swap to lock and a plain store
+    /// to unlock beat a parking mutex's two read-modify-writes.
+    shards: [spin::Mutex<TaskMap>; SHARDS],
     /// Entries in all shards; lets sessionless workloads skip the map entirely.
     len: AtomicUsize,
 }
@@ -57,7 +59,7 @@ struct TaskSessions {
 type TaskMap = HashMap<Id, AnySession, BuildHasherDefault<FxMix>>;
 
 static TASKS: TaskSessions = TaskSessions {
-    shards: [const { Mutex::new(HashMap::with_hasher(BuildHasherDefault::new())) }; SHARDS],
+    shards: [const { spin::Mutex::new(HashMap::with_hasher(BuildHasherDefault::new())) }; SHARDS],
     len: AtomicUsize::new(0),
 };
 
@@ -77,7 +79,7 @@ thread_local! {
 }
 
 impl TaskSessions {
-    fn shard(&self, id: Id) -> &Mutex<TaskMap> {
+    fn shard(&self, id: Id) -> &spin::Mutex<TaskMap> {
         use std::hash::{Hash, Hasher};
         // Task ids are sequential: spread them over the shards with a multiplicative mix.
         let mut mix = FxMix(0);
@@ -86,7 +88,7 @@ impl TaskSessions {
     }
 
     fn insert(&self, id: Id, session: AnySession) {
-        let old = self.shard(id).lock().unwrap_or_else(PoisonError::into_inner).insert(id, session);
+        let old = self.shard(id).lock().insert(id, session);
         if old.is_none() {
             // Relaxed: a hint for the fast path; the map itself is behind the lock.
             self.len.fetch_add(1, Ordering::Relaxed);
@@ -98,14 +100,14 @@ impl TaskSessions {
         if self.len.load(Ordering::Relaxed) == 0 {
             return None;
         }
-        self.shard(id).lock().unwrap_or_else(PoisonError::into_inner).get(&id).cloned()
+        self.shard(id).lock().get(&id).cloned()
     }
 
     fn remove(&self, id: Id) -> Option<AnySession> {
         if self.len.load(Ordering::Relaxed) == 0 {
             return None;
         }
-        let removed = self.shard(id).lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+        let removed = self.shard(id).lock().remove(&id);
         if removed.is_some() {
             self.len.fetch_sub(1, Ordering::Relaxed);
         }
