@@ -20,8 +20,12 @@
 //!   binding of each live key into a fresh chain over the base and swaps it in with one CAS.
 //!   Only then can a reader still be walking a chain that nothing references any more, so the
 //!   root's reference to the old head is released through `Guard::defer`, after every reader
-//!   pinned at that time has unpinned. A compaction that loses its CAS race drops its private
-//!   chain and leaves the work to a later writer.
+//!   pinned at that time has unpinned. Since crossbeam runs deferred functions on whichever
+//!   thread happens to collect (typically a reader, inside its `pin`), the deferred function
+//!   only hands the old chain to a per-map *graveyard*, and the next writer frees it: readers
+//!   never pay for freeing a chain. A compaction that loses its CAS race drops its private
+//!   chain and leaves the work to a later writer. An idle map keeps its last graveyard until it
+//!   is written to or dropped.
 //!
 //! Values are stored behind an `Arc`, so reads can hand out owned handles ([`SessionMap::value`])
 //! as well as borrows ([`SessionMap::read`]), and compaction can re-bind a value without copying
@@ -46,7 +50,7 @@ use crate::node::{
     lookup,
 };
 use crate::primitive::epoch::{self, Guard};
-use crate::primitive::{AtomicPtr, AtomicUsize, Ordering};
+use crate::primitive::{AtomicPtr, AtomicUsize, Mutex, Ordering};
 use crate::scope::Done;
 use crate::session::{AnySession, Session};
 use crate::time::{Instant, NoClockError, global_clock};
@@ -97,6 +101,11 @@ struct MapShared {
     writes: CachePadded<AtomicUsize>,
     /// Live keys after the last compaction (a heuristic; relaxed).
     live: AtomicUsize,
+    /// Old chains whose epoch grace period has ended, waiting for the next writer to free them
+    /// (see [`SessionMap::compact`]).
+    graveyard: Mutex<Vec<NodeRef>>,
+    /// Whether the graveyard may be non-empty (a hint that spares writers the lock).
+    graves: AtomicUsize,
 }
 
 impl Drop for MapShared {
@@ -181,6 +190,8 @@ impl SessionMap {
                 base,
                 writes: CachePadded::new(AtomicUsize::new(0)),
                 live: AtomicUsize::new(0),
+                graveyard: Mutex::new(Vec::new()),
+                graves: AtomicUsize::new(0),
             }),
         }
     }
@@ -352,7 +363,25 @@ impl SessionMap {
         if writes >= COMPACT_MIN_WRITES.max(2 * self.shared.live.load(Ordering::Relaxed)) {
             self.compact(&guard);
         }
+        drop(guard);
+        self.free_graves();
         true
+    }
+
+    /// Frees the old chains that readers' epoch collection handed back (on the writer's thread,
+    /// where they were allocated, and off the readers' path).
+    fn free_graves(&self) {
+        // Relaxed: a hint; the lock below orders the hand-over itself.
+        if self.shared.graves.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let dead = {
+            let mut yard = self.shared.graveyard.lock();
+            self.shared.graves.store(0, Ordering::Relaxed);
+            core::mem::take(&mut *yard)
+        };
+        // Freed here, outside the lock (values' drops are user code).
+        drop(dead);
     }
 
     /// Rebuilds the live bindings into a fresh chain over the base and swaps it in.
@@ -387,8 +416,17 @@ impl SessionMap {
             // SAFETY: the root owned this reference to the old head until the exchange.
             let old = unsafe { NodeRef::from_raw(head_ptr.0) };
             // Readers pinned before the exchange may still walk the old chain: release the
-            // root's reference only once they have all unpinned.
-            guard.defer(move || drop(old));
+            // root's reference only once they have all unpinned. crossbeam runs deferred
+            // functions from whichever thread collects — usually a reader, inside its `pin` —
+            // so the deferred function only moves the chain to the graveyard (one short lock);
+            // the next writer frees it (`free_graves`), keeping a chain's worth of frees (and
+            // the allocator's cross-thread locking) off the read path.
+            let shared = Arc::clone(&self.shared);
+            guard.defer(move || {
+                shared.graveyard.lock().push(old);
+                // Relaxed: a hint for writers; the lock publishes the chain.
+                shared.graves.store(1, Ordering::Relaxed);
+            });
         }
         // Else: a writer got in first; our private chain is dropped here.
     }
