@@ -36,7 +36,19 @@ pub use localsession_std::FutureExt;
 /// `async_std::task::spawn` with the spawner's current session.
 ///
 /// # Examples
-/// See the [crate docs](crate).
+/// ```
+/// use localsession_core::SessionMap;
+/// use localsession_std::{current, scope};
+///
+/// let map = SessionMap::new().with_value("req", 5u32);
+/// let h = scope(map, || localsession_async_std::spawn(async {
+///     async_std::task::yield_now().await; // may resume on another worker
+///     current().unwrap().value_cloned::<u32, _>(&"req")
+/// }));
+/// assert_eq!(async_std::task::block_on(h), Some(5));
+/// ```
+///
+/// See also the [crate docs](crate).
 pub fn spawn<F, T>(future: F) -> JoinHandle<T>
 where
     F: Future<Output = T> + Send + 'static,
@@ -104,7 +116,21 @@ where
 /// its drop), even if the future binds something else meanwhile.
 ///
 /// # Examples
-/// See the [crate docs](crate).
+/// ```
+/// use localsession_core::{Context, SessionCtx, SessionMap};
+/// use localsession_std::{bind, current, scope};
+///
+/// scope(SessionCtx::new(&Context::background()), || {
+///     let bound_inside = localsession_async_std::block_on(async {
+///         bind(SessionMap::new()); // sticks to the future...
+///         current().unwrap().as_map().is_some()
+///     });
+///     assert!(bound_inside);
+///     assert!(current().unwrap().as_ctx().is_some()); // ...and the caller's session is back
+/// });
+/// ```
+///
+/// See also the [crate docs](crate).
 pub fn block_on<F: Future>(future: F) -> F::Output {
     async_std::task::block_on(future.in_current_session())
 }
@@ -133,24 +159,70 @@ pub struct Builder {
 
 impl Builder {
     /// A builder whose tasks inherit the spawner's session.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::{current, scope};
+    ///
+    /// let map = SessionMap::new().with_value("k", 1u8);
+    /// let h = scope(map, || {
+    ///     localsession_async_std::Builder::new().spawn(async { current().unwrap().value_cloned::<u8, _>(&"k") })
+    /// });
+    /// assert_eq!(async_std::task::block_on(h.unwrap()), Some(1)); // inherited from the spawner
+    /// ```
     #[must_use]
     pub fn new() -> Builder {
         Builder { inner: async_std::task::Builder::new(), session: None }
     }
 
     /// Names the task.
+    ///
+    /// # Examples
+    /// ```
+    /// let h = localsession_async_std::Builder::new()
+    ///     .name("fetch".into())
+    ///     .spawn(async { async_std::task::current().name().map(str::to_owned) })
+    ///     .unwrap();
+    /// assert_eq!(async_std::task::block_on(h).as_deref(), Some("fetch"));
+    /// ```
     #[must_use]
     pub fn name(self, name: String) -> Builder {
         Builder { inner: self.inner.name(name), ..self }
     }
 
     /// Runs the task with `session` instead of the spawner's.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::current;
+    ///
+    /// let map = SessionMap::new();
+    /// let h = localsession_async_std::Builder::new()
+    ///     .session(map.clone())
+    ///     .spawn(async { current().unwrap().as_map().unwrap().insert("seen", true) })
+    ///     .unwrap();
+    /// async_std::task::block_on(h);
+    /// assert!(map.contains(&"seen")); // the task wrote into the shared map
+    /// ```
     #[must_use]
     pub fn session(self, session: impl Into<AnySession>) -> Builder {
         Builder { session: Some(Some(session.into())), ..self }
     }
 
     /// Runs the task with no session.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::{current, scope};
+    ///
+    /// let h = scope(SessionMap::new(), || {
+    ///     localsession_async_std::Builder::new().no_session().spawn(async { current().is_none() })
+    /// });
+    /// assert!(async_std::task::block_on(h.unwrap()));
+    /// ```
     #[must_use]
     pub fn no_session(self) -> Builder {
         Builder { session: Some(None), ..self }
@@ -168,6 +240,19 @@ impl Builder {
     ///
     /// # Errors
     /// As `async_std::task::Builder::spawn`.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::current;
+    ///
+    /// let map = SessionMap::new().with_value("k", 2u8);
+    /// let h = localsession_async_std::Builder::new()
+    ///     .session(map)
+    ///     .spawn(async { current().unwrap().value_cloned::<u8, _>(&"k") })?;
+    /// assert_eq!(async_std::task::block_on(h), Some(2));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn spawn<F, T>(self, future: F) -> io::Result<JoinHandle<T>>
     where
         F: Future<Output = T> + Send + 'static,
@@ -180,6 +265,20 @@ impl Builder {
     ///
     /// # Errors
     /// As `async_std::task::Builder::local`.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::rc::Rc;
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::current;
+    ///
+    /// let v = async_std::task::block_on(async {
+    ///     let shared = Rc::new(5); // `!Send`: needs a task on this thread
+    ///     let task = async move { (*shared, current().is_some()) };
+    ///     localsession_async_std::Builder::new().session(SessionMap::new()).local(task).unwrap().await
+    /// });
+    /// assert_eq!(v, (5, true));
+    /// ```
     pub fn local<F, T>(self, future: F) -> io::Result<JoinHandle<T>>
     where
         F: Future<Output = T> + 'static,
@@ -188,10 +287,19 @@ impl Builder {
         self.inner.local(Self::wrap(self.session, future))
     }
 
-    /// Blocks on the future with the session.
+    /// Blocks on the future with the session (as `async_std::task::Builder::blocking`).
     ///
-    /// # Errors
-    /// As `async_std::task::Builder::blocking`, which cannot fail today.
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::current;
+    ///
+    /// let v = localsession_async_std::Builder::new()
+    ///     .session(SessionMap::new().with_value("k", 3u8))
+    ///     .blocking(async { current().unwrap().value_cloned::<u8, _>(&"k") });
+    /// assert_eq!(v, Some(3));
+    /// assert!(current().is_none()); // nothing left bound on this thread
+    /// ```
     pub fn blocking<F: Future>(self, future: F) -> F::Output {
         self.inner.blocking(Self::wrap(self.session, future))
     }
@@ -225,6 +333,21 @@ pub struct AsyncIoClock {
 }
 
 /// The one [`AsyncIoClock`].
+///
+/// # Examples
+/// ```
+/// use std::time::Duration;
+/// use localsession_core::{Context, Instant};
+/// use localsession_async_std::ASYNC_IO_CLOCK;
+///
+/// let deadline = Instant::now(&ASYNC_IO_CLOCK) + Duration::from_millis(10);
+/// let (ctx, _cancel) = Context::background().with_deadline(deadline);
+/// let (tx, rx) = std::sync::mpsc::channel();
+/// let _h = ctx.after_cancel(move || tx.send(()).unwrap());
+/// // Nobody polls `done()`: a detached task awaiting an async-io timer fires the deadline.
+/// rx.recv_timeout(Duration::from_secs(10)).unwrap();
+/// assert!(ctx.err().unwrap().is_deadline_exceeded());
+/// ```
 pub static ASYNC_IO_CLOCK: AsyncIoClock = AsyncIoClock { origin: std::sync::OnceLock::new() };
 
 impl AsyncIoClock {
@@ -282,7 +405,14 @@ pub fn after(d: Duration) -> Instant {
 ///
 /// # Examples
 /// ```
+/// use std::time::Duration;
+/// use localsession_core::Context;
+///
 /// localsession_async_std::init(localsession_std::default_manager_options()).unwrap();
+/// // Timeouts now fire on async-io's timers:
+/// let (ctx, _cancel) = Context::background().with_timeout(Duration::from_millis(10)).unwrap();
+/// async_std::task::block_on(ctx.done());
+/// assert!(ctx.err().unwrap().is_deadline_exceeded());
 /// ```
 pub fn init(opts: ManagerOptions) -> Result<(), localsession_std::InitError> {
     localsession_std::register_adapter_clock(&ASYNC_IO_CLOCK)?;

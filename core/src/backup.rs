@@ -30,7 +30,15 @@ pub fn backup_ctx(ctx: &Context) {
 ///
 /// # Examples
 /// ```
-/// localsession_core::clear_ctx(); // nothing bound: nothing to do
+/// use localsession_core::{backed_up_ctx, backup_ctx, clear_ctx, set_global_store, Context, SingleSlotStore};
+/// static STORE: SingleSlotStore = SingleSlotStore::new();
+/// set_global_store(&STORE).unwrap();
+///
+/// backup_ctx(&Context::background()); // the request starts
+/// assert!(backed_up_ctx().is_some());
+/// clear_ctx(); // the request ends
+/// assert!(backed_up_ctx().is_none());
+/// clear_ctx(); // nothing bound: nothing to do
 /// ```
 pub fn clear_ctx() {
     drop(unbind());

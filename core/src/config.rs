@@ -72,6 +72,18 @@
 //!   maximum is `u64::MAX` nanoseconds (about 584 years; Go's is `i64::MAX`,
 //!   about 292 years), and fractions are computed exactly (see
 //!   [`parse_go_duration`]).
+//!
+//! # Examples
+//! Rejecting a malformed `CLOUDWEGO_SESSION_CONFIG_KEY` value with a message
+//! that names the field, where Go would silently keep the old value:
+//! ```
+//! use localsession_core::config::{ConfigField, ManagerOptions};
+//!
+//! let err = ManagerOptions::parse_env("yes,10", ManagerOptions::default()).unwrap_err();
+//! assert_eq!(err.field(), ConfigField::Implicit);
+//! assert_eq!(err.value(), "yes");
+//! assert!(err.to_string().starts_with(r#"invalid implicit transmit flag "yes""#));
+//! ```
 
 use alloc::string::{String, ToString};
 use core::fmt;
@@ -80,6 +92,7 @@ use core::time::Duration;
 
 /// Default number of session shards (Go's `DefaultManagerOptions().ShardNumber`).
 ///
+/// # Examples
 /// ```
 /// use localsession_core::config::{DEFAULT_SHARD_NUMBER, ManagerOptions};
 ///
@@ -91,6 +104,7 @@ pub const DEFAULT_SHARD_NUMBER: usize = 100;
 /// Default interval between garbage-collection passes: 10 minutes (Go's
 /// `DefaultManagerOptions().GCInterval`).
 ///
+/// # Examples
 /// ```
 /// use core::time::Duration;
 /// use localsession_core::config::{DEFAULT_GC_INTERVAL, ManagerOptions};
@@ -103,6 +117,7 @@ pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(10 * 60);
 /// Smallest accepted GC interval: 1 second (Go's manager panics with
 /// "`GCInterval` must be larger than 1 second" below it).
 ///
+/// # Examples
 /// ```
 /// use core::time::Duration;
 /// use localsession_core::config::{MIN_GC_INTERVAL, ManagerOptions};
@@ -118,6 +133,7 @@ pub const MIN_GC_INTERVAL: Duration = Duration::from_secs(1);
 /// This module does not read it; a `std` adapter passes its value to
 /// [`ManagerOptions::parse_env`].
 ///
+/// # Examples
 /// ```
 /// use localsession_core::config::ENV_KEY;
 ///
@@ -137,6 +153,7 @@ const BOOL_SPELLINGS: &str = "1, t, T, TRUE, true, True, 0, f, F, FALSE, false, 
 /// [`ManagerOptions::default()`], or parse it from the environment-variable
 /// format with [`ManagerOptions::parse_env`] or [`str::parse`].
 ///
+/// # Examples
 /// ```
 /// use core::time::Duration;
 /// use localsession_core::config::ManagerOptions;
@@ -170,6 +187,7 @@ impl Default for ManagerOptions {
     /// Go's `DefaultManagerOptions()`: 100 shards, GC every 10 minutes,
     /// implicit transmission disabled.
     ///
+    /// # Examples
     /// ```
     /// use core::time::Duration;
     /// use localsession_core::config::ManagerOptions;
@@ -200,6 +218,7 @@ impl ManagerOptions {
     /// [`value`](ConfigError::value) renders the offending value (durations
     /// in Go's format, see [`format_go_duration`]).
     ///
+    /// # Examples
     /// ```
     /// use core::time::Duration;
     /// use localsession_core::config::{ConfigField, ManagerOptions};
@@ -243,6 +262,7 @@ impl ManagerOptions {
     ///   not parse or is out of range, or it is empty and `base`'s value is
     ///   out of range (as [`validate`](Self::validate) would report it).
     ///
+    /// # Examples
     /// ```
     /// use core::time::Duration;
     /// use localsession_core::config::{ConfigField, ManagerOptions};
@@ -295,6 +315,7 @@ impl FromStr for ManagerOptions {
     /// Same as [`ManagerOptions::parse_env`] with
     /// [`ManagerOptions::default()`] as the base.
     ///
+    /// # Examples
     /// ```
     /// use localsession_core::config::{ConfigField, ManagerOptions};
     ///
@@ -393,6 +414,7 @@ fn check_gc_interval(gc: Option<Duration>) -> Result<(), ConfigError> {
 /// an unknown unit (`"10x"`, `"1h "`), or exceeds `u64::MAX` nanoseconds
 /// (about 584 years).
 ///
+/// # Examples
 /// ```
 /// use core::time::Duration;
 /// use localsession_core::config::parse_go_duration;
@@ -511,6 +533,7 @@ fn unit_nanos(unit: &str) -> Option<u64> {
 /// [`parse_go_duration`] reads the output back to the same value for every
 /// duration of at most `u64::MAX` nanoseconds (about 584 years).
 ///
+/// # Examples
 /// ```
 /// use core::time::Duration;
 /// use localsession_core::config::{format_go_duration, parse_go_duration};
@@ -576,6 +599,7 @@ fn write_fraction(f: &mut fmt::Formatter<'_>, mut frac: u32, mut width: usize) -
 
 /// Which part of the configuration a [`ConfigError`] is about.
 ///
+/// # Examples
 /// ```
 /// use localsession_core::config::{ConfigField, ManagerOptions};
 ///
@@ -618,6 +642,7 @@ impl ConfigField {
 /// Rust string literal). For an unparsable GC interval,
 /// [`source`](core::error::Error::source) returns the [`DurationError`].
 ///
+/// # Examples
 /// ```
 /// use core::error::Error;
 /// use localsession_core::config::{ConfigField, DurationError, ManagerOptions};
@@ -657,6 +682,7 @@ impl ConfigError {
 
     /// The field that is invalid.
     ///
+    /// # Examples
     /// ```
     /// use localsession_core::config::{ConfigField, ManagerOptions};
     ///
@@ -674,6 +700,7 @@ impl ConfigError {
     /// of [`ManagerOptions::parse_env`]), the value rendered as text
     /// (durations with [`format_go_duration`]).
     ///
+    /// # Examples
     /// ```
     /// use localsession_core::config::ManagerOptions;
     ///
@@ -717,6 +744,7 @@ impl core::error::Error for ConfigError {
 /// Its message quotes the input (escaped like a Rust string literal) and says
 /// what is wrong with it.
 ///
+/// # Examples
 /// ```
 /// use localsession_core::config::parse_go_duration;
 ///
@@ -747,6 +775,7 @@ enum DurationErrorKind {
 impl DurationError {
     /// The rejected input, exactly as given.
     ///
+    /// # Examples
     /// ```
     /// use localsession_core::config::parse_go_duration;
     ///

@@ -468,18 +468,54 @@ impl CancelHandle {
     /// Cancels with [`ContextError::Canceled`]. Returns `false` if the scope was done already
     /// (cancelled, through an ancestor too, or past its deadline; `err()` then keeps its first
     /// value, as in Go).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, ContextError};
+    /// let (parent, cancel_parent) = Context::background().with_cancel();
+    /// let (child, cancel_child) = parent.with_cancel();
+    /// assert!(cancel_parent.cancel());
+    /// assert!(!cancel_child.cancel()); // done already, through its parent
+    /// assert_eq!(child.err(), Some(ContextError::Canceled));
+    /// ```
     pub fn cancel(&self) -> bool {
         self.cancel_with_cause(ContextError::Canceled)
     }
 
     /// Cancels with a cause that [`Context::err`] will return (Go `CancelCauseFunc`).
     /// Returns `false` if the scope was done already (the first cause stays).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, ContextError};
+    /// let (ctx, cancel) = Context::background().with_cancel();
+    /// let cause = ContextError::cause(std::io::Error::other("client went away"));
+    /// assert!(cancel.cancel_with_cause(cause.clone()));
+    /// assert!(!cancel.cancel()); // the first cause stays
+    /// assert_eq!(ctx.err(), Some(cause));
+    /// assert_eq!(ctx.err().unwrap().to_string(), "client went away");
+    /// ```
     pub fn cancel_with_cause(&self, cause: ContextError) -> bool {
         // SAFETY: a handle always holds a scope node.
         unsafe { ScopeNode::from_node(&self.scope) }.cancel(cause)
     }
 
     /// Whether the scope is done: cancelled (by this handle or an ancestor) or past its deadline.
+    ///
+    /// # Examples
+    /// ```
+    /// use core::time::Duration;
+    /// use localsession_core::{Clock, Context, Instant};
+    /// struct Fixed;
+    /// impl Clock for Fixed { fn now(&self) -> Duration { Duration::from_secs(10) } }
+    /// static CLOCK: Fixed = Fixed;
+    ///
+    /// let (_ctx, cancel) = Context::background().with_cancel();
+    /// assert!(!cancel.is_cancelled());
+    /// let past = Instant::from_clock_time(&CLOCK, Duration::from_secs(5));
+    /// let (_expired, handle) = Context::background().with_deadline(past);
+    /// assert!(handle.is_cancelled()); // past its deadline counts, without any cancel
+    /// ```
     #[must_use]
     pub fn is_cancelled(&self) -> bool {
         // SAFETY: as above.

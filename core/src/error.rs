@@ -28,12 +28,35 @@ pub enum ContextError {
 
 impl ContextError {
     /// Wraps a user error as a cancellation cause.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::ContextError;
+    /// let err = ContextError::cause(std::io::Error::other("shutting down"));
+    /// assert_eq!(err.to_string(), "shutting down");
+    /// assert!(core::error::Error::source(&err).is_some());
+    /// assert_eq!(err, err.clone()); // causes compare by identity:
+    /// assert_ne!(err, ContextError::cause(std::io::Error::other("shutting down")));
+    /// ```
     #[must_use]
     pub fn cause(err: impl core::error::Error + Send + Sync + 'static) -> Self {
         ContextError::Cause(Arc::new(err))
     }
 
     /// Whether this is a deadline expiry.
+    ///
+    /// # Examples
+    /// ```
+    /// use core::time::Duration;
+    /// use localsession_core::{Clock, Context, ContextError, Instant};
+    /// struct Fixed;
+    /// impl Clock for Fixed { fn now(&self) -> Duration { Duration::from_secs(10) } }
+    /// static CLOCK: Fixed = Fixed;
+    ///
+    /// let (ctx, _cancel) = Context::background().with_deadline(Instant::from_clock_time(&CLOCK, Duration::ZERO));
+    /// assert!(ctx.err().unwrap().is_deadline_exceeded());
+    /// assert!(!ContextError::Canceled.is_deadline_exceeded());
+    /// ```
     #[must_use]
     pub fn is_deadline_exceeded(&self) -> bool {
         matches!(self, ContextError::DeadlineExceeded)

@@ -52,7 +52,19 @@ impl<F> WithSession<F> {
     /// Wraps `future` so that it runs with `session` (or with none) bound in the default store.
     ///
     /// # Examples
-    /// See [`WithSession`].
+    /// ```
+    /// use localsession_core::{current, set_global_store, SessionMap, SingleSlotStore, WithSession};
+    /// static STORE: SingleSlotStore = SingleSlotStore::new();
+    /// set_global_store(&STORE).unwrap();
+    ///
+    /// let map = SessionMap::new().with_value("k", 1u8);
+    /// let fut = WithSession::new(async { current().unwrap().value_cloned::<u8, _>(&"k") }, Some(map.into()));
+    /// assert_eq!(futures::executor::block_on(fut), Some(1));
+    /// let bare = WithSession::new(async { current().is_none() }, None); // with no session
+    /// assert!(futures::executor::block_on(bare));
+    /// ```
+    ///
+    /// See also [`WithSession`].
     pub fn new(future: F, session: Option<AnySession>) -> Self {
         WithSession { store: None, session, future: Some(future) }
     }
@@ -72,6 +84,16 @@ impl<F> WithSession<F> {
     }
 
     /// The session the future will run with next.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{SessionMap, SingleSlotStore, WithSession};
+    /// static STORE: SingleSlotStore = SingleSlotStore::new();
+    /// let map = SessionMap::new().with_value("k", 1u8);
+    /// let fut = WithSession::new_in(&STORE, async {}, Some(map.into()));
+    /// assert_eq!(fut.session().unwrap().value_cloned::<u8, _>(&"k"), Some(1));
+    /// assert!(WithSession::new_in(&STORE, async {}, None).session().is_none());
+    /// ```
     #[must_use]
     pub fn session(&self) -> Option<&AnySession> {
         self.session.as_ref()
@@ -143,11 +165,35 @@ impl<F> fmt::Debug for WithSession<F> {
 ///
 /// The std adapter's `localsession_std::FutureExt` (re-exported by the tokio and async-std
 /// adapters) has the same methods bound to the thread-local store; import one of the two.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{current, set_global_store, FutureExt, SessionMap, SingleSlotStore};
+/// static STORE: SingleSlotStore = SingleSlotStore::new();
+/// set_global_store(&STORE).unwrap();
+///
+/// let read = || async { current().and_then(|s| s.value_cloned::<u32, _>(&"user")) };
+/// let map = SessionMap::new().with_value("user", 7u32);
+/// assert_eq!(futures::executor::block_on(read().with_session(map)), Some(7));
+/// assert_eq!(futures::executor::block_on(read().without_session()), None);
+/// ```
 pub trait FutureExt: Future + Sized {
     /// Runs this future with `session` bound (in the default store).
     ///
     /// # Examples
-    /// See [`WithSession`].
+    /// ```
+    /// use localsession_core::{current, set_global_store, FutureExt, SessionMap, SingleSlotStore};
+    /// static STORE: SingleSlotStore = SingleSlotStore::new();
+    /// set_global_store(&STORE).unwrap();
+    ///
+    /// let map = SessionMap::new();
+    /// let fut = async { current().unwrap().as_map().unwrap().insert("seen", true) }.with_session(map.clone());
+    /// futures::executor::block_on(fut);
+    /// assert!(map.contains(&"seen")); // the future wrote into the shared map
+    /// assert!(current().is_none()); // and left nothing bound
+    /// ```
+    ///
+    /// See also [`WithSession`].
     fn with_session(self, session: impl Into<AnySession>) -> WithSession<Self> {
         WithSession::new(self, Some(session.into()))
     }

@@ -120,6 +120,16 @@ pub struct KeyQuery<'a> {
 
 impl<'a> KeyQuery<'a> {
     /// A query for any hashable key.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, KeyQuery};
+    /// let ctx = Context::background().with_value("tenant", "acme");
+    /// let found = ctx.lookup(&KeyQuery::new(&"tenant")).and_then(|v| v.downcast_ref::<&str>());
+    /// assert_eq!(found, Some(&"acme"));
+    /// // The key's type is part of the key: a `String` does not find a `&str` binding.
+    /// assert!(ctx.lookup(&KeyQuery::new(&String::from("tenant"))).is_none());
+    /// ```
     #[inline]
     #[must_use]
     pub fn new<K: Eq + Hash + Any + Send + Sync>(key: &'a K) -> Self {
@@ -127,6 +137,15 @@ impl<'a> KeyQuery<'a> {
     }
 
     /// A query for a typed key.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, Key, KeyQuery};
+    /// static RETRIES: Key<u32> = Key::new("retries");
+    /// let ctx = Context::background().with(&RETRIES, 3);
+    /// let found = ctx.lookup(&KeyQuery::typed(&RETRIES)).and_then(|v| v.downcast_ref::<u32>());
+    /// assert_eq!(found, Some(&3));
+    /// ```
     #[inline]
     #[must_use]
     pub fn typed<T>(key: &'static Key<T>) -> Self {
@@ -134,18 +153,44 @@ impl<'a> KeyQuery<'a> {
     }
 
     /// The key, if this query was built from a `K`.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::KeyQuery;
+    /// let q = KeyQuery::new(&42u64);
+    /// assert_eq!(q.downcast::<u64>(), Some(&42));
+    /// assert_eq!(q.downcast::<u32>(), None); // another type
+    /// ```
     #[must_use]
     pub fn downcast<K: Any>(&self) -> Option<&'a K> {
         self.key.and_then(|k| k.downcast_ref::<K>())
     }
 
     /// Whether this query is for the typed key `key`.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Key, KeyQuery};
+    /// static A: Key<u8> = Key::new("same name");
+    /// static B: Key<u8> = Key::new("same name");
+    /// assert!(KeyQuery::typed(&A).is(&A));
+    /// assert!(!KeyQuery::typed(&A).is(&B)); // compared by identity, not by name
+    /// assert!(!KeyQuery::new(&"same name").is(&A));
+    /// ```
     #[must_use]
     pub fn is<T>(&self, key: &'static Key<T>) -> bool {
         self.key.is_none() && self.tag == key.tag()
     }
 
     /// The key as `&dyn Any` (`None` for a typed key).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Key, KeyQuery};
+    /// static ID: Key<u64> = Key::new("id");
+    /// assert!(KeyQuery::new(&"id").as_any().is_some_and(|k| k.is::<&str>()));
+    /// assert!(KeyQuery::typed(&ID).as_any().is_none());
+    /// ```
     #[must_use]
     pub fn as_any(&self) -> Option<&'a (dyn Any + Send + Sync)> {
         self.key
@@ -201,6 +246,15 @@ pub struct DynKey {
 
 impl DynKey {
     /// Erases a hashable key.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use localsession_core::{Context, DynKey, Session, SessionCtx};
+    /// let s = SessionCtx::new(&Context::background());
+    /// let s = s.with_value_dyn(DynKey::new("user"), Arc::new(7u32));
+    /// assert_eq!(s.value_cloned::<u32, _>(&"user"), Some(7)); // found by the original key
+    /// ```
     #[must_use]
     pub fn new<K: Eq + Hash + Any + Send + Sync>(key: K) -> Self {
         DynKey { tag: hashed_tag(&key), key: Some(Arc::new(key)) }
@@ -208,12 +262,32 @@ impl DynKey {
 
     /// Erases a typed key. The value bound under it must be a `T`; a value of another type is
     /// stored but reads as absent through `key`.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use localsession_core::{Context, DynKey, Key, Session, SessionCtx};
+    /// static N: Key<u32> = Key::new("n");
+    /// let s = SessionCtx::new(&Context::background());
+    /// assert_eq!(s.with_value_dyn(DynKey::typed(&N), Arc::new(5u32)).get_cloned(&N), Some(5));
+    /// // A value of another type is stored, but reads as absent through the key:
+    /// assert_eq!(s.with_value_dyn(DynKey::typed(&N), Arc::new("five")).get_cloned(&N), None);
+    /// ```
     #[must_use]
     pub fn typed<T>(key: &'static Key<T>) -> Self {
         DynKey { tag: key.tag(), key: None }
     }
 
     /// A query that finds what was bound under this key.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, DynKey};
+    /// let key = DynKey::new(7u16);
+    /// let ctx = Context::background().with_value(7u16, "seven");
+    /// assert!(ctx.lookup(&key.query()).is_some());
+    /// assert_eq!(key.query().downcast::<u16>(), Some(&7));
+    /// ```
     #[must_use]
     pub fn query(&self) -> KeyQuery<'_> {
         KeyQuery { tag: self.tag, key: self.key.as_deref().map(|k| k.as_any()) }

@@ -96,7 +96,19 @@ pub use crossbeam_epoch;
 #[doc(hidden)]
 pub mod __private {
     //! Internal measurements exposed for the test and benchmark crates; not a stable API.
+    //!
+    //! # Examples
+    //! ```
+    //! use localsession_core::__private::NODE_HEADER_BYTES;
+    //! assert!(NODE_HEADER_BYTES > 0);
+    //! ```
 
     /// Bytes in the common node header.
+    ///
+    /// # Examples
+    /// ```
+    /// // Internal: the benchmark crate reports node sizes with it.
+    /// assert!(localsession_core::__private::NODE_HEADER_BYTES >= core::mem::size_of::<usize>());
+    /// ```
     pub const NODE_HEADER_BYTES: usize = core::mem::size_of::<crate::node::Header>();
 }

@@ -562,7 +562,17 @@ impl SessionMap {
     /// change it; disabling the map cancels it.
     ///
     /// # Examples
-    /// See [`SessionMap`].
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// let map = SessionMap::new().with_value("k", 1u8);
+    /// let snapshot = map.export();
+    /// map.insert("k", 2u8);
+    /// assert_eq!(snapshot.value::<u8, _>(&"k"), Some(&1)); // later writes do not change it
+    /// map.disable();
+    /// assert!(snapshot.is_done()); // disabling the map cancels it
+    /// ```
+    ///
+    /// See also [`SessionMap`].
     #[must_use]
     pub fn export(&self) -> Context {
         // SAFETY: pinned by `with_head`, so the head is alive while we take a reference.
@@ -618,8 +628,10 @@ impl SessionMap {
     /// use localsession_core::SessionMap;
     /// # futures::executor::block_on(async {
     /// let m = SessionMap::new();
-    /// m.disable();
-    /// m.done().await;
+    /// let other_holder = m.clone();
+    /// std::thread::spawn(move || other_holder.disable());
+    /// m.done().await; // woken by the other holder's `disable`
+    /// assert!(!m.is_valid());
     /// # });
     /// ```
     pub fn done(&self) -> Done {
@@ -636,7 +648,7 @@ impl SessionMap {
     /// let (tx, rx) = mpsc::channel();
     /// let _h = m.after_cancel(move || tx.send(()).unwrap());
     /// m.disable();
-    /// rx.recv().unwrap();
+    /// assert_eq!(rx.try_recv(), Ok(())); // ran on the disabling thread, before `disable` returned
     /// ```
     pub fn after_cancel(&self, f: impl FnOnce() + Send + 'static) -> crate::AfterCancel {
         self.shared.base.after_cancel(f)

@@ -50,6 +50,14 @@ static EMPTY: MetaInfo =
 
 impl MetaInfo {
     /// The metainfo of `ctx` (empty if none was set).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, MetaInfo};
+    /// assert!(MetaInfo::of(&Context::background()).is_empty()); // none set: empty
+    /// let ctx = MetaInfo::with_persistent(&Context::background(), "tenant", "acme");
+    /// assert_eq!(MetaInfo::of(&ctx).persistent("tenant"), Some("acme"));
+    /// ```
     #[must_use]
     pub fn of(ctx: &Context) -> &MetaInfo {
         ctx.get(&META).unwrap_or(&EMPTY)
@@ -83,6 +91,16 @@ impl MetaInfo {
     }
 
     /// `ctx` with one more persistent value (Kitex `WithPersistentValue`).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, MetaInfo};
+    /// let parent = Context::background().with_value("trace", 1u8);
+    /// let ctx = MetaInfo::with_persistent(&parent, "tenant", "acme");
+    /// assert_eq!(MetaInfo::of(&ctx).persistent("tenant"), Some("acme"));
+    /// assert_eq!(ctx.value::<u8, _>(&"trace"), Some(&1)); // other values stay
+    /// assert!(!MetaInfo::has(&parent)); // the parent is unchanged
+    /// ```
     #[must_use]
     pub fn with_persistent(ctx: &Context, key: &str, value: &str) -> Context {
         let mut meta = MetaInfo::of(ctx).clone();
@@ -91,6 +109,14 @@ impl MetaInfo {
     }
 
     /// `ctx` with one more transient value (Kitex `WithValue`).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, MetaInfo};
+    /// let ctx = MetaInfo::with_transient(&Context::background(), "hop", "1");
+    /// assert_eq!(MetaInfo::of(&ctx).transient("hop"), Some("1"));
+    /// assert_eq!(MetaInfo::of(&ctx).persistent("hop"), None);
+    /// ```
     #[must_use]
     pub fn with_transient(ctx: &Context, key: &str, value: &str) -> Context {
         let mut meta = MetaInfo::of(ctx).clone();
@@ -115,38 +141,104 @@ impl MetaInfo {
     }
 
     /// Sets a persistent value.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::MetaInfo;
+    /// let mut meta = MetaInfo::default();
+    /// meta.set_persistent("tenant", "acme");
+    /// meta.set_persistent("tenant", "globex"); // replaces
+    /// assert_eq!(meta.persistent("tenant"), Some("globex"));
+    /// assert_eq!(meta.count_persistent(), 1);
+    /// ```
     pub fn set_persistent(&mut self, key: &str, value: &str) {
         self.persistent.insert(Arc::from(key), Arc::from(value));
     }
 
     /// Sets a transient value.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::MetaInfo;
+    /// let mut meta = MetaInfo::default();
+    /// meta.set_transient("hop", "1");
+    /// assert_eq!(meta.transient("hop"), Some("1"));
+    /// assert_eq!(meta.outgoing_transient_values().count(), 1); // sent to the next hop
+    /// ```
     pub fn set_transient(&mut self, key: &str, value: &str) {
         self.transient.insert(Arc::from(key), Arc::from(value));
     }
 
     /// Sets a transient value received from upstream (readable here, not sent further).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::MetaInfo;
+    /// let mut meta = MetaInfo::default();
+    /// meta.set_upstream("caller", "svc-a");
+    /// assert_eq!(meta.transient("caller"), Some("svc-a")); // readable here
+    /// assert_eq!(meta.outgoing_transient_values().count(), 0); // not sent further
+    /// ```
     pub fn set_upstream(&mut self, key: &str, value: &str) {
         self.upstream.insert(Arc::from(key), Arc::from(value));
     }
 
     /// A persistent value (Kitex `GetPersistentValue`).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, MetaInfo};
+    /// let ctx = MetaInfo::with_persistent(&Context::background(), "tenant", "acme");
+    /// assert_eq!(MetaInfo::of(&ctx).persistent("tenant"), Some("acme"));
+    /// assert_eq!(MetaInfo::of(&ctx).persistent("region"), None);
+    /// ```
     #[must_use]
     pub fn persistent(&self, key: &str) -> Option<&str> {
         self.persistent.get(key).map(|v| &**v)
     }
 
     /// A transient value: set here, or received from upstream (Kitex `GetValue`).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::MetaInfo;
+    /// let mut meta = MetaInfo::default();
+    /// meta.set_upstream("hop", "1");
+    /// assert_eq!(meta.transient("hop"), Some("1"));
+    /// meta.set_transient("hop", "2");
+    /// assert_eq!(meta.transient("hop"), Some("2")); // this hop's value wins
+    /// ```
     #[must_use]
     pub fn transient(&self, key: &str) -> Option<&str> {
         self.transient.get(key).or_else(|| self.upstream.get(key)).map(|v| &**v)
     }
 
     /// Persistent values, in key order (Kitex `GetAllPersistentValues`).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::MetaInfo;
+    /// let mut meta = MetaInfo::default();
+    /// meta.set_persistent("b", "2");
+    /// meta.set_persistent("a", "1");
+    /// assert_eq!(meta.persistent_values().collect::<Vec<_>>(), [("a", "1"), ("b", "2")]);
+    /// ```
     pub fn persistent_values(&self) -> impl Iterator<Item = (&str, &str)> {
         self.persistent.iter().map(|(k, v)| (&**k, &**v))
     }
 
-    /// Transient values set here and received from upstream (this hop's wins), in key order.
+    /// Transient values: first those set at this hop (in key order), then those received from
+    /// upstream that this hop did not set (in key order).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::MetaInfo;
+    /// let mut meta = MetaInfo::default();
+    /// meta.set_transient("a", "here");
+    /// meta.set_upstream("a", "up"); // shadowed by this hop's value
+    /// meta.set_upstream("b", "up");
+    /// assert_eq!(meta.transient_values().collect::<Vec<_>>(), [("a", "here"), ("b", "up")]);
+    /// ```
     pub fn transient_values(&self) -> impl Iterator<Item = (&str, &str)> {
         let local = self.transient.iter().map(|(k, v)| (&**k, &**v));
         let upstream =
@@ -155,23 +247,59 @@ impl MetaInfo {
     }
 
     /// Transient values to send to the next hop (set here only).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::MetaInfo;
+    /// let mut meta = MetaInfo::default();
+    /// meta.set_transient("hop", "2");
+    /// meta.set_upstream("from", "svc-a");
+    /// assert_eq!(meta.outgoing_transient_values().collect::<Vec<_>>(), [("hop", "2")]);
+    /// ```
     pub fn outgoing_transient_values(&self) -> impl Iterator<Item = (&str, &str)> {
         self.transient.iter().map(|(k, v)| (&**k, &**v))
     }
 
     /// Number of persistent values (Kitex `CountPersistentValues`).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, MetaInfo};
+    /// let ctx = MetaInfo::with_persistent(&Context::background(), "a", "1");
+    /// let ctx = MetaInfo::with_persistent(&ctx, "b", "2");
+    /// assert_eq!(MetaInfo::of(&ctx).count_persistent(), 2);
+    /// ```
     #[must_use]
     pub fn count_persistent(&self) -> usize {
         self.persistent.len()
     }
 
     /// Number of transient values, local and upstream (Kitex `CountValues`).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::MetaInfo;
+    /// let mut meta = MetaInfo::default();
+    /// meta.set_transient("a", "1");
+    /// meta.set_upstream("a", "0"); // the same key: counted once
+    /// meta.set_upstream("b", "2");
+    /// assert_eq!(meta.count_transient(), 2);
+    /// ```
     #[must_use]
     pub fn count_transient(&self) -> usize {
         self.transient_values().count()
     }
 
     /// Whether there is nothing at all.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::MetaInfo;
+    /// let mut meta = MetaInfo::default();
+    /// assert!(meta.is_empty());
+    /// meta.set_upstream("a", "1");
+    /// assert!(!meta.is_empty());
+    /// ```
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.persistent.is_empty() && self.transient.is_empty() && self.upstream.is_empty()
@@ -179,6 +307,20 @@ impl MetaInfo {
 
     /// The metainfo the next hop receives (Kitex `TransferForward`): persistent values unchanged,
     /// this hop's transient values as upstream values, upstream values dropped.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::MetaInfo;
+    /// let mut meta = MetaInfo::default();
+    /// meta.set_persistent("tenant", "acme");
+    /// meta.set_transient("hop", "2");
+    /// meta.set_upstream("prev", "1");
+    /// let next = meta.transfer_forward();
+    /// assert_eq!(next.persistent("tenant"), Some("acme"));
+    /// assert_eq!(next.transient("hop"), Some("2")); // readable at the next hop...
+    /// assert_eq!(next.outgoing_transient_values().count(), 0); // ...but not sent on
+    /// assert_eq!(next.transient("prev"), None); // one hop only
+    /// ```
     #[must_use]
     pub fn transfer_forward(&self) -> MetaInfo {
         MetaInfo { persistent: self.persistent.clone(), transient: BTreeMap::new(), upstream: self.transient.clone() }

@@ -522,6 +522,21 @@ impl AfterCancel {
 
     /// Unregisters the callback. Returns `true` if this stopped it from running, `false` if it
     /// has run (or is running) already.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// use std::sync::Arc;
+    /// use localsession_core::Context;
+    ///
+    /// let (ctx, cancel) = Context::background().with_cancel();
+    /// let ran = Arc::new(AtomicBool::new(false));
+    /// let flag = ran.clone();
+    /// let handle = ctx.after_cancel(move || flag.store(true, Ordering::SeqCst));
+    /// assert!(handle.stop()); // unregistered before the cancel
+    /// cancel.cancel();
+    /// assert!(!ran.load(Ordering::SeqCst));
+    /// ```
     #[must_use = "tells whether the callback was stopped before it ran"]
     pub fn stop(self) -> bool {
         match (&self.scope, self.slot) {

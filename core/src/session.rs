@@ -63,14 +63,45 @@ use crate::time::{Instant, NoClockError, global_clock};
 /// ```
 pub trait Session: Send + Sync + 'static {
     /// Whether the session is still valid (Go `IsValid`).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, Session, SessionCtx};
+    /// let s = SessionCtx::new(&Context::background());
+    /// let erased: &dyn Session = &s;
+    /// assert!(erased.is_valid());
+    /// s.disable();
+    /// assert!(!erased.is_valid());
+    /// ```
     fn is_valid(&self) -> bool;
 
     /// Calls `f` with the value bound to `key`, or `None` (Go `Get`). The value is only borrowed
     /// for the call, so implementations can hand out data guarded by a lock or an epoch.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{KeyQuery, Session, SessionMap};
+    /// let map = SessionMap::new().with_value("n", 3u32);
+    /// let mut seen = None;
+    /// map.get_with(&KeyQuery::new(&"n"), &mut |v| seen = v.and_then(|v| v.downcast_ref::<u32>()).copied());
+    /// assert_eq!(seen, Some(3));
+    /// ```
     fn get_with(&self, key: &KeyQuery<'_>, f: &mut dyn FnMut(Option<&(dyn Any + Send + Sync)>));
 
     /// A session with `key` bound to `value` (Go `WithValue`). For an immutable session this
     /// derives a new one; for a shared map it updates the map and returns it.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use localsession_core::{Context, DynKey, Session, SessionCtx, SessionMap};
+    /// let s = SessionCtx::new(&Context::background());
+    /// let derived = s.with_value_dyn(DynKey::new("k"), Arc::new(1u8));
+    /// assert_eq!((s.value::<u8, _>(&"k"), derived.value_cloned::<u8, _>(&"k")), (None, Some(1))); // a new session
+    /// let map = SessionMap::new();
+    /// let same = map.with_value_dyn(DynKey::new("k"), Arc::new(1u8));
+    /// assert!(same.as_map().unwrap().ptr_eq(&map) && map.contains(&"k")); // the shared map changed
+    /// ```
     fn with_value_dyn(&self, key: DynKey, value: Arc<dyn Any + Send + Sync>) -> AnySession;
 }
 
@@ -86,26 +117,72 @@ pub trait Session: Send + Sync + 'static {
 /// ```
 pub trait SessionExt: Session {
     /// Calls `f` with the value bound to `key` if it is a `V`.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Session, SessionExt, SessionMap};
+    /// let map = SessionMap::new().with_value("name", String::from("ann"));
+    /// let erased: &dyn Session = &map;
+    /// assert_eq!(erased.read(&"name", |v: Option<&String>| v.map(String::len)), Some(3)); // no clone
+    /// assert_eq!(erased.read(&"name", |v: Option<&u32>| v.copied()), None); // another type: absent
+    /// ```
     fn read<V: Any, K: Eq + Hash + Any + Send + Sync, R>(&self, key: &K, f: impl FnOnce(Option<&V>) -> R) -> R {
         read_query(self, &KeyQuery::new(key), f)
     }
 
     /// Calls `f` with the value bound to a typed key.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Key, Session, SessionExt, SessionMap};
+    /// static TAGS: Key<Vec<&'static str>> = Key::new("tags");
+    /// let map = SessionMap::new().with(&TAGS, vec!["beta", "eu"]);
+    /// let erased: &dyn Session = &map;
+    /// assert_eq!(erased.read_key(&TAGS, |tags| tags.map_or(0, Vec::len)), 2);
+    /// ```
     fn read_key<T: Any, R>(&self, key: &'static Key<T>, f: impl FnOnce(Option<&T>) -> R) -> R {
         read_query(self, &KeyQuery::typed(key), f)
     }
 
     /// A clone of the value bound to `key`, if it is a `V`.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, Session, SessionCtx, SessionExt};
+    /// let s = SessionCtx::new(&Context::background()).with_value("trace", String::from("abc"));
+    /// let erased: &dyn Session = &s;
+    /// assert_eq!(erased.value_cloned::<String, _>(&"trace").as_deref(), Some("abc"));
+    /// ```
     fn value_cloned<V: Any + Clone, K: Eq + Hash + Any + Send + Sync>(&self, key: &K) -> Option<V> {
         self.read(key, |v: Option<&V>| v.cloned())
     }
 
     /// A clone of the value bound to a typed key.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, Key, Session, SessionCtx, SessionExt};
+    /// static USER: Key<u64> = Key::new("user");
+    /// let s = SessionCtx::new(&Context::background()).with(&USER, 42);
+    /// let erased: &dyn Session = &s;
+    /// assert_eq!(erased.get_cloned(&USER), Some(42));
+    /// ```
     fn get_cloned<T: Any + Clone>(&self, key: &'static Key<T>) -> Option<T> {
         self.read_key(key, |v| v.cloned())
     }
 
     /// Derives with one more binding (boxes the value; `SessionCtx::with_value` does not).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, Session, SessionCtx, SessionExt};
+    /// let base = SessionCtx::new(&Context::background());
+    /// let erased: &dyn Session = &base;
+    /// let derived = erased.with_value("k", 1u8);
+    /// assert_eq!(derived.value_cloned::<u8, _>(&"k"), Some(1));
+    /// base.disable();
+    /// assert!(!derived.is_valid()); // the same validity scope
+    /// ```
     fn with_value<K: Eq + Hash + Any + Send + Sync, V: Any + Send + Sync>(&self, key: K, value: V) -> AnySession {
         self.with_value_dyn(DynKey::new(key), Arc::new(value))
     }
@@ -338,8 +415,10 @@ impl SessionCtx {
     /// use localsession_core::{Context, SessionCtx};
     /// # futures::executor::block_on(async {
     /// let s = SessionCtx::new(&Context::background());
-    /// s.disable();
+    /// let derived = s.with_value("k", 1u8); // same validity scope
+    /// std::thread::spawn(move || derived.disable());
     /// s.done().await;
+    /// assert!(!s.is_valid());
     /// # });
     /// ```
     pub fn done(&self) -> Done {
@@ -461,7 +540,26 @@ impl AnySession {
     /// Wraps a user [`Session`].
     ///
     /// # Examples
-    /// See [`Session`].
+    /// ```
+    /// use std::any::Any;
+    /// use std::sync::Arc;
+    /// use localsession_core::{AnySession, ContextError, DynKey, KeyQuery, Session};
+    ///
+    /// // A session for a request that was already answered: never valid.
+    /// struct Answered;
+    /// impl Session for Answered {
+    ///     fn is_valid(&self) -> bool { false }
+    ///     fn get_with(&self, _: &KeyQuery<'_>, f: &mut dyn FnMut(Option<&(dyn Any + Send + Sync)>)) { f(None) }
+    ///     fn with_value_dyn(&self, _: DynKey, _: Arc<dyn Any + Send + Sync>) -> AnySession {
+    ///         AnySession::custom(Answered)
+    ///     }
+    /// }
+    /// let s = AnySession::custom(Answered);
+    /// assert_eq!(s.err(), Some(ContextError::Canceled));
+    /// assert!(!s.disable()); // a user session cannot be disabled through `AnySession`
+    /// ```
+    ///
+    /// See also [`Session`].
     pub fn custom(session: impl Session) -> AnySession {
         AnySession::Custom(Arc::new(session))
     }
@@ -508,11 +606,14 @@ impl AnySession {
     ///
     /// # Examples
     /// ```
+    /// use futures::FutureExt as _;
     /// use localsession_core::{AnySession, SessionMap};
     /// # futures::executor::block_on(async {
     /// let s = AnySession::from(SessionMap::new());
+    /// assert!(s.done().now_or_never().is_none()); // valid: pending
     /// s.disable();
     /// s.done().await;
+    /// assert!(s.err().is_some());
     /// # });
     /// ```
     pub fn done(&self) -> Done {

@@ -180,7 +180,18 @@ impl ShardedStore {
     /// [`gc_with`](Self::gc_with) to catch such panics.
     ///
     /// # Examples
-    /// See [`ShardedStore`].
+    /// ```
+    /// use localsession_core::{Context, ManagerOptions, SessionCtx, SessionMap, ShardedStore};
+    /// let store = ShardedStore::new(ManagerOptions::default(), || None).unwrap();
+    /// let finished = SessionCtx::new(&Context::background());
+    /// store.bind(1, finished.clone());
+    /// store.bind(2, SessionMap::new());
+    /// finished.disable();
+    /// assert_eq!(store.gc(), 1);
+    /// assert!(store.get(1).is_none() && store.get(2).is_some());
+    /// ```
+    ///
+    /// See also [`ShardedStore`].
     pub fn gc(&self) -> usize {
         self.retain(|_, s| s.is_valid())
     }

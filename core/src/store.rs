@@ -50,6 +50,16 @@ pub trait ContextStore: Send + Sync + 'static {
     ///
     /// `f` may call back into the store (bind, unbind, read); implementations must stay sound
     /// and must not deadlock when it does.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ContextStore, SessionMap, SingleSlotStore};
+    /// static STORE: SingleSlotStore = SingleSlotStore::new();
+    /// STORE.replace(Some(SessionMap::new().with_value("k", 1u8).into())).unwrap();
+    /// let mut seen = None;
+    /// STORE.with_current(&mut |s| seen = s.and_then(|s| s.value_cloned::<u8, _>(&"k")));
+    /// assert_eq!(seen, Some(1));
+    /// ```
     fn with_current(&self, f: &mut dyn FnMut(Option<&AnySession>));
 
     /// Binds `session` to the running unit (`None` clears it) and returns the previous binding.
@@ -58,6 +68,16 @@ pub trait ContextStore: Send + Sync + 'static {
     /// [`BindError`] if the store cannot tell which unit is running (for example a task-keyed
     /// store called outside any task, or a thread-local slot during thread teardown). The
     /// session is handed back inside the error: nothing is lost.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ContextStore, SessionMap, SingleSlotStore};
+    /// static STORE: SingleSlotStore = SingleSlotStore::new();
+    /// let map = SessionMap::new();
+    /// assert!(STORE.replace(Some(map.clone().into())).unwrap().is_none());
+    /// let previous = STORE.replace(None).unwrap().unwrap();
+    /// assert!(previous.as_map().unwrap().ptr_eq(&map));
+    /// ```
     fn replace(&self, session: Option<AnySession>) -> Result<Option<AnySession>, BindError>;
 
     /// Exchanges the running unit's session with `*session` in place: the hot path of
@@ -68,6 +88,16 @@ pub trait ContextStore: Send + Sync + 'static {
     /// [`LocalSlot`] should override it with [`LocalSlot::swap`], which moves nothing but the two
     /// handles (passing a session by value costs store-forwarding stalls that dominate the
     /// few nanoseconds of the rest).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ContextStore, SessionMap, SingleSlotStore};
+    /// static STORE: SingleSlotStore = SingleSlotStore::new();
+    /// let mut s = Some(SessionMap::new().into());
+    /// assert!(STORE.swap(&mut s));
+    /// assert!(s.is_none()); // what the slot held: nothing
+    /// assert!(STORE.swap(&mut s) && s.is_some()); // and back out
+    /// ```
     #[inline]
     fn swap(&self, session: &mut Option<AnySession>) -> bool {
         match self.replace(session.take()) {
@@ -85,6 +115,13 @@ pub trait ContextStore: Send + Sync + 'static {
     /// The store's generation: a store that can be reset (the std adapter's
     /// `reset_default_manager`) changes it, so that guards made before a reset do not restore
     /// bindings from before it. Stores that are never reset keep the default (0).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ContextStore, SingleSlotStore};
+    /// static STORE: SingleSlotStore = SingleSlotStore::new();
+    /// assert_eq!(STORE.generation(), 0); // never reset
+    /// ```
     fn generation(&self) -> u64 {
         0
     }
@@ -93,6 +130,13 @@ pub trait ContextStore: Send + Sync + 'static {
     /// that register a `crossbeam_epoch::LocalHandle` per execution unit. The default (`None`)
     /// makes reads register a handle for their duration. Unused with the `std` feature, which
     /// uses crossbeam-epoch's default collector.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ContextStore, SingleSlotStore};
+    /// static STORE: SingleSlotStore = SingleSlotStore::new();
+    /// assert!(STORE.pin_epoch().is_none()); // the default: reads register a handle themselves
+    /// ```
     fn pin_epoch(&self) -> Option<crossbeam_epoch::Guard> {
         None
     }
@@ -114,6 +158,14 @@ pub struct BindError {
 
 impl BindError {
     /// A bind error for stores that cannot identify the running unit; `reason` says why.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{BindError, SessionMap};
+    /// let err = BindError::new(Some(SessionMap::new().into()), "not inside a task");
+    /// assert_eq!(err.to_string(), "cannot bind the session: not inside a task");
+    /// assert!(err.into_session().is_some());
+    /// ```
     #[must_use]
     pub fn new(session: Option<AnySession>, reason: &'static str) -> BindError {
         BindError { session, reason }
@@ -128,6 +180,16 @@ impl BindError {
     }
 
     /// The session that could not be bound.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{bind, SessionMap};
+    /// let map = SessionMap::new();
+    /// // No store is registered in this doctest's process, so binding fails...
+    /// let err = bind(map.clone()).unwrap_err();
+    /// // ...and hands the session back.
+    /// assert!(err.into_session().unwrap().as_map().unwrap().ptr_eq(&map));
+    /// ```
     #[must_use]
     pub fn into_session(self) -> Option<AnySession> {
         self.session
@@ -180,6 +242,16 @@ pub fn global_store() -> Option<&'static dyn ContextStore> {
 }
 
 /// The error of a second [`set_global_store`].
+///
+/// # Examples
+/// ```
+/// use localsession_core::{set_global_store, SingleSlotStore};
+/// static FIRST: SingleSlotStore = SingleSlotStore::new();
+/// static SECOND: SingleSlotStore = SingleSlotStore::new();
+/// set_global_store(&FIRST).unwrap();
+/// let err = set_global_store(&SECOND).unwrap_err();
+/// assert_eq!(err.to_string(), "a global context store has already been set");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetGlobalStoreError(());
 
@@ -200,6 +272,7 @@ impl core::error::Error for SetGlobalStoreError {}
 /// ```
 /// let handle = localsession_core::collector().register();
 /// let _guard = handle.pin();
+/// assert!(handle.is_pinned());
 /// ```
 #[must_use]
 pub fn collector() -> &'static crossbeam_epoch::Collector {
@@ -366,6 +439,20 @@ pub fn scope<R>(session: impl Into<AnySession>, f: impl FnOnce() -> R) -> R {
 /// unit that made it. If the store was reset meanwhile ([`ContextStore::generation`] changed),
 /// the previous binding belonged to the old generation and is not restored: the slot is left
 /// empty.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{current, enter, set_global_store, SessionMap, SingleSlotStore};
+/// static STORE: SingleSlotStore = SingleSlotStore::new();
+/// set_global_store(&STORE).unwrap();
+///
+/// let _outer = enter(SessionMap::new().with_value("who", "outer"));
+/// {
+///     let _inner = enter(SessionMap::new().with_value("who", "inner"));
+///     assert_eq!(current().unwrap().value_cloned::<&str, _>(&"who"), Some("inner"));
+/// }
+/// assert_eq!(current().unwrap().value_cloned::<&str, _>(&"who"), Some("outer")); // restored
+/// ```
 #[must_use = "dropping the guard restores the previous session"]
 pub struct EnterGuard {
     store: Option<&'static dyn ContextStore>,
@@ -441,7 +528,15 @@ impl LocalSlot {
     /// Calls `f` with the slot's session, borrowed.
     ///
     /// # Examples
-    /// See [`LocalSlot`].
+    /// ```
+    /// use localsession_core::{LocalSlot, SessionMap};
+    /// let slot = LocalSlot::new();
+    /// assert!(slot.with(|s| s.is_none()));
+    /// slot.replace(Some(SessionMap::new().with_value("k", 1u8).into()));
+    /// assert_eq!(slot.with(|s| s.and_then(|s| s.value_cloned::<u8, _>(&"k"))), Some(1));
+    /// ```
+    ///
+    /// See also [`LocalSlot`].
     #[inline]
     pub fn with<R>(&self, f: impl FnOnce(Option<&AnySession>) -> R) -> R {
         // SAFETY: a bitwise copy of the handle, never dropped (`ManuallyDrop`). The session it
@@ -457,7 +552,15 @@ impl LocalSlot {
     /// Puts `session` in the slot (`None` empties it) and returns what was there.
     ///
     /// # Examples
-    /// See [`LocalSlot`].
+    /// ```
+    /// use localsession_core::{LocalSlot, SessionMap};
+    /// let slot = LocalSlot::new();
+    /// assert!(slot.replace(Some(SessionMap::new().into())).is_none());
+    /// let old = slot.replace(None);
+    /// assert!(old.is_some() && !slot.is_set());
+    /// ```
+    ///
+    /// See also [`LocalSlot`].
     pub fn replace(&self, session: Option<AnySession>) -> Option<AnySession> {
         // SAFETY: no reference into `current` is ever held across calls (readers hold copies),
         // and the slot is used by one unit at a time (`!Sync`).
@@ -553,6 +656,15 @@ pub struct SingleSlotStore {
 
 impl SingleSlotStore {
     /// An empty store, usable in a `static`.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{with_current_in, ContextStore, SessionMap, SingleSlotStore};
+    /// static STORE: SingleSlotStore = SingleSlotStore::new(); // `const`: no lazy initialization
+    /// assert!(with_current_in(&STORE, |s| s.is_none()));
+    /// STORE.replace(Some(SessionMap::new().into())).unwrap();
+    /// assert!(with_current_in(&STORE, |s| s.is_some()));
+    /// ```
     #[must_use]
     pub const fn new() -> SingleSlotStore {
         SingleSlotStore { slot: spin::Mutex::new(None) }

@@ -43,6 +43,18 @@ use crate::node::NodeRef;
 /// ```
 pub trait Clock: Send + Sync + 'static {
     /// Monotonic time elapsed since this clock's origin.
+    ///
+    /// # Examples
+    /// ```
+    /// use core::time::Duration;
+    /// use localsession_core::{Clock, Instant};
+    /// struct Fixed;
+    /// impl Clock for Fixed { fn now(&self) -> Duration { Duration::from_secs(10) } }
+    /// static CLOCK: Fixed = Fixed;
+    ///
+    /// assert_eq!(CLOCK.now(), Duration::from_secs(10));
+    /// assert_eq!(Instant::now(&CLOCK).since_origin(), CLOCK.now()); // what instants read
+    /// ```
     fn now(&self) -> Duration;
 
     /// Arranges for `expiry.fire()` to be called at or after `at` (a time on this clock).
@@ -51,6 +63,24 @@ pub trait Clock: Send + Sync + 'static {
     /// observed lazily (by `err()`, `is_done()` and polls of `done()`), so `after_cancel`
     /// callbacks do not run at a deadline. Implementations must not call `expiry.fire()` from
     /// inside `schedule` itself; an already-passed deadline may be fired from the timer.
+    ///
+    /// # Examples
+    /// ```
+    /// use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    /// use core::time::Duration;
+    /// use localsession_core::{Clock, Context, Instant};
+    /// struct Ticks(AtomicU64); // no `schedule`: the default, no timer
+    /// impl Clock for Ticks { fn now(&self) -> Duration { Duration::from_millis(self.0.load(Ordering::Relaxed)) } }
+    /// static CLOCK: Ticks = Ticks(AtomicU64::new(0));
+    /// static RAN: AtomicBool = AtomicBool::new(false);
+    ///
+    /// let deadline = Instant::from_clock_time(&CLOCK, Duration::from_millis(5));
+    /// let (ctx, _cancel) = Context::background().with_deadline(deadline);
+    /// let _handle = ctx.after_cancel(|| RAN.store(true, Ordering::SeqCst));
+    /// CLOCK.0.store(10, Ordering::Relaxed);
+    /// assert!(ctx.err().unwrap().is_deadline_exceeded()); // observed lazily...
+    /// assert!(!RAN.load(Ordering::SeqCst)); // ...but nothing fired the callback
+    /// ```
     fn schedule(&self, at: Duration, expiry: Expiry) {
         let _ = (at, expiry);
     }
@@ -84,48 +114,156 @@ pub struct Instant {
 
 impl Instant {
     /// The current time of `clock`.
+    ///
+    /// # Examples
+    /// ```
+    /// use core::time::Duration;
+    /// use localsession_core::{Clock, Instant};
+    /// struct Fixed;
+    /// impl Clock for Fixed { fn now(&self) -> Duration { Duration::from_secs(10) } }
+    /// static CLOCK: Fixed = Fixed;
+    ///
+    /// let now = Instant::now(&CLOCK);
+    /// assert_eq!(now.since_origin(), Duration::from_secs(10));
+    /// assert!(now.has_passed());
+    /// ```
     #[must_use]
     pub fn now(clock: &'static dyn Clock) -> Instant {
         Instant { at: clock.now(), clock }
     }
 
     /// A given time on `clock`.
+    ///
+    /// # Examples
+    /// ```
+    /// use core::time::Duration;
+    /// use localsession_core::{Clock, Instant};
+    /// struct Fixed;
+    /// impl Clock for Fixed { fn now(&self) -> Duration { Duration::from_secs(10) } }
+    /// static CLOCK: Fixed = Fixed;
+    ///
+    /// let deadline = Instant::from_clock_time(&CLOCK, Duration::from_secs(12));
+    /// assert_eq!(deadline.since_origin(), Duration::from_secs(12));
+    /// assert_eq!(deadline.remaining(), Duration::from_secs(2));
+    /// ```
     #[must_use]
     pub fn from_clock_time(clock: &'static dyn Clock, since_origin: Duration) -> Instant {
         Instant { at: since_origin, clock }
     }
 
     /// Time since the clock's origin.
+    ///
+    /// # Examples
+    /// ```
+    /// # use core::time::Duration;
+    /// # use localsession_core::{Clock, Instant};
+    /// # struct Fixed;
+    /// # impl Clock for Fixed { fn now(&self) -> Duration { Duration::from_secs(10) } }
+    /// # static CLOCK: Fixed = Fixed;
+    /// // `CLOCK` always reads 10 s.
+    /// let t = Instant::from_clock_time(&CLOCK, Duration::from_secs(3)) + Duration::from_millis(500);
+    /// assert_eq!(t.since_origin(), Duration::from_millis(3_500));
+    /// ```
     #[must_use]
     pub fn since_origin(&self) -> Duration {
         self.at
     }
 
     /// The clock this instant belongs to.
+    ///
+    /// # Examples
+    /// ```
+    /// # use core::time::Duration;
+    /// # use localsession_core::{Clock, Instant};
+    /// # struct Fixed;
+    /// # impl Clock for Fixed { fn now(&self) -> Duration { Duration::from_secs(10) } }
+    /// # static CLOCK: Fixed = Fixed;
+    /// // `CLOCK` always reads 10 s.
+    /// let deadline = Instant::from_clock_time(&CLOCK, Duration::from_secs(15));
+    /// // "Now" on the deadline's own clock, with no global clock needed:
+    /// let now = Instant::now(deadline.clock());
+    /// assert_eq!(deadline.saturating_duration_since(now), Duration::from_secs(5));
+    /// ```
     #[must_use]
     pub fn clock(&self) -> &'static dyn Clock {
         self.clock
     }
 
     /// Whether the clock has reached this instant.
+    ///
+    /// # Examples
+    /// ```
+    /// use core::sync::atomic::{AtomicU64, Ordering};
+    /// use core::time::Duration;
+    /// use localsession_core::{Clock, Instant};
+    /// struct Ticks(AtomicU64);
+    /// impl Clock for Ticks { fn now(&self) -> Duration { Duration::from_millis(self.0.load(Ordering::Relaxed)) } }
+    /// static CLOCK: Ticks = Ticks(AtomicU64::new(0));
+    ///
+    /// let at = Instant::from_clock_time(&CLOCK, Duration::from_millis(5));
+    /// assert!(!at.has_passed());
+    /// CLOCK.0.store(5, Ordering::Relaxed);
+    /// assert!(at.has_passed()); // reaching it counts
+    /// ```
     #[must_use]
     pub fn has_passed(&self) -> bool {
         self.clock.now() >= self.at
     }
 
     /// Time left until this instant (zero once it has passed).
+    ///
+    /// # Examples
+    /// ```
+    /// # use core::time::Duration;
+    /// # use localsession_core::{Clock, Instant};
+    /// # struct Fixed;
+    /// # impl Clock for Fixed { fn now(&self) -> Duration { Duration::from_secs(10) } }
+    /// # static CLOCK: Fixed = Fixed;
+    /// // `CLOCK` always reads 10 s.
+    /// assert_eq!(Instant::from_clock_time(&CLOCK, Duration::from_secs(12)).remaining(), Duration::from_secs(2));
+    /// assert_eq!(Instant::from_clock_time(&CLOCK, Duration::from_secs(8)).remaining(), Duration::ZERO);
+    /// ```
     #[must_use]
     pub fn remaining(&self) -> Duration {
         self.at.saturating_sub(self.clock.now())
     }
 
     /// `self + d`, or `None` on overflow.
+    ///
+    /// # Examples
+    /// ```
+    /// # use core::time::Duration;
+    /// # use localsession_core::{Clock, Instant};
+    /// # struct Fixed;
+    /// # impl Clock for Fixed { fn now(&self) -> Duration { Duration::from_secs(10) } }
+    /// # static CLOCK: Fixed = Fixed;
+    /// // `CLOCK` always reads 10 s.
+    /// let now = Instant::now(&CLOCK);
+    /// assert_eq!(now.checked_add(Duration::from_secs(1)).unwrap().since_origin(), Duration::from_secs(11));
+    /// assert!(now.checked_add(Duration::MAX).is_none());
+    /// // `+` saturates instead: a deadline that never comes.
+    /// assert_eq!((now + Duration::MAX).since_origin(), Duration::MAX);
+    /// ```
     #[must_use]
     pub fn checked_add(&self, d: Duration) -> Option<Instant> {
         self.at.checked_add(d).map(|at| Instant { at, clock: self.clock })
     }
 
     /// `self - earlier`, or zero if `earlier` is later.
+    ///
+    /// # Examples
+    /// ```
+    /// # use core::time::Duration;
+    /// # use localsession_core::{Clock, Instant};
+    /// # struct Fixed;
+    /// # impl Clock for Fixed { fn now(&self) -> Duration { Duration::from_secs(10) } }
+    /// # static CLOCK: Fixed = Fixed;
+    /// // `CLOCK` always reads 10 s.
+    /// let a = Instant::from_clock_time(&CLOCK, Duration::from_secs(3));
+    /// let b = Instant::from_clock_time(&CLOCK, Duration::from_secs(5));
+    /// assert_eq!(b.saturating_duration_since(a), Duration::from_secs(2));
+    /// assert_eq!(a.saturating_duration_since(b), Duration::ZERO);
+    /// ```
     #[must_use]
     pub fn saturating_duration_since(&self, earlier: Instant) -> Duration {
         self.at.saturating_sub(earlier.at)
@@ -169,6 +307,29 @@ impl fmt::Debug for Instant {
 ///
 /// Holds the scope alive until it is fired or dropped; timers may drop entries whose scope is
 /// already [settled](Expiry::is_settled) to free memory early.
+///
+/// # Examples
+/// A clock whose "timer" is a queue that the program drains itself:
+/// ```
+/// use std::sync::Mutex;
+/// use core::time::Duration;
+/// use localsession_core::{Clock, Context, Expiry, Instant};
+///
+/// struct Manual(Mutex<Vec<(Duration, Expiry)>>);
+/// impl Clock for Manual {
+///     fn now(&self) -> Duration { Duration::ZERO }
+///     fn schedule(&self, at: Duration, expiry: Expiry) { self.0.lock().unwrap().push((at, expiry)); }
+/// }
+/// static CLOCK: Manual = Manual(Mutex::new(Vec::new()));
+///
+/// let (ctx, _cancel) = Context::background().with_deadline(Instant::from_clock_time(&CLOCK, Duration::from_secs(1)));
+/// let (tx, rx) = std::sync::mpsc::channel();
+/// let _handle = ctx.after_cancel(move || tx.send("expired").unwrap()); // a waiter: the clock gets the expiry
+/// let (at, expiry) = CLOCK.0.lock().unwrap().pop().unwrap();
+/// assert_eq!(at, Duration::from_secs(1));
+/// expiry.fire(); // the "timer" reached the deadline
+/// assert_eq!(rx.try_recv(), Ok("expired"));
+/// ```
 pub struct Expiry {
     pub(crate) scope: NodeRef,
 }
@@ -177,6 +338,28 @@ impl Expiry {
     /// Cancels the scope with [`ContextError::DeadlineExceeded`](crate::ContextError) (and every
     /// scope under it), waking its `done()` futures and running its `after_cancel` callbacks on
     /// the calling thread. Does nothing if the scope was cancelled already.
+    ///
+    /// # Examples
+    /// ```
+    /// # use std::sync::Mutex;
+    /// # use core::time::Duration;
+    /// # use localsession_core::{Clock, Context, Expiry, Instant};
+    /// # struct Manual(Mutex<Vec<(Duration, Expiry)>>);
+    /// # impl Clock for Manual {
+    /// #     fn now(&self) -> Duration { Duration::ZERO }
+    /// #     fn schedule(&self, at: Duration, expiry: Expiry) { self.0.lock().unwrap().push((at, expiry)); }
+    /// # }
+    /// # static CLOCK: Manual = Manual(Mutex::new(Vec::new()));
+    /// // `CLOCK` reads 0 and queues the expiries it is handed, like the clock of the `Expiry` example.
+    ///
+    /// let deadline = Instant::from_clock_time(&CLOCK, Duration::from_secs(1));
+    /// let (ctx, _cancel) = Context::background().with_deadline(deadline);
+    /// let _waiter = ctx.after_cancel(|| {});
+    /// let (_, expiry) = CLOCK.0.lock().unwrap().pop().unwrap();
+    /// assert!(!ctx.is_done()); // the clock still reads 0
+    /// expiry.fire();
+    /// assert!(ctx.err().unwrap().is_deadline_exceeded());
+    /// ```
     pub fn fire(self) {
         // SAFETY: `scope` is a live scope node (only `scope::arm_timer` makes an `Expiry`).
         let scope = unsafe { crate::scope::ScopeNode::from_node(&self.scope) };
@@ -184,6 +367,28 @@ impl Expiry {
     }
 
     /// Whether the scope is already cancelled, so firing would do nothing.
+    ///
+    /// # Examples
+    /// ```
+    /// # use std::sync::Mutex;
+    /// # use core::time::Duration;
+    /// # use localsession_core::{Clock, Context, Expiry, Instant};
+    /// # struct Manual(Mutex<Vec<(Duration, Expiry)>>);
+    /// # impl Clock for Manual {
+    /// #     fn now(&self) -> Duration { Duration::ZERO }
+    /// #     fn schedule(&self, at: Duration, expiry: Expiry) { self.0.lock().unwrap().push((at, expiry)); }
+    /// # }
+    /// # static CLOCK: Manual = Manual(Mutex::new(Vec::new()));
+    /// // `CLOCK` reads 0 and queues the expiries it is handed, like the clock of the `Expiry` example.
+    ///
+    /// let deadline = Instant::from_clock_time(&CLOCK, Duration::from_secs(1));
+    /// let (ctx, cancel) = Context::background().with_deadline(deadline);
+    /// let _waiter = ctx.after_cancel(|| {});
+    /// let (_, expiry) = CLOCK.0.lock().unwrap().pop().unwrap();
+    /// assert!(!expiry.is_settled());
+    /// cancel.cancel(); // cancelled before its deadline
+    /// assert!(expiry.is_settled()); // a timer may drop it now
+    /// ```
     #[must_use]
     pub fn is_settled(&self) -> bool {
         // SAFETY: as in `fire`.
@@ -193,11 +398,55 @@ impl Expiry {
     /// A future that resolves when the scope is done (cancelled, or fired): a timer task can
     /// race it against its sleep to release the scope early when it is cancelled before the
     /// deadline.
+    ///
+    /// # Examples
+    /// ```
+    /// # use std::sync::Mutex;
+    /// # use core::time::Duration;
+    /// # use localsession_core::{Clock, Context, Expiry, Instant};
+    /// # struct Manual(Mutex<Vec<(Duration, Expiry)>>);
+    /// # impl Clock for Manual {
+    /// #     fn now(&self) -> Duration { Duration::ZERO }
+    /// #     fn schedule(&self, at: Duration, expiry: Expiry) { self.0.lock().unwrap().push((at, expiry)); }
+    /// # }
+    /// # static CLOCK: Manual = Manual(Mutex::new(Vec::new()));
+    /// // `CLOCK` reads 0 and queues the expiries it is handed, like the clock of the `Expiry` example.
+    ///
+    /// let deadline = Instant::from_clock_time(&CLOCK, Duration::from_secs(1));
+    /// let (ctx, cancel) = Context::background().with_deadline(deadline);
+    /// let _waiter = ctx.after_cancel(|| {});
+    /// let (_, expiry) = CLOCK.0.lock().unwrap().pop().unwrap();
+    /// let settled = expiry.settled();
+    /// cancel.cancel();
+    /// futures::executor::block_on(settled); // resolves before the deadline: stop the timer early
+    /// assert!(expiry.is_settled());
+    /// ```
     pub fn settled(&self) -> crate::Done {
         crate::Done::new(Some(self.scope.clone()))
     }
 
     /// The deadline this expiry is for.
+    ///
+    /// # Examples
+    /// ```
+    /// # use std::sync::Mutex;
+    /// # use core::time::Duration;
+    /// # use localsession_core::{Clock, Context, Expiry, Instant};
+    /// # struct Manual(Mutex<Vec<(Duration, Expiry)>>);
+    /// # impl Clock for Manual {
+    /// #     fn now(&self) -> Duration { Duration::ZERO }
+    /// #     fn schedule(&self, at: Duration, expiry: Expiry) { self.0.lock().unwrap().push((at, expiry)); }
+    /// # }
+    /// # static CLOCK: Manual = Manual(Mutex::new(Vec::new()));
+    /// // `CLOCK` reads 0 and queues the expiries it is handed, like the clock of the `Expiry` example.
+    ///
+    /// let deadline = Instant::from_clock_time(&CLOCK, Duration::from_secs(1));
+    /// let (ctx, _cancel) = Context::background().with_deadline(deadline);
+    /// let _waiter = ctx.after_cancel(|| {});
+    /// let (at, expiry) = CLOCK.0.lock().unwrap().pop().unwrap();
+    /// assert_eq!(expiry.deadline(), Some(deadline));
+    /// assert_eq!(at, deadline.since_origin());
+    /// ```
     #[must_use]
     pub fn deadline(&self) -> Option<Instant> {
         // SAFETY: as in `fire`.
@@ -249,6 +498,19 @@ pub fn global_clock() -> Option<&'static dyn Clock> {
 }
 
 /// The error of a second [`set_global_clock`].
+///
+/// # Examples
+/// ```
+/// use core::time::Duration;
+/// use localsession_core::{set_global_clock, Clock};
+/// struct Zero;
+/// impl Clock for Zero { fn now(&self) -> Duration { Duration::ZERO } }
+/// static FIRST: Zero = Zero;
+/// static SECOND: Zero = Zero;
+/// set_global_clock(&FIRST).unwrap();
+/// let err = set_global_clock(&SECOND).unwrap_err();
+/// assert_eq!(err.to_string(), "a global clock has already been set");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetGlobalClockError(());
 
@@ -264,6 +526,16 @@ impl core::error::Error for SetGlobalClockError {}
 ///
 /// Register one with [`set_global_clock`] (the std, tokio and async-std adapters do when they
 /// are initialized), or use `with_deadline` with an [`Instant`] of your clock.
+///
+/// # Examples
+/// ```
+/// use core::time::Duration;
+/// use localsession_core::{Context, SessionMap};
+/// // No clock is registered in this doctest's process:
+/// let err = Context::background().with_timeout(Duration::from_secs(1)).unwrap_err();
+/// assert!(err.to_string().starts_with("no clock is registered"));
+/// assert_eq!(SessionMap::with_timeout(Duration::from_secs(1)).unwrap_err(), err);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NoClockError(pub(crate) ());
 

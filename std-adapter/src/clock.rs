@@ -42,6 +42,19 @@ pub struct StdClock {
 
 /// The one [`StdClock`], registered as the global clock by
 /// [`init_default_manager`](crate::init_default_manager).
+///
+/// # Examples
+/// ```
+/// use std::time::Duration;
+/// use localsession_core::Context;
+/// use localsession_std::STD_CLOCK;
+///
+/// let (ctx, _cancel) = Context::background().with_deadline(STD_CLOCK.after(Duration::from_millis(10)));
+/// let (tx, rx) = std::sync::mpsc::channel();
+/// let _h = ctx.after_cancel(move || tx.send(std::thread::current().name().map(str::to_owned)).unwrap());
+/// // Nobody polls `done()`: the shared timer thread fires the deadline.
+/// assert_eq!(rx.recv().unwrap().as_deref(), Some("localsession-timer"));
+/// ```
 pub static STD_CLOCK: StdClock = StdClock { origin: OnceLock::new(), timer: OnceLock::new() };
 
 impl StdClock {
@@ -80,7 +93,14 @@ impl StdClock {
     ///
     /// # Examples
     /// ```
-    /// let _n = localsession_std::STD_CLOCK.pending_timers();
+    /// use std::time::Duration;
+    /// use localsession_core::Context;
+    /// use localsession_std::STD_CLOCK;
+    ///
+    /// assert_eq!(STD_CLOCK.pending_timers(), 0); // nothing waits: the timer thread is not even started
+    /// let (ctx, _cancel) = Context::background().with_deadline(STD_CLOCK.after(Duration::from_secs(60)));
+    /// let _waiter = ctx.after_cancel(|| {});
+    /// assert_eq!(STD_CLOCK.pending_timers(), 1);
     /// ```
     #[must_use]
     pub fn pending_timers(&self) -> usize {

@@ -33,8 +33,16 @@ pub(crate) fn on_unbind(was_bound: bool) {
 ///
 /// # Examples
 /// ```
-/// // Without the `live-count` feature nothing is counted.
-/// let _maybe = localsession_std::live_sessions();
+/// use localsession_core::SessionMap;
+/// use localsession_std::{live_sessions, scope};
+///
+/// let before = live_sessions();
+/// let during = scope(SessionMap::new(), live_sessions);
+/// match (before, during) {
+///     (Some(before), Some(during)) => assert_eq!(during, before + 1), // feature `live-count`
+///     (None, None) => {} // without the `live-count` feature nothing is counted
+///     _ => unreachable!(),
+/// }
 /// ```
 #[must_use]
 pub fn live_sessions() -> Option<isize> {

@@ -161,6 +161,20 @@ pub(crate) fn register_store() -> Result<(), InitError> {
 ///
 /// # Errors
 /// [`InitError::ForeignClock`] if a different clock is registered.
+///
+/// # Examples
+/// ```
+/// use std::time::Duration;
+/// use localsession_core::Clock;
+/// use localsession_std::{register_adapter_clock, InitError, STD_CLOCK};
+/// struct Other;
+/// impl Clock for Other { fn now(&self) -> Duration { Duration::ZERO } }
+/// static OTHER: Other = Other;
+///
+/// assert_eq!(register_adapter_clock(&STD_CLOCK), Ok(()));
+/// assert_eq!(register_adapter_clock(&STD_CLOCK), Ok(())); // the same clock again is fine
+/// assert_eq!(register_adapter_clock(&OTHER), Err(InitError::ForeignClock));
+/// ```
 #[doc(hidden)]
 pub fn register_adapter_clock(clock: &'static dyn localsession_core::Clock) -> Result<(), InitError> {
     let _ = set_global_clock(clock);
@@ -171,6 +185,21 @@ pub fn register_adapter_clock(clock: &'static dyn localsession_core::Clock) -> R
 }
 
 /// Why the default manager could not be initialized.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{set_global_store, SingleSlotStore};
+/// use localsession_std::{default_manager_options, init_default_manager, InitError, ManagerOptions};
+///
+/// let bad = ManagerOptions { shard_number: 0, ..Default::default() };
+/// let err = init_default_manager(bad).unwrap_err();
+/// assert!(matches!(err, InitError::Options(_)));
+/// assert!(std::error::Error::source(&err).is_some()); // the `ConfigError`
+///
+/// static OTHER: SingleSlotStore = SingleSlotStore::new();
+/// set_global_store(&OTHER).unwrap();
+/// assert_eq!(init_default_manager(default_manager_options()), Err(InitError::ForeignStore));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum InitError {

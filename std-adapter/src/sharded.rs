@@ -50,6 +50,18 @@ impl ShardedManager {
     ///
     /// # Errors
     /// [`ConfigError`] for invalid options.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ContextStore, ManagerOptions, SessionMap};
+    /// use localsession_std::{thread_id, ShardedManager};
+    ///
+    /// let opts = ManagerOptions { gc_interval: None, ..Default::default() };
+    /// let manager = ShardedManager::new(opts, || Some(thread_id())).unwrap();
+    /// manager.store().replace(Some(SessionMap::new().into())).unwrap(); // keyed by this thread's id
+    /// assert!(manager.store().get(thread_id()).is_some());
+    /// assert_eq!(manager.gc_sweeps(), 0); // no `gc_interval`: no GC thread
+    /// ```
     pub fn new(
         options: ManagerOptions,
         current_id: impl Fn() -> Option<u64> + Send + Sync + 'static,
@@ -76,18 +88,60 @@ impl ShardedManager {
     }
 
     /// The store (shareable: register it, or hand it to an executor).
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use localsession_core::{ManagerOptions, SessionMap};
+    /// use localsession_std::ShardedManager;
+    ///
+    /// let manager = ShardedManager::new(ManagerOptions::default(), || None).unwrap();
+    /// let store = Arc::clone(manager.store()); // e.g. for an executor's task-exit hook
+    /// store.bind(1, SessionMap::new());
+    /// assert_eq!(manager.store().len(), 1);
+    /// assert!(store.remove(1).is_some());
+    /// ```
     #[must_use]
     pub fn store(&self) -> &Arc<ShardedStore> {
         &self.store
     }
 
     /// How many GC sweeps have run so far.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::time::Duration;
+    /// use localsession_core::{ManagerOptions, SessionMap};
+    /// use localsession_std::ShardedManager;
+    ///
+    /// let opts = ManagerOptions { gc_interval: Some(Duration::from_secs(1)), ..Default::default() };
+    /// let manager = ShardedManager::new(opts, || None).unwrap();
+    /// let session = SessionMap::new();
+    /// manager.store().bind(1, session.clone());
+    /// session.disable();
+    /// while manager.gc_sweeps() == 0 {
+    ///     std::thread::sleep(Duration::from_millis(20));
+    /// }
+    /// assert!(manager.store().is_empty()); // swept by the GC thread
+    /// ```
     #[must_use]
     pub fn gc_sweeps(&self) -> u64 {
         self.gc.as_ref().map_or(0, |g| g.sweeps.load(Ordering::Relaxed))
     }
 
     /// Stops the GC thread and waits for it (also done on drop).
+    ///
+    /// # Examples
+    /// ```
+    /// use std::time::{Duration, Instant};
+    /// use localsession_core::ManagerOptions;
+    /// use localsession_std::ShardedManager;
+    ///
+    /// let manager = ShardedManager::new(ManagerOptions::default(), || None).unwrap(); // GC every 10 min
+    /// let started = Instant::now();
+    /// manager.close(); // wakes the GC thread and joins it: no 10-minute wait
+    /// assert!(started.elapsed() < Duration::from_secs(5));
+    /// ```
     pub fn close(mut self) {
         self.stop_gc();
     }

@@ -61,10 +61,33 @@ thread_local! {
 pub struct ThreadStore(());
 
 /// The one [`ThreadStore`].
+///
+/// # Examples
+/// ```
+/// use localsession_core::{bind, current, SessionMap};
+/// use localsession_std::{default_manager_options, init_default_manager, THREAD_STORE};
+///
+/// init_default_manager(default_manager_options()).unwrap();
+/// // The core's free functions now act on this thread's slot:
+/// bind(SessionMap::new()).unwrap();
+/// assert!(THREAD_STORE.with(|s| s.is_some()));
+/// assert!(current().is_some());
+/// ```
 pub static THREAD_STORE: ThreadStore = ThreadStore(());
 
 impl ThreadStore {
     /// Calls `f` with this thread's session, borrowed (see [`with_current`](crate::with_current)).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::{scope, THREAD_STORE};
+    ///
+    /// assert!(THREAD_STORE.with(|s| s.is_none()));
+    /// let map = SessionMap::new().with_value("n", 1u8);
+    /// let n = scope(map, || THREAD_STORE.with(|s| s.and_then(|s| s.value_cloned::<u8, _>(&"n"))));
+    /// assert_eq!(n, Some(1));
+    /// ```
     #[inline]
     pub fn with<R>(&self, f: impl FnOnce(Option<&AnySession>) -> R) -> R {
         // Relaxed: only a hint; a thread always sees its own binds, and another thread's binds
@@ -95,6 +118,17 @@ impl ThreadStore {
 
     /// Binds `session` (or clears with `None`) on this thread; returns the previous binding.
     /// Returns `Err` only during thread teardown, with the session.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::THREAD_STORE;
+    ///
+    /// let map = SessionMap::new();
+    /// assert!(THREAD_STORE.swap(Some(map.clone().into())).unwrap().is_none());
+    /// let previous = THREAD_STORE.swap(None).unwrap().unwrap();
+    /// assert!(previous.as_map().unwrap().ptr_eq(&map));
+    /// ```
     #[inline]
     pub fn swap(&self, session: Option<AnySession>) -> Result<Option<AnySession>, BindError> {
         let mut session = session;
@@ -107,6 +141,18 @@ impl ThreadStore {
 
     /// Exchanges this thread's binding with `*session` in place (what `WithSession` does around
     /// each poll). Returns `false` — leaving `*session` untouched — during thread teardown.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::{current, THREAD_STORE};
+    ///
+    /// let mut session = Some(SessionMap::new().into());
+    /// assert!(THREAD_STORE.swap_in_place(&mut session));
+    /// assert!(session.is_none() && current().is_some());
+    /// assert!(THREAD_STORE.swap_in_place(&mut session)); // and back
+    /// assert!(session.is_some() && current().is_none());
+    /// ```
     #[inline]
     pub fn swap_in_place(&self, session: &mut Option<AnySession>) -> bool {
         if session.is_some() && !EVER_BOUND.load(Ordering::Relaxed) {

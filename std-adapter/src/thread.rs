@@ -158,30 +158,80 @@ enum SessionChoice {
 
 impl Builder {
     /// A builder whose threads inherit the spawner's session.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::{current, scope, Builder};
+    ///
+    /// let map = SessionMap::new().with_value("k", 1u8);
+    /// let h = scope(map, || Builder::new().spawn(|| current().unwrap().value_cloned::<u8, _>(&"k"))).unwrap();
+    /// assert_eq!(h.join().unwrap(), Some(1)); // inherited from the spawner
+    /// ```
     #[must_use]
     pub fn new() -> Builder {
         Builder { inner: std::thread::Builder::new(), session: SessionChoice::Inherit }
     }
 
     /// Names the thread.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_std::Builder;
+    /// let h = Builder::new().name("indexer".into()).spawn(|| std::thread::current().name().map(str::to_owned));
+    /// assert_eq!(h.unwrap().join().unwrap().as_deref(), Some("indexer"));
+    /// ```
     #[must_use]
     pub fn name(self, name: String) -> Builder {
         Builder { inner: self.inner.name(name), ..self }
     }
 
     /// Sets the thread's stack size.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_std::Builder;
+    /// // Deep recursion (4 000 frames of over 1 KiB each) needs more than the default 2 MiB stack:
+    /// fn depth(n: u32) -> u32 {
+    ///     let frame = std::hint::black_box([0u8; 1024]);
+    ///     if n == 0 { u32::from(frame[0]) } else { 1 + depth(n - 1) }
+    /// }
+    /// let h = Builder::new().stack_size(32 * 1024 * 1024).spawn(|| depth(4_000)).unwrap();
+    /// assert_eq!(h.join().unwrap(), 4_000);
+    /// ```
     #[must_use]
     pub fn stack_size(self, size: usize) -> Builder {
         Builder { inner: self.inner.stack_size(size), ..self }
     }
 
     /// Runs the thread with `session` bound instead of the spawner's.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::{current, scope, Builder};
+    ///
+    /// let spawner = SessionMap::new().with_value("who", "spawner");
+    /// let given = SessionMap::new().with_value("who", "given");
+    /// let who = || current().unwrap().value_cloned::<&str, _>(&"who");
+    /// let h = scope(spawner, || Builder::new().session(given).spawn(who));
+    /// assert_eq!(h.unwrap().join().unwrap(), Some("given"));
+    /// ```
     #[must_use]
     pub fn session(self, session: impl Into<AnySession>) -> Builder {
         Builder { session: SessionChoice::Given(session.into()), ..self }
     }
 
     /// Runs the thread with no session bound.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::{current, scope, Builder};
+    ///
+    /// let h = scope(SessionMap::new(), || Builder::new().no_session().spawn(|| current().is_none())).unwrap();
+    /// assert!(h.join().unwrap());
+    /// ```
     #[must_use]
     pub fn no_session(self) -> Builder {
         Builder { session: SessionChoice::None, ..self }
@@ -199,6 +249,18 @@ impl Builder {
     ///
     /// # Errors
     /// The OS error if the thread could not be created (the session is dropped).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::{current, Builder};
+    ///
+    /// let map = SessionMap::new();
+    /// let h = Builder::new().session(map.clone()).spawn(|| current().unwrap().as_map().unwrap().insert("done", 1))?;
+    /// h.join().unwrap();
+    /// assert!(map.contains(&"done")); // the thread wrote into the shared map
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn spawn<F, T>(self, f: F) -> io::Result<JoinHandle<T>>
     where
         F: FnOnce() -> T + Send + 'static,
@@ -260,12 +322,40 @@ impl Default for Builder {
 /// ```
 pub trait ScopeExt<'scope> {
     /// Spawns a scoped thread with the caller's current session.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::{current, ScopeExt};
+    ///
+    /// let lines = vec!["a", "b", "c"]; // borrowed by the scoped thread
+    /// let map = SessionMap::new().with_value("req", 7u32);
+    /// let (n, req) = localsession_std::scope(map, || {
+    ///     let job = || (lines.len(), current().unwrap().value_cloned::<u32, _>(&"req"));
+    ///     std::thread::scope(|s| s.go(job).join().unwrap())
+    /// });
+    /// assert_eq!((n, req), (3, Some(7)));
+    /// ```
     fn go<F, T>(&'scope self, f: F) -> ScopedJoinHandle<'scope, T>
     where
         F: FnOnce() -> T + Send + 'scope,
         T: Send + 'scope;
 
     /// Spawns a scoped thread with `session` bound.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::{current, ScopeExt};
+    ///
+    /// let maps = [SessionMap::new(), SessionMap::new()];
+    /// std::thread::scope(|s| {
+    ///     for (i, map) in maps.iter().enumerate() {
+    ///         s.go_session(map.clone(), move || current().unwrap().as_map().unwrap().insert("worker", i));
+    ///     }
+    /// });
+    /// assert_eq!(maps[1].value::<usize, _>(&"worker").as_deref(), Some(&1));
+    /// ```
     fn go_session<F, T>(&'scope self, session: impl Into<AnySession>, f: F) -> ScopedJoinHandle<'scope, T>
     where
         F: FnOnce() -> T + Send + 'scope,

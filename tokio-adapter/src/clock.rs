@@ -32,6 +32,20 @@ pub struct TokioClock {
 }
 
 /// The one [`TokioClock`].
+///
+/// # Examples
+/// ```
+/// use std::time::Duration;
+/// use localsession_core::Instant;
+/// use localsession_tokio::TOKIO_CLOCK;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// let start = Instant::now(&TOKIO_CLOCK);
+/// tokio::time::sleep(Duration::from_secs(60)).await; // paused time: returns at once
+/// // `now()` is tokio's time, so paused and advanced time moves deadlines too.
+/// assert!(Instant::now(&TOKIO_CLOCK).saturating_duration_since(start) >= Duration::from_secs(60));
+/// # }
+/// ```
 pub static TOKIO_CLOCK: TokioClock = TokioClock { origin: OnceLock::new() };
 
 impl TokioClock {

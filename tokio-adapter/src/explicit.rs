@@ -124,11 +124,39 @@ where
 /// ```
 pub trait JoinSetExt<T> {
     /// Spawns into the set with the spawner's current session.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// use localsession_tokio::JoinSetExt;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let mut set = tokio::task::JoinSet::new();
+    /// let map = SessionMap::new().with_value("req", 1u32);
+    /// localsession_std::scope(map, || {
+    ///     set.spawn_current(async { localsession_std::current().unwrap().value_cloned::<u32, _>(&"req") });
+    /// });
+    /// assert_eq!(set.join_next().await.unwrap().unwrap(), Some(1));
+    /// # }
+    /// ```
     fn spawn_current<F>(&mut self, future: F) -> AbortHandle
     where
         F: Future<Output = T> + Send + 'static;
 
     /// Spawns into the set with a given session.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// use localsession_tokio::JoinSetExt;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let mut set = tokio::task::JoinSet::new();
+    /// let map = SessionMap::new();
+    /// let task = async { localsession_std::current().unwrap().as_map().unwrap().insert("done", true) };
+    /// set.spawn_with(map.clone(), task);
+    /// set.join_next().await.unwrap().unwrap();
+    /// assert!(map.contains(&"done")); // the task wrote into the shared map
+    /// # }
+    /// ```
     fn spawn_with<F>(&mut self, session: impl Into<AnySession>, future: F) -> AbortHandle
     where
         F: Future<Output = T> + Send + 'static;

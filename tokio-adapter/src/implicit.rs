@@ -33,6 +33,29 @@
 //! - A task's future is dropped (on completion or abort) outside a poll, without its session.
 //! - The hooks replace any `on_task_spawn`/`on_*_task_poll`/`on_task_terminate` hooks set
 //!   before on the same builder (tokio keeps one of each).
+//!
+//! # Examples
+//! A `bind` inside a task sticks to that task, and what it spawns afterwards inherits it:
+//! ```
+//! # #[cfg(tokio_unstable)] {
+//! use localsession_core::SessionMap;
+//! use localsession_std::{bind, current};
+//!
+//! let mut builder = tokio::runtime::Builder::new_current_thread();
+//! let rt = localsession_tokio::enable_implicit_sessions(builder.enable_all()).build().unwrap();
+//! let seen = rt.block_on(async {
+//!     let task = tokio::spawn(async {
+//!         bind(SessionMap::new().with_value("k", 1u8));
+//!         tokio::spawn(async { current().unwrap().value_cloned::<u8, _>(&"k") }).await.unwrap()
+//!     });
+//!     let seen = task.await.unwrap();
+//!     assert!(current().is_none()); // the task's binding did not leak into `block_on`
+//!     seen
+//! });
+//! assert_eq!(seen, Some(1));
+//! assert_eq!(localsession_tokio::implicit_task_sessions(), 0); // entries released with their tasks
+//! # }
+//! ```
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -230,7 +253,9 @@ pub fn enable_implicit_sessions(builder: &mut Builder) -> &mut Builder {
 ///
 /// # Examples
 /// ```
+/// # #[cfg(tokio_unstable)] {
 /// assert_eq!(localsession_tokio::implicit_task_sessions(), 0);
+/// # }
 /// ```
 #[must_use]
 pub fn implicit_task_sessions() -> usize {

@@ -59,8 +59,15 @@ use localsession_core::config::ManagerOptions;
 ///
 /// # Examples
 /// ```
+/// use std::time::Duration;
+/// use localsession_core::Context;
+///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// localsession_tokio::init(localsession_std::default_manager_options()).unwrap();
+/// // Timeouts now fire on tokio's timer:
+/// let (ctx, _cancel) = Context::background().with_timeout(Duration::from_millis(10)).unwrap();
+/// ctx.done().await;
+/// assert!(ctx.err().unwrap().is_deadline_exceeded());
 /// # }
 /// ```
 pub fn init(opts: ManagerOptions) -> Result<(), localsession_std::InitError> {

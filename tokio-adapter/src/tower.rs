@@ -17,6 +17,31 @@
 //!   Transient values received from upstream are not forwarded (they travel one hop).
 //!
 //! Header keys are lower-cased (HTTP header names are case-insensitive).
+//!
+//! # Examples
+//! A handler that calls another service: the tenant its caller sent is forwarded without a
+//! context being passed along.
+//! ```
+//! use std::convert::Infallible;
+//! use http::{Request, Response};
+//! use localsession_core::Context;
+//! use localsession_tokio::tower::{ClientBackupLayer, ServerBackupLayer};
+//! use tower::{Layer, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let downstream = tower::service_fn(|req: Request<()>| async move {
+//!     Ok::<_, Infallible>(req.headers().get("rpc-persist-tenant").map(|v| v.to_str().unwrap().to_owned()))
+//! });
+//! let client = ClientBackupLayer::new(|_prev: &Context, cur: &Context| (cur.clone(), true)).layer(downstream);
+//! let handler = tower::service_fn(move |_req: Request<String>| {
+//!     let call = client.clone().oneshot(Request::new(())); // no context: recovered from the backup
+//!     async move { Ok::<_, Infallible>(Response::new(call.await.unwrap().unwrap_or_default())) }
+//! });
+//! let server = ServerBackupLayer::new().layer(handler);
+//! let req = Request::builder().header("rpc-persist-tenant", "acme").body(String::new()).unwrap();
+//! assert_eq!(server.oneshot(req).await.unwrap().into_body(), "acme");
+//! # }
+//! ```
 
 use std::fmt;
 use std::future::Future;
@@ -32,11 +57,47 @@ use tower_service::Service;
 use crate::FutureExt;
 
 /// Header prefix of persistent metainfo (travels across every hop).
+///
+/// # Examples
+/// ```
+/// use http::HeaderMap;
+/// use localsession_core::{Context, MetaInfo};
+/// use localsession_tokio::tower::{write_metainfo_headers, PERSISTENT_PREFIX};
+///
+/// let ctx = MetaInfo::with_persistent(&Context::background(), "tenant", "acme");
+/// let mut headers = HeaderMap::new();
+/// write_metainfo_headers(MetaInfo::of(&ctx), &mut headers).unwrap();
+/// assert_eq!(headers[format!("{PERSISTENT_PREFIX}tenant")], "acme");
+/// ```
 pub const PERSISTENT_PREFIX: &str = "rpc-persist-";
 /// Header prefix of transient metainfo (travels one hop).
+///
+/// # Examples
+/// ```
+/// use http::HeaderMap;
+/// use localsession_core::{Context, MetaInfo};
+/// use localsession_tokio::tower::{write_metainfo_headers, TRANSIENT_PREFIX};
+///
+/// let ctx = MetaInfo::with_transient(&Context::background(), "hop", "1");
+/// let mut headers = HeaderMap::new();
+/// write_metainfo_headers(MetaInfo::of(&ctx), &mut headers).unwrap();
+/// assert_eq!(headers[format!("{TRANSIENT_PREFIX}hop")], "1");
+/// ```
 pub const TRANSIENT_PREFIX: &str = "rpc-transit-";
 
 /// A metainfo header that cannot be read or written.
+///
+/// # Examples
+/// ```
+/// use http::HeaderMap;
+/// use localsession_tokio::tower::metainfo_from_headers;
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert("rpc-persist-", "acme".parse().unwrap()); // no key after the prefix
+/// let err = metainfo_from_headers(&headers).unwrap_err();
+/// assert_eq!(err.header(), "rpc-persist-");
+/// assert!(err.to_string().ends_with("the metainfo key after the prefix is empty"));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderError {
     header: String,
@@ -44,7 +105,19 @@ pub struct HeaderError {
 }
 
 impl HeaderError {
-    /// The offending header name (or metainfo key, when writing).
+    /// The offending header name (when writing: the header the metainfo key would have become,
+    /// prefix included).
+    ///
+    /// # Examples
+    /// ```
+    /// use http::HeaderMap;
+    /// use localsession_core::{Context, MetaInfo};
+    /// use localsession_tokio::tower::write_metainfo_headers;
+    ///
+    /// let ctx = MetaInfo::with_persistent(&Context::background(), "user id", "7"); // a space: not a header token
+    /// let err = write_metainfo_headers(MetaInfo::of(&ctx), &mut HeaderMap::new()).unwrap_err();
+    /// assert_eq!(err.header(), "rpc-persist-user id");
+    /// ```
     #[must_use]
     pub fn header(&self) -> &str {
         &self.header
@@ -166,6 +239,25 @@ pub struct ServerBackupLayer(());
 
 impl ServerBackupLayer {
     /// The layer.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response};
+    /// use localsession_core::{Context, MetaInfo};
+    /// use localsession_tokio::tower::ServerBackupLayer;
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let svc = ServerBackupLayer::new().layer(tower::service_fn(|req: Request<String>| async move {
+    ///     // The request's context is also in its extensions.
+    ///     let ctx = req.extensions().get::<Context>().unwrap();
+    ///     Ok::<_, Infallible>(Response::new(MetaInfo::of(ctx).transient("hop").unwrap_or("-").to_owned()))
+    /// }));
+    /// let req = Request::builder().header("rpc-transit-hop", "1").body(String::new()).unwrap();
+    /// assert_eq!(svc.oneshot(req).await.unwrap().into_body(), "1");
+    /// # }
+    /// ```
     #[must_use]
     pub fn new() -> Self {
         ServerBackupLayer(())
@@ -180,6 +272,24 @@ impl<S> Layer<S> for ServerBackupLayer {
 }
 
 /// The service made by [`ServerBackupLayer`].
+///
+/// # Examples
+/// ```
+/// use std::convert::Infallible;
+/// use http::{Request, Response, StatusCode};
+/// use localsession_tokio::tower::ServerBackupLayer;
+/// use tower::{Layer, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let svc = ServerBackupLayer::new().layer(tower::service_fn(|_req: Request<String>| async {
+///     Ok::<_, Infallible>(Response::new(String::from("handled")))
+/// }));
+/// let bad = Request::builder().header("rpc-persist-", "x").body(String::new()).unwrap();
+/// let resp = svc.oneshot(bad).await.unwrap();
+/// assert_eq!(resp.status(), StatusCode::BAD_REQUEST); // the handler was not called
+/// assert!(resp.body().contains("rpc-persist-"));
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct ServerBackup<S> {
     inner: S,
@@ -217,6 +327,24 @@ where
 
 pin_project_lite::pin_project! {
     /// The response future of [`ServerBackup`].
+    ///
+    /// # Examples
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response};
+    /// use localsession_tokio::tower::{ServerBackupFuture, ServerBackupLayer};
+    /// use tower::{Layer, Service};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let mut svc = ServerBackupLayer::new().layer(tower::service_fn(|_req: Request<String>| async {
+    ///     tokio::task::yield_now().await; // the backup is bound again at every poll
+    ///     Ok::<_, Infallible>(Response::new(localsession_core::backed_up_ctx().is_some().to_string()))
+    /// }));
+    /// let fut: ServerBackupFuture<_, String> = svc.call(Request::new(String::new()));
+    /// assert!(localsession_std::current().is_none()); // bound only while the future is polled
+    /// assert_eq!(fut.await.unwrap().into_body(), "true");
+    /// # }
+    /// ```
     #[derive(Debug)]
     pub struct ServerBackupFuture<F, B> {
         #[pin]
@@ -254,6 +382,11 @@ where
 /// The client middleware (see the [module docs](self)), with a backup handler
 /// `(prev, cur) -> (ctx, backup)` as in Kitex's `client.WithContextBackup`.
 ///
+/// The backup is looked up when [`Service::call`] runs, on the calling unit: call it where the
+/// request's session is current (inside a handler behind [`ServerBackupLayer`], or a task that
+/// inherited it). With `ServiceExt::oneshot`, `call` happens inside the first poll, so that
+/// future must be polled where the session is current.
+///
 /// # Examples
 /// ```
 /// use std::convert::Infallible;
@@ -286,6 +419,26 @@ where
     H: Fn(&Context, &Context) -> (Context, bool) + Clone,
 {
     /// A layer with the backup handler `handler(prev, cur) -> (ctx, backup)`.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response};
+    /// use localsession_core::{Context, MetaInfo, SessionCtx};
+    /// use localsession_tokio::tower::ClientBackupLayer;
+    /// use tower::{Layer, Service};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let transport = tower::service_fn(|req: Request<()>| async move {
+    ///     Ok::<_, Infallible>(Response::new(req.headers().contains_key("rpc-persist-tenant")))
+    /// });
+    /// // A handler that declines the backup: nothing is recovered from it.
+    /// let mut client = ClientBackupLayer::new(|_prev: &Context, cur: &Context| (cur.clone(), false)).layer(transport);
+    /// let backup = MetaInfo::with_persistent(&Context::background(), "tenant", "acme");
+    /// let sent = localsession_std::scope(SessionCtx::new(&backup), || client.call(Request::new(())));
+    /// assert!(!sent.await.unwrap().into_body());
+    /// # }
+    /// ```
     pub fn new(handler: H) -> Self {
         ClientBackupLayer { handler }
     }
@@ -299,6 +452,27 @@ impl<S, H: Clone> Layer<S> for ClientBackupLayer<H> {
 }
 
 /// The service made by [`ClientBackupLayer`].
+///
+/// # Examples
+/// ```
+/// use std::convert::Infallible;
+/// use http::{Request, Response};
+/// use localsession_core::{Context, MetaInfo, SessionCtx};
+/// use localsession_tokio::tower::ClientBackupLayer;
+/// use tower::{Layer, Service};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let transport = tower::service_fn(|req: Request<()>| async move {
+///     Ok::<_, Infallible>(Response::new(req.headers()["rpc-persist-tenant"].to_str().unwrap().to_owned()))
+/// });
+/// let mut client = ClientBackupLayer::new(|_prev: &Context, cur: &Context| (cur.clone(), true)).layer(transport);
+/// let backup = MetaInfo::with_persistent(&Context::background(), "tenant", "from-backup");
+/// let mut req = Request::new(());
+/// req.extensions_mut().insert(MetaInfo::with_persistent(&Context::background(), "tenant", "explicit"));
+/// let sent = localsession_std::scope(SessionCtx::new(&backup), || client.call(req));
+/// assert_eq!(sent.await.unwrap().into_body(), "explicit"); // the request's own context wins
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct ClientBackup<S, H> {
     inner: S,
@@ -306,6 +480,24 @@ pub struct ClientBackup<S, H> {
 }
 
 /// The client middleware's error: the metainfo could not be written, or the inner service failed.
+///
+/// # Examples
+/// ```
+/// use std::convert::Infallible;
+/// use http::{Request, Response};
+/// use localsession_core::{Context, MetaInfo};
+/// use localsession_tokio::tower::{ClientBackupError, ClientBackupLayer};
+/// use tower::{Layer, Service};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let transport = tower::service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) });
+/// let mut client = ClientBackupLayer::new(|_prev: &Context, cur: &Context| (cur.clone(), true)).layer(transport);
+/// let mut req = Request::new(());
+/// req.extensions_mut().insert(MetaInfo::with_persistent(&Context::background(), "bad key", "v"));
+/// let err = client.call(req).await.unwrap_err();
+/// assert!(matches!(&err, ClientBackupError::Header(e) if e.header() == "rpc-persist-bad key"));
+/// # }
+/// ```
 #[derive(Debug)]
 pub enum ClientBackupError<E> {
     /// A metainfo key or value cannot be sent as a header.
@@ -358,6 +550,26 @@ where
 
 pin_project_lite::pin_project! {
     /// The response future of [`ClientBackup`].
+    ///
+    /// # Examples
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response};
+    /// use localsession_core::Context;
+    /// use localsession_tokio::tower::{ClientBackupError, ClientBackupFuture, ClientBackupLayer};
+    /// use tower::{Layer, Service};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let transport = tower::service_fn(|_req: Request<()>| async {
+    ///     Err::<Response<()>, _>(std::io::Error::other("connection refused"))
+    /// });
+    /// let mut client = ClientBackupLayer::new(|_prev: &Context, cur: &Context| (cur.clone(), true)).layer(transport);
+    /// let fut: ClientBackupFuture<_> = client.call(Request::new(()));
+    /// let err = fut.await.unwrap_err();
+    /// assert!(matches!(err, ClientBackupError::Inner(_)));
+    /// assert_eq!(err.to_string(), "connection refused");
+    /// # }
+    /// ```
     #[derive(Debug)]
     pub struct ClientBackupFuture<F> {
         #[pin]
