@@ -72,7 +72,7 @@ pub trait FutureExt: Future + Sized {
     /// assert_eq!(block_on(fut), Some(2));
     /// ```
     fn in_current_session(self) -> WithSession<Self> {
-        WithSession::new_in(&THREAD_STORE, self, crate::current())
+        WithSession::new_in(&THREAD_STORE, self, crate::flow_session())
     }
 
     /// Runs this future with no session bound, whatever the polling thread has.

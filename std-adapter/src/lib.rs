@@ -32,6 +32,7 @@
 //! ```
 
 mod clock;
+mod flow;
 mod future;
 mod live;
 mod manager;
@@ -40,6 +41,7 @@ mod store;
 mod thread;
 
 pub use clock::{STD_CLOCK, StdClock};
+pub use flow::{SuppressFlowGuard, flow_session, is_flow_suppressed, suppress_flow, without_flow};
 pub use future::FutureExt;
 pub use live::live_sessions;
 pub use manager::{

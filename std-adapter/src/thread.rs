@@ -58,7 +58,7 @@ pub fn in_current_session<F, T>(f: F) -> impl FnOnce() -> T + Send
 where
     F: FnOnce() -> T + Send,
 {
-    wrap(crate::current(), f)
+    wrap(crate::flow_session(), f)
 }
 
 /// Wraps `f` so that it runs with `session` bound (or none), on whatever thread calls it, and
@@ -99,7 +99,7 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    std::thread::spawn(wrap(crate::current(), f))
+    std::thread::spawn(wrap(crate::flow_session(), f))
 }
 
 /// Spawns a thread that runs `f` with `session` bound (Go `GoSession`).
@@ -239,7 +239,7 @@ impl Builder {
 
     fn resolve(session: SessionChoice) -> Option<AnySession> {
         match session {
-            SessionChoice::Inherit => crate::current(),
+            SessionChoice::Inherit => crate::flow_session(),
             SessionChoice::Given(s) => Some(s),
             SessionChoice::None => None,
         }
@@ -368,7 +368,7 @@ impl<'scope, 'env> ScopeExt<'scope> for Scope<'scope, 'env> {
         F: FnOnce() -> T + Send + 'scope,
         T: Send + 'scope,
     {
-        self.spawn(wrap(crate::current(), f))
+        self.spawn(wrap(crate::flow_session(), f))
     }
 
     fn go_session<F, T>(&'scope self, session: impl Into<AnySession>, f: F) -> ScopedJoinHandle<'scope, T>

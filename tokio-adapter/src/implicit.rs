@@ -159,7 +159,7 @@ impl std::hash::Hasher for FxMix {
 fn on_spawn(meta: &TaskMeta<'_>) {
     // Runs on the spawning thread: its slot holds the spawner's session (a task's, installed
     // by `on_before_poll`, or whatever the calling thread bound).
-    if let Some(session) = localsession_std::current() {
+    if let Some(session) = localsession_std::flow_session() {
         TASKS.insert(meta.id(), session);
     }
 }
