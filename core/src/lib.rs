@@ -71,6 +71,7 @@ mod scope;
 mod session;
 mod sharded;
 mod store;
+mod task_table;
 mod time;
 
 pub use backup::{backed_up_ctx, backup_ctx, clear_ctx, recover_ctx_on_demands};
@@ -88,6 +89,7 @@ pub use store::{
     BindError, ContextStore, EnterGuard, LocalSlot, SetGlobalStoreError, SingleSlotStore, bind, collector, current,
     enter, enter_in, global_store, scope, set_global_store, unbind, with_current, with_current_in,
 };
+pub use task_table::TaskTable;
 pub use time::{Clock, Expiry, Instant, NoClockError, SetGlobalClockError, global_clock, set_global_clock};
 
 /// Re-exported for [`ContextStore::pin_epoch`] implementations.

@@ -219,3 +219,87 @@ fn sharded_bind_vs_gc() {
         assert!(store.get(2).is_none());
     });
 }
+
+/// The implicit-mode hook protocol on a [`TaskTable`](localsession_core::TaskTable), with the
+/// orderings tokio allows: worker A polls the task, which binds a new session, and goes idle
+/// (the `RUNNING` bit released); worker B then polls it — while A's after-poll hook may still
+/// be pending — and the task completes there (terminate). B's before-poll must read the
+/// binding A's poll made, and the table must end empty, whenever A's after-poll runs.
+#[test]
+fn task_table_late_after_poll() {
+    use localsession_core::TaskTable;
+    use loom::sync::atomic::{AtomicBool, Ordering};
+    model(|| {
+        let table = Arc::new(TaskTable::new());
+        let first = SessionMap::new().with_value("n", 0u8);
+        drop(table.spawned(1, Some(first.into()))); // spawn hook
+        let idle = Arc::new(AtomicBool::new(false));
+        let (ta, ia) = (table.clone(), idle.clone());
+        let a = thread::spawn(move || {
+            let installed = ta.session(1); // before-poll
+            let mine: AnySession = SessionMap::new().with_value("n", 1u8).into();
+            drop(ta.rebind(1, Some(&mine))); // the task binds during its poll
+            // Release: the task state's transition to idle orders the poll before the next one.
+            ia.store(true, Ordering::Release);
+            // After-poll (late or not): restores the worker's slot; the table is not touched.
+            drop(installed);
+            drop(mine);
+        });
+        let (tb, ib) = (table.clone(), idle.clone());
+        let b = thread::spawn(move || {
+            // Acquire: the next poll starts only once the task is idle again.
+            while !ib.load(Ordering::Acquire) {
+                thread::yield_now();
+            }
+            let seen = tb.session(1).and_then(|s| s.value_cloned::<u8, _>(&"n"));
+            assert_eq!(seen, Some(1), "the next poll must see the binding the previous poll made");
+            drop(tb.terminated(1)); // the task completes in this poll
+        });
+        a.join().unwrap();
+        b.join().unwrap();
+        assert_eq!((table.tasks(), table.sessions()), (0, 0));
+    });
+}
+
+/// Terminate before spawn (a runtime shutting down): whichever runs first, no entry remains.
+#[test]
+fn task_table_terminate_vs_spawn() {
+    use localsession_core::TaskTable;
+    model(|| {
+        let table = Arc::new(TaskTable::new());
+        let t = table.clone();
+        let terminate = thread::spawn(move || drop(t.terminated(7)));
+        let handed_back = table.spawned(7, Some(SessionMap::new().into()));
+        terminate.join().unwrap();
+        assert_eq!((table.tasks(), table.sessions()), (0, 0));
+        drop(handed_back);
+    });
+}
+
+/// A stale bind (a caller that still believes it runs the task) racing the task's terminate
+/// never resurrects the entry; a sweep racing a rebind never clears the new binding.
+#[test]
+fn task_table_late_rebind_and_sweep() {
+    use localsession_core::TaskTable;
+    model(|| {
+        let table = Arc::new(TaskTable::new());
+        let ended = SessionMap::new();
+        drop(table.spawned(1, Some(ended.clone().into())));
+        drop(table.spawned(2, Some(ended.clone().into())));
+        ended.disable();
+        let t = table.clone();
+        let late = thread::spawn(move || {
+            let s: AnySession = SessionMap::new().into();
+            drop(t.rebind(1, Some(&s)));
+            drop(t.rebind(2, Some(&s)));
+        });
+        drop(table.terminated(1));
+        drop(table.sweep(|s| s.is_valid()));
+        late.join().unwrap();
+        assert_eq!(table.tasks(), 1, "task 1 ended: a late rebind must not bring it back");
+        // Task 2 holds the new, valid session whatever the order of the sweep and the rebind.
+        assert!(table.session(2).is_some_and(|s| s.is_valid()));
+        drop(table.terminated(2));
+        assert_eq!((table.tasks(), table.sessions()), (0, 0));
+    });
+}

@@ -27,6 +27,8 @@ static EVER_BOUND: AtomicBool = AtomicBool::new(false);
 struct ThreadSlot {
     slot: LocalSlot,
     generation: Cell<u64>,
+    /// The running unit that keeps its own record of its binding (see [`BindSink`]).
+    sink: Cell<Option<BindSink>>,
 }
 
 impl Drop for ThreadSlot {
@@ -37,7 +39,32 @@ impl Drop for ThreadSlot {
 }
 
 thread_local! {
-    static SLOT: ThreadSlot = const { ThreadSlot { slot: LocalSlot::new(), generation: Cell::new(0) } };
+    static SLOT: ThreadSlot =
+        const { ThreadSlot { slot: LocalSlot::new(), generation: Cell::new(0), sink: Cell::new(None) } };
+}
+
+/// Where the bindings of a running unit are recorded besides the thread's slot (see
+/// [`ThreadStore::set_bind_sink`]).
+///
+/// `record(unit, session)` stores a clone of `session` (or `None`) as the unit's binding and
+/// returns what the record held before, which the store drops after the slot was updated. It
+/// runs inside every binding change of the thread, so it must be quick, must not panic, and
+/// must not bind or unbind itself.
+///
+/// # Examples
+/// ```
+/// use localsession_core::AnySession;
+/// use localsession_std::BindSink;
+/// fn forget(_unit: u64, _session: Option<&AnySession>) -> Option<AnySession> { None }
+/// let sink = BindSink { unit: 42, record: forget };
+/// assert_eq!(sink.unit, 42);
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct BindSink {
+    /// The unit (for example a task id) passed back to `record`.
+    pub unit: u64,
+    /// Records the unit's new binding; returns the one it replaces.
+    pub record: fn(u64, Option<&AnySession>) -> Option<AnySession>,
 }
 
 /// The thread-local store: "the current session" of each OS thread.
@@ -158,10 +185,13 @@ impl ThreadStore {
         if session.is_some() && !EVER_BOUND.load(Ordering::Relaxed) {
             EVER_BOUND.store(true, Ordering::Relaxed);
         }
-        SLOT.try_with(|t| {
+        let recorded = SLOT.try_with(|t| {
             let generation = GENERATION.load(Ordering::Acquire);
             let stale = t.generation.get() != generation;
             t.generation.set(generation);
+            // The unit's own record learns the new binding before the slot does; what the
+            // record held is dropped below, outside the thread-local access.
+            let recorded = t.sink.get().and_then(|sink| (sink.record)(sink.unit, session.as_ref()));
             crate::live::on_bind(session.is_some());
             t.slot.swap(session);
             crate::live::on_unbind(session.is_some());
@@ -169,8 +199,48 @@ impl ThreadStore {
                 // A binding from before a reset is not handed back.
                 drop(session.take());
             }
-        })
-        .is_ok()
+            recorded
+        });
+        match recorded {
+            Ok(recorded) => {
+                drop(recorded);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Makes every later change of this thread's binding (by [`bind`](crate::bind),
+    /// [`unbind`](crate::unbind), an [`enter`](crate::enter) guard, a `WithSession` poll, ...)
+    /// also reach `sink` — or stops that with `None` — and returns the sink that was set.
+    ///
+    /// For executors that keep each task's binding in a record of their own and install it in
+    /// the polling thread around each poll (the tokio adapter's implicit mode): set the task's
+    /// sink after installing its session in the before-poll hook, and clear it (restoring the
+    /// one returned, for nested polls) before swapping the session back out in the after-poll
+    /// hook. The task's bindings then reach its record *when they are made*, so the next poll,
+    /// on whichever thread, sees them — whatever order the after-poll hook runs in.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Mutex;
+    /// use localsession_core::{AnySession, SessionMap};
+    /// use localsession_std::{bind, unbind, BindSink, THREAD_STORE};
+    ///
+    /// static RECORD: Mutex<Option<AnySession>> = Mutex::new(None);
+    /// fn record(_unit: u64, s: Option<&AnySession>) -> Option<AnySession> {
+    ///     std::mem::replace(&mut *RECORD.lock().unwrap(), s.cloned())
+    /// }
+    ///
+    /// let outer = THREAD_STORE.set_bind_sink(Some(BindSink { unit: 1, record }));
+    /// bind(SessionMap::new().with_value("k", 1u8));
+    /// assert!(RECORD.lock().unwrap().is_some()); // the record saw the bind
+    /// THREAD_STORE.set_bind_sink(outer);
+    /// unbind(); // no sink any more: the record keeps the task's binding
+    /// assert!(RECORD.lock().unwrap().is_some());
+    /// ```
+    pub fn set_bind_sink(&self, sink: Option<BindSink>) -> Option<BindSink> {
+        SLOT.try_with(|t| t.sink.replace(sink)).ok().flatten()
     }
 }
 

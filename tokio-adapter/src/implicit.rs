@@ -2,26 +2,51 @@
 //! library code you do not control — inherits the spawner's session.
 //!
 //! Go had to drop its `EnableImplicitlyTransmitAsync` (it relied on pprof labels); tokio's task
-//! hooks make it possible here. [`enable_implicit_sessions`] installs four hooks on a runtime
-//! builder:
+//! hooks make it possible here. [`enable_implicit_sessions`] (or [`ImplicitSessions`], which
+//! also chains hooks of your own) installs four hooks on a runtime builder. Each task's session
+//! lives in a [`TaskTable`] keyed by task id, whose module docs state the protocol's three
+//! rules; this is how the hooks follow them.
 //!
-//! | hook | runs on | does |
+//! | hook | runs on, when | does |
 //! |---|---|---|
-//! | `on_task_spawn` | the spawning thread | records the spawner's current session under the new task's id |
-//! | `on_before_task_poll` | the polling worker | installs a clone of the task's session in the worker's slot, stashing what was there |
-//! | `on_after_task_poll` | the polling worker | swaps the stash back; if the task bound (or unbound) a session during the poll, that becomes its session |
-//! | `on_task_terminate` | where the task ends | releases the task's entry |
+//! | `on_task_spawn` | the spawning thread, after the task is bound to the runtime, before it is scheduled | creates the task's entry with the spawner's [`flow_session`](localsession_std::flow_session) |
+//! | `on_before_task_poll` | the polling worker, before the poll | clones the entry's session into the worker's slot, keeping what the slot held in a per-thread frame stack, and points the thread's [`BindSink`] at the entry |
+//! | (the task binds) | inside the poll | the sink replaces the entry's session *at bind time* ([`TaskTable::rebind`]) |
+//! | `on_after_task_poll` | the polling worker, after the task went idle again — possibly after another worker already started its next poll | restores the outer sink and the slot's previous content; never touches the table |
+//! | `on_task_terminate` | where the task ends: inside its final poll, or where it is cancelled | removes the entry (or leaves a tombstone) |
 //!
-//! Tasks without a session cost two thread-local swaps per poll, and no map access at all while
-//! no task has a session. Entries are released when their task terminates, so the table does
-//! not grow with the number of tasks ever spawned.
+//! Why no interleaving loses or resurrects an entry, or serves a stale session:
+//! - A task's bindings reach its entry while the poll runs, and tokio orders a task's polls (its
+//!   `RUNNING` bit, acquire/release), so the next poll's before-poll hook — on any worker —
+//!   reads the latest binding. The after-poll hook writes nothing to the table, so running it
+//!   late cannot overwrite a newer binding or re-insert an ended task.
+//! - Entries are created only by the spawn hook and removed only by the terminate hook, which
+//!   tokio runs exactly once per spawned task; a terminate that comes first (spawn on a runtime
+//!   that is shutting down) leaves a tombstone that the spawn consumes.
+//! - Polls nest on one thread (`block_in_place` plus an inner runtime's `block_on`): each
+//!   before-poll pushes a frame (the slot's previous session and the outer sink) and each
+//!   after-poll pops it, so the outer task gets its own session and sink back.
 //!
-//! Two orderings of tokio 1.54 shape this: `on_task_terminate` runs *inside* the final poll,
-//! before `on_after_task_poll` (so the after-poll hook must not re-insert a task that just
-//! ended), and `on_after_task_poll` runs after the task is already idle again, so another
-//! worker may poll it before the hook ran. The entry therefore stays in the table during a
-//! poll; the cost of that race is only that a `bind` made inside such an overlapping poll may
-//! be overwritten by the other worker's after-poll (last writer wins).
+//! # Hooks run no user code
+//! tokio does not catch panics in its poll hooks (a panic there aborts the process or kills a
+//! worker), so nothing the hooks do may run user code or panic:
+//! - Sessions are cloned in the hooks, never dropped while a clone held elsewhere could make the
+//!   drop the last one — except where a task's entry leaves the table. There the session is
+//!   dropped inside `catch_unwind`: a value whose `Drop` panics is reported on stderr by the
+//!   panic hook and counted ([`hook_drop_panics`]); the process, the runtime and every
+//!   `JoinHandle` live on.
+//! - In the final poll, the terminate hook takes the task's session out of the worker's slot
+//!   too, so the after-poll hook has nothing left to drop.
+//! - Thread-local access uses `try_with`: hooks that run during thread teardown do nothing.
+//! - A task's own `bind` drops the session it replaces in the task's context (inside the
+//!   poll): a panicking `Drop` there is an ordinary task panic that the `JoinHandle` reports.
+//!
+//! # Tasks that outlive their request
+//! A task spawned inside a request inherits the request's session. Long-lived tasks (pooled
+//! connections, `Buffer` workers) should be spawned with the flow suppressed
+//! ([`localsession_std::without_flow`]); for the ones you do not control,
+//! [`sweep_ended_sessions`] (or [`ImplicitSessions::sweep_every`], Go's GC interval) clears
+//! the sessions that have ended (disabled, expired) out of the entries of tasks still alive.
 //!
 //! # What the hooks do not cover
 //! - `spawn_blocking`: tokio fires no spawn hook for blocking tasks; use
@@ -30,9 +55,8 @@
 //!   [`spawn_local`](crate::spawn_local).
 //! - The runtime's `block_on` future is not a task: it sees the session of the thread calling
 //!   `block_on`.
-//! - A task's future is dropped (on completion or abort) outside a poll, without its session.
-//! - The hooks replace any `on_task_spawn`/`on_*_task_poll`/`on_task_terminate` hooks set
-//!   before on the same builder (tokio keeps one of each).
+//! - Tasks cancelled by the runtime's shutdown have their future dropped outside a poll,
+//!   without their session.
 //!
 //! # Examples
 //! A `bind` inside a task sticks to that task, and what it spawns afterwards inherits it:
@@ -57,168 +81,382 @@
 //! # }
 //! ```
 
-use std::cell::Cell;
-use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
+use std::cell::RefCell;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Weak};
+use std::time::Duration;
 
-use localsession_core::AnySession;
-use localsession_std::THREAD_STORE;
+use localsession_core::{AnySession, TaskTable};
+use localsession_std::{BindSink, THREAD_STORE};
 use tokio::runtime::{Builder, TaskMeta};
 use tokio::task::Id;
 
-const SHARDS: usize = 16;
+/// Every hooked task's session (ids are unique process-wide, so one table serves every runtime).
+static TABLE: LazyLock<TaskTable> = LazyLock::new(TaskTable::new);
 
-/// Sessions of tasks that have one, keyed by task id (ids are unique process-wide).
-struct TaskSessions {
-    /// Spin locks: the critical sections are one hash-map operation that runs no user code
-    /// (session drops happen after unlocking), so one compare-and-swap to lock and a plain store
-    /// to unlock beat a parking mutex's two read-modify-writes.
-    shards: [spin::Mutex<TaskMap>; SHARDS],
-    /// Entries in all shards; lets sessionless workloads skip the map entirely.
-    len: AtomicUsize,
-}
+/// Panics caught while dropping a session inside a hook.
+static HOOK_DROP_PANICS: AtomicUsize = AtomicUsize::new(0);
 
-type TaskMap = HashMap<Id, AnySession, BuildHasherDefault<FxMix>>;
-
-static TASKS: TaskSessions = TaskSessions {
-    shards: [const { spin::Mutex::new(HashMap::with_hasher(BuildHasherDefault::new())) }; SHARDS],
-    len: AtomicUsize::new(0),
-};
-
-/// The poll in progress on this thread.
-struct Polling {
-    id: Id,
-    /// The identity of the session installed for the poll (the table's entry).
-    installed: Option<(usize, usize)>,
-    /// What the worker's slot held before.
+/// A poll in progress on this thread.
+struct Frame {
+    id: u64,
+    /// What the worker's slot held before the poll.
     previous: Option<AnySession>,
-    /// The task terminated during the poll.
-    terminated: bool,
+    /// The sink of the poll this one is nested in.
+    outer_sink: Option<BindSink>,
 }
 
 thread_local! {
-    static POLLING: Cell<Option<Polling>> = const { Cell::new(None) };
+    static FRAMES: RefCell<Vec<Frame>> = const { RefCell::new(Vec::new()) };
 }
 
-impl TaskSessions {
-    fn shard(&self, id: Id) -> &spin::Mutex<TaskMap> {
-        use std::hash::{Hash, Hasher};
-        // Task ids are sequential: spread them over the shards with a multiplicative mix.
-        let mut mix = FxMix(0);
-        id.hash(&mut mix);
-        &self.shards[(mix.finish() >> 60) as usize % SHARDS]
+/// The `u64` inside a tokio task id (its `Hash` writes exactly that number).
+fn raw_id(id: Id) -> u64 {
+    #[derive(Default)]
+    struct Capture(u64);
+    impl Hasher for Capture {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for b in bytes {
+                self.0 = (self.0 << 8) | u64::from(*b);
+            }
+        }
+        fn write_u64(&mut self, n: u64) {
+            self.0 = n;
+        }
     }
+    let mut capture = Capture::default();
+    id.hash(&mut capture);
+    capture.finish()
+}
 
-    fn insert(&self, id: Id, session: AnySession) {
-        let old = self.shard(id).lock().insert(id, session);
-        if old.is_none() {
-            // Relaxed: a hint for the fast path; the map itself is behind the lock.
-            self.len.fetch_add(1, Ordering::Relaxed);
-        }
-        drop(old);
-    }
-
-    fn get(&self, id: Id) -> Option<AnySession> {
-        if self.len.load(Ordering::Relaxed) == 0 {
-            return None;
-        }
-        self.shard(id).lock().get(&id).cloned()
-    }
-
-    fn remove(&self, id: Id) -> Option<AnySession> {
-        if self.len.load(Ordering::Relaxed) == 0 {
-            return None;
-        }
-        let removed = self.shard(id).lock().remove(&id);
-        if removed.is_some() {
-            self.len.fetch_sub(1, Ordering::Relaxed);
-        }
-        removed
+/// Drops a session that left the table, where its `Drop` (user code) must not unwind into
+/// tokio.
+fn drop_caught(session: Option<AnySession>) {
+    if session.is_some() && catch_unwind(AssertUnwindSafe(move || drop(session))).is_err() {
+        HOOK_DROP_PANICS.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-/// A tiny multiplicative hasher for task ids (sequential `u64`s).
-#[derive(Default)]
-struct FxMix(u64);
-
-impl std::hash::Hasher for FxMix {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
+/// The sink that records a task's bindings in its entry.
+fn record(id: u64, session: Option<&AnySession>) -> Option<AnySession> {
+    TABLE.rebind(id, session)
 }
 
 fn on_spawn(meta: &TaskMeta<'_>) {
-    // Runs on the spawning thread: its slot holds the spawner's session (a task's, installed
-    // by `on_before_poll`, or whatever the calling thread bound).
-    if let Some(session) = localsession_std::flow_session() {
-        TASKS.insert(meta.id(), session);
-    }
+    // Runs on the spawning thread: its slot holds the spawner's session (a task's, installed by
+    // `on_before_poll`, or whatever the calling thread bound).
+    let id = raw_id(meta.id());
+    let inherited = catch_unwind(localsession_std::flow_session).unwrap_or(None);
+    drop_caught(TABLE.spawned(id, inherited));
 }
 
 fn on_before_poll(meta: &TaskMeta<'_>) {
-    let id = meta.id();
-    // The entry stays in the table during the poll (the worker gets a clone): tokio runs
-    // `on_after_poll` only after the task is idle again, so another worker may already poll it
-    // (woken by a timer or a child) before this worker's `on_after_poll` ran — it must still
-    // find the session.
-    // Install (a clone of) the task's session — or none: a worker must not lend the previous
-    // task's, nor the `block_on` caller's — keeping what was there for `on_after_poll`.
-    let mut previous = TASKS.get(id);
-    let installed = previous.as_ref().map(AnySession::identity);
-    if !THREAD_STORE.swap_in_place(&mut previous) {
-        previous = None;
+    let id = raw_id(meta.id());
+    let mut session = TABLE.session(id);
+    // The outer poll's sink (nested polls) must not see this task's installation.
+    let outer_sink = THREAD_STORE.set_bind_sink(None);
+    if !THREAD_STORE.swap_in_place(&mut session) {
+        // Thread teardown: nothing can be installed; the clone is not the last reference.
+        THREAD_STORE.set_bind_sink(outer_sink);
+        drop_caught(session);
+        return;
     }
-    POLLING.with(|p| {
-        let older = p.replace(Some(Polling { id, installed, previous, terminated: false }));
-        debug_assert!(older.is_none(), "task polls do not nest on one thread");
-        drop(older);
+    let frame = Frame { id, previous: session, outer_sink };
+    if let Err(frame) = push_frame(frame) {
+        // The frame stack is gone (teardown) or busy: undo, so that the slot is not left
+        // holding the task's session.
+        let mut previous = frame.previous;
+        THREAD_STORE.swap_in_place(&mut previous);
+        THREAD_STORE.set_bind_sink(frame.outer_sink);
+        drop_caught(previous);
+        return;
+    }
+    THREAD_STORE.set_bind_sink(Some(BindSink { unit: id, record }));
+}
+
+fn push_frame(frame: Frame) -> Result<(), Frame> {
+    let mut frame = Some(frame);
+    let pushed = FRAMES.try_with(|frames| match frames.try_borrow_mut() {
+        Ok(mut frames) => {
+            frames.push(frame.take().expect("pushed once"));
+            true
+        }
+        Err(_) => false,
     });
+    match (pushed, frame) {
+        (Ok(true), _) => Ok(()),
+        (_, Some(frame)) => Err(frame),
+        (_, None) => Ok(()),
+    }
+}
+
+/// Pops the frame of task `id` (the innermost one; frames are strictly nested per thread).
+fn pop_frame(id: u64) -> Option<Frame> {
+    FRAMES
+        .try_with(|frames| {
+            let mut frames = frames.try_borrow_mut().ok()?;
+            match frames.last() {
+                Some(top) if top.id == id => frames.pop(),
+                _ => None,
+            }
+        })
+        .ok()
+        .flatten()
 }
 
 fn on_after_poll(meta: &TaskMeta<'_>) {
-    let Some(mut polling) = POLLING.with(|p| p.take()) else { return };
-    let mut after = polling.previous.take();
-    if !THREAD_STORE.swap_in_place(&mut after) {
-        after = None;
-    }
-    if polling.terminated || polling.id != meta.id() {
-        // The task ended during this poll (tokio fires `on_task_terminate` before
-        // `on_after_task_poll`): its entry is gone and must stay gone.
-        return;
-    }
-    let changed = after.as_ref().map(AnySession::identity) != polling.installed;
-    if changed {
-        // The task bound (or unbound) a session during the poll: that is its session now.
-        match after {
-            Some(session) => TASKS.insert(meta.id(), session),
-            None => drop(TASKS.remove(meta.id())),
-        }
-    }
+    let id = raw_id(meta.id());
+    let Some(frame) = pop_frame(id) else { return };
+    THREAD_STORE.set_bind_sink(None);
+    let mut installed = frame.previous;
+    THREAD_STORE.swap_in_place(&mut installed);
+    THREAD_STORE.set_bind_sink(frame.outer_sink);
+    // Usually a clone whose entry still holds the session; the last reference only if the task
+    // ended on another worker before this (late) hook ran.
+    drop_caught(installed);
 }
 
 fn on_terminate(meta: &TaskMeta<'_>) {
-    let id = meta.id();
-    // If this thread is polling the task right now, `on_after_poll` must not put it back.
-    POLLING.with(|p| {
-        if let Some(polling) = p.take() {
-            let ending = polling.id == id;
-            p.set(Some(Polling { terminated: polling.terminated || ending, ..polling }));
-        }
-    });
-    // Tasks the hooks never saw spawn (runtime internals, `spawn_blocking`) have no entry.
-    drop(TASKS.remove(id));
+    let id = raw_id(meta.id());
+    let session = TABLE.terminated(id);
+    // Inside the task's final poll on this thread: take its session out of the slot now, so
+    // that the after-poll hook has nothing to drop. The slot gets the pre-poll content back
+    // when that hook runs.
+    let polling_it = FRAMES
+        .try_with(|frames| frames.try_borrow().is_ok_and(|f| f.last().is_some_and(|top| top.id == id)))
+        .unwrap_or(false);
+    let mut in_slot = None;
+    if polling_it {
+        THREAD_STORE.set_bind_sink(None);
+        THREAD_STORE.swap_in_place(&mut in_slot);
+    }
+    drop_caught(session);
+    drop_caught(in_slot);
 }
 
-/// Installs the implicit-inheritance hooks on a tokio runtime builder (see the module docs).
+type Hook = Arc<dyn Fn(&TaskMeta<'_>) + Send + Sync>;
+
+/// Implicit sessions for a tokio runtime builder, composed with task hooks of your own.
+///
+/// tokio keeps one hook of each kind per builder, so installing implicit sessions replaces the
+/// `on_task_spawn`, `on_before_task_poll`, `on_after_task_poll` and `on_task_terminate` hooks
+/// set before. Give yours here instead: they run after this crate's spawn and before-poll hooks
+/// (so they see the task's session) and before its after-poll and terminate hooks.
+///
+/// # Examples
+/// ```
+/// # #[cfg(tokio_unstable)] {
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use std::sync::Arc;
+/// use localsession_core::SessionMap;
+/// use localsession_std::{current, scope};
+/// use localsession_tokio::ImplicitSessions;
+///
+/// let polls_with_session = Arc::new(AtomicUsize::new(0));
+/// let counter = polls_with_session.clone();
+/// let mut builder = tokio::runtime::Builder::new_current_thread();
+/// ImplicitSessions::new()
+///     .on_before_task_poll(move |_| {
+///         if current().is_some() {
+///             counter.fetch_add(1, Ordering::Relaxed);
+///         }
+///     })
+///     .install(builder.enable_all());
+/// let rt = builder.build().unwrap();
+/// rt.block_on(async {
+///     scope(SessionMap::new(), || tokio::spawn(async {})).await.unwrap();
+/// });
+/// assert!(polls_with_session.load(Ordering::Relaxed) >= 1);
+/// # }
+/// ```
+#[derive(Clone, Default)]
+pub struct ImplicitSessions {
+    spawn: Option<Hook>,
+    before_poll: Option<Hook>,
+    after_poll: Option<Hook>,
+    terminate: Option<Hook>,
+    sweep_every: Option<Duration>,
+}
+
+impl ImplicitSessions {
+    /// Implicit sessions with no hooks of your own and no periodic sweep.
+    ///
+    /// # Examples
+    /// ```
+    /// # #[cfg(tokio_unstable)] {
+    /// let mut builder = tokio::runtime::Builder::new_multi_thread();
+    /// localsession_tokio::ImplicitSessions::new().install(builder.worker_threads(2).enable_all());
+    /// let rt = builder.build().unwrap();
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn new() -> ImplicitSessions {
+        ImplicitSessions::default()
+    }
+
+    /// Your `on_task_spawn` hook, run after this crate's.
+    ///
+    /// # Examples
+    /// ```
+    /// # #[cfg(tokio_unstable)] {
+    /// let hooks = localsession_tokio::ImplicitSessions::new().on_task_spawn(|meta| {
+    ///     let _ = meta.id();
+    /// });
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn on_task_spawn(mut self, f: impl Fn(&TaskMeta<'_>) + Send + Sync + 'static) -> Self {
+        self.spawn = Some(Arc::new(f));
+        self
+    }
+
+    /// Your `on_before_task_poll` hook, run after this crate's (the task's session is current).
+    ///
+    /// # Examples
+    /// ```
+    /// # #[cfg(tokio_unstable)] {
+    /// let hooks = localsession_tokio::ImplicitSessions::new().on_before_task_poll(|_| {});
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn on_before_task_poll(mut self, f: impl Fn(&TaskMeta<'_>) + Send + Sync + 'static) -> Self {
+        self.before_poll = Some(Arc::new(f));
+        self
+    }
+
+    /// Your `on_after_task_poll` hook, run before this crate's (the task's session is current).
+    ///
+    /// # Examples
+    /// ```
+    /// # #[cfg(tokio_unstable)] {
+    /// let hooks = localsession_tokio::ImplicitSessions::new().on_after_task_poll(|_| {});
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn on_after_task_poll(mut self, f: impl Fn(&TaskMeta<'_>) + Send + Sync + 'static) -> Self {
+        self.after_poll = Some(Arc::new(f));
+        self
+    }
+
+    /// Your `on_task_terminate` hook, run before this crate's.
+    ///
+    /// # Examples
+    /// ```
+    /// # #[cfg(tokio_unstable)] {
+    /// let hooks = localsession_tokio::ImplicitSessions::new().on_task_terminate(|_| {});
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn on_task_terminate(mut self, f: impl Fn(&TaskMeta<'_>) + Send + Sync + 'static) -> Self {
+        self.terminate = Some(Arc::new(f));
+        self
+    }
+
+    /// Sweeps ended sessions out of live tasks' entries every `interval` (Go's GC interval) on
+    /// a background thread, which stops once the runtime built with these hooks is dropped.
+    ///
+    /// # Examples
+    /// ```
+    /// # #[cfg(tokio_unstable)] {
+    /// use std::time::Duration;
+    /// let mut builder = tokio::runtime::Builder::new_current_thread();
+    /// localsession_tokio::ImplicitSessions::new().sweep_every(Duration::from_secs(60)).install(&mut builder);
+    /// drop(builder.build().unwrap()); // the sweeper stops at its next wake-up
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn sweep_every(mut self, interval: Duration) -> Self {
+        self.sweep_every = Some(interval);
+        self
+    }
+
+    /// Installs the hooks on `builder` (replacing task hooks set on it before).
+    ///
+    /// # Examples
+    /// ```
+    /// # #[cfg(tokio_unstable)] {
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::{current, scope};
+    /// let mut builder = tokio::runtime::Builder::new_current_thread();
+    /// localsession_tokio::ImplicitSessions::new().install(&mut builder);
+    /// let rt = builder.build().unwrap();
+    /// let seen = rt.block_on(async { scope(SessionMap::new(), || tokio::spawn(async { current().is_some() })).await });
+    /// assert!(seen.unwrap());
+    /// # }
+    /// ```
+    pub fn install(self, builder: &mut Builder) -> &mut Builder {
+        // The hooks own `alive`; the sweeper holds a `Weak` and stops when the runtime (and with
+        // it the hooks) is dropped.
+        let alive = Arc::new(());
+        if let Some(interval) = self.sweep_every {
+            let weak = Arc::downgrade(&alive);
+            let _ = std::thread::Builder::new()
+                .name("localsession-implicit-sweep".into())
+                .spawn(move || sweeper(&weak, interval));
+        }
+        let ImplicitSessions { spawn, before_poll, after_poll, terminate, .. } = self;
+        let keep = alive.clone();
+        builder
+            .on_task_spawn(move |meta| {
+                let _ = &keep;
+                on_spawn(meta);
+                if let Some(f) = &spawn {
+                    f(meta);
+                }
+            })
+            .on_before_task_poll(move |meta| {
+                on_before_poll(meta);
+                if let Some(f) = &before_poll {
+                    f(meta);
+                }
+            })
+            .on_after_task_poll(move |meta| {
+                if let Some(f) = &after_poll {
+                    f(meta);
+                }
+                on_after_poll(meta);
+            })
+            .on_task_terminate(move |meta| {
+                let _ = &alive;
+                if let Some(f) = &terminate {
+                    f(meta);
+                }
+                on_terminate(meta);
+            })
+    }
+}
+
+impl fmt::Debug for ImplicitSessions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ImplicitSessions")
+            .field("on_task_spawn", &self.spawn.is_some())
+            .field("on_before_task_poll", &self.before_poll.is_some())
+            .field("on_after_task_poll", &self.after_poll.is_some())
+            .field("on_task_terminate", &self.terminate.is_some())
+            .field("sweep_every", &self.sweep_every)
+            .finish()
+    }
+}
+
+fn sweeper(alive: &Weak<()>, interval: Duration) {
+    loop {
+        std::thread::park_timeout(interval);
+        if alive.strong_count() == 0 {
+            return;
+        }
+        sweep_ended_sessions();
+    }
+}
+
+/// Installs the implicit-inheritance hooks on a tokio runtime builder (see the module docs);
+/// `ImplicitSessions::new().install(builder)`. Replaces task hooks set on `builder` before: to
+/// keep your own, use [`ImplicitSessions`].
 ///
 /// # Examples
 /// ```
@@ -242,11 +480,44 @@ fn on_terminate(meta: &TaskMeta<'_>) {
 /// # }
 /// ```
 pub fn enable_implicit_sessions(builder: &mut Builder) -> &mut Builder {
-    builder
-        .on_task_spawn(on_spawn)
-        .on_before_task_poll(on_before_poll)
-        .on_after_task_poll(on_after_poll)
-        .on_task_terminate(on_terminate)
+    ImplicitSessions::new().install(builder)
+}
+
+/// Clears ended sessions (no longer [valid](AnySession::is_valid): disabled, expired, or their
+/// context cancelled) out of the entries of tasks that are still alive, and returns how many
+/// were cleared. Those tasks run without a session from their next poll on. Custom sessions'
+/// `is_valid` runs here, on the calling thread; one that panics counts as valid.
+///
+/// # Examples
+/// ```
+/// # #[cfg(tokio_unstable)] {
+/// use localsession_core::SessionMap;
+/// use localsession_std::{current, scope};
+/// let mut builder = tokio::runtime::Builder::new_current_thread();
+/// let rt = localsession_tokio::enable_implicit_sessions(builder.enable_all()).build().unwrap();
+/// rt.block_on(async {
+///     let request = SessionMap::new();
+///     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+///     // A long-lived task spawned inside the request: it inherits the request's session.
+///     let worker = scope(request.clone(), || tokio::spawn(async move {
+///         rx.await.unwrap();
+///         current().is_none()
+///     }));
+///     tokio::task::yield_now().await;
+///     request.disable(); // the request ends
+///     assert_eq!(localsession_tokio::sweep_ended_sessions(), 1);
+///     tx.send(()).unwrap();
+///     assert!(worker.await.unwrap()); // the worker no longer carries the request's session
+/// });
+/// # }
+/// ```
+pub fn sweep_ended_sessions() -> usize {
+    let cleared = TABLE.sweep(|s| catch_unwind(AssertUnwindSafe(|| s.is_valid())).unwrap_or(true));
+    let n = cleared.len();
+    for session in cleared {
+        drop_caught(Some(session));
+    }
+    n
 }
 
 /// Tasks that currently hold a session in the implicit table (for leak tests and metrics).
@@ -259,5 +530,32 @@ pub fn enable_implicit_sessions(builder: &mut Builder) -> &mut Builder {
 /// ```
 #[must_use]
 pub fn implicit_task_sessions() -> usize {
-    TASKS.len.load(Ordering::Relaxed)
+    TABLE.sessions()
+}
+
+/// Tasks the implicit table knows (spawned through hooked runtimes and not yet terminated),
+/// with or without a session.
+///
+/// # Examples
+/// ```
+/// # #[cfg(tokio_unstable)] {
+/// assert_eq!(localsession_tokio::implicit_tasks(), 0);
+/// # }
+/// ```
+#[must_use]
+pub fn implicit_tasks() -> usize {
+    TABLE.tasks()
+}
+
+/// Session drops inside hooks whose `Drop` panicked (caught, so the runtime lived on).
+///
+/// # Examples
+/// ```
+/// # #[cfg(tokio_unstable)] {
+/// assert_eq!(localsession_tokio::hook_drop_panics(), 0);
+/// # }
+/// ```
+#[must_use]
+pub fn hook_drop_panics() -> usize {
+    HOOK_DROP_PANICS.load(Ordering::Relaxed)
 }

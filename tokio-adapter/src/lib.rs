@@ -44,7 +44,10 @@ pub mod tower;
 pub use clock::{TOKIO_CLOCK, TokioClock};
 pub use explicit::{FutureExt, JoinSetExt, spawn, spawn_blocking, spawn_local, spawn_with};
 #[cfg(tokio_unstable)]
-pub use implicit::{enable_implicit_sessions, implicit_task_sessions};
+pub use implicit::{
+    ImplicitSessions, enable_implicit_sessions, hook_drop_panics, implicit_task_sessions, implicit_tasks,
+    sweep_ended_sessions,
+};
 
 use localsession_core::config::ManagerOptions;
 
