@@ -10,7 +10,9 @@
 //! - `shard_number` and `gc_interval` configure [`ShardedManager`](crate::ShardedManager)s
 //!   made with [`ShardedManager::from_default_options`](crate::ShardedManager::from_default_options),
 //!   for executors that key sessions by task id;
-//! - `implicit_transmit` is read by the tokio adapter's runtime builder; std threads have no
+//! - `implicit_transmit` is read by `localsession_tokio::runtime_builder` /
+//!   `apply_manager_options`, which install the implicit-mode task hooks (and sweep ended
+//!   sessions every `gc_interval`), or fail if tokio's hooks are unavailable; std threads have no
 //!   spawn hook, so [`go`](crate::go) is the way to hand a session to a new thread.
 //!
 //! As in Go, a session stays bound — and visible to `current()` — after it is disabled, until it

@@ -38,6 +38,7 @@ mod clock;
 mod explicit;
 #[cfg(tokio_unstable)]
 pub mod implicit;
+mod runtime;
 #[cfg(feature = "tower")]
 pub mod tower;
 
@@ -48,6 +49,7 @@ pub use implicit::{
     ImplicitSessions, enable_implicit_sessions, hook_drop_panics, implicit_task_sessions, implicit_tasks,
     sweep_ended_sessions,
 };
+pub use runtime::{ImplicitUnavailableError, apply_manager_options, runtime_builder};
 
 use localsession_core::config::ManagerOptions;
 
