@@ -291,19 +291,21 @@ impl ServerBackupLayer {
     /// # Examples
     /// ```
     /// use std::convert::Infallible;
+    /// use std::sync::OnceLock;
     /// use http::{Request, Response};
-    /// use localsession_core::SessionCtx;
+    /// use localsession_core::AnySession;
     /// use localsession_tokio::tower::ServerBackupLayer;
     /// use tower::{Layer, ServiceExt};
     ///
+    /// static KEPT: OnceLock<AnySession> = OnceLock::new(); // e.g. captured by a follow-up task
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let handler = tower::service_fn(|_req: Request<String>| async {
-    ///     let session = localsession_std::current().unwrap(); // e.g. captured by a follow-up task
-    ///     Ok::<_, Infallible>(Response::new(session))
+    ///     KEPT.get_or_init(|| localsession_std::current().unwrap());
+    ///     Ok::<_, Infallible>(Response::new(String::new()))
     /// });
     /// let svc = ServerBackupLayer::new().keep_alive().layer(handler);
-    /// let session = svc.oneshot(Request::new(String::new())).await.unwrap().into_body();
-    /// assert!(session.is_valid()); // not ended with the response
+    /// svc.oneshot(Request::new(String::new())).await.unwrap();
+    /// assert!(KEPT.get().unwrap().is_valid()); // not ended with the response
     /// # }
     /// ```
     #[must_use]
@@ -317,17 +319,22 @@ impl ServerBackupLayer {
     /// # Examples
     /// ```
     /// use std::convert::Infallible;
+    /// use std::sync::OnceLock;
     /// use http::{Request, Response};
+    /// use localsession_core::AnySession;
     /// use localsession_tokio::tower::ServerBackupLayer;
     /// use tower::{Layer, ServiceExt};
     ///
+    /// static KEPT: OnceLock<AnySession> = OnceLock::new(); // e.g. captured by a leftover task
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let handler = tower::service_fn(|_req: Request<String>| async {
-    ///     Ok::<_, Infallible>(Response::new(localsession_std::current().unwrap()))
+    ///     KEPT.get_or_init(|| localsession_std::current().unwrap());
+    ///     Ok::<_, Infallible>(Response::new(String::new()))
     /// });
     /// let svc = ServerBackupLayer::new().end_with_response(true).layer(handler);
-    /// let session = svc.oneshot(Request::new(String::new())).await.unwrap().into_body();
-    /// assert!(!session.is_valid()); // ended with the response: leftovers cannot use it
+    /// svc.oneshot(Request::new(String::new())).await.unwrap();
+    /// assert!(!KEPT.get().unwrap().is_valid()); // ended with the response: leftovers cannot use it
+    /// assert!(localsession_core::backed_up_ctx().is_none());
     /// # }
     /// ```
     #[must_use]
