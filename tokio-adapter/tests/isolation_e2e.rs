@@ -9,7 +9,11 @@
 //!   pattern `Buffer::pair` + `spawn_without_session(worker)`;
 //! - `pooled`: hyper-util's pooled client with `NoSessionExecutor`, used directly from handlers.
 //!
-//! `ClientBackupLayer` sits outside the buffers: headers are written in the calling task.
+//! `ClientBackupLayer` sits outside the buffers: headers are written in the calling task. Every
+//! hyper-util client uses `NoSessionExecutor`: even behind a buffer, hyper-util's response
+//! future — which opens connections and spawns their tasks — is polled in the calling request's
+//! task, so with `TokioExecutor` (in implicit mode) pooled connection tasks would keep that
+//! request's session (the `tokio_unstable` check of `implicit_task_sessions` catches that).
 //!
 //! With `--cfg tokio_unstable` the runtimes run the implicit hooks too (plain `tokio::spawn`
 //! inherits), and one more test shows the hazard those hooks create — a buffer worker spawned
@@ -43,6 +47,14 @@ type Buffered = ClientBackup<Buffer<Request<Body>, ResponseFuture>, Recover>;
 const REQUESTS: usize = 1_000;
 /// Wall-time cap of one load run (debug builds): fails instead of hanging.
 const LOAD_CAP: Duration = Duration::from_secs(60);
+
+/// The live-session count and the implicit task table are process-wide: the tests of this file
+/// run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 fn recover(_prev: &Context, cur: &Context) -> (Context, bool) {
     (cur.clone(), true)
@@ -142,7 +154,7 @@ impl Clients {
     /// Built at startup, outside any request.
     fn new(b: SocketAddr) -> Clients {
         let startup = ClientBackupLayer::new(recover as Recover)
-            .layer(Buffer::new(Client::builder(TokioExecutor::new()).build_http::<Body>(), 64));
+            .layer(Buffer::new(Client::builder(NoSessionExecutor::new()).build_http::<Body>(), 64));
         let pooled = ClientBackupLayer::new(recover as Recover)
             .layer(Client::builder(NoSessionExecutor::new()).build_http::<Body>());
         Clients { b, startup, lazy: OnceLock::new(), pooled }
@@ -152,7 +164,7 @@ impl Clients {
     fn lazy(&self) -> Buffered {
         self.lazy
             .get_or_init(|| {
-                let (svc, worker) = Buffer::pair(Client::builder(TokioExecutor::new()).build_http::<Body>(), 64);
+                let (svc, worker) = Buffer::pair(Client::builder(NoSessionExecutor::new()).build_http::<Body>(), 64);
                 localsession_tokio::spawn_without_session(worker);
                 ClientBackupLayer::new(recover as Recover).layer(svc)
             })
@@ -204,6 +216,7 @@ async fn send(driver: &Client<HttpConnector, Body>, a: SocketAddr, i: usize, cli
 /// arrangements; no request may see or send another's identity, and the live-session count
 /// returns to where it was.
 fn concurrent_requests_never_see_or_send_another_identity(workers: usize) {
+    let _serial = serial();
     runtime(workers).block_on(async {
         let live_before = localsession_std::live_sessions();
         #[cfg(tokio_unstable)]
@@ -266,7 +279,8 @@ fn concurrent_requests_never_see_or_send_another_identity(workers: usize) {
             {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            assert!(localsession_tokio::implicit_task_sessions() <= implicit_before);
+            let after = localsession_tokio::implicit_task_sessions();
+            assert!(after <= implicit_before, "{after} tasks hold a session after the load ({implicit_before} before)");
         }
     });
 }
@@ -328,6 +342,7 @@ async fn serve_unsafe_lazy_buffer(layer: ServerBackupLayer, b: SocketAddr) -> So
 #[cfg(tokio_unstable)]
 #[test]
 fn a_buffer_built_unsafely_inside_a_handler_fails_with_ended_session() {
+    let _serial = serial();
     runtime(2).block_on(async {
         let received = Arc::new(Mutex::new(Vec::new()));
         let b = serve_echo(received.clone()).await;
@@ -349,6 +364,7 @@ fn a_buffer_built_unsafely_inside_a_handler_fails_with_ended_session() {
 #[cfg(tokio_unstable)]
 #[test]
 fn without_the_request_lifecycle_the_leftover_worker_sends_the_first_tenant() {
+    let _serial = serial();
     runtime(2).block_on(async {
         let received = Arc::new(Mutex::new(Vec::new()));
         let b = serve_echo(received.clone()).await;
