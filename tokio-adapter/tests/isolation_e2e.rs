@@ -224,11 +224,9 @@ fn concurrent_requests_never_see_or_send_another_identity(workers: usize) {
         let received = Arc::new(Mutex::new(Vec::new()));
         let b = serve_echo(received.clone()).await;
         let clients = Arc::new(Clients::new(b));
-        let a = serve(
-            ServerBackupLayer::new(),
-            service_fn(move |req: Request<Incoming>| handle_a(clients.clone(), req)),
-        )
-        .await;
+        let a =
+            serve(ServerBackupLayer::new(), service_fn(move |req: Request<Incoming>| handle_a(clients.clone(), req)))
+                .await;
 
         let driver = Client::builder(TokioExecutor::new()).build_http::<Body>();
         let mut load = tokio::task::JoinSet::new();

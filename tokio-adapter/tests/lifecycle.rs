@@ -82,9 +82,9 @@ async fn session_layer_ends_the_session_when_the_response_future_is_dropped() {
 #[tokio::test]
 async fn session_layer_keep_alive_leaves_the_session_valid() {
     let map = SessionMap::new();
-    let svc = layer_of(&map).keep_alive().layer(service_fn(|_req: Request<()>| async {
-        Ok::<_, Infallible>(Response::new(()))
-    }));
+    let svc = layer_of(&map)
+        .keep_alive()
+        .layer(service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) }));
     svc.oneshot(Request::new(())).await.unwrap();
     assert!(map.is_valid());
 }
@@ -164,7 +164,9 @@ async fn client_backup_refuses_to_send_from_an_ended_session() {
     let err = scope(ended, || client.call(Request::new(()))).await.unwrap_err();
     assert!(matches!(err, ClientBackupError::EndedSession(ContextError::Canceled)), "{err}");
     let msg = err.to_string();
-    for part in ["has ended (context canceled)", "outlived the request", "Buffer", "without_flow", "spawn_without_session"] {
+    for part in
+        ["has ended (context canceled)", "outlived the request", "Buffer", "without_flow", "spawn_without_session"]
+    {
         assert!(msg.contains(part), "message lacks {part:?}: {msg}");
     }
     assert_eq!(calls.load(Ordering::SeqCst), 0, "nothing may be sent");
