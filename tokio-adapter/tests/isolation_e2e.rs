@@ -300,7 +300,8 @@ fn concurrent_requests_never_see_or_send_another_identity_4_workers() {
 #[cfg(tokio_unstable)]
 async fn serve_unsafe_lazy_buffer(layer: ServerBackupLayer, b: SocketAddr) -> SocketAddr {
     type Inner = ClientBackup<Pooled, Recover>;
-    let cell: Arc<OnceLock<Buffer<Request<Body>, <Inner as Service<Request<Body>>>::Future>>> = Arc::default();
+    type Unsafe = Buffer<Request<Body>, <Inner as Service<Request<Body>>>::Future>;
+    let cell: Arc<OnceLock<Unsafe>> = Arc::default();
     serve(
         layer,
         service_fn(move |_req: Request<Incoming>| {
