@@ -1,81 +1,147 @@
-//! Spawning OS threads that carry a session: Go's `Go` and `GoSession`.
+//! Spawning OS threads that carry a session: Go's `Go` and `GoSession`; wrapping closures for
+//! pools.
 //!
-//! The new thread binds the session before running `f` and unbinds it when `f` returns or
-//! panics (a guard dropped during unwinding), so a thread from a pool never keeps a request's
-//! session. A panic in `f` reaches the `JoinHandle`, exactly as with `std::thread::spawn`.
+//! A new thread binds the session before running `f` and unbinds it when `f` returns or panics
+//! (a guard dropped during unwinding), so the thread never outlives its job with the session.
+//! A panic in `f` reaches the `JoinHandle`, exactly as with `std::thread::spawn`.
+//!
+//! A wrapped closure ([`in_current_session`], [`with_session`]) may run on a pool thread *or
+//! inline on the caller's thread* (`rayon::join` runs its first closure inline, a job queue may
+//! run a job on the thread that submitted it): it restores exactly what that thread had bound
+//! before, also on panic. A `bind` inside the closure ends with the closure (Go: a goroutine's
+//! binding ends with the goroutine).
 
 use std::io;
 use std::thread::{JoinHandle, Scope, ScopedJoinHandle};
 
-use localsession_core::AnySession;
+use localsession_core::{AnySession, ContextStore};
 
 use crate::store::THREAD_STORE;
 
-/// Binds a session on the current thread for its lifetime on the stack, and unbinds on drop.
-struct ThreadBinding;
+/// What a [`ThreadBinding`] leaves bound when it ends.
+enum After {
+    /// Nothing: the thread was spawned for this closure.
+    Unbind,
+    /// What was bound before, unless the default manager was reset meanwhile (`generation`
+    /// changed): a binding from before a reset must not come back.
+    Restore { previous: Option<AnySession>, generation: u64 },
+}
+
+/// Binds a session on the current thread for its lifetime on the stack; on drop, unbinds or
+/// restores the previous binding (see [`After`]).
+struct ThreadBinding {
+    after: After,
+}
 
 impl ThreadBinding {
-    fn new(session: Option<AnySession>) -> ThreadBinding {
-        // Install exactly `session` (none included): a pool thread may hold a binding that an
-        // earlier job leaked. A failure means teardown, where nothing can be bound.
+    /// On a fresh thread: install `session`, unbind at the end.
+    fn fresh(session: Option<AnySession>) -> ThreadBinding {
+        // Install exactly `session` (none included). A failure means teardown, where nothing
+        // can be bound.
         drop(THREAD_STORE.swap(session));
-        ThreadBinding
+        ThreadBinding { after: After::Unbind }
+    }
+
+    /// On any thread, maybe the caller's: install `session`, restore what was bound at the end.
+    fn inline(session: Option<AnySession>) -> ThreadBinding {
+        let generation = THREAD_STORE.generation();
+        let mut slot = session;
+        let previous = if THREAD_STORE.swap_in_place(&mut slot) { slot } else { None };
+        ThreadBinding { after: After::Restore { previous, generation } }
     }
 }
 
 impl Drop for ThreadBinding {
     fn drop(&mut self) {
-        // Unbind even if `f` bound something else itself (Go: the goroutine's binding ends).
-        drop(THREAD_STORE.swap(None));
+        // Replace whatever is bound now, even if `f` bound something else itself (Go: the
+        // goroutine's binding ends with it).
+        let restored = match &mut self.after {
+            After::Unbind => None,
+            After::Restore { previous, generation } => {
+                let previous = previous.take();
+                if THREAD_STORE.generation() == *generation { previous } else { None }
+            }
+        };
+        // The session `f` ran with comes back here and is dropped outside the slot.
+        drop(THREAD_STORE.swap(restored));
     }
 }
 
-fn wrap<F, T>(session: Option<AnySession>, f: F) -> impl FnOnce() -> T + Send
+/// `f` on a thread spawned for it: `session` bound, nothing bound afterwards.
+fn wrap_fresh<F, T>(session: Option<AnySession>, f: F) -> impl FnOnce() -> T + Send
 where
     F: FnOnce() -> T + Send,
 {
     move || {
-        let _binding = ThreadBinding::new(session);
+        let _binding = ThreadBinding::fresh(session);
         f()
     }
 }
 
-/// Wraps `f` so that it runs with the session current *now*, on whatever thread later calls it,
-/// and leaves that thread with nothing bound afterwards (panic or not). For thread pools and
-/// blocking pools (rayon, `spawn_blocking`, a job queue).
+/// `f` on whatever thread calls it: `session` bound, the previous binding restored afterwards.
+fn wrap_inline<F, T>(session: Option<AnySession>, f: F) -> impl FnOnce() -> T + Send
+where
+    F: FnOnce() -> T + Send,
+{
+    move || {
+        let _binding = ThreadBinding::inline(session);
+        f()
+    }
+}
+
+/// Wraps `f` so that it runs with the session current *now* (none while the flow is suppressed,
+/// see [`without_flow`](crate::without_flow)), on whatever thread later calls it. Afterwards
+/// that thread has exactly what it had bound before (panic or not): a pool thread stays empty,
+/// and a caller that runs the job inline keeps its own session. For thread pools and blocking
+/// pools (rayon, `spawn_blocking`, a job queue).
 ///
 /// # Examples
 /// ```
-/// use localsession_core::{Context, SessionCtx};
+/// use localsession_core::{Context, SessionCtx, SessionMap};
 /// use localsession_std::{current, in_current_session, scope};
 ///
 /// let s = SessionCtx::new(&Context::background()).with_value("job", 4u8);
 /// let job = scope(s, || in_current_session(|| current().unwrap().value_cloned::<u8, _>(&"job")));
 /// let seen = std::thread::spawn(job).join().unwrap(); // a plain thread: the job carries it
 /// assert_eq!(seen, Some(4));
+///
+/// // Run inline (as `rayon::join` runs its first closure), the caller keeps its binding:
+/// let caller = SessionMap::new().with_value("who", "caller");
+/// let who = scope(caller, || {
+///     in_current_session(|| ())(); // the job ran here, with the caller's own session
+///     current().unwrap().value_cloned::<&str, _>(&"who")
+/// });
+/// assert_eq!(who, Some("caller"));
 /// ```
 pub fn in_current_session<F, T>(f: F) -> impl FnOnce() -> T + Send
 where
     F: FnOnce() -> T + Send,
 {
-    wrap(crate::flow_session(), f)
+    wrap_inline(crate::flow_session(), f)
 }
 
-/// Wraps `f` so that it runs with `session` bound (or none), on whatever thread calls it, and
-/// leaves that thread with nothing bound afterwards.
+/// Wraps `f` so that it runs with `session` bound (or none), on whatever thread calls it.
+/// Afterwards that thread has exactly what it had bound before (panic or not).
 ///
 /// # Examples
 /// ```
 /// use localsession_core::SessionMap;
-/// use localsession_std::{current, with_session};
+/// use localsession_std::{current, scope, with_session};
 /// let job = with_session(Some(SessionMap::new().into()), || current().is_some());
 /// assert!(std::thread::spawn(job).join().unwrap());
+///
+/// // Inline with `None`: the closure sees nothing, the caller's session comes back after.
+/// let kept = scope(SessionMap::new(), || {
+///     assert!(with_session(None, || current().is_none())());
+///     current().is_some()
+/// });
+/// assert!(kept);
 /// ```
 pub fn with_session<F, T>(session: Option<AnySession>, f: F) -> impl FnOnce() -> T + Send
 where
     F: FnOnce() -> T + Send,
 {
-    wrap(session, f)
+    wrap_inline(session, f)
 }
 
 /// Spawns a thread that runs `f` with the caller's current session (Go `Go`).
@@ -99,7 +165,7 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    std::thread::spawn(wrap(crate::flow_session(), f))
+    std::thread::spawn(wrap_fresh(crate::flow_session(), f))
 }
 
 /// Spawns a thread that runs `f` with `session` bound (Go `GoSession`).
@@ -121,7 +187,7 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    std::thread::spawn(wrap(Some(session.into()), f))
+    std::thread::spawn(wrap_fresh(Some(session.into()), f))
 }
 
 /// `std::thread::Builder` that hands a session to the new thread.
@@ -266,7 +332,7 @@ impl Builder {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        self.inner.spawn(wrap(Self::resolve(self.session), f))
+        self.inner.spawn(wrap_fresh(Self::resolve(self.session), f))
     }
 
     /// Spawns a scoped thread (see [`std::thread::scope`]).
@@ -294,7 +360,7 @@ impl Builder {
         F: FnOnce() -> T + Send + 'scope,
         T: Send + 'scope,
     {
-        self.inner.spawn_scoped(scope, wrap(Self::resolve(self.session), f))
+        self.inner.spawn_scoped(scope, wrap_fresh(Self::resolve(self.session), f))
     }
 }
 
@@ -368,7 +434,7 @@ impl<'scope, 'env> ScopeExt<'scope> for Scope<'scope, 'env> {
         F: FnOnce() -> T + Send + 'scope,
         T: Send + 'scope,
     {
-        self.spawn(wrap(crate::flow_session(), f))
+        self.spawn(wrap_fresh(crate::flow_session(), f))
     }
 
     fn go_session<F, T>(&'scope self, session: impl Into<AnySession>, f: F) -> ScopedJoinHandle<'scope, T>
@@ -376,6 +442,6 @@ impl<'scope, 'env> ScopeExt<'scope> for Scope<'scope, 'env> {
         F: FnOnce() -> T + Send + 'scope,
         T: Send + 'scope,
     {
-        self.spawn(wrap(Some(session.into()), f))
+        self.spawn(wrap_fresh(Some(session.into()), f))
     }
 }

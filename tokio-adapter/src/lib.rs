@@ -35,7 +35,10 @@
 //! ```
 
 mod clock;
+mod detached;
 mod explicit;
+#[cfg(feature = "hyper")]
+pub mod hyper;
 #[cfg(tokio_unstable)]
 pub mod implicit;
 mod runtime;
@@ -43,6 +46,7 @@ mod runtime;
 pub mod tower;
 
 pub use clock::{TOKIO_CLOCK, TokioClock};
+pub use detached::spawn_without_session;
 pub use explicit::{FutureExt, JoinSetExt, spawn, spawn_blocking, spawn_local, spawn_with};
 #[cfg(tokio_unstable)]
 pub use implicit::{

@@ -6,15 +6,24 @@
 //!   transient values sent by the caller — and backs it up as the request's session
 //!   (`SessionCtx::new(ctx)`, Kitex `BackupCtx`) around every poll of the handler's future, its
 //!   `call`, and its drop; tasks the handler spawns with this crate's helpers (or plain
-//!   `tokio::spawn` in implicit mode) inherit it. The backup is gone when the response future
-//!   completes or is dropped: it only ever lives in the future. The context is also inserted in
-//!   the request's extensions. Malformed metainfo headers are answered with `400 Bad Request`
-//!   and a message naming the header; the handler is not called.
+//!   `tokio::spawn` in implicit mode) inherit it. When the response future completes (`Ok` or
+//!   `Err`) or is dropped before completing (the client went away), the backup is *ended*
+//!   (`SessionCtx::disable`): a task the request left behind (a `tower::buffer::Buffer` worker,
+//!   a pooled connection task, a detached spawn) can no longer use the request's identity —
+//!   [`backed_up_ctx`](localsession_core::backed_up_ctx) returns `None` there and
+//!   [`ClientBackup`] refuses to send. Opt out with
+//!   [`ServerBackupLayer::keep_alive`]. The context is also inserted in the request's
+//!   extensions. Malformed metainfo headers are answered with `400 Bad Request` and a message
+//!   naming the header; the handler is not called.
+//! - [`SessionLayer`]: the same request lifecycle for a session of your own, made from each
+//!   request by your closure (from its headers and extensions).
 //! - [`ClientBackupLayer`]: for each outgoing request, takes the request's [`Context`] (from its
 //!   extensions; `Context::background()` if none), recovers what it lacks from the backup with
 //!   [`recover_ctx_on_demands`] and your handler `(prev, cur) -> (ctx, backup)`, and writes the
 //!   resulting persistent metainfo and this hop's transient metainfo into the request headers.
-//!   Transient values received from upstream are not forwarded (they travel one hop).
+//!   Transient values received from upstream are not forwarded (they travel one hop). If the
+//!   session where the call runs has ended, the call fails with
+//!   [`ClientBackupError::EndedSession`] instead of sending an old request's identity.
 //!
 //! Header keys are lower-cased (HTTP header names are case-insensitive).
 //!
@@ -50,7 +59,7 @@ use std::task::{Context as TaskContext, Poll};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use localsession_core::{Context, MetaInfo, SessionCtx, WithSession, recover_ctx_on_demands};
+use localsession_core::{AnySession, Context, ContextError, MetaInfo, SessionCtx, WithSession, recover_ctx_on_demands};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -234,8 +243,16 @@ pub fn write_metainfo_headers(meta: &MetaInfo, headers: &mut HeaderMap) -> Resul
 /// assert_eq!(svc.call(req).await.unwrap().into_body(), "acme");
 /// # }
 /// ```
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ServerBackupLayer(());
+#[derive(Debug, Clone, Copy)]
+pub struct ServerBackupLayer {
+    end_with_response: bool,
+}
+
+impl Default for ServerBackupLayer {
+    fn default() -> Self {
+        ServerBackupLayer::new()
+    }
+}
 
 impl ServerBackupLayer {
     /// The layer.
@@ -260,14 +277,76 @@ impl ServerBackupLayer {
     /// ```
     #[must_use]
     pub fn new() -> Self {
-        ServerBackupLayer(())
+        ServerBackupLayer { end_with_response: true }
+    }
+
+    /// Does not end the backup when the response future completes or is dropped: tasks the
+    /// request leaves behind keep a *valid* backup of it (the behaviour before request
+    /// lifecycles). Same as `end_with_response(false)`.
+    ///
+    /// Only for tasks that legitimately continue the request's work after the response (an
+    /// audit write, say); a long-lived worker built inside the handler would then send this
+    /// request's identity on behalf of later requests.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::sync::OnceLock;
+    /// use http::{Request, Response};
+    /// use localsession_core::AnySession;
+    /// use localsession_tokio::tower::ServerBackupLayer;
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// static KEPT: OnceLock<AnySession> = OnceLock::new(); // e.g. captured by a follow-up task
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let handler = tower::service_fn(|_req: Request<String>| async {
+    ///     KEPT.get_or_init(|| localsession_std::current().unwrap());
+    ///     Ok::<_, Infallible>(Response::new(String::new()))
+    /// });
+    /// let svc = ServerBackupLayer::new().keep_alive().layer(handler);
+    /// svc.oneshot(Request::new(String::new())).await.unwrap();
+    /// assert!(KEPT.get().unwrap().is_valid()); // not ended with the response
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn keep_alive(self) -> Self {
+        self.end_with_response(false)
+    }
+
+    /// Whether the backup ends (is disabled) when the response future completes (`Ok` or
+    /// `Err`) or is dropped before completing. `true` by default.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::sync::OnceLock;
+    /// use http::{Request, Response};
+    /// use localsession_core::AnySession;
+    /// use localsession_tokio::tower::ServerBackupLayer;
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// static KEPT: OnceLock<AnySession> = OnceLock::new(); // e.g. captured by a leftover task
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let handler = tower::service_fn(|_req: Request<String>| async {
+    ///     KEPT.get_or_init(|| localsession_std::current().unwrap());
+    ///     Ok::<_, Infallible>(Response::new(String::new()))
+    /// });
+    /// let svc = ServerBackupLayer::new().end_with_response(true).layer(handler);
+    /// svc.oneshot(Request::new(String::new())).await.unwrap();
+    /// assert!(!KEPT.get().unwrap().is_valid()); // ended with the response: leftovers cannot use it
+    /// assert!(localsession_core::backed_up_ctx().is_none());
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn end_with_response(self, end: bool) -> Self {
+        ServerBackupLayer { end_with_response: end }
     }
 }
 
 impl<S> Layer<S> for ServerBackupLayer {
     type Service = ServerBackup<S>;
     fn layer(&self, inner: S) -> ServerBackup<S> {
-        ServerBackup { inner }
+        ServerBackup { inner, end_with_response: self.end_with_response }
     }
 }
 
@@ -293,6 +372,7 @@ impl<S> Layer<S> for ServerBackupLayer {
 #[derive(Debug, Clone)]
 pub struct ServerBackup<S> {
     inner: S,
+    end_with_response: bool,
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ServerBackup<S>
@@ -314,14 +394,18 @@ where
             Err(e) => {
                 let mut resp = Response::new(ResBody::from(e.to_string()));
                 *resp.status_mut() = StatusCode::BAD_REQUEST;
-                return ServerBackupFuture { state: ServerState::Rejected { response: Some(resp) } };
+                return ServerBackupFuture {
+                    state: ServerState::Rejected { response: Some(resp) },
+                    end: EndSession(None),
+                };
             }
         };
         let ctx = MetaInfo::attach(&Context::background(), meta);
         req.extensions_mut().insert(ctx.clone());
         let session = SessionCtx::new(&ctx);
         let fut = localsession_std::scope(session.clone(), || self.inner.call(req));
-        ServerBackupFuture { state: ServerState::Inner { fut: fut.with_session(session) } }
+        let end = EndSession(self.end_with_response.then(|| session.clone().into()));
+        ServerBackupFuture { state: ServerState::Inner { fut: fut.with_session(session) }, end }
     }
 }
 
@@ -347,8 +431,10 @@ pin_project_lite::pin_project! {
     /// ```
     #[derive(Debug)]
     pub struct ServerBackupFuture<F, B> {
+        // Declared first: dropped (with the backup bound) before `end` disables the backup.
         #[pin]
         state: ServerState<F, B>,
+        end: EndSession,
     }
 }
 
@@ -370,8 +456,13 @@ where
     type Output = Result<Response<B>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            ServerStateProj::Inner { fut } => fut.poll(cx),
+        let this = self.project();
+        match this.state.project() {
+            ServerStateProj::Inner { fut } => {
+                let out = std::task::ready!(fut.poll(cx));
+                this.end.end();
+                Poll::Ready(out)
+            }
             ServerStateProj::Rejected { response } => {
                 Poll::Ready(Ok(response.take().expect("`ServerBackupFuture` polled after completion")))
             }
@@ -499,9 +590,41 @@ pub struct ClientBackup<S, H> {
 /// # }
 /// ```
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum ClientBackupError<E> {
     /// A metainfo key or value cannot be sent as a header.
     Header(HeaderError),
+    /// The session bound where the call runs has ended (disabled when its request completed,
+    /// expired, or cancelled; the cause is given): the client runs in a task that outlived the
+    /// request that created it, and sending would use that old request's identity. Nothing was
+    /// sent.
+    ///
+    /// Typical causes: a `tower::buffer::Buffer` whose worker was spawned inside a handler (in
+    /// implicit mode a plain `tokio::spawn` inherits the handler's session), or a pooled
+    /// connection task spawned during a request. Fix: build the client at startup, or inside
+    /// [`localsession_std::without_flow`], or spawn its worker with
+    /// [`spawn_without_session`](crate::spawn_without_session) — and put [`ClientBackupLayer`]
+    /// *outside* the buffer, so that the headers are written in the caller's task.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response};
+    /// use localsession_core::{Context, ContextError, SessionCtx};
+    /// use localsession_tokio::tower::{ClientBackupError, ClientBackupLayer};
+    /// use tower::{Layer, Service};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let transport = tower::service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) });
+    /// let mut client = ClientBackupLayer::new(|_prev: &Context, cur: &Context| (cur.clone(), true)).layer(transport);
+    /// let old_request = SessionCtx::new(&Context::background());
+    /// old_request.disable(); // its request completed
+    /// let err = localsession_std::scope(old_request, || client.call(Request::new(()))).await.unwrap_err();
+    /// assert!(matches!(err, ClientBackupError::EndedSession(ContextError::Canceled)));
+    /// assert!(err.to_string().contains("outlived the request"));
+    /// # }
+    /// ```
+    EndedSession(ContextError),
     /// The inner service's error.
     Inner(E),
 }
@@ -510,6 +633,14 @@ impl<E: fmt::Display> fmt::Display for ClientBackupError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ClientBackupError::Header(e) => write!(f, "cannot send request metainfo: {e}"),
+            ClientBackupError::EndedSession(cause) => write!(
+                f,
+                "refusing to send: the session where this client call runs has ended ({cause}); the client \
+                 runs in a task that outlived the request that created it (e.g. a tower::buffer::Buffer \
+                 worker or a pooled connection task built inside a request handler) and would send that \
+                 request's identity; build the client at startup, or inside localsession_std::without_flow, \
+                 or spawn its worker with localsession_tokio::spawn_without_session"
+            ),
             ClientBackupError::Inner(e) => fmt::Display::fmt(e, f),
         }
     }
@@ -519,6 +650,7 @@ impl<E: std::error::Error + 'static> std::error::Error for ClientBackupError<E> 
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             ClientBackupError::Header(e) => Some(e),
+            ClientBackupError::EndedSession(cause) => Some(cause),
             ClientBackupError::Inner(e) => Some(e),
         }
     }
@@ -538,10 +670,15 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        // An ended session here means a task that outlived its request: fail, never send its
+        // identity (nor silently send none).
+        if let Some(cause) = localsession_core::with_current(|s| s.and_then(AnySession::err)) {
+            return ClientBackupFuture { state: ClientState::Failed { error: Some(ClientFailure::Ended(cause)) } };
+        }
         let cur = req.extensions().get::<Context>().cloned().unwrap_or_default();
         let ctx = recover_ctx_on_demands(&cur, |prev, cur| (self.handler)(prev, cur));
         if let Err(e) = write_metainfo_headers(MetaInfo::of(&ctx), req.headers_mut()) {
-            return ClientBackupFuture { state: ClientState::Failed { error: Some(e) } };
+            return ClientBackupFuture { state: ClientState::Failed { error: Some(ClientFailure::Header(e)) } };
         }
         req.extensions_mut().insert(ctx);
         ClientBackupFuture { state: ClientState::Inner { fut: self.inner.call(req) } }
@@ -583,9 +720,16 @@ pin_project_lite::pin_project! {
     enum ClientState<F> {
         // The inner call.
         Inner { #[pin] fut: F },
-        // The metainfo could not be written; the error is taken when polled.
-        Failed { error: Option<HeaderError> },
+        // The call was refused before reaching the inner service; the error is taken when polled.
+        Failed { error: Option<ClientFailure> },
     }
+}
+
+/// Why [`ClientBackup::call`] refused a request.
+#[derive(Debug)]
+enum ClientFailure {
+    Header(HeaderError),
+    Ended(ContextError),
 }
 
 impl<F, T, E> Future for ClientBackupFuture<F>
@@ -597,9 +741,266 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
             ClientStateProj::Inner { fut } => fut.poll(cx).map(|r| r.map_err(ClientBackupError::Inner)),
-            ClientStateProj::Failed { error } => Poll::Ready(Err(ClientBackupError::Header(
-                error.take().expect("`ClientBackupFuture` polled after completion"),
-            ))),
+            ClientStateProj::Failed { error } => {
+                Poll::Ready(Err(match error.take().expect("`ClientBackupFuture` polled after completion") {
+                    ClientFailure::Header(e) => ClientBackupError::Header(e),
+                    ClientFailure::Ended(cause) => ClientBackupError::EndedSession(cause),
+                }))
+            }
         }
+    }
+}
+
+/// Ends (disables) a request's session when dropped or when [`end`](EndSession::end) is called:
+/// at the completion or the drop of the response future that owns it.
+#[derive(Debug)]
+struct EndSession(Option<AnySession>);
+
+impl EndSession {
+    fn end(&mut self) {
+        if let Some(session) = self.0.take() {
+            session.disable();
+        }
+    }
+}
+
+impl Drop for EndSession {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// Server middleware for a session of your own: `make(&request)` builds each request's session
+/// (from its headers, its extensions, ...), which is bound around the inner service's `call`,
+/// around every poll of its response future and around that future's drop — the request's own
+/// code, and what it spawns with this crate's helpers (or plain `tokio::spawn` in implicit
+/// mode), sees it with no context parameter.
+///
+/// **Request lifecycle.** When the response future completes (`Ok` or `Err`) or is dropped
+/// before completing (the client went away), the session is ended: `disable()` for a
+/// [`SessionCtx`] or a [`SessionMap`](localsession_core::SessionMap), which also invalidates
+/// every session derived from it. A task the request left behind then sees an invalid session,
+/// and [`ClientBackup`] refuses to send from it. A user [`Session`](localsession_core::Session)
+/// (`AnySession::Custom`) has no `disable` in its trait (as in Go) and cannot be ended by this
+/// layer: end it yourself, or build a `SessionMap`/`SessionCtx`. Opt out with
+/// [`keep_alive`](SessionLayer::keep_alive).
+///
+/// # Examples
+/// ```
+/// use std::convert::Infallible;
+/// use http::{Request, Response};
+/// use localsession_core::SessionMap;
+/// use localsession_tokio::tower::SessionLayer;
+/// use tower::{Layer, ServiceExt};
+///
+/// fn tenant() -> String {
+///     // Deep code, no context parameter:
+///     let s = localsession_std::current().unwrap();
+///     s.value_cloned::<String, _>(&"tenant").unwrap_or_default()
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let layer = SessionLayer::new(|req: &Request<String>| {
+///     let tenant = req.headers().get("x-tenant").and_then(|v| v.to_str().ok()).unwrap_or("-");
+///     SessionMap::new().with_value("tenant", tenant.to_owned())
+/// });
+/// let svc = layer.layer(tower::service_fn(|_req: Request<String>| async { Ok::<_, Infallible>(Response::new(tenant())) }));
+/// let req = Request::builder().header("x-tenant", "acme").body(String::new()).unwrap();
+/// assert_eq!(svc.oneshot(req).await.unwrap().into_body(), "acme");
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct SessionLayer<M> {
+    make: M,
+    end_with_response: bool,
+}
+
+impl<M> fmt::Debug for SessionLayer<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionLayer").field("end_with_response", &self.end_with_response).finish_non_exhaustive()
+    }
+}
+
+impl<M> SessionLayer<M> {
+    /// A layer whose requests get the session `make(&request)`, ended with the response.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response};
+    /// use localsession_core::{Context, SessionCtx};
+    /// use localsession_tokio::tower::SessionLayer;
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// #[derive(Clone)]
+    /// struct UserId(u64); // put in the extensions by an authentication layer
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let layer = SessionLayer::new(|req: &Request<()>| {
+    ///     let user = req.extensions().get::<UserId>().map_or(0, |u| u.0);
+    ///     SessionCtx::new(&Context::background()).with_value("user", user)
+    /// });
+    /// let svc = layer.layer(tower::service_fn(|_req: Request<()>| async {
+    ///     let user = localsession_std::current().unwrap().value_cloned::<u64, _>(&"user");
+    ///     Ok::<_, Infallible>(Response::new(user))
+    /// }));
+    /// let mut req = Request::new(());
+    /// req.extensions_mut().insert(UserId(42));
+    /// assert_eq!(svc.oneshot(req).await.unwrap().into_body(), Some(42));
+    /// # }
+    /// ```
+    pub fn new(make: M) -> Self {
+        SessionLayer { make, end_with_response: true }
+    }
+
+    /// Does not end the session with the response (same as `end_with_response(false)`); see
+    /// [`ServerBackupLayer::keep_alive`] for when that is sound.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response};
+    /// use localsession_core::SessionMap;
+    /// use localsession_tokio::tower::SessionLayer;
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let map = SessionMap::new();
+    /// let layer = SessionLayer::new({ let map = map.clone(); move |_: &Request<()>| map.clone() }).keep_alive();
+    /// let svc = layer.layer(tower::service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) }));
+    /// svc.oneshot(Request::new(())).await.unwrap();
+    /// assert!(map.is_valid()); // still usable after the response
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn keep_alive(self) -> Self {
+        self.end_with_response(false)
+    }
+
+    /// Whether the session ends (is disabled) when the response future completes (`Ok` or
+    /// `Err`) or is dropped before completing. `true` by default.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response};
+    /// use localsession_core::SessionMap;
+    /// use localsession_tokio::tower::SessionLayer;
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let map = SessionMap::new();
+    /// let layer = SessionLayer::new({ let map = map.clone(); move |_: &Request<()>| map.clone() }).end_with_response(true);
+    /// let svc = layer.layer(tower::service_fn(|_req: Request<()>| async { Err::<Response<()>, _>("handler failed") }));
+    /// assert!(svc.oneshot(Request::new(())).await.is_err());
+    /// assert!(!map.is_valid()); // ended with the (failed) response
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn end_with_response(self, end: bool) -> Self {
+        SessionLayer { end_with_response: end, ..self }
+    }
+}
+
+impl<S, M: Clone> Layer<S> for SessionLayer<M> {
+    type Service = SessionService<S, M>;
+    fn layer(&self, inner: S) -> SessionService<S, M> {
+        SessionService { inner, make: self.make.clone(), end_with_response: self.end_with_response }
+    }
+}
+
+/// The service made by [`SessionLayer`].
+///
+/// # Examples
+/// ```
+/// use std::convert::Infallible;
+/// use http::{Request, Response};
+/// use localsession_core::SessionMap;
+/// use localsession_tokio::tower::{SessionLayer, SessionService};
+/// use tower::{Layer, Service, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let inner = tower::service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(localsession_std::current().is_some())) });
+/// let mut svc = SessionLayer::new(|_: &Request<()>| SessionMap::new()).layer(inner);
+/// let has_session = svc.ready().await.unwrap().call(Request::new(())).await.unwrap().into_body();
+/// assert!(has_session);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct SessionService<S, M> {
+    inner: S,
+    make: M,
+    end_with_response: bool,
+}
+
+impl<S: fmt::Debug, M> fmt::Debug for SessionService<S, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionService")
+            .field("inner", &self.inner)
+            .field("end_with_response", &self.end_with_response)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, M, Sess, B> Service<Request<B>> for SessionService<S, M>
+where
+    S: Service<Request<B>>,
+    M: Fn(&Request<B>) -> Sess,
+    Sess: Into<AnySession>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = SessionFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let session: AnySession = (self.make)(&req).into();
+        let fut = localsession_std::scope(session.clone(), || self.inner.call(req));
+        let end = EndSession(self.end_with_response.then(|| session.clone()));
+        SessionFuture { fut: fut.with_session(session), end }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`SessionService`]: runs the inner future with the request's
+    /// session bound, and ends the session when it completes or is dropped (unless opted out).
+    ///
+    /// # Examples
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response};
+    /// use localsession_core::SessionMap;
+    /// use localsession_tokio::tower::{SessionFuture, SessionLayer};
+    /// use tower::{Layer, Service};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let map = SessionMap::new();
+    /// let layer = SessionLayer::new({ let map = map.clone(); move |_: &Request<()>| map.clone() });
+    /// let mut svc = layer.layer(tower::service_fn(|_req: Request<()>| std::future::pending::<Result<Response<()>, Infallible>>()));
+    /// let fut: SessionFuture<_> = svc.call(Request::new(()));
+    /// drop(fut); // the client went away before the response
+    /// assert!(!map.is_valid());
+    /// # }
+    /// ```
+    #[derive(Debug)]
+    pub struct SessionFuture<F> {
+        // Declared first: dropped (with the session bound) before `end` disables the session.
+        #[pin]
+        fut: WithSession<F>,
+        end: EndSession,
+    }
+}
+
+impl<F: Future> Future for SessionFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.fut.poll(cx));
+        this.end.end();
+        Poll::Ready(out)
     }
 }
