@@ -110,14 +110,15 @@ fn with_swapped<R>(
 ) -> R {
     let Some(store) = store.or_else(global_store) else { return f() };
     let generation = store.generation();
-    if !store.swap(session) {
+    let Some(token) = store.enter_scope(session) else {
         // The store cannot tell the running unit: run without; the session stays with us.
         return f();
-    }
+    };
     // `session` now holds what the unit had before; the future's session is in the slot.
     struct Restore<'a> {
         store: &'static dyn ContextStore,
         generation: u64,
+        token: u64,
         session: &'a mut Option<AnySession>,
     }
     impl Drop for Restore<'_> {
@@ -128,10 +129,10 @@ fn with_swapped<R>(
             }
             // Swap back: what the slot holds now is the future's session from here on (a
             // `bind` inside the future sticks to it).
-            self.store.swap(self.session);
+            self.store.exit_scope(self.session, self.token);
         }
     }
-    let _restore = Restore { store, generation, session };
+    let _restore = Restore { store, generation, token, session };
     f()
 }
 

@@ -126,6 +126,50 @@ pub trait ContextStore: Send + Sync + 'static {
         0
     }
 
+    /// Opens a scope: exchanges the running unit's session with `*session` like
+    /// [`swap`](ContextStore::swap), for a scope that [`exit_scope`](ContextStore::exit_scope)
+    /// closes on the same unit ([`EnterGuard`], each poll of [`WithSession`](crate::WithSession)).
+    /// Returns a token to pass to `exit_scope`, or `None` (leaving `*session` as it was) if the
+    /// store cannot tell the running unit.
+    ///
+    /// Stores that attach state to a binding — the std adapter tags a binding made inside a
+    /// task of a runtime without hooks with that task, so that other tasks on the thread never
+    /// see it — save it in the token and restore it on exit. The default is `swap` with a token
+    /// of 0.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ContextStore, SessionMap, SingleSlotStore};
+    /// static STORE: SingleSlotStore = SingleSlotStore::new();
+    /// let mut s = Some(SessionMap::new().into());
+    /// let token = STORE.enter_scope(&mut s).unwrap();
+    /// assert!(s.is_none()); // the unit had nothing before
+    /// STORE.exit_scope(&mut s, token);
+    /// assert!(s.is_some()); // the scope's session came back
+    /// ```
+    fn enter_scope(&self, session: &mut Option<AnySession>) -> Option<u64> {
+        self.swap(session).then_some(0)
+    }
+
+    /// Closes a scope opened by [`enter_scope`](ContextStore::enter_scope) with its `token`:
+    /// exchanges the unit's session with `*session` (the binding from before the scope) and
+    /// restores what the token saved.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ContextStore, SessionMap, SingleSlotStore, with_current_in};
+    /// static STORE: SingleSlotStore = SingleSlotStore::new();
+    /// let mut s = Some(SessionMap::new().into());
+    /// let token = STORE.enter_scope(&mut s).unwrap();
+    /// assert!(with_current_in(&STORE, |cur| cur.is_some()));
+    /// STORE.exit_scope(&mut s, token);
+    /// assert!(with_current_in(&STORE, |cur| cur.is_none()));
+    /// ```
+    fn exit_scope(&self, session: &mut Option<AnySession>, token: u64) {
+        let _ = token;
+        self.swap(session);
+    }
+
     /// An epoch guard for reading [`SessionMap`](crate::SessionMap)s, for `no_std` executors
     /// that register a `crossbeam_epoch::LocalHandle` per execution unit. The default (`None`)
     /// makes reads register a handle for their duration. Unused with the `std` feature, which
@@ -391,7 +435,7 @@ pub fn unbind() -> Option<AnySession> {
 pub fn enter(session: impl Into<AnySession>) -> EnterGuard {
     match global_store() {
         Some(store) => enter_in(store, session),
-        None => EnterGuard { store: None, prev: None, generation: 0, _not_send: PhantomData },
+        None => EnterGuard { store: None, prev: None, generation: 0, token: 0, _not_send: PhantomData },
     }
 }
 
@@ -409,10 +453,9 @@ pub fn enter(session: impl Into<AnySession>) -> EnterGuard {
 pub fn enter_in(store: &'static dyn ContextStore, session: impl Into<AnySession>) -> EnterGuard {
     let generation = store.generation();
     let mut slot = Some(session.into());
-    if store.swap(&mut slot) {
-        EnterGuard { store: Some(store), prev: slot, generation, _not_send: PhantomData }
-    } else {
-        EnterGuard { store: None, prev: None, generation: 0, _not_send: PhantomData }
+    match store.enter_scope(&mut slot) {
+        Some(token) => EnterGuard { store: Some(store), prev: slot, generation, token, _not_send: PhantomData },
+        None => EnterGuard { store: None, prev: None, generation: 0, token: 0, _not_send: PhantomData },
     }
 }
 
@@ -458,6 +501,8 @@ pub struct EnterGuard {
     store: Option<&'static dyn ContextStore>,
     prev: Option<AnySession>,
     generation: u64,
+    /// The store's [`enter_scope`](ContextStore::enter_scope) token.
+    token: u64,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -469,7 +514,7 @@ impl Drop for EnterGuard {
             }
             // The session we entered comes back into `prev` and is dropped with the guard,
             // outside the slot.
-            store.swap(&mut self.prev);
+            store.exit_scope(&mut self.prev, self.token);
         }
     }
 }

@@ -49,7 +49,7 @@ pub use manager::{
     reset_default_manager,
 };
 pub use sharded::{ShardedManager, thread_id};
-pub use store::{BindSink, THREAD_STORE, ThreadStore};
+pub use store::{BindSink, THREAD_STORE, ThreadStore, register_task_probe};
 pub use thread::{Builder, ScopeExt, go, go_session, in_current_session, with_session};
 
 pub use localsession_core::config::ManagerOptions;

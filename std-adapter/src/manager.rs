@@ -68,9 +68,16 @@ pub fn default_manager_options() -> ManagerOptions {
 /// ```
 pub fn init_default_manager(opts: ManagerOptions) -> Result<(), InitError> {
     let opts = resolve(opts)?;
-    // Acquire/Relaxed: only one caller proceeds; publication is the Release store below.
-    if STATE.compare_exchange(UNINIT, INITIALIZING, Ordering::Acquire, Ordering::Relaxed).is_err() {
-        return Err(InitError::AlreadyInitialized);
+    // Acquire (both ways): only one caller proceeds, and one that sees `INITIALIZED` sees what
+    // the winner published before its Release store below.
+    while let Err(state) = STATE.compare_exchange(UNINIT, INITIALIZING, Ordering::Acquire, Ordering::Acquire) {
+        if state == INITIALIZED {
+            return Err(InitError::AlreadyInitialized);
+        }
+        // Another thread is initializing: wait for it, so that `AlreadyInitialized` means the
+        // store and the clock are registered (a caller may use `with_timeout` right after).
+        // If it fails, it resets the state and this caller tries.
+        std::thread::yield_now();
     }
     let registered = register_globals();
     if let Err(e) = registered {

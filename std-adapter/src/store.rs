@@ -15,6 +15,7 @@
 //! torn state.
 
 use std::cell::Cell;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use localsession_core::{AnySession, BindError, ContextStore, LocalSlot};
@@ -29,6 +30,9 @@ struct ThreadSlot {
     generation: Cell<u64>,
     /// The running unit that keeps its own record of its binding (see [`BindSink`]).
     sink: Cell<Option<BindSink>>,
+    /// 0 when the binding belongs to the thread; otherwise the task (see [`register_task_probe`])
+    /// that bound it, on a runtime without hooks: only that task sees it.
+    owner: Cell<u64>,
 }
 
 impl Drop for ThreadSlot {
@@ -40,7 +44,9 @@ impl Drop for ThreadSlot {
 
 thread_local! {
     static SLOT: ThreadSlot =
-        const { ThreadSlot { slot: LocalSlot::new(), generation: Cell::new(0), sink: Cell::new(None) } };
+        const {
+        ThreadSlot { slot: LocalSlot::new(), generation: Cell::new(0), sink: Cell::new(None), owner: Cell::new(0) }
+    };
 }
 
 /// Where the bindings of a running unit are recorded besides the thread's slot (see
@@ -134,6 +140,11 @@ impl ThreadStore {
                 drop(stale);
             }
             let f = f.take().expect("called once");
+            let owner = t.owner.get();
+            if owner != 0 && owner != running_task() {
+                // Bound by another task of a runtime without hooks: not this unit's session.
+                return f(None);
+            }
             t.slot.with(f)
         });
         match out {
@@ -182,31 +193,87 @@ impl ThreadStore {
     /// ```
     #[inline]
     pub fn swap_in_place(&self, session: &mut Option<AnySession>) -> bool {
+        self.exchange(session, Owner::Sticky).is_some()
+    }
+
+    /// [`ContextStore::enter_scope`] on this thread: installs `*session` for a scope and returns
+    /// the token that [`exit_scope_in_place`](ThreadStore::exit_scope_in_place) needs (`None`
+    /// during thread teardown). The scope's session is visible to whatever runs on the thread
+    /// during the scope; the token keeps the tag of the binding it replaced.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::{current, THREAD_STORE};
+    /// let mut s = Some(SessionMap::new().into());
+    /// let token = THREAD_STORE.enter_scope_in_place(&mut s).unwrap();
+    /// assert!(current().is_some());
+    /// THREAD_STORE.exit_scope_in_place(&mut s, token);
+    /// assert!(current().is_none() && s.is_some());
+    /// ```
+    #[inline]
+    pub fn enter_scope_in_place(&self, session: &mut Option<AnySession>) -> Option<u64> {
+        self.exchange(session, Owner::Scope)
+    }
+
+    /// Closes a scope opened by [`enter_scope_in_place`](ThreadStore::enter_scope_in_place).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::{current, THREAD_STORE};
+    /// let mut s = Some(SessionMap::new().into());
+    /// let token = THREAD_STORE.enter_scope_in_place(&mut s).unwrap();
+    /// THREAD_STORE.exit_scope_in_place(&mut s, token);
+    /// assert!(current().is_none());
+    /// ```
+    #[inline]
+    pub fn exit_scope_in_place(&self, session: &mut Option<AnySession>, token: u64) {
+        self.exchange(session, Owner::Restore(token));
+    }
+
+    /// Exchanges the slot with `*session`, records the change in the unit's sink, and sets the
+    /// binding's owner tag by `rule`. Returns the previous owner tag (`None` during teardown).
+    #[inline]
+    fn exchange(&self, session: &mut Option<AnySession>, rule: Owner) -> Option<u64> {
         if session.is_some() && !EVER_BOUND.load(Ordering::Relaxed) {
             EVER_BOUND.store(true, Ordering::Relaxed);
         }
-        let recorded = SLOT.try_with(|t| {
+        let outcome = SLOT.try_with(|t| {
             let generation = GENERATION.load(Ordering::Acquire);
             let stale = t.generation.get() != generation;
             t.generation.set(generation);
-            // The unit's own record learns the new binding before the slot does; what the
-            // record held is dropped below, outside the thread-local access.
-            let recorded = t.sink.get().and_then(|sink| (sink.record)(sink.unit, session.as_ref()));
+            let sink = t.sink.get();
+            // While a sink is set the record equals the slot (every change of the slot passes
+            // here), so a swap that installs what the slot already holds — a scope or a
+            // `WithSession` poll restoring the unit's own session — needs no record.
+            let recorded = sink
+                .filter(|_| !t.slot.with(|cur| same(cur, session.as_ref())))
+                .and_then(|sink| (sink.record)(sink.unit, session.as_ref()));
             crate::live::on_bind(session.is_some());
             t.slot.swap(session);
             crate::live::on_unbind(session.is_some());
+            let owner = match rule {
+                // A unit with a sink (a hooked task) is swapped out by its hooks: the binding
+                // needs no tag. Otherwise a binding made inside a task belongs to that task.
+                Owner::Sticky if sink.is_some() => 0,
+                Owner::Sticky => running_task(),
+                Owner::Scope => 0,
+                Owner::Restore(token) => token,
+            };
+            let previous_owner = t.owner.replace(owner);
             if stale {
                 // A binding from before a reset is not handed back.
                 drop(session.take());
             }
-            recorded
+            (recorded, previous_owner)
         });
-        match recorded {
-            Ok(recorded) => {
+        match outcome {
+            Ok((recorded, previous_owner)) => {
                 drop(recorded);
-                true
+                Some(previous_owner)
             }
-            Err(_) => false,
+            Err(_) => None,
         }
     }
 
@@ -259,9 +326,71 @@ impl ContextStore for ThreadStore {
         self.swap_in_place(session)
     }
 
+    #[inline]
+    fn enter_scope(&self, session: &mut Option<AnySession>) -> Option<u64> {
+        self.enter_scope_in_place(session)
+    }
+
+    #[inline]
+    fn exit_scope(&self, session: &mut Option<AnySession>, token: u64) {
+        self.exit_scope_in_place(session, token);
+    }
+
     fn generation(&self) -> u64 {
         // Acquire: as in `with`.
         GENERATION.load(Ordering::Acquire)
+    }
+}
+
+/// How an exchange sets the slot's owner tag.
+#[derive(Clone, Copy)]
+enum Owner {
+    /// A sticky `bind`/`unbind`: the running task's, unless a sink manages the unit.
+    Sticky,
+    /// A scope opens: visible to whatever runs on the thread during it.
+    Scope,
+    /// A scope closes: the tag from before it.
+    Restore(u64),
+}
+
+static TASK_PROBE: OnceLock<fn() -> u64> = OnceLock::new();
+
+/// Registers the function that tells which task of an executor runs on the calling thread
+/// (a non-zero id, unique process-wide) or 0 outside any task. The first registration wins;
+/// returns whether this one did (a second registration of the same function also counts).
+///
+/// With a probe registered, a sticky [`bind`](crate::bind)/[`unbind`](crate::unbind) made
+/// inside a task that no hook or [`BindSink`] manages — a plain task on a tokio runtime built
+/// without the implicit hooks — is *contained*: it is tagged with that task, and
+/// [`current`](crate::current) on the same thread returns `None` to every other task, to the
+/// runtime's `block_on` future and to the thread after the runtime is gone. Such a binding is
+/// the task's only until another task on that worker binds, or the task moves to another
+/// worker: for a session that lasts the task's life, spawn it with one
+/// (`localsession_tokio::spawn_with`, `FutureExt::with_session`) or use implicit mode.
+/// `localsession_tokio::init` and the tokio adapter's spawn helpers register tokio's probe.
+///
+/// # Examples
+/// ```
+/// fn no_tasks_here() -> u64 { 0 }
+/// // A thread outside any task: bindings stay the thread's.
+/// let _ = localsession_std::register_task_probe(no_tasks_here);
+/// ```
+pub fn register_task_probe(probe: fn() -> u64) -> bool {
+    let registered = *TASK_PROBE.get_or_init(|| probe);
+    core::ptr::fn_addr_eq(registered, probe)
+}
+
+/// The task running on this thread (0: none, or no probe registered).
+#[inline]
+fn running_task() -> u64 {
+    TASK_PROBE.get().map_or(0, |probe| probe())
+}
+
+fn same(a: Option<&AnySession>, b: Option<&AnySession>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a.ptr_eq(b),
+        (None, None) => true,
+        _ => false,
     }
 }
 

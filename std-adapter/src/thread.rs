@@ -24,7 +24,7 @@ enum After {
     Unbind,
     /// What was bound before, unless the default manager was reset meanwhile (`generation`
     /// changed): a binding from before a reset must not come back.
-    Restore { previous: Option<AnySession>, generation: u64 },
+    Restore { previous: Option<AnySession>, generation: u64, token: Option<u64> },
 }
 
 /// Binds a session on the current thread for its lifetime on the stack; on drop, unbinds or
@@ -46,8 +46,11 @@ impl ThreadBinding {
     fn inline(session: Option<AnySession>) -> ThreadBinding {
         let generation = THREAD_STORE.generation();
         let mut slot = session;
-        let previous = if THREAD_STORE.swap_in_place(&mut slot) { slot } else { None };
-        ThreadBinding { after: After::Restore { previous, generation } }
+        // A scope: the restore also brings back the previous binding's tag (see
+        // `register_task_probe`).
+        let token = THREAD_STORE.enter_scope_in_place(&mut slot);
+        let previous = if token.is_some() { slot } else { None };
+        ThreadBinding { after: After::Restore { previous, generation, token } }
     }
 }
 
@@ -55,15 +58,23 @@ impl Drop for ThreadBinding {
     fn drop(&mut self) {
         // Replace whatever is bound now, even if `f` bound something else itself (Go: the
         // goroutine's binding ends with it).
-        let restored = match &mut self.after {
-            After::Unbind => None,
-            After::Restore { previous, generation } => {
-                let previous = previous.take();
-                if THREAD_STORE.generation() == *generation { previous } else { None }
+        match &mut self.after {
+            After::Unbind => {
+                // The session `f` ran with comes back here and is dropped outside the slot.
+                drop(THREAD_STORE.swap(None));
             }
-        };
-        // The session `f` ran with comes back here and is dropped outside the slot.
-        drop(THREAD_STORE.swap(restored));
+            After::Restore { previous, generation, token } => {
+                let mut restored = previous.take();
+                if THREAD_STORE.generation() != *generation {
+                    restored = None;
+                }
+                match *token {
+                    Some(token) => THREAD_STORE.exit_scope_in_place(&mut restored, token),
+                    None => drop(THREAD_STORE.swap(restored.take())),
+                }
+                drop(restored);
+            }
+        }
     }
 }
 

@@ -280,8 +280,10 @@ fn tokio_runtime(implicit: bool) -> tokio::runtime::Runtime {
 /// Times `iters` spawn+join rounds from inside a worker task.
 fn spawn_join_rounds(rt: &tokio::runtime::Runtime, iters: u64, kind: SpawnKind) -> Duration {
     rt.block_on(async move {
-        // The measuring task runs with a session (installed around each of its polls).
-        localsession_tokio::spawn_with(session_of_depth(1), async move {
+        // The measuring task runs with a session: installed around each of its polls by
+        // `spawn_with` on the plain runtime, inherited by a plain spawn on the implicit one (how
+        // each mode is used).
+        let measure = async move {
             let start = Instant::now();
             for _ in 0..iters {
                 match kind {
@@ -290,10 +292,19 @@ fn spawn_join_rounds(rt: &tokio::runtime::Runtime, iters: u64, kind: SpawnKind) 
                 };
             }
             start.elapsed()
-        })
-        .await
-        .unwrap()
+        };
+        match kind {
+            SpawnKind::Plain if IMPLICIT_RT.with(std::cell::Cell::get) => {
+                localsession_std::scope(session_of_depth(1), || tokio::spawn(measure)).await.unwrap()
+            }
+            _ => localsession_tokio::spawn_with(session_of_depth(1), measure).await.unwrap(),
+        }
     })
+}
+
+thread_local! {
+    /// Set while the implicit runtime is measured (the measuring task then inherits its session).
+    static IMPLICIT_RT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 #[derive(Clone, Copy)]
@@ -310,9 +321,11 @@ fn p6_tokio_spawn(c: &mut Criterion) {
     #[cfg(tokio_unstable)]
     {
         let rt_implicit = tokio_runtime(true);
+        IMPLICIT_RT.with(|f| f.set(true));
         g.bench_function("implicit", |b| {
             b.iter_custom(|iters| spawn_join_rounds(&rt_implicit, iters, SpawnKind::Plain))
         });
+        IMPLICIT_RT.with(|f| f.set(false));
     }
     drop(rt);
     g.finish();

@@ -33,6 +33,7 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
+    crate::probe::register();
     tokio::spawn(future.in_current_session())
 }
 
@@ -53,6 +54,7 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
+    crate::probe::register();
     tokio::spawn(future.with_session(session))
 }
 
@@ -102,6 +104,7 @@ where
     F: Future + 'static,
     F::Output: 'static,
 {
+    crate::probe::register();
     tokio::task::spawn_local(future.in_current_session())
 }
 

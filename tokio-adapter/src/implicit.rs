@@ -83,7 +83,6 @@
 
 use std::cell::RefCell;
 use std::fmt;
-use std::hash::{Hash, Hasher};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
@@ -91,8 +90,9 @@ use std::time::Duration;
 
 use localsession_core::{AnySession, TaskTable};
 use localsession_std::{BindSink, THREAD_STORE};
+
+use crate::probe::raw_id;
 use tokio::runtime::{Builder, TaskMeta};
-use tokio::task::Id;
 
 /// Every hooked task's session (ids are unique process-wide, so one table serves every runtime).
 static TABLE: LazyLock<TaskTable> = LazyLock::new(TaskTable::new);
@@ -103,6 +103,8 @@ static HOOK_DROP_PANICS: AtomicUsize = AtomicUsize::new(0);
 /// A poll in progress on this thread.
 struct Frame {
     id: u64,
+    /// The store's scope token (the tag of the binding the poll displaced).
+    token: u64,
     /// What the worker's slot held before the poll.
     previous: Option<AnySession>,
     /// The sink of the poll this one is nested in.
@@ -111,28 +113,6 @@ struct Frame {
 
 thread_local! {
     static FRAMES: RefCell<Vec<Frame>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The `u64` inside a tokio task id (its `Hash` writes exactly that number).
-fn raw_id(id: Id) -> u64 {
-    #[derive(Default)]
-    struct Capture(u64);
-    impl Hasher for Capture {
-        fn finish(&self) -> u64 {
-            self.0
-        }
-        fn write(&mut self, bytes: &[u8]) {
-            for b in bytes {
-                self.0 = (self.0 << 8) | u64::from(*b);
-            }
-        }
-        fn write_u64(&mut self, n: u64) {
-            self.0 = n;
-        }
-    }
-    let mut capture = Capture::default();
-    id.hash(&mut capture);
-    capture.finish()
 }
 
 /// Drops a session that left the table, where its `Drop` (user code) must not unwind into
@@ -161,18 +141,18 @@ fn on_before_poll(meta: &TaskMeta<'_>) {
     let mut session = TABLE.session(id);
     // The outer poll's sink (nested polls) must not see this task's installation.
     let outer_sink = THREAD_STORE.set_bind_sink(None);
-    if !THREAD_STORE.swap_in_place(&mut session) {
+    let Some(token) = THREAD_STORE.enter_scope_in_place(&mut session) else {
         // Thread teardown: nothing can be installed; the clone is not the last reference.
         THREAD_STORE.set_bind_sink(outer_sink);
         drop_caught(session);
         return;
-    }
-    let frame = Frame { id, previous: session, outer_sink };
+    };
+    let frame = Frame { id, token, previous: session, outer_sink };
     if let Err(frame) = push_frame(frame) {
         // The frame stack is gone (teardown) or busy: undo, so that the slot is not left
         // holding the task's session.
         let mut previous = frame.previous;
-        THREAD_STORE.swap_in_place(&mut previous);
+        THREAD_STORE.exit_scope_in_place(&mut previous, frame.token);
         THREAD_STORE.set_bind_sink(frame.outer_sink);
         drop_caught(previous);
         return;
@@ -215,7 +195,7 @@ fn on_after_poll(meta: &TaskMeta<'_>) {
     let Some(frame) = pop_frame(id) else { return };
     THREAD_STORE.set_bind_sink(None);
     let mut installed = frame.previous;
-    THREAD_STORE.swap_in_place(&mut installed);
+    THREAD_STORE.exit_scope_in_place(&mut installed, frame.token);
     THREAD_STORE.set_bind_sink(frame.outer_sink);
     // Usually a clone whose entry still holds the session; the last reference only if the task
     // ended on another worker before this (late) hook ran.
@@ -391,6 +371,7 @@ impl ImplicitSessions {
     /// # }
     /// ```
     pub fn install(self, builder: &mut Builder) -> &mut Builder {
+        crate::probe::register();
         // The hooks own `alive`; the sweeper holds a `Weak` and stops when the runtime (and with
         // it the hooks) is dropped.
         let alive = Arc::new(());

@@ -41,6 +41,7 @@ mod explicit;
 pub mod hyper;
 #[cfg(tokio_unstable)]
 pub mod implicit;
+mod probe;
 mod runtime;
 #[cfg(feature = "tower")]
 pub mod tower;
@@ -80,6 +81,7 @@ use localsession_core::config::ManagerOptions;
 /// # }
 /// ```
 pub fn init(opts: ManagerOptions) -> Result<(), localsession_std::InitError> {
+    probe::register();
     localsession_std::register_adapter_clock(&TOKIO_CLOCK)?;
     localsession_std::init_default_manager(opts)
 }

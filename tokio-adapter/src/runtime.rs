@@ -26,6 +26,7 @@ use tokio::runtime::Builder;
 /// let rt = builder.build().unwrap();
 /// ```
 pub fn apply_manager_options(builder: &mut Builder) -> Result<&mut Builder, ImplicitUnavailableError> {
+    crate::probe::register();
     let opts = localsession_std::manager_options().unwrap_or_else(localsession_std::default_manager_options);
     if !opts.implicit_transmit {
         return Ok(builder);
