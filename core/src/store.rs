@@ -131,13 +131,17 @@ pub trait ContextStore: Send + Sync + 'static {
     /// makes reads register a handle for their duration. Unused with the `std` feature, which
     /// uses crossbeam-epoch's default collector.
     ///
+    /// The guard is an [`EpochGuard`], which can only be made by pinning a handle registered
+    /// with this crate's [`collector`]: a guard of any other collector would not hold back the
+    /// reclamation of the chains a read walks.
+    ///
     /// # Examples
     /// ```
     /// use localsession_core::{ContextStore, SingleSlotStore};
     /// static STORE: SingleSlotStore = SingleSlotStore::new();
     /// assert!(STORE.pin_epoch().is_none()); // the default: reads register a handle themselves
     /// ```
-    fn pin_epoch(&self) -> Option<crossbeam_epoch::Guard> {
+    fn pin_epoch(&self) -> Option<EpochGuard> {
         None
     }
 }
@@ -284,6 +288,59 @@ pub fn collector() -> &'static crossbeam_epoch::Collector {
     {
         static COLLECTOR: spin::Once<crossbeam_epoch::Collector> = spin::Once::new();
         COLLECTOR.call_once(crossbeam_epoch::Collector::new)
+    }
+}
+
+/// A pinned epoch guard of this crate's [`collector`]: what
+/// [`ContextStore::pin_epoch`] hands to [`SessionMap`](crate::SessionMap) reads.
+///
+/// It can only be made by [`EpochGuard::pin`], from a handle registered with [`collector`], so
+/// a store cannot make reads pin a collector that the map's writers do not wait for.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{collector, crossbeam_epoch::Collector, EpochGuard};
+/// let handle = collector().register();
+/// assert!(EpochGuard::pin(&handle).is_some());
+/// // A handle of another collector is refused.
+/// assert!(EpochGuard::pin(&Collector::new().register()).is_none());
+/// ```
+pub struct EpochGuard(crossbeam_epoch::Guard);
+
+impl EpochGuard {
+    /// Pins `handle`, if it was registered with [`collector`]; `None` for a handle of any
+    /// other collector.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{collector, EpochGuard};
+    /// let handle = collector().register();
+    /// let guard = EpochGuard::pin(&handle).unwrap();
+    /// assert!(handle.is_pinned());
+    /// drop(guard);
+    /// assert!(!handle.is_pinned());
+    /// ```
+    #[must_use]
+    pub fn pin(handle: &crossbeam_epoch::LocalHandle) -> Option<EpochGuard> {
+        if handle.collector() != collector() {
+            return None;
+        }
+        let guard = handle.pin();
+        // The guard of a handle is of the handle's collector; checked again all the same, since
+        // the map's memory safety rests on it.
+        (guard.collector() == Some(collector())).then_some(EpochGuard(guard))
+    }
+
+    /// The underlying crossbeam guard (pinned in [`collector`]).
+    #[cfg_attr(any(feature = "std", localsession_loom), allow(dead_code))]
+    pub(crate) fn into_inner(self) -> crossbeam_epoch::Guard {
+        self.0
+    }
+}
+
+impl fmt::Debug for EpochGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EpochGuard").finish_non_exhaustive()
     }
 }
 
@@ -691,5 +748,38 @@ impl ContextStore for SingleSlotStore {
 impl fmt::Debug for SingleSlotStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SingleSlotStore").field("set", &self.slot.lock().is_some()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store that tries to make `SessionMap` reads pin a collector of its own.
+    struct ForeignStore;
+
+    impl ContextStore for ForeignStore {
+        fn with_current(&self, f: &mut dyn FnMut(Option<&AnySession>)) {
+            f(None);
+        }
+        fn replace(&self, session: Option<AnySession>) -> Result<Option<AnySession>, BindError> {
+            Ok(session)
+        }
+        fn pin_epoch(&self) -> Option<EpochGuard> {
+            let foreign = crossbeam_epoch::Collector::new();
+            let handle = foreign.register();
+            EpochGuard::pin(&handle)
+        }
+    }
+
+    #[test]
+    fn pin_epoch_cannot_hand_out_a_foreign_collectors_guard() {
+        assert!(ForeignStore.pin_epoch().is_none());
+        let foreign = crossbeam_epoch::Collector::new();
+        assert!(EpochGuard::pin(&foreign.register()).is_none());
+        let handle = collector().register();
+        let guard = EpochGuard::pin(&handle).expect("a handle of the crate's collector");
+        assert!(handle.is_pinned());
+        assert!(guard.0.collector() == Some(collector()));
     }
 }
