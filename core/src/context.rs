@@ -78,7 +78,13 @@ impl Context {
         Context { top: None, scope: None }
     }
 
-    pub(crate) fn from_parts(top: Option<NodeRef>, scope: Option<ScopePtr>) -> Context {
+    /// A context from its two pointers.
+    ///
+    /// # Safety
+    /// `scope` is `None` or points to a scope node in `top`'s chain (`top` itself or one of its
+    /// ancestors): `Context`'s `Send`/`Sync` impls and [`Context::scope`] rely on the scope
+    /// being kept alive by `top`.
+    pub(crate) unsafe fn from_parts(top: Option<NodeRef>, scope: Option<ScopePtr>) -> Context {
         Context { top, scope }
     }
 
@@ -193,11 +199,11 @@ impl Context {
             let h = node.header();
             if h.flags & F_TYPED_INLINE != 0 {
                 // SAFETY: the flag and a tag equal to `key`'s address mean `with::<T>(key, _)`.
-                Some(node.typed_value::<T>())
+                Some(node.typed_value::<T, _>(self))
             } else if h.is_tombstone() {
                 None
             } else {
-                node.value().downcast_ref::<T>()
+                node.value(self).downcast_ref::<T>()
             }
         }
     }
@@ -217,7 +223,7 @@ impl Context {
         // SAFETY: `top` is alive as long as `self`, and so is every node found under it.
         unsafe {
             let node = lookup(top, query)?;
-            if node.header().is_tombstone() { None } else { Some(node.value()) }
+            if node.header().is_tombstone() { None } else { Some(node.value(self)) }
         }
     }
 
@@ -281,7 +287,8 @@ impl Context {
     }
 
     fn open_scope(&self, deadline: Option<Instant>) -> (Context, CancelHandle) {
-        let (node, scope) = ScopeNode::open(self.top.clone(), self.scope, deadline, false);
+        // SAFETY: `self.scope` is in `self.top`'s chain (the invariant of `Context`).
+        let (node, scope) = unsafe { ScopeNode::open(self.top.clone(), self.scope, deadline, false) };
         let handle = CancelHandle { scope: node.clone() };
         (Context { top: Some(node), scope: Some(scope) }, handle)
     }
@@ -289,7 +296,8 @@ impl Context {
     /// Opens a scope and returns the context only (sessions keep the scope themselves). A
     /// `barrier` scope hides the values below it (a `SessionMap`'s base).
     pub(crate) fn open_scope_ctx(&self, deadline: Option<Instant>, barrier: bool) -> Context {
-        let (node, scope) = ScopeNode::open(self.top.clone(), self.scope, deadline, barrier);
+        // SAFETY: as in `open_scope`.
+        let (node, scope) = unsafe { ScopeNode::open(self.top.clone(), self.scope, deadline, barrier) };
         Context { top: Some(node), scope: Some(scope) }
     }
 

@@ -280,7 +280,8 @@ impl SessionMap {
     pub fn remove<K: Eq + Hash + Any + Send + Sync + Clone>(&self, key: &K) -> bool {
         let q = KeyQuery::new(key);
         let node = NodeRef::new_rebindable(None, q.tag, F_VALUE | F_TOMBSTONE, InlineKey(key.clone()), Tombstone);
-        self.publish(node, |head| Self::present(head, &q))
+        // SAFETY: `publish` calls the precheck with the head it loaded while pinned.
+        self.publish(node, |head| unsafe { Self::present(head, &q) })
     }
 
     /// Removes a typed key. Returns whether it was present.
@@ -296,18 +297,22 @@ impl SessionMap {
     pub fn remove_key<T>(&self, key: &'static Key<T>) -> bool {
         let q = KeyQuery::typed(key);
         let node = NodeRef::new_rebindable(None, q.tag, F_VALUE | F_TOMBSTONE, TypedKey, Tombstone);
-        self.publish(node, |head| Self::present(head, &q))
+        // SAFETY: `publish` calls the precheck with the head it loaded while pinned.
+        self.publish(node, |head| unsafe { Self::present(head, &q) })
     }
 
+    /// Whether `q` is bound (and not removed) at or below `head`.
+    ///
     /// # Safety
-    /// `head` is alive (the caller is pinned).
-    fn present(head: NodePtr, q: &KeyQuery<'_>) -> bool {
-        // SAFETY: the caller is pinned, so `head` and its chain are alive.
+    /// `head` and its chain are alive for the call (the caller is pinned and loaded `head` from
+    /// the root while pinned).
+    unsafe fn present(head: NodePtr, q: &KeyQuery<'_>) -> bool {
+        // SAFETY: forwarded from the caller.
         unsafe { lookup(head, q) }.is_some_and(|n| !unsafe { n.header() }.is_tombstone())
     }
 
     /// Publishes `node` above the current head if `precheck(head)` holds; returns whether it
-    /// was published.
+    /// was published. `precheck` is only called with a head loaded from the root while pinned.
     fn publish(&self, mut node: NodeRef, precheck: impl Fn(NodePtr) -> bool) -> bool {
         /// Links the unpublished node above the head with the *root's* reference to the head,
         /// lent rather than copied (no reference-count traffic on the head, whose header readers
@@ -433,19 +438,22 @@ impl SessionMap {
 
     /// Calls `f` with a borrow of the current head (pinned for the call).
     #[inline]
-    fn with_head<R>(&self, f: impl FnOnce(NodePtr) -> R) -> R {
-        let _guard = epoch::pin();
+    /// The head and everything reached from it stay alive while the guard `f` is given lives.
+    fn with_head<R>(&self, f: impl FnOnce(NodePtr, &Guard) -> R) -> R {
+        let guard = epoch::pin();
         // Acquire: see the node's contents published by the writer's Release.
         let head = self.shared.root.load(Ordering::Acquire);
         // SAFETY: never null; alive while pinned.
-        f(NodePtr(unsafe { NonNull::new_unchecked(head) }))
+        f(NodePtr(unsafe { NonNull::new_unchecked(head) }), &guard)
     }
 
-    fn find<R>(&self, q: &KeyQuery<'_>, f: impl FnOnce(Option<NodePtr>) -> R) -> R {
-        self.with_head(|head| {
+    /// Calls `f` with the node binding `q` (tombstones read as absent) and the guard that keeps
+    /// it alive.
+    fn find<R>(&self, q: &KeyQuery<'_>, f: impl FnOnce(Option<NodePtr>, &Guard) -> R) -> R {
+        self.with_head(|head, guard| {
             // SAFETY: pinned by `with_head`; the node found lives as long as the pin.
             let node = unsafe { lookup(head, q) }.filter(|n| !unsafe { n.header() }.is_tombstone());
-            f(node)
+            f(node, guard)
         })
     }
 
@@ -460,8 +468,8 @@ impl SessionMap {
     /// ```
     #[inline]
     pub fn read<V: Any, K: Eq + Hash + Any + Send + Sync, R>(&self, key: &K, f: impl FnOnce(Option<&V>) -> R) -> R {
-        // SAFETY: the node is alive for the closure (pinned).
-        self.find(&KeyQuery::new(key), |n| f(n.and_then(|n| unsafe { n.value() }.downcast_ref::<V>())))
+        // SAFETY: the node is alive while `guard` is (pinned).
+        self.find(&KeyQuery::new(key), |n, guard| f(n.and_then(|n| unsafe { n.value(guard) }.downcast_ref::<V>())))
     }
 
     /// Calls `f` with the value bound to a typed key, borrowed for the call.
@@ -475,8 +483,8 @@ impl SessionMap {
     /// ```
     #[inline]
     pub fn read_key<T: Any, R>(&self, key: &'static Key<T>, f: impl FnOnce(Option<&T>) -> R) -> R {
-        // SAFETY: the node is alive for the closure (pinned).
-        self.find(&KeyQuery::typed(key), |n| f(n.and_then(|n| unsafe { n.value() }.downcast_ref::<T>())))
+        // SAFETY: the node is alive while `guard` is (pinned).
+        self.find(&KeyQuery::typed(key), |n, guard| f(n.and_then(|n| unsafe { n.value(guard) }.downcast_ref::<T>())))
     }
 
     /// An owned handle to the value bound to `key`, if it is a `V`.
@@ -509,7 +517,7 @@ impl SessionMap {
 
     fn shared_value<V: Any + Send + Sync>(&self, q: &KeyQuery<'_>) -> Option<Arc<V>> {
         // SAFETY: the node is alive for the closure (pinned).
-        let any = self.find(q, |n| n.and_then(|n| unsafe { n.shared_value() }))?;
+        let any = self.find(q, |n, _| n.and_then(|n| unsafe { n.shared_value() }))?;
         any.downcast::<V>().ok()
     }
 
@@ -523,7 +531,7 @@ impl SessionMap {
     /// ```
     #[must_use]
     pub fn contains<K: Eq + Hash + Any + Send + Sync>(&self, key: &K) -> bool {
-        self.find(&KeyQuery::new(key), |n| n.is_some())
+        self.find(&KeyQuery::new(key), |n, _| n.is_some())
     }
 
     /// The number of keys bound in the map itself (not counting the context it was opened
@@ -540,7 +548,7 @@ impl SessionMap {
         let base = self.shared.base.top().map(NodeRef::ptr);
         let mut n = 0;
         // SAFETY: pinned by `with_head`.
-        self.with_head(|head| unsafe {
+        self.with_head(|head, _| unsafe {
             for_each_binding(head, base, |b| n += usize::from(!b.header().is_tombstone()));
         });
         n
@@ -576,8 +584,10 @@ impl SessionMap {
     #[must_use]
     pub fn export(&self) -> Context {
         // SAFETY: pinned by `with_head`, so the head is alive while we take a reference.
-        let top = self.with_head(|head| unsafe { NodeRef::clone_from_ptr(head) });
-        Context::from_parts(Some(top), self.shared.base.scope_ptr())
+        let top = self.with_head(|head, _| unsafe { NodeRef::clone_from_ptr(head) });
+        // SAFETY: every chain the root points to is built over the base's head, so the base's
+        // scope is in `top`'s chain.
+        unsafe { Context::from_parts(Some(top), self.shared.base.scope_ptr()) }
     }
 
     /// Invalidates the map for every holder (Go `Disable`). Returns `false` if it was invalid
@@ -699,8 +709,8 @@ impl Session for SessionMap {
     }
 
     fn get_with(&self, key: &KeyQuery<'_>, f: &mut dyn FnMut(Option<&(dyn Any + Send + Sync)>)) {
-        // SAFETY: the node is alive for the closure (pinned).
-        self.find(key, |n| f(n.map(|n| unsafe { n.value() })));
+        // SAFETY: the node is alive while `guard` is (pinned).
+        self.find(key, |n, guard| f(n.map(|n| unsafe { n.value(guard) })));
     }
 
     fn with_value_dyn(&self, key: DynKey, value: Arc<dyn Any + Send + Sync>) -> AnySession {

@@ -588,12 +588,13 @@ impl NodePtr {
         unsafe { (*self.0.as_ptr()).parent.as_ref().map(|p| NodePtr(p.0)) }
     }
 
-    /// The node's value (value nodes only).
+    /// The node's value (value nodes only), borrowed for as long as `_owner` — what keeps the
+    /// node alive: a reference to the chain, or an epoch guard — is borrowed.
     ///
     /// # Safety
-    /// The node is a value node alive for `'a`.
+    /// The node is a value node that `_owner` keeps alive while it is borrowed.
     #[inline]
-    pub(crate) unsafe fn value<'a>(self) -> &'a (dyn Any + Send + Sync) {
+    pub(crate) unsafe fn value<'a, O: ?Sized>(self, _owner: &'a O) -> &'a (dyn Any + Send + Sync) {
         // SAFETY: forwarded; the value lives as long as the node.
         unsafe { &*((*self.0.as_ptr()).vtable.value)(self.0) }
     }
@@ -616,13 +617,14 @@ impl NodePtr {
         unsafe { ((*self.0.as_ptr()).vtable.key_any)(self.0).map(|k| &*k) }
     }
 
-    /// The value of a node made by the typed API for `T` (see [`F_TYPED_INLINE`]).
+    /// The value of a node made by the typed API for `T` (see [`F_TYPED_INLINE`]), borrowed for
+    /// as long as `_owner`, which keeps the node alive, is borrowed.
     ///
     /// # Safety
-    /// The node is alive for `'a`, its flags have [`F_TYPED_INLINE`] and its tag is the address
-    /// of a `Key<T>`.
+    /// `_owner` keeps the node alive while it is borrowed, the node's flags have
+    /// [`F_TYPED_INLINE`] and its tag is the address of a `Key<T>`.
     #[inline]
-    pub(crate) unsafe fn typed_value<'a, T>(self) -> &'a T {
+    pub(crate) unsafe fn typed_value<'a, T, O: ?Sized>(self, _owner: &'a O) -> &'a T {
         let node = self.0.as_ptr().cast::<ValueNode<TypedKey, InlineValue<T>>>();
         // SAFETY: only `Context::with` sets the flag, on a `ValueNode<TypedKey, InlineValue<T>>`
         // whose tag is the address of its `&'static Key<T>`; a static address names one key, so
@@ -876,7 +878,7 @@ mod tests {
     fn get(top: &NodeRef, k: u64) -> Option<u64> {
         let q = KeyQuery::new(&k);
         // SAFETY: `top` is alive for the call.
-        unsafe { lookup(top.ptr(), &q).map(|n| *n.value().downcast_ref::<u64>().unwrap()) }
+        unsafe { lookup(top.ptr(), &q).map(|n| *n.value(top).downcast_ref::<u64>().unwrap()) }
     }
 
     #[test]

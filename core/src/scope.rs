@@ -152,13 +152,19 @@ struct Fired {
 
 impl ScopeNode {
     /// Opens a scope above `parent_top`, registered in `parent_scope`.
-    pub(crate) fn open(
+    ///
+    /// # Safety
+    /// `parent_scope` is `None` or points to a scope node in `parent_top`'s chain (the pair of a
+    /// [`Context`](crate::Context)): it is dereferenced, and the new scope keeps a raw pointer
+    /// to it that is valid only while the new node holds that chain.
+    pub(crate) unsafe fn open(
         parent_top: Option<NodeRef>,
         parent_scope: Option<ScopePtr>,
         deadline: Option<Instant>,
         barrier: bool,
     ) -> (NodeRef, ScopePtr) {
-        // SAFETY: `parent_scope` is in `parent_top`'s chain, which we hold.
+        // SAFETY: `parent_scope` is in `parent_top`'s chain, which we hold (the caller's
+        // guarantee).
         let parent_deadline = parent_scope.and_then(|p| unsafe { p.as_ref() }.deadline);
         let deadline = match (deadline, parent_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),

@@ -503,7 +503,9 @@ impl Session for SessionCtx {
             Some(k) => NodeRef::new_value(parent, key.tag, F_VALUE, SharedKey(k), SharedValue(value)),
             None => NodeRef::new_value(parent, key.tag, F_VALUE, TypedKey, SharedValue(value)),
         };
-        AnySession::Ctx(SessionCtx { ctx: Context::from_parts(Some(node), self.ctx.scope_ptr()) })
+        // SAFETY: `node` is linked above our own head, so our scope is in its chain.
+        let ctx = unsafe { Context::from_parts(Some(node), self.ctx.scope_ptr()) };
+        AnySession::Ctx(SessionCtx { ctx })
     }
 }
 
