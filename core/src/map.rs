@@ -19,13 +19,16 @@
 //! - **Compaction** keeps memory bounded: after enough writes a writer rebuilds the newest
 //!   binding of each live key into a fresh chain over the base and swaps it in with one CAS.
 //!   Only then can a reader still be walking a chain that nothing references any more, so the
-//!   root's reference to the old head is released through `Guard::defer`, after every reader
-//!   pinned at that time has unpinned. Since crossbeam runs deferred functions on whichever
-//!   thread happens to collect (typically a reader, inside its `pin`), the deferred function
-//!   only hands the old chain to a per-map *graveyard*, and the next writer frees it: readers
-//!   never pay for freeing a chain. A compaction that loses its CAS race drops its private
-//!   chain and leaves the work to a later writer. An idle map keeps its last graveyard until it
-//!   is written to or dropped.
+//!   root's reference to the old head goes to a per-map *graveyard*, and a `Guard::defer`red
+//!   function marks that grave *ripe* once every reader pinned at that time has unpinned; the
+//!   next writer frees the ripe graves. Crossbeam runs deferred functions on whichever thread
+//!   happens to collect — typically a reader of any map, inside its `pin` — so the deferred
+//!   function owns nothing but two reference-counted flags: it never holds the map itself nor
+//!   any user value, so no user `Drop` code (and no map's last release) ever runs inside epoch
+//!   reclamation, and readers never pay for freeing a chain. A compaction that loses its CAS
+//!   race drops its private chain and leaves the work to a later writer. An idle map keeps its
+//!   last graves until it is written to or dropped; dropping the map frees them all (no reader
+//!   of a map can outlive the map).
 //!
 //! Values are stored behind an `Arc`, so reads can hand out owned handles ([`SessionMap::value`])
 //! as well as borrows ([`SessionMap::read`]), and compaction can re-bind a value without copying
@@ -101,11 +104,19 @@ struct MapShared {
     writes: CachePadded<AtomicUsize>,
     /// Live keys after the last compaction (a heuristic; relaxed).
     live: AtomicUsize,
-    /// Old chains whose epoch grace period has ended, waiting for the next writer to free them
-    /// (see [`SessionMap::compact`]).
-    graveyard: Mutex<Vec<NodeRef>>,
-    /// Whether the graveyard may be non-empty (a hint that spares writers the lock).
-    graves: AtomicUsize,
+    /// Old chains replaced by a compaction, each freed by the first writer that finds its grace
+    /// period over (see [`SessionMap::compact`]).
+    graveyard: Mutex<Vec<Grave>>,
+    /// Whether a grave may have ripened (a hint that spares writers the lock). Shared with the
+    /// deferred functions, which must not own the map.
+    graves: Arc<AtomicUsize>,
+}
+
+/// An old chain waiting for its epoch grace period to end.
+struct Grave {
+    /// Set (by a deferred function, on any thread) once no reader can still walk `chain`.
+    ripe: Arc<AtomicUsize>,
+    chain: NodeRef,
 }
 
 impl Drop for MapShared {
@@ -191,7 +202,7 @@ impl SessionMap {
                 writes: CachePadded::new(AtomicUsize::new(0)),
                 live: AtomicUsize::new(0),
                 graveyard: Mutex::new(Vec::new()),
-                graves: AtomicUsize::new(0),
+                graves: Arc::new(AtomicUsize::new(0)),
             }),
         }
     }
@@ -373,18 +384,30 @@ impl SessionMap {
         true
     }
 
-    /// Frees the old chains that readers' epoch collection handed back (on the writer's thread,
-    /// where they were allocated, and off the readers' path).
+    /// Frees the old chains whose grace period is over (on the writer's thread, off the
+    /// readers' path).
     fn free_graves(&self) {
-        // Relaxed: a hint; the lock below orders the hand-over itself.
-        if self.shared.graves.load(Ordering::Relaxed) == 0 {
+        // SeqCst on the hint and the ripe flags: the deferred function sets `ripe` then the
+        // hint, and we clear the hint then read `ripe`, so a grave that ripens concurrently is
+        // either seen here or leaves the hint set for the next writer.
+        if self.shared.graves.load(Ordering::SeqCst) == 0 {
             return;
         }
-        let dead = {
+        let mut dead: Vec<NodeRef> = Vec::new();
+        {
             let mut yard = self.shared.graveyard.lock();
-            self.shared.graves.store(0, Ordering::Relaxed);
-            core::mem::take(&mut *yard)
-        };
+            self.shared.graves.store(0, Ordering::SeqCst);
+            let mut i = 0;
+            while i < yard.len() {
+                // SeqCst (so Acquire): the readers' last uses of the chain happen before the
+                // deferred function's store, hence before we free it.
+                if yard[i].ripe.load(Ordering::SeqCst) != 0 {
+                    dead.push(yard.swap_remove(i).chain);
+                } else {
+                    i += 1;
+                }
+            }
+        }
         // Freed here, outside the lock (values' drops are user code).
         drop(dead);
     }
@@ -422,15 +445,18 @@ impl SessionMap {
             let old = unsafe { NodeRef::from_raw(head_ptr.0) };
             // Readers pinned before the exchange may still walk the old chain: release the
             // root's reference only once they have all unpinned. crossbeam runs deferred
-            // functions from whichever thread collects — usually a reader, inside its `pin` —
-            // so the deferred function only moves the chain to the graveyard (one short lock);
-            // the next writer frees it (`free_graves`), keeping a chain's worth of frees (and
-            // the allocator's cross-thread locking) off the read path.
-            let shared = Arc::clone(&self.shared);
+            // functions from whichever thread collects — usually a reader of any map, inside
+            // its `pin` — so the chain goes to the graveyard now and the deferred function only
+            // flags it ripe; the next writer frees it (`free_graves`). The deferred function owns
+            // no map and no user value: nothing it drops runs user code, so a reader's `pin`
+            // never runs (or unwinds from) a value's `Drop`, and never frees a chain.
+            let ripe = Arc::new(AtomicUsize::new(0));
+            self.shared.graveyard.lock().push(Grave { ripe: Arc::clone(&ripe), chain: old });
+            let hint = Arc::clone(&self.shared.graves);
             guard.defer(move || {
-                shared.graveyard.lock().push(old);
-                // Relaxed: a hint for writers; the lock publishes the chain.
-                shared.graves.store(1, Ordering::Relaxed);
+                // SeqCst: see `free_graves`.
+                ripe.store(1, Ordering::SeqCst);
+                hint.store(1, Ordering::SeqCst);
             });
         }
         // Else: a writer got in first; our private chain is dropped here.

@@ -530,3 +530,46 @@ fn concurrent_inserts_are_never_lost() {
     assert_eq!(map.len(), (WRITERS * PER_WRITER) as usize);
     assert!(map.is_valid());
 }
+
+/// Regression: compaction's deferred function used to own the map, so when the map's last
+/// handle was dropped before the epoch advanced, the whole map — user values included — was
+/// dropped later inside whichever thread collected, typically inside an unrelated map's read,
+/// which then unwound if a value's `Drop` panicked. Now the values drop with the last handle,
+/// and reads of other maps never run a value's `Drop`.
+#[test]
+fn a_dropped_maps_values_never_drop_inside_another_maps_read() {
+    static DROPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static ARMED: AtomicBool = AtomicBool::new(false);
+    struct Tracked;
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            DROPS.fetch_add(1, Ordering::SeqCst);
+            assert!(!ARMED.load(Ordering::SeqCst), "a user Drop ran inside another map's read");
+        }
+    }
+    let _quiesce = Quiesce;
+    let map = SessionMap::new();
+    map.insert("tracked", Tracked);
+    // Enough writes for a few compactions (64 writes at least between two), each of which
+    // defers the release of the chain it replaced.
+    for i in 0..200u32 {
+        map.insert(i % 4, i);
+    }
+    drop(map);
+    assert_eq!(DROPS.load(Ordering::SeqCst), 1, "the values drop with the map's last handle");
+
+    ARMED.store(true, Ordering::SeqCst);
+    let other = SessionMap::new().with_value("k", 1u8);
+    let reads = if cfg!(miri) { 20 } else { 2_000 };
+    for _ in 0..reads {
+        let read =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| other.read(&"k", |v: Option<&u8>| v.copied())));
+        assert_eq!(read.ok(), Some(Some(1)));
+    }
+    drop(other);
+    for _ in 0..8 {
+        localsession_core::collector().register().pin().flush();
+    }
+    ARMED.store(false, Ordering::SeqCst);
+    assert_eq!(DROPS.load(Ordering::SeqCst), 1);
+}
