@@ -88,6 +88,13 @@ impl Context {
         Context { top, scope }
     }
 
+    /// Moves the chain out (to release it iteratively). The context must only be dropped after
+    /// this: its scope pointer is no longer kept alive by it.
+    pub(crate) fn take_top(&mut self) -> Option<NodeRef> {
+        self.scope = None;
+        self.top.take()
+    }
+
     pub(crate) fn top(&self) -> Option<&NodeRef> {
         self.top.as_ref()
     }

@@ -222,7 +222,7 @@ impl ScopeNode {
 
     /// # Safety
     /// `node` is a `ScopeNode` with no other references, detached, whose parent was moved out.
-    unsafe fn drop_and_free(node: NonNull<Header>) {
+    unsafe fn drop_and_free(node: NonNull<Header>, _nested: &mut Vec<NodeRef>) {
         // SAFETY: allocated with `Box` in `open`.
         drop(unsafe { Box::from_raw(node.cast::<ScopeNode>().as_ptr()) });
     }
