@@ -327,6 +327,11 @@ impl Context {
 
     /// The deadline, if this context or an ancestor scope has one (the earliest).
     ///
+    /// Deadlines of different [`Clock`](crate::Clock)s cannot be compared: when a scope's
+    /// deadline is on another clock than its parent's, this is the scope's own (on its clock),
+    /// and the context still expires no later than the parent, whose deadline is checked on
+    /// the parent's clock.
+    ///
     /// # Examples
     /// ```
     /// use localsession_core::Context;
@@ -625,5 +630,46 @@ mod tests {
         assert!(ctx.is_done());
         drop(handles);
         drop(ctx);
+    }
+
+    /// Regression: deadlines of different clocks were merged by raw time since each clock's
+    /// origin, so a child whose deadline is on another clock could outlive its parent's.
+    #[test]
+    fn a_child_on_another_clock_expires_no_later_than_its_parent() {
+        use crate::time::Clock;
+        use core::sync::atomic::{AtomicU64, Ordering};
+
+        struct Fake(AtomicU64);
+        impl Clock for Fake {
+            fn now(&self) -> Duration {
+                Duration::from_secs(self.0.load(Ordering::SeqCst))
+            }
+        }
+        // Two clocks with different origins: `OLD` has counted 1000 s more than `NEW`.
+        static OLD: Fake = Fake(AtomicU64::new(1_000));
+        static NEW: Fake = Fake(AtomicU64::new(0));
+        let advance = |secs| {
+            OLD.0.fetch_add(secs, Ordering::SeqCst);
+            NEW.0.fetch_add(secs, Ordering::SeqCst);
+        };
+
+        // The parent expires in 5 s (on `OLD`), the child's own deadline is in 100 s (on `NEW`).
+        let (parent, _p) =
+            Context::background().with_deadline(Instant::from_clock_time(&OLD, Duration::from_secs(1_005)));
+        let (child, _c) = parent.with_deadline(Instant::from_clock_time(&NEW, Duration::from_secs(100)));
+        let (grandchild, _g) = child.with_cancel();
+        // A sibling whose own deadline (on `NEW`) comes first: it counts.
+        let (early, _e) = parent.with_deadline(Instant::from_clock_time(&NEW, Duration::from_secs(2)));
+        assert!(!child.is_done() && !grandchild.is_done() && !early.is_done());
+        advance(3);
+        assert!(early.is_done() && !parent.is_done() && !child.is_done());
+        advance(7);
+        assert!(parent.is_done());
+        assert!(child.is_done(), "the child outlived its parent's deadline");
+        assert_eq!(child.err(), Some(ContextError::DeadlineExceeded));
+        assert!(grandchild.is_done());
+        // Scopes opened after the parent expired are done too.
+        let (late, _l) = child.with_deadline(Instant::from_clock_time(&NEW, Duration::from_secs(1_000)));
+        assert!(late.is_done());
     }
 }
