@@ -640,7 +640,7 @@ impl NodePtr {
     /// # Safety
     /// The node is a value node that `_owner` keeps alive while it is borrowed.
     #[inline]
-    pub(crate) unsafe fn value<'a, O: ?Sized>(self, _owner: &'a O) -> &'a (dyn Any + Send + Sync) {
+    pub(crate) unsafe fn value<O: ?Sized>(self, _owner: &O) -> &(dyn Any + Send + Sync) {
         // SAFETY: forwarded; the value lives as long as the node.
         unsafe { &*((*self.0.as_ptr()).vtable.value)(self.0) }
     }
@@ -670,7 +670,7 @@ impl NodePtr {
     /// `_owner` keeps the node alive while it is borrowed, the node's flags have
     /// [`F_TYPED_INLINE`] and its tag is the address of a `Key<T>`.
     #[inline]
-    pub(crate) unsafe fn typed_value<'a, T, O: ?Sized>(self, _owner: &'a O) -> &'a T {
+    pub(crate) unsafe fn typed_value<T, O: ?Sized>(self, _owner: &O) -> &T {
         let node = self.0.as_ptr().cast::<ValueNode<TypedKey, InlineValue<T>>>();
         // SAFETY: only `Context::with` sets the flag, on a `ValueNode<TypedKey, InlineValue<T>>`
         // whose tag is the address of its `&'static Key<T>`; a static address names one key, so
@@ -980,8 +980,9 @@ mod tests {
     #[test]
     fn panicking_eq_while_indexing_leaks_nothing() {
         extern crate std;
+        use core::panic::AssertUnwindSafe;
         use core::sync::atomic::AtomicUsize;
-        use std::panic::{AssertUnwindSafe, catch_unwind};
+        use std::panic::catch_unwind;
 
         static COMPARISONS: AtomicUsize = AtomicUsize::new(0);
         static PANIC_AT: AtomicUsize = AtomicUsize::new(100);
