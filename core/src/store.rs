@@ -836,34 +836,6 @@ impl fmt::Debug for SingleSlotStore {
 mod tests {
     use super::*;
 
-    /// A store that tries to make `SessionMap` reads pin a collector of its own.
-    struct ForeignStore;
-
-    impl ContextStore for ForeignStore {
-        fn with_current(&self, f: &mut dyn FnMut(Option<&AnySession>)) {
-            f(None);
-        }
-        fn replace(&self, session: Option<AnySession>) -> Result<Option<AnySession>, BindError> {
-            Ok(session)
-        }
-        fn pin_epoch(&self) -> Option<EpochGuard> {
-            let foreign = crossbeam_epoch::Collector::new();
-            let handle = foreign.register();
-            EpochGuard::pin(&handle)
-        }
-    }
-
-    #[test]
-    fn pin_epoch_cannot_hand_out_a_foreign_collectors_guard() {
-        assert!(ForeignStore.pin_epoch().is_none());
-        let foreign = crossbeam_epoch::Collector::new();
-        assert!(EpochGuard::pin(&foreign.register()).is_none());
-        let handle = collector().register();
-        let guard = EpochGuard::pin(&handle).expect("a handle of the crate's collector");
-        assert!(handle.is_pinned());
-        assert!(guard.0.collector() == Some(collector()));
-    }
-
     /// Regression: every session replaced while any reader was active used to be kept alive
     /// until the outermost reader returned (10 000 replacements inside one `with`: 10 000 live
     /// sessions). Now only the sessions readers view are kept, one clone each.

@@ -573,3 +573,35 @@ fn a_dropped_maps_values_never_drop_inside_another_maps_read() {
     ARMED.store(false, Ordering::SeqCst);
     assert_eq!(DROPS.load(Ordering::SeqCst), 1);
 }
+
+/// A store that tries to make `SessionMap` reads pin a collector of its own.
+struct ForeignStore;
+
+impl localsession_core::ContextStore for ForeignStore {
+    fn with_current(&self, f: &mut dyn FnMut(Option<&AnySession>)) {
+        f(None);
+    }
+    fn replace(&self, session: Option<AnySession>) -> Result<Option<AnySession>, localsession_core::BindError> {
+        Ok(session)
+    }
+    fn pin_epoch(&self) -> Option<localsession_core::EpochGuard> {
+        let foreign = localsession_core::crossbeam_epoch::Collector::new();
+        let handle = foreign.register();
+        localsession_core::EpochGuard::pin(&handle)
+    }
+}
+
+/// Regression: `ContextStore::pin_epoch` used to return any `crossbeam_epoch::Guard`, so a
+/// store could make `SessionMap` reads pin a collector that the map's writers do not wait for
+/// (a use-after-free from safe code). Its `EpochGuard` can only come from `collector()`.
+#[test]
+fn pin_epoch_cannot_hand_out_a_foreign_collectors_guard() {
+    use localsession_core::{ContextStore, EpochGuard, collector, crossbeam_epoch::Collector};
+    assert!(ForeignStore.pin_epoch().is_none());
+    assert!(EpochGuard::pin(&Collector::new().register()).is_none());
+    let handle = collector().register();
+    let guard = EpochGuard::pin(&handle).expect("a handle of the crate's collector");
+    assert!(handle.is_pinned());
+    drop(guard);
+    assert!(!handle.is_pinned());
+}
