@@ -78,8 +78,21 @@ impl Context {
         Context { top: None, scope: None }
     }
 
-    pub(crate) fn from_parts(top: Option<NodeRef>, scope: Option<ScopePtr>) -> Context {
+    /// A context from its two pointers.
+    ///
+    /// # Safety
+    /// `scope` is `None` or points to a scope node in `top`'s chain (`top` itself or one of its
+    /// ancestors): `Context`'s `Send`/`Sync` impls and [`Context::scope`] rely on the scope
+    /// being kept alive by `top`.
+    pub(crate) unsafe fn from_parts(top: Option<NodeRef>, scope: Option<ScopePtr>) -> Context {
         Context { top, scope }
+    }
+
+    /// Moves the chain out (to release it iteratively). The context must only be dropped after
+    /// this: its scope pointer is no longer kept alive by it.
+    pub(crate) fn take_top(&mut self) -> Option<NodeRef> {
+        self.scope = None;
+        self.top.take()
     }
 
     pub(crate) fn top(&self) -> Option<&NodeRef> {
@@ -193,11 +206,11 @@ impl Context {
             let h = node.header();
             if h.flags & F_TYPED_INLINE != 0 {
                 // SAFETY: the flag and a tag equal to `key`'s address mean `with::<T>(key, _)`.
-                Some(node.typed_value::<T>())
+                Some(node.typed_value::<T, _>(self))
             } else if h.is_tombstone() {
                 None
             } else {
-                node.value().downcast_ref::<T>()
+                node.value(self).downcast_ref::<T>()
             }
         }
     }
@@ -217,7 +230,7 @@ impl Context {
         // SAFETY: `top` is alive as long as `self`, and so is every node found under it.
         unsafe {
             let node = lookup(top, query)?;
-            if node.header().is_tombstone() { None } else { Some(node.value()) }
+            if node.header().is_tombstone() { None } else { Some(node.value(self)) }
         }
     }
 
@@ -281,7 +294,8 @@ impl Context {
     }
 
     fn open_scope(&self, deadline: Option<Instant>) -> (Context, CancelHandle) {
-        let (node, scope) = ScopeNode::open(self.top.clone(), self.scope, deadline, false);
+        // SAFETY: `self.scope` is in `self.top`'s chain (the invariant of `Context`).
+        let (node, scope) = unsafe { ScopeNode::open(self.top.clone(), self.scope, deadline, false) };
         let handle = CancelHandle { scope: node.clone() };
         (Context { top: Some(node), scope: Some(scope) }, handle)
     }
@@ -289,7 +303,8 @@ impl Context {
     /// Opens a scope and returns the context only (sessions keep the scope themselves). A
     /// `barrier` scope hides the values below it (a `SessionMap`'s base).
     pub(crate) fn open_scope_ctx(&self, deadline: Option<Instant>, barrier: bool) -> Context {
-        let (node, scope) = ScopeNode::open(self.top.clone(), self.scope, deadline, barrier);
+        // SAFETY: as in `open_scope`.
+        let (node, scope) = unsafe { ScopeNode::open(self.top.clone(), self.scope, deadline, barrier) };
         Context { top: Some(node), scope: Some(scope) }
     }
 
@@ -311,6 +326,11 @@ impl Context {
     }
 
     /// The deadline, if this context or an ancestor scope has one (the earliest).
+    ///
+    /// Deadlines of different [`Clock`](crate::Clock)s cannot be compared: when a scope's
+    /// deadline is on another clock than its parent's, this is the scope's own (on its clock),
+    /// and the context still expires no later than the parent, whose deadline is checked on
+    /// the parent's clock.
     ///
     /// # Examples
     /// ```
@@ -610,5 +630,46 @@ mod tests {
         assert!(ctx.is_done());
         drop(handles);
         drop(ctx);
+    }
+
+    /// Regression: deadlines of different clocks were merged by raw time since each clock's
+    /// origin, so a child whose deadline is on another clock could outlive its parent's.
+    #[test]
+    fn a_child_on_another_clock_expires_no_later_than_its_parent() {
+        use crate::time::Clock;
+        use core::sync::atomic::{AtomicU64, Ordering};
+
+        struct Fake(AtomicU64);
+        impl Clock for Fake {
+            fn now(&self) -> Duration {
+                Duration::from_secs(self.0.load(Ordering::SeqCst))
+            }
+        }
+        // Two clocks with different origins: `OLD` has counted 1000 s more than `NEW`.
+        static OLD: Fake = Fake(AtomicU64::new(1_000));
+        static NEW: Fake = Fake(AtomicU64::new(0));
+        let advance = |secs| {
+            OLD.0.fetch_add(secs, Ordering::SeqCst);
+            NEW.0.fetch_add(secs, Ordering::SeqCst);
+        };
+
+        // The parent expires in 5 s (on `OLD`), the child's own deadline is in 100 s (on `NEW`).
+        let (parent, _p) =
+            Context::background().with_deadline(Instant::from_clock_time(&OLD, Duration::from_secs(1_005)));
+        let (child, _c) = parent.with_deadline(Instant::from_clock_time(&NEW, Duration::from_secs(100)));
+        let (grandchild, _g) = child.with_cancel();
+        // A sibling whose own deadline (on `NEW`) comes first: it counts.
+        let (early, _e) = parent.with_deadline(Instant::from_clock_time(&NEW, Duration::from_secs(2)));
+        assert!(!child.is_done() && !grandchild.is_done() && !early.is_done());
+        advance(3);
+        assert!(early.is_done() && !parent.is_done() && !child.is_done());
+        advance(7);
+        assert!(parent.is_done());
+        assert!(child.is_done(), "the child outlived its parent's deadline");
+        assert_eq!(child.err(), Some(ContextError::DeadlineExceeded));
+        assert!(grandchild.is_done());
+        // Scopes opened after the parent expired are done too.
+        let (late, _l) = child.with_deadline(Instant::from_clock_time(&NEW, Duration::from_secs(1_000)));
+        assert!(late.is_done());
     }
 }

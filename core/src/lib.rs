@@ -86,8 +86,8 @@ pub use scope::{AfterCancel, Done};
 pub use session::{AnySession, Session, SessionCtx, SessionExt};
 pub use sharded::ShardedStore;
 pub use store::{
-    BindError, ContextStore, EnterGuard, LocalSlot, SetGlobalStoreError, SingleSlotStore, bind, collector, current,
-    enter, enter_in, global_store, scope, set_global_store, unbind, with_current, with_current_in,
+    BindError, ContextStore, EnterGuard, EpochGuard, LocalSlot, SetGlobalStoreError, SingleSlotStore, bind, collector,
+    current, enter, enter_in, global_store, scope, set_global_store, unbind, with_current, with_current_in,
 };
 pub use task_table::TaskTable;
 pub use time::{Clock, Expiry, Instant, NoClockError, SetGlobalClockError, global_clock, set_global_clock};

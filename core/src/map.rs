@@ -19,13 +19,16 @@
 //! - **Compaction** keeps memory bounded: after enough writes a writer rebuilds the newest
 //!   binding of each live key into a fresh chain over the base and swaps it in with one CAS.
 //!   Only then can a reader still be walking a chain that nothing references any more, so the
-//!   root's reference to the old head is released through `Guard::defer`, after every reader
-//!   pinned at that time has unpinned. Since crossbeam runs deferred functions on whichever
-//!   thread happens to collect (typically a reader, inside its `pin`), the deferred function
-//!   only hands the old chain to a per-map *graveyard*, and the next writer frees it: readers
-//!   never pay for freeing a chain. A compaction that loses its CAS race drops its private
-//!   chain and leaves the work to a later writer. An idle map keeps its last graveyard until it
-//!   is written to or dropped.
+//!   root's reference to the old head goes to a per-map *graveyard*, and a `Guard::defer`red
+//!   function marks that grave *ripe* once every reader pinned at that time has unpinned; the
+//!   next writer frees the ripe graves. Crossbeam runs deferred functions on whichever thread
+//!   happens to collect — typically a reader of any map, inside its `pin` — so the deferred
+//!   function owns nothing but two reference-counted flags: it never holds the map itself nor
+//!   any user value, so no user `Drop` code (and no map's last release) ever runs inside epoch
+//!   reclamation, and readers never pay for freeing a chain. A compaction that loses its CAS
+//!   race drops its private chain and leaves the work to a later writer. An idle map keeps its
+//!   last graves until it is written to or dropped; dropping the map frees them all (no reader
+//!   of a map can outlive the map).
 //!
 //! Values are stored behind an `Arc`, so reads can hand out owned handles ([`SessionMap::value`])
 //! as well as borrows ([`SessionMap::read`]), and compaction can re-bind a value without copying
@@ -101,11 +104,19 @@ struct MapShared {
     writes: CachePadded<AtomicUsize>,
     /// Live keys after the last compaction (a heuristic; relaxed).
     live: AtomicUsize,
-    /// Old chains whose epoch grace period has ended, waiting for the next writer to free them
-    /// (see [`SessionMap::compact`]).
-    graveyard: Mutex<Vec<NodeRef>>,
-    /// Whether the graveyard may be non-empty (a hint that spares writers the lock).
-    graves: AtomicUsize,
+    /// Old chains replaced by a compaction, each freed by the first writer that finds its grace
+    /// period over (see [`SessionMap::compact`]).
+    graveyard: Mutex<Vec<Grave>>,
+    /// Whether a grave may have ripened (a hint that spares writers the lock). Shared with the
+    /// deferred functions, which must not own the map.
+    graves: Arc<AtomicUsize>,
+}
+
+/// An old chain waiting for its epoch grace period to end.
+struct Grave {
+    /// Set (by a deferred function, on any thread) once no reader can still walk `chain`.
+    ripe: Arc<AtomicUsize>,
+    chain: NodeRef,
 }
 
 impl Drop for MapShared {
@@ -191,7 +202,7 @@ impl SessionMap {
                 writes: CachePadded::new(AtomicUsize::new(0)),
                 live: AtomicUsize::new(0),
                 graveyard: Mutex::new(Vec::new()),
-                graves: AtomicUsize::new(0),
+                graves: Arc::new(AtomicUsize::new(0)),
             }),
         }
     }
@@ -280,7 +291,8 @@ impl SessionMap {
     pub fn remove<K: Eq + Hash + Any + Send + Sync + Clone>(&self, key: &K) -> bool {
         let q = KeyQuery::new(key);
         let node = NodeRef::new_rebindable(None, q.tag, F_VALUE | F_TOMBSTONE, InlineKey(key.clone()), Tombstone);
-        self.publish(node, |head| Self::present(head, &q))
+        // SAFETY: `publish` calls the precheck with the head it loaded while pinned.
+        self.publish(node, |head| unsafe { Self::present(head, &q) })
     }
 
     /// Removes a typed key. Returns whether it was present.
@@ -296,18 +308,22 @@ impl SessionMap {
     pub fn remove_key<T>(&self, key: &'static Key<T>) -> bool {
         let q = KeyQuery::typed(key);
         let node = NodeRef::new_rebindable(None, q.tag, F_VALUE | F_TOMBSTONE, TypedKey, Tombstone);
-        self.publish(node, |head| Self::present(head, &q))
+        // SAFETY: `publish` calls the precheck with the head it loaded while pinned.
+        self.publish(node, |head| unsafe { Self::present(head, &q) })
     }
 
+    /// Whether `q` is bound (and not removed) at or below `head`.
+    ///
     /// # Safety
-    /// `head` is alive (the caller is pinned).
-    fn present(head: NodePtr, q: &KeyQuery<'_>) -> bool {
-        // SAFETY: the caller is pinned, so `head` and its chain are alive.
+    /// `head` and its chain are alive for the call (the caller is pinned and loaded `head` from
+    /// the root while pinned).
+    unsafe fn present(head: NodePtr, q: &KeyQuery<'_>) -> bool {
+        // SAFETY: forwarded from the caller.
         unsafe { lookup(head, q) }.is_some_and(|n| !unsafe { n.header() }.is_tombstone())
     }
 
     /// Publishes `node` above the current head if `precheck(head)` holds; returns whether it
-    /// was published.
+    /// was published. `precheck` is only called with a head loaded from the root while pinned.
     fn publish(&self, mut node: NodeRef, precheck: impl Fn(NodePtr) -> bool) -> bool {
         /// Links the unpublished node above the head with the *root's* reference to the head,
         /// lent rather than copied (no reference-count traffic on the head, whose header readers
@@ -368,18 +384,30 @@ impl SessionMap {
         true
     }
 
-    /// Frees the old chains that readers' epoch collection handed back (on the writer's thread,
-    /// where they were allocated, and off the readers' path).
+    /// Frees the old chains whose grace period is over (on the writer's thread, off the
+    /// readers' path).
     fn free_graves(&self) {
-        // Relaxed: a hint; the lock below orders the hand-over itself.
-        if self.shared.graves.load(Ordering::Relaxed) == 0 {
+        // SeqCst on the hint and the ripe flags: the deferred function sets `ripe` then the
+        // hint, and we clear the hint then read `ripe`, so a grave that ripens concurrently is
+        // either seen here or leaves the hint set for the next writer.
+        if self.shared.graves.load(Ordering::SeqCst) == 0 {
             return;
         }
-        let dead = {
+        let mut dead: Vec<NodeRef> = Vec::new();
+        {
             let mut yard = self.shared.graveyard.lock();
-            self.shared.graves.store(0, Ordering::Relaxed);
-            core::mem::take(&mut *yard)
-        };
+            self.shared.graves.store(0, Ordering::SeqCst);
+            let mut i = 0;
+            while i < yard.len() {
+                // SeqCst (so Acquire): the readers' last uses of the chain happen before the
+                // deferred function's store, hence before we free it.
+                if yard[i].ripe.load(Ordering::SeqCst) != 0 {
+                    dead.push(yard.swap_remove(i).chain);
+                } else {
+                    i += 1;
+                }
+            }
+        }
         // Freed here, outside the lock (values' drops are user code).
         drop(dead);
     }
@@ -417,15 +445,18 @@ impl SessionMap {
             let old = unsafe { NodeRef::from_raw(head_ptr.0) };
             // Readers pinned before the exchange may still walk the old chain: release the
             // root's reference only once they have all unpinned. crossbeam runs deferred
-            // functions from whichever thread collects — usually a reader, inside its `pin` —
-            // so the deferred function only moves the chain to the graveyard (one short lock);
-            // the next writer frees it (`free_graves`), keeping a chain's worth of frees (and
-            // the allocator's cross-thread locking) off the read path.
-            let shared = Arc::clone(&self.shared);
+            // functions from whichever thread collects — usually a reader of any map, inside
+            // its `pin` — so the chain goes to the graveyard now and the deferred function only
+            // flags it ripe; the next writer frees it (`free_graves`). The deferred function owns
+            // no map and no user value: nothing it drops runs user code, so a reader's `pin`
+            // never runs (or unwinds from) a value's `Drop`, and never frees a chain.
+            let ripe = Arc::new(AtomicUsize::new(0));
+            self.shared.graveyard.lock().push(Grave { ripe: Arc::clone(&ripe), chain: old });
+            let hint = Arc::clone(&self.shared.graves);
             guard.defer(move || {
-                shared.graveyard.lock().push(old);
-                // Relaxed: a hint for writers; the lock publishes the chain.
-                shared.graves.store(1, Ordering::Relaxed);
+                // SeqCst: see `free_graves`.
+                ripe.store(1, Ordering::SeqCst);
+                hint.store(1, Ordering::SeqCst);
             });
         }
         // Else: a writer got in first; our private chain is dropped here.
@@ -433,19 +464,22 @@ impl SessionMap {
 
     /// Calls `f` with a borrow of the current head (pinned for the call).
     #[inline]
-    fn with_head<R>(&self, f: impl FnOnce(NodePtr) -> R) -> R {
-        let _guard = epoch::pin();
+    /// The head and everything reached from it stay alive while the guard `f` is given lives.
+    fn with_head<R>(&self, f: impl FnOnce(NodePtr, &Guard) -> R) -> R {
+        let guard = epoch::pin();
         // Acquire: see the node's contents published by the writer's Release.
         let head = self.shared.root.load(Ordering::Acquire);
         // SAFETY: never null; alive while pinned.
-        f(NodePtr(unsafe { NonNull::new_unchecked(head) }))
+        f(NodePtr(unsafe { NonNull::new_unchecked(head) }), &guard)
     }
 
-    fn find<R>(&self, q: &KeyQuery<'_>, f: impl FnOnce(Option<NodePtr>) -> R) -> R {
-        self.with_head(|head| {
+    /// Calls `f` with the node binding `q` (tombstones read as absent) and the guard that keeps
+    /// it alive.
+    fn find<R>(&self, q: &KeyQuery<'_>, f: impl FnOnce(Option<NodePtr>, &Guard) -> R) -> R {
+        self.with_head(|head, guard| {
             // SAFETY: pinned by `with_head`; the node found lives as long as the pin.
             let node = unsafe { lookup(head, q) }.filter(|n| !unsafe { n.header() }.is_tombstone());
-            f(node)
+            f(node, guard)
         })
     }
 
@@ -460,8 +494,8 @@ impl SessionMap {
     /// ```
     #[inline]
     pub fn read<V: Any, K: Eq + Hash + Any + Send + Sync, R>(&self, key: &K, f: impl FnOnce(Option<&V>) -> R) -> R {
-        // SAFETY: the node is alive for the closure (pinned).
-        self.find(&KeyQuery::new(key), |n| f(n.and_then(|n| unsafe { n.value() }.downcast_ref::<V>())))
+        // SAFETY: the node is alive while `guard` is (pinned).
+        self.find(&KeyQuery::new(key), |n, guard| f(n.and_then(|n| unsafe { n.value(guard) }.downcast_ref::<V>())))
     }
 
     /// Calls `f` with the value bound to a typed key, borrowed for the call.
@@ -475,8 +509,8 @@ impl SessionMap {
     /// ```
     #[inline]
     pub fn read_key<T: Any, R>(&self, key: &'static Key<T>, f: impl FnOnce(Option<&T>) -> R) -> R {
-        // SAFETY: the node is alive for the closure (pinned).
-        self.find(&KeyQuery::typed(key), |n| f(n.and_then(|n| unsafe { n.value() }.downcast_ref::<T>())))
+        // SAFETY: the node is alive while `guard` is (pinned).
+        self.find(&KeyQuery::typed(key), |n, guard| f(n.and_then(|n| unsafe { n.value(guard) }.downcast_ref::<T>())))
     }
 
     /// An owned handle to the value bound to `key`, if it is a `V`.
@@ -509,7 +543,7 @@ impl SessionMap {
 
     fn shared_value<V: Any + Send + Sync>(&self, q: &KeyQuery<'_>) -> Option<Arc<V>> {
         // SAFETY: the node is alive for the closure (pinned).
-        let any = self.find(q, |n| n.and_then(|n| unsafe { n.shared_value() }))?;
+        let any = self.find(q, |n, _| n.and_then(|n| unsafe { n.shared_value() }))?;
         any.downcast::<V>().ok()
     }
 
@@ -523,7 +557,7 @@ impl SessionMap {
     /// ```
     #[must_use]
     pub fn contains<K: Eq + Hash + Any + Send + Sync>(&self, key: &K) -> bool {
-        self.find(&KeyQuery::new(key), |n| n.is_some())
+        self.find(&KeyQuery::new(key), |n, _| n.is_some())
     }
 
     /// The number of keys bound in the map itself (not counting the context it was opened
@@ -540,7 +574,7 @@ impl SessionMap {
         let base = self.shared.base.top().map(NodeRef::ptr);
         let mut n = 0;
         // SAFETY: pinned by `with_head`.
-        self.with_head(|head| unsafe {
+        self.with_head(|head, _| unsafe {
             for_each_binding(head, base, |b| n += usize::from(!b.header().is_tombstone()));
         });
         n
@@ -576,8 +610,10 @@ impl SessionMap {
     #[must_use]
     pub fn export(&self) -> Context {
         // SAFETY: pinned by `with_head`, so the head is alive while we take a reference.
-        let top = self.with_head(|head| unsafe { NodeRef::clone_from_ptr(head) });
-        Context::from_parts(Some(top), self.shared.base.scope_ptr())
+        let top = self.with_head(|head, _| unsafe { NodeRef::clone_from_ptr(head) });
+        // SAFETY: every chain the root points to is built over the base's head, so the base's
+        // scope is in `top`'s chain.
+        unsafe { Context::from_parts(Some(top), self.shared.base.scope_ptr()) }
     }
 
     /// Invalidates the map for every holder (Go `Disable`). Returns `false` if it was invalid
@@ -699,8 +735,8 @@ impl Session for SessionMap {
     }
 
     fn get_with(&self, key: &KeyQuery<'_>, f: &mut dyn FnMut(Option<&(dyn Any + Send + Sync)>)) {
-        // SAFETY: the node is alive for the closure (pinned).
-        self.find(key, |n| f(n.map(|n| unsafe { n.value() })));
+        // SAFETY: the node is alive while `guard` is (pinned).
+        self.find(key, |n, guard| f(n.map(|n| unsafe { n.value(guard) })));
     }
 
     fn with_value_dyn(&self, key: DynKey, value: Arc<dyn Any + Send + Sync>) -> AnySession {

@@ -99,8 +99,10 @@ pub(crate) type RebindFn = unsafe fn(NonNull<Header>, Option<NodeRef>) -> NodeRe
 
 /// Operations that depend on the concrete node type.
 pub(crate) struct VTable {
-    /// Drops the node's payload and frees its allocation. The `parent` has been moved out.
-    pub(crate) drop_and_free: unsafe fn(NonNull<Header>),
+    /// Drops the node's payload and frees its allocation. The `parent` has been moved out. A
+    /// value that is itself a context hands its chain to the `Vec` instead of dropping it, so
+    /// that [`drop_chain`] releases it iteratively.
+    pub(crate) drop_and_free: unsafe fn(NonNull<Header>, &mut Vec<NodeRef>),
     /// Whether the node's (hashed) key equals `key`.
     pub(crate) key_eq: unsafe fn(NonNull<Header>, &(dyn Any + Send + Sync)) -> bool,
     /// The node's hashed key, if it has one.
@@ -167,6 +169,11 @@ impl KeySlot for SharedKey {
 /// How a value node stores its value.
 pub(crate) trait ValueSlot: Send + Sync + 'static {
     fn as_any(&self) -> &(dyn Any + Send + Sync);
+    /// Moves the chain of a value that is a context (or a session over one) into `out`, for the
+    /// caller to release iteratively: nested contexts would otherwise drop recursively.
+    fn take_nested(&mut self, out: &mut Vec<NodeRef>) {
+        let _ = out;
+    }
     fn shared(&self) -> Option<Arc<dyn Any + Send + Sync>> {
         None
     }
@@ -179,6 +186,9 @@ impl<V: Any + Send + Sync> ValueSlot for InlineValue<V> {
     #[inline]
     fn as_any(&self) -> &(dyn Any + Send + Sync) {
         &self.0
+    }
+    fn take_nested(&mut self, out: &mut Vec<NodeRef>) {
+        crate::session::take_nested_chain(&mut self.0, out);
     }
 }
 
@@ -193,6 +203,12 @@ impl ValueSlot for SharedValue {
     }
     fn shared(&self) -> Option<Arc<dyn Any + Send + Sync>> {
         Some(Arc::clone(&self.0))
+    }
+    fn take_nested(&mut self, out: &mut Vec<NodeRef>) {
+        // Only the last handle to the value drops it.
+        if let Some(value) = Arc::get_mut(&mut self.0) {
+            crate::session::take_nested_chain(value, out);
+        }
     }
 }
 
@@ -226,9 +242,11 @@ impl<K: KeySlot, V: ValueSlot> ValueNode<K, V> {
 
     /// # Safety
     /// `node` is a `ValueNode<K, V>` with no other references, whose parent was moved out.
-    unsafe fn drop_and_free(node: NonNull<Header>) {
+    unsafe fn drop_and_free(node: NonNull<Header>, nested: &mut Vec<NodeRef>) {
         // SAFETY: the caller owns the allocation, which `new_value` made with `Box`.
-        drop(unsafe { Box::from_raw(node.cast::<Self>().as_ptr()) });
+        let mut node = unsafe { Box::from_raw(node.cast::<Self>().as_ptr()) };
+        node.value.take_nested(nested);
+        drop(node);
     }
 
     /// # Safety
@@ -337,9 +355,15 @@ impl NodeRef {
         debug_assert!(tag != 0 && flags & F_VALUE != 0);
         let node = Box::new(ValueNode { header: Header::new(vtable, tag, flags), key, value });
         let ptr = NonNull::from(Box::leak(node)).cast::<Header>();
-        // SAFETY: the node is fresh and unshared.
+        // Owned from here on: if linking unwinds (a user `Eq` panicking while the index table is
+        // built), dropping `node` frees it — key and value included — and releases the parent,
+        // instead of leaking the node and its whole chain. Until `link` marks a table as owned,
+        // the node frees none.
+        let node = NodeRef(ptr);
+        // SAFETY: the node is fresh and unshared (`node` is its only reference, used by no one
+        // while `link` runs).
         unsafe { link(ptr, parent) };
-        NodeRef(ptr)
+        node
     }
 
     /// Wraps a freshly allocated node whose header is initialized, linking it above `parent`.
@@ -348,9 +372,11 @@ impl NodeRef {
     /// `ptr` points to an unshared node starting with a [`Header`] made by [`Header::new`],
     /// allocated so that its vtable's `drop_and_free` frees it.
     pub(crate) unsafe fn from_new(ptr: NonNull<Header>, parent: Option<NodeRef>) -> NodeRef {
+        // Owned before linking, so that an unwind frees it (see `new_node`).
+        let node = NodeRef(ptr);
         // SAFETY: forwarded from the caller.
         unsafe { link(ptr, parent) };
-        NodeRef(ptr)
+        node
     }
 
     /// Links a node that was never shared above another parent, returning the old parent.
@@ -441,31 +467,51 @@ impl core::fmt::Debug for NodeRef {
     }
 }
 
-/// Frees `ptr` and then every ancestor whose last reference it held, iteratively.
+/// Frees `ptr` and then every ancestor whose last reference it held, iteratively; and, also
+/// iteratively, the chains of values that are contexts themselves (a `Context` stored in a
+/// `Context`, a million levels deep, must not drop recursively). Such chains go to a work list
+/// that allocates only when one is met.
 ///
 /// # Safety
 /// `ptr`'s reference count has reached zero.
-unsafe fn drop_chain(mut ptr: NonNull<Header>) {
+unsafe fn drop_chain(ptr: NonNull<Header>) {
+    let mut nested: Vec<NodeRef> = Vec::new();
+    let mut next = Some(ptr);
     loop {
-        // SAFETY: nothing else owns the node. A cancel scope may still be listed in its parent
-        // scope; `detach` removes it (taking the parent's lock) before anything is freed, and
-        // only shared references are formed until then.
-        let parent = unsafe {
-            if (*ptr.as_ptr()).flags & F_SCOPE != 0 {
-                crate::scope::detach(ptr);
+        while let Some(ptr) = next.take() {
+            // SAFETY: nothing else owns the node. A cancel scope may still be listed in its
+            // parent scope; `detach` removes it (taking the parent's lock) before anything is
+            // freed, and only shared references are formed until then.
+            let parent = unsafe {
+                if (*ptr.as_ptr()).flags & F_SCOPE != 0 {
+                    crate::scope::detach(ptr);
+                }
+                ptr::replace(ptr::addr_of_mut!((*ptr.as_ptr()).parent), None)
+            };
+            // SAFETY: the node is unreachable now; its vtable knows how it was allocated.
+            unsafe { ((*ptr.as_ptr()).vtable.drop_and_free)(ptr, &mut nested) };
+            if let Some(parent) = parent {
+                next = release(parent);
             }
-            ptr::replace(ptr::addr_of_mut!((*ptr.as_ptr()).parent), None)
-        };
-        // SAFETY: the node is unreachable now; its vtable knows how it was allocated.
-        unsafe { ((*ptr.as_ptr()).vtable.drop_and_free)(ptr) };
-        let Some(parent) = parent else { return };
-        let parent = ManuallyDrop::new(parent);
-        if parent.header().refs.fetch_sub(1, Ordering::Release) != 1 {
-            return;
         }
-        fence(Ordering::Acquire);
-        ptr = parent.0;
+        match nested.pop() {
+            Some(chain) => next = release(chain),
+            None => return,
+        }
     }
+}
+
+/// Gives up `node` without recursing: returns its pointer if that was the last reference (the
+/// caller then frees it), `None` otherwise.
+#[inline]
+fn release(node: NodeRef) -> Option<NonNull<Header>> {
+    let node = ManuallyDrop::new(node);
+    // Release/Acquire: as in `NodeRef::drop`.
+    if node.header().refs.fetch_sub(1, Ordering::Release) != 1 {
+        return None;
+    }
+    fence(Ordering::Acquire);
+    Some(node.0)
 }
 
 /// Sets a fresh node's parent and its lookup fields (segment, bloom filter, index table).
@@ -588,12 +634,13 @@ impl NodePtr {
         unsafe { (*self.0.as_ptr()).parent.as_ref().map(|p| NodePtr(p.0)) }
     }
 
-    /// The node's value (value nodes only).
+    /// The node's value (value nodes only), borrowed for as long as `_owner` — what keeps the
+    /// node alive: a reference to the chain, or an epoch guard — is borrowed.
     ///
     /// # Safety
-    /// The node is a value node alive for `'a`.
+    /// The node is a value node that `_owner` keeps alive while it is borrowed.
     #[inline]
-    pub(crate) unsafe fn value<'a>(self) -> &'a (dyn Any + Send + Sync) {
+    pub(crate) unsafe fn value<O: ?Sized>(self, _owner: &O) -> &(dyn Any + Send + Sync) {
         // SAFETY: forwarded; the value lives as long as the node.
         unsafe { &*((*self.0.as_ptr()).vtable.value)(self.0) }
     }
@@ -616,13 +663,14 @@ impl NodePtr {
         unsafe { ((*self.0.as_ptr()).vtable.key_any)(self.0).map(|k| &*k) }
     }
 
-    /// The value of a node made by the typed API for `T` (see [`F_TYPED_INLINE`]).
+    /// The value of a node made by the typed API for `T` (see [`F_TYPED_INLINE`]), borrowed for
+    /// as long as `_owner`, which keeps the node alive, is borrowed.
     ///
     /// # Safety
-    /// The node is alive for `'a`, its flags have [`F_TYPED_INLINE`] and its tag is the address
-    /// of a `Key<T>`.
+    /// `_owner` keeps the node alive while it is borrowed, the node's flags have
+    /// [`F_TYPED_INLINE`] and its tag is the address of a `Key<T>`.
     #[inline]
-    pub(crate) unsafe fn typed_value<'a, T>(self) -> &'a T {
+    pub(crate) unsafe fn typed_value<T, O: ?Sized>(self, _owner: &O) -> &T {
         let node = self.0.as_ptr().cast::<ValueNode<TypedKey, InlineValue<T>>>();
         // SAFETY: only `Context::with` sets the flag, on a `ValueNode<TypedKey, InlineValue<T>>`
         // whose tag is the address of its `&'static Key<T>`; a static address names one key, so
@@ -876,7 +924,7 @@ mod tests {
     fn get(top: &NodeRef, k: u64) -> Option<u64> {
         let q = KeyQuery::new(&k);
         // SAFETY: `top` is alive for the call.
-        unsafe { lookup(top.ptr(), &q).map(|n| *n.value().downcast_ref::<u64>().unwrap()) }
+        unsafe { lookup(top.ptr(), &q).map(|n| *n.value(top).downcast_ref::<u64>().unwrap()) }
     }
 
     #[test]
@@ -925,5 +973,90 @@ mod tests {
             top = bind(Some(top), i & 7, i);
         }
         drop(top);
+    }
+
+    /// Regression: a user `Eq` panicking while `Context::with_value` builds an index table used
+    /// to leak the fresh node and, through its parent link, the whole chain under it.
+    #[test]
+    fn panicking_eq_while_indexing_leaks_nothing() {
+        extern crate std;
+        use core::panic::AssertUnwindSafe;
+        use core::sync::atomic::AtomicUsize;
+        use std::panic::catch_unwind;
+
+        static COMPARISONS: AtomicUsize = AtomicUsize::new(0);
+        static PANIC_AT: AtomicUsize = AtomicUsize::new(100);
+        static DROPS: AtomicUsize = AtomicUsize::new(0);
+
+        /// Every key hashes alike, so building a table compares keys; the comparison numbered
+        /// `PANIC_AT` panics (and moves `PANIC_AT` further on).
+        struct PanicKey(u32);
+        impl core::hash::Hash for PanicKey {
+            fn hash<H: core::hash::Hasher>(&self, state: &mut H) {
+                state.write_u8(0);
+            }
+        }
+        impl PartialEq for PanicKey {
+            fn eq(&self, other: &Self) -> bool {
+                let n = COMPARISONS.fetch_add(1, Ordering::SeqCst) + 1;
+                if n == PANIC_AT.load(Ordering::SeqCst) {
+                    PANIC_AT.store(n * 3, Ordering::SeqCst);
+                    panic!("Eq panics after {n} comparisons");
+                }
+                self.0 == other.0
+            }
+        }
+        impl Eq for PanicKey {}
+        struct Counted;
+        impl Drop for Counted {
+            fn drop(&mut self) {
+                DROPS.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+
+        let depth: u32 = if cfg!(miri) { 40 } else { 200 };
+        let mut ctx = crate::Context::background();
+        let mut panics = 0;
+        for i in 0..depth {
+            match catch_unwind(AssertUnwindSafe(|| ctx.with_value(PanicKey(i), Counted))) {
+                Ok(deeper) => ctx = deeper,
+                Err(_) => panics += 1,
+            }
+        }
+        assert!(panics >= 1, "no comparison panicked");
+        drop(ctx);
+        assert_eq!(DROPS.load(Ordering::SeqCst), depth as usize, "every value was dropped");
+    }
+
+    /// Regression: a context stored as a value in a context used to drop recursively, one
+    /// native stack frame group per nesting level.
+    #[test]
+    fn nested_contexts_drop_iteratively() {
+        extern crate std;
+        use crate::{AnySession, Context, SessionCtx, SessionExt};
+
+        let levels = if cfg!(miri) { 1_000 } else { 1_000_000 };
+        let mut ctx = Context::background();
+        for _ in 0..levels {
+            ctx = Context::background().with_value(0u8, ctx);
+        }
+        let levels = if cfg!(miri) { 300 } else { 100_000 };
+        let mut session = SessionCtx::new(&Context::background());
+        let mut any: AnySession = SessionCtx::new(&Context::background()).into();
+        for _ in 0..levels {
+            session = SessionCtx::new(&Context::background()).with_value(0u8, session);
+            // A value behind an `Arc` (the `dyn Session` path).
+            any = SessionExt::with_value(&SessionCtx::new(&Context::background()), 0u8, any);
+        }
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || {
+                drop(ctx);
+                drop(session);
+                drop(any);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }

@@ -144,8 +144,10 @@ pub(crate) mod epoch {
         }
         #[cfg(all(not(localsession_loom), not(feature = "std")))]
         {
+            // An `EpochGuard` is always pinned in `collector()`, the collector writers defer
+            // to: a store cannot hand out a guard of another collector.
             if let Some(guard) = crate::store::global_store().and_then(|s| s.pin_epoch()) {
-                return guard;
+                return guard.into_inner();
             }
             // No handle available from the execution unit: register one for this read. The
             // handle is released when the guard is dropped (crossbeam keeps the participant

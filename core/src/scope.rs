@@ -57,8 +57,12 @@ pub(crate) struct ScopeNode {
     /// The nearest enclosing scope this one is registered in (alive: it is in our chain).
     parent: Option<NonNull<ScopeNode>>,
     slot_in_parent: usize,
-    /// The earliest deadline of this scope and its ancestors.
+    /// The earliest deadline of this scope and of its ancestors up to the nearest one whose
+    /// deadline is on another clock (instants of different clocks do not compare).
     deadline: Option<Instant>,
+    /// That ancestor, if any: its expiry (checked on its own clock, and through its own `outer`)
+    /// is ours too. It is in our chain, so alive while we are.
+    outer: Option<ScopePtr>,
     timer_armed: AtomicU8,
     regs: Mutex<Registrations>,
 }
@@ -152,17 +156,28 @@ struct Fired {
 
 impl ScopeNode {
     /// Opens a scope above `parent_top`, registered in `parent_scope`.
-    pub(crate) fn open(
+    ///
+    /// # Safety
+    /// `parent_scope` is `None` or points to a scope node in `parent_top`'s chain (the pair of a
+    /// [`Context`](crate::Context)): it is dereferenced, and the new scope keeps a raw pointer
+    /// to it that is valid only while the new node holds that chain.
+    pub(crate) unsafe fn open(
         parent_top: Option<NodeRef>,
         parent_scope: Option<ScopePtr>,
         deadline: Option<Instant>,
         barrier: bool,
     ) -> (NodeRef, ScopePtr) {
-        // SAFETY: `parent_scope` is in `parent_top`'s chain, which we hold.
-        let parent_deadline = parent_scope.and_then(|p| unsafe { p.as_ref() }.deadline);
-        let deadline = match (deadline, parent_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        // SAFETY: `parent_scope` is in `parent_top`'s chain, which we hold (the caller's
+        // guarantee).
+        let (parent_deadline, parent_outer) =
+            parent_scope.map_or((None, None), |p| unsafe { (p.as_ref().deadline, p.as_ref().outer) });
+        let (deadline, outer) = match (deadline, parent_deadline) {
+            // One clock: the earlier deadline is the one that counts.
+            (Some(own), Some(inherited)) if own.same_clock(&inherited) => (Some(own.min(inherited)), parent_outer),
+            // Two clocks: keep our own, and check the parent's expiry through the parent.
+            (Some(own), Some(_)) => (Some(own), parent_scope),
+            // (A parent without a deadline has no `outer` either.)
+            (own, inherited) => (own.or(inherited), parent_outer),
         };
         let node = Box::new(ScopeNode {
             header: Header::new(&SCOPE_VTABLE, 0, if barrier { F_SCOPE | F_BARRIER } else { F_SCOPE }),
@@ -171,6 +186,7 @@ impl ScopeNode {
             parent: parent_scope,
             slot_in_parent: NO_SLOT,
             deadline,
+            outer,
             timer_armed: AtomicU8::new(0),
             regs: Mutex::new(Registrations::new()),
         });
@@ -216,7 +232,7 @@ impl ScopeNode {
 
     /// # Safety
     /// `node` is a `ScopeNode` with no other references, detached, whose parent was moved out.
-    unsafe fn drop_and_free(node: NonNull<Header>) {
+    unsafe fn drop_and_free(node: NonNull<Header>, _nested: &mut Vec<NodeRef>) {
         // SAFETY: allocated with `Box` in `open`.
         drop(unsafe { Box::from_raw(node.cast::<ScopeNode>().as_ptr()) });
     }
@@ -232,9 +248,20 @@ impl ScopeNode {
         self.deadline
     }
 
+    /// Whether this scope's deadline, or that of an ancestor on another clock, has passed.
     #[inline]
     fn deadline_passed(&self) -> bool {
-        self.deadline.is_some_and(|d| d.has_passed())
+        let mut scope = self;
+        loop {
+            if scope.deadline.is_some_and(|d| d.has_passed()) {
+                return true;
+            }
+            match scope.outer {
+                // SAFETY: `outer` is an ancestor scope in `scope`'s chain, alive while `self` is.
+                Some(outer) => scope = unsafe { outer.as_ref() },
+                None => return false,
+            }
+        }
     }
 
     #[inline]
@@ -364,13 +391,24 @@ impl ScopeNode {
         regs.remove(idx)
     }
 
-    /// Asks the clock to fire this scope's expiry, once.
+    /// Asks the clock to fire this scope's expiry, once; and the clock of the ancestor on
+    /// another clock (`outer`), whose expiry cancels this scope too.
     fn arm_timer(&self, node: &NodeRef) {
         if let Some(deadline) = self.deadline {
             // Relaxed: only decides which caller schedules; the expiry itself synchronizes
             // through the lock in `settle`.
             if self.timer_armed.swap(1, Ordering::Relaxed) == 0 {
                 deadline.clock().schedule(deadline.since_origin(), Expiry { scope: node.clone() });
+            }
+        }
+        if let Some(outer) = self.outer {
+            // SAFETY: `outer` is an ancestor scope in our chain, alive while `node` is.
+            let scope = unsafe { outer.as_ref() };
+            // Relaxed: a hint that spares the reference below; `arm_timer` decides.
+            if scope.timer_armed.load(Ordering::Relaxed) == 0 {
+                // SAFETY: as above; the new reference keeps it alive for the call.
+                let outer_node = unsafe { NodeRef::clone_from_ptr(NodePtr(outer.cast())) };
+                scope.arm_timer(&outer_node);
             }
         }
     }

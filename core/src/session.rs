@@ -29,6 +29,7 @@ use crate::map::SessionMap;
 use crate::node::{F_VALUE, NodeRef, SharedKey, SharedValue, TypedKey};
 use crate::scope::Done;
 use crate::time::{Instant, NoClockError, global_clock};
+use alloc::vec::Vec;
 
 /// Go's `Session` interface: implicit request context that a store binds to an execution unit.
 ///
@@ -503,7 +504,9 @@ impl Session for SessionCtx {
             Some(k) => NodeRef::new_value(parent, key.tag, F_VALUE, SharedKey(k), SharedValue(value)),
             None => NodeRef::new_value(parent, key.tag, F_VALUE, TypedKey, SharedValue(value)),
         };
-        AnySession::Ctx(SessionCtx { ctx: Context::from_parts(Some(node), self.ctx.scope_ptr()) })
+        // SAFETY: `node` is linked above our own head, so our scope is in its chain.
+        let ctx = unsafe { Context::from_parts(Some(node), self.ctx.scope_ptr()) };
+        AnySession::Ctx(SessionCtx { ctx })
     }
 }
 
@@ -880,4 +883,20 @@ impl fmt::Debug for AnySession {
             AnySession::Custom(s) => f.debug_struct("CustomSession").field("valid", &s.is_valid()).finish(),
         }
     }
+}
+
+/// If `value` is a [`Context`], a [`SessionCtx`] or an [`AnySession::Ctx`], moves its chain into
+/// `out` (the value is about to be dropped), so that node reclamation releases nested contexts
+/// iteratively instead of recursing once per nesting level.
+pub(crate) fn take_nested_chain(value: &mut dyn Any, out: &mut Vec<NodeRef>) {
+    let top = if let Some(ctx) = value.downcast_mut::<Context>() {
+        ctx.take_top()
+    } else if let Some(s) = value.downcast_mut::<SessionCtx>() {
+        s.ctx.take_top()
+    } else if let Some(AnySession::Ctx(s)) = value.downcast_mut::<AnySession>() {
+        s.ctx.take_top()
+    } else {
+        None
+    };
+    out.extend(top);
 }

@@ -175,13 +175,17 @@ pub trait ContextStore: Send + Sync + 'static {
     /// makes reads register a handle for their duration. Unused with the `std` feature, which
     /// uses crossbeam-epoch's default collector.
     ///
+    /// The guard is an [`EpochGuard`], which can only be made by pinning a handle registered
+    /// with this crate's [`collector`]: a guard of any other collector would not hold back the
+    /// reclamation of the chains a read walks.
+    ///
     /// # Examples
     /// ```
     /// use localsession_core::{ContextStore, SingleSlotStore};
     /// static STORE: SingleSlotStore = SingleSlotStore::new();
     /// assert!(STORE.pin_epoch().is_none()); // the default: reads register a handle themselves
     /// ```
-    fn pin_epoch(&self) -> Option<crossbeam_epoch::Guard> {
+    fn pin_epoch(&self) -> Option<EpochGuard> {
         None
     }
 }
@@ -328,6 +332,59 @@ pub fn collector() -> &'static crossbeam_epoch::Collector {
     {
         static COLLECTOR: spin::Once<crossbeam_epoch::Collector> = spin::Once::new();
         COLLECTOR.call_once(crossbeam_epoch::Collector::new)
+    }
+}
+
+/// A pinned epoch guard of this crate's [`collector`]: what
+/// [`ContextStore::pin_epoch`] hands to [`SessionMap`](crate::SessionMap) reads.
+///
+/// It can only be made by [`EpochGuard::pin`], from a handle registered with [`collector`], so
+/// a store cannot make reads pin a collector that the map's writers do not wait for.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{collector, crossbeam_epoch::Collector, EpochGuard};
+/// let handle = collector().register();
+/// assert!(EpochGuard::pin(&handle).is_some());
+/// // A handle of another collector is refused.
+/// assert!(EpochGuard::pin(&Collector::new().register()).is_none());
+/// ```
+pub struct EpochGuard(crossbeam_epoch::Guard);
+
+impl EpochGuard {
+    /// Pins `handle`, if it was registered with [`collector`]; `None` for a handle of any
+    /// other collector.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{collector, EpochGuard};
+    /// let handle = collector().register();
+    /// let guard = EpochGuard::pin(&handle).unwrap();
+    /// assert!(handle.is_pinned());
+    /// drop(guard);
+    /// assert!(!handle.is_pinned());
+    /// ```
+    #[must_use]
+    pub fn pin(handle: &crossbeam_epoch::LocalHandle) -> Option<EpochGuard> {
+        if handle.collector() != collector() {
+            return None;
+        }
+        let guard = handle.pin();
+        // The guard of a handle is of the handle's collector; checked again all the same, since
+        // the map's memory safety rests on it.
+        (guard.collector() == Some(collector())).then_some(EpochGuard(guard))
+    }
+
+    /// The underlying crossbeam guard (pinned in [`collector`]).
+    #[cfg_attr(any(feature = "std", localsession_loom), allow(dead_code))]
+    pub(crate) fn into_inner(self) -> crossbeam_epoch::Guard {
+        self.0
+    }
+}
+
+impl fmt::Debug for EpochGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EpochGuard").finish_non_exhaustive()
     }
 }
 
@@ -529,10 +586,17 @@ impl fmt::Debug for EnterGuard {
 /// [`ContextStore`] implementations.
 ///
 /// [`LocalSlot::with`] lends the current session without cloning it: it makes a bitwise view
-/// of the slot's handle and counts the active readers. If the slot is replaced while readers
-/// are active, the old session is kept alive in a *retired* list until the last reader
-/// returns, so every view stays valid; otherwise replacing costs nothing extra. `!Sync`: one
-/// unit uses it at a time.
+/// of the slot's handle and links a small record of that view (on its own stack frame) into
+/// the slot's list of active readers — no allocation and no atomic read-modify-write.
+///
+/// The retirement rule: when the slot is replaced ([`replace`](LocalSlot::replace),
+/// [`swap`](LocalSlot::swap)) while readers are active, the old session is still handed back
+/// to the caller; if an active reader views that very session, the slot also keeps one clone
+/// of it in a *retired* list, and drops that clone as soon as the last reader viewing it
+/// returns. A session nobody views is not kept alive: at most one clone per distinct viewed
+/// session (so at most the readers' nesting depth) is retired at any time, however many
+/// replacements happen during a read. Without active readers, replacing costs nothing extra.
+/// `!Sync`: one unit uses it at a time.
 ///
 /// # Examples
 /// ```
@@ -549,12 +613,23 @@ impl fmt::Debug for EnterGuard {
 /// ```
 pub struct LocalSlot {
     current: UnsafeCell<Option<AnySession>>,
-    readers: Cell<usize>,
+    /// The innermost active reader's record, or null; records link outwards.
+    readers: Cell<*const ReaderFrame>,
+    /// One clone of each replaced session that an active reader views.
     retired: UnsafeCell<Vec<AnySession>>,
 }
 
+/// What one active [`LocalSlot::with`] views; lives on that call's stack frame.
+struct ReaderFrame {
+    /// A bitwise copy of the slot's handle, never dropped.
+    view: ManuallyDrop<Option<AnySession>>,
+    /// The next reader outwards, or null.
+    outer: *const ReaderFrame,
+}
+
 // SAFETY: a slot moves between threads only with its owner (a task struct); all its state is
-// owned. It is deliberately not `Sync`.
+// owned, and `readers` is null whenever the slot can be moved (a reader borrows the slot). It
+// is deliberately not `Sync`.
 unsafe impl Send for LocalSlot {}
 
 impl LocalSlot {
@@ -567,7 +642,11 @@ impl LocalSlot {
     /// ```
     #[must_use]
     pub const fn new() -> LocalSlot {
-        LocalSlot { current: UnsafeCell::new(None), readers: Cell::new(0), retired: UnsafeCell::new(Vec::new()) }
+        LocalSlot {
+            current: UnsafeCell::new(None),
+            readers: Cell::new(ptr::null()),
+            retired: UnsafeCell::new(Vec::new()),
+        }
     }
 
     /// Calls `f` with the slot's session, borrowed.
@@ -584,14 +663,21 @@ impl LocalSlot {
     /// See also [`LocalSlot`].
     #[inline]
     pub fn with<R>(&self, f: impl FnOnce(Option<&AnySession>) -> R) -> R {
-        // SAFETY: a bitwise copy of the handle, never dropped (`ManuallyDrop`). The session it
-        // points to stays alive while `readers > 0`: `replace` then parks a clone of the old
-        // handle in `retired`. `AnySession` holds only reference-counted raw pointers (no
-        // `Box`, no `&mut`), so a bitwise copy aliases nothing exclusively.
-        let view = ManuallyDrop::new(unsafe { ptr::read(self.current.get()) });
-        self.readers.set(self.readers.get() + 1);
-        let _reader = Reader(self);
-        f(view.as_ref())
+        let frame = ReaderFrame {
+            // SAFETY: a bitwise copy of the handle, never dropped (`ManuallyDrop`). The session
+            // it points to stays alive while the frame is linked: the handle it copies is owned
+            // by `current` until a `replace`/`swap` moves it out, which then parks a clone in
+            // `retired` because this frame views it (see `retire`). `AnySession` holds only
+            // reference-counted raw pointers (no `Box`, no `&mut`), so a bitwise copy aliases
+            // nothing exclusively.
+            view: ManuallyDrop::new(unsafe { ptr::read(self.current.get()) }),
+            outer: self.readers.get(),
+        };
+        // The frame is not moved while linked: `_reader` unlinks it before it goes away (also
+        // when `f` unwinds).
+        self.readers.set(&frame);
+        let _reader = Reader { slot: self, frame: &frame };
+        f(frame.view.as_ref())
     }
 
     /// Puts `session` in the slot (`None` empties it) and returns what was there.
@@ -610,10 +696,7 @@ impl LocalSlot {
         // SAFETY: no reference into `current` is ever held across calls (readers hold copies),
         // and the slot is used by one unit at a time (`!Sync`).
         let old = unsafe { ptr::replace(self.current.get(), session) };
-        if let (true, Some(old)) = (self.readers.get() > 0, &old) {
-            // SAFETY: as above for `retired`; `push` runs no user code.
-            unsafe { (*self.retired.get()).push(old.clone()) };
-        }
+        self.retire(old.as_ref());
         old
     }
 
@@ -634,10 +717,65 @@ impl LocalSlot {
     pub fn swap(&self, other: &mut Option<AnySession>) {
         // SAFETY: as in `replace`; `other` is a distinct place (a `&mut` cannot alias the slot).
         unsafe { ptr::swap(self.current.get(), other) };
-        if let (true, Some(old)) = (self.readers.get() > 0, &*other) {
-            // SAFETY: as in `replace`.
-            unsafe { (*self.retired.get()).push(old.clone()) };
+        self.retire(other.as_ref());
+    }
+
+    /// Keeps a clone of `old`, just moved out of the slot, if an active reader views it.
+    #[inline]
+    fn retire(&self, old: Option<&AnySession>) {
+        if let (false, Some(old)) = (self.readers.get().is_null(), old) {
+            self.retire_viewed(old);
         }
+    }
+
+    #[cold]
+    fn retire_viewed(&self, old: &AnySession) {
+        if !self.is_viewed(old, self.readers.get()) {
+            return;
+        }
+        // SAFETY: no other reference to `retired` exists (they are all momentary, and the slot
+        // is used by one unit at a time); `ptr_eq`, `clone` and `push` run no user code.
+        let retired = unsafe { &mut *self.retired.get() };
+        if !retired.iter().any(|r| r.ptr_eq(old)) {
+            retired.push(old.clone());
+        }
+    }
+
+    /// Whether a reader from `frame` outwards views `session`.
+    fn is_viewed(&self, session: &AnySession, mut frame: *const ReaderFrame) -> bool {
+        while !frame.is_null() {
+            // SAFETY: linked frames are alive (each is unlinked before its `with` returns) and
+            // only read.
+            let f = unsafe { &*frame };
+            if f.view.as_ref().is_some_and(|v| v.ptr_eq(session)) {
+                return true;
+            }
+            frame = f.outer;
+        }
+        false
+    }
+
+    /// After `frame` was unlinked: drops the retired clone of the session it viewed, unless an
+    /// outer reader views it too.
+    #[cold]
+    fn release(&self, frame: &ReaderFrame) {
+        let outer = self.readers.get();
+        let dead: Vec<AnySession> = {
+            // SAFETY: as in `retire_viewed`; the borrow ends before anything is dropped.
+            let retired = unsafe { &mut *self.retired.get() };
+            if outer.is_null() {
+                core::mem::take(retired)
+            } else {
+                let Some(view) = frame.view.as_ref() else { return };
+                let Some(i) = retired.iter().position(|r| r.ptr_eq(view)) else { return };
+                if self.is_viewed(view, outer) {
+                    return;
+                }
+                alloc::vec![retired.swap_remove(i)]
+            }
+        };
+        // Dropped outside every borrow of the slot: a session's drop may use the slot again.
+        drop(dead);
     }
 
     /// Whether a session is in the slot.
@@ -654,19 +792,19 @@ impl LocalSlot {
     }
 }
 
-struct Reader<'a>(&'a LocalSlot);
+struct Reader<'a> {
+    slot: &'a LocalSlot,
+    frame: &'a ReaderFrame,
+}
 
 impl Drop for Reader<'_> {
+    #[inline]
     fn drop(&mut self) {
-        let slot = self.0;
-        let n = slot.readers.get() - 1;
-        slot.readers.set(n);
-        // SAFETY: no reader is active when `n == 0`, so nothing borrows the retired sessions;
-        // they are taken out before dropping (a session's drop may use the slot again).
-        if n == 0 && unsafe { !(*slot.retired.get()).is_empty() } {
-            // SAFETY: as above.
-            let retired = unsafe { core::mem::take(&mut *slot.retired.get()) };
-            drop(retired);
+        let slot = self.slot;
+        slot.readers.set(self.frame.outer);
+        // SAFETY: a momentary shared read of `retired` (single unit, no other borrow).
+        if unsafe { !(*slot.retired.get()).is_empty() } {
+            slot.release(self.frame);
         }
     }
 }
@@ -736,5 +874,77 @@ impl ContextStore for SingleSlotStore {
 impl fmt::Debug for SingleSlotStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SingleSlotStore").field("set", &self.slot.lock().is_some()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: every session replaced while any reader was active used to be kept alive
+    /// until the outermost reader returned (10 000 replacements inside one `with`: 10 000 live
+    /// sessions). Now only the sessions readers view are kept, one clone each.
+    #[test]
+    fn replacing_during_a_read_keeps_only_the_viewed_sessions() {
+        use crate::{Context, SessionCtx};
+        use core::sync::atomic::{AtomicUsize, Ordering};
+
+        static MADE: AtomicUsize = AtomicUsize::new(0);
+        static DROPPED: AtomicUsize = AtomicUsize::new(0);
+        struct Counted;
+        impl Drop for Counted {
+            fn drop(&mut self) {
+                DROPPED.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        fn session(i: u32) -> Option<AnySession> {
+            MADE.fetch_add(1, Ordering::SeqCst);
+            Some(SessionCtx::new(&Context::background()).with_value(0u8, Counted).with_value(1u8, i).into())
+        }
+        fn alive() -> usize {
+            MADE.load(Ordering::SeqCst) - DROPPED.load(Ordering::SeqCst)
+        }
+        fn index(s: Option<&AnySession>) -> Option<u32> {
+            s?.value_cloned::<u32, _>(&1u8)
+        }
+
+        let n = if cfg!(miri) { 100 } else { 10_000 };
+        let slot = LocalSlot::new();
+        slot.replace(session(0));
+        slot.with(|outer| {
+            for i in 1..=n {
+                drop(slot.replace(session(i)));
+            }
+            // The current session and the one this reader views: nothing else.
+            assert_eq!(alive(), 2);
+            assert_eq!(index(outer), Some(0));
+            slot.with(|inner| {
+                for i in n + 1..=2 * n {
+                    let mut s = session(i);
+                    slot.swap(&mut s);
+                    drop(s);
+                }
+                // One more: the session the inner reader views.
+                assert_eq!(alive(), 3);
+                assert_eq!(index(inner), Some(n));
+                assert_eq!(index(outer), Some(0));
+            });
+            // Released as soon as its last reader returned.
+            assert_eq!(alive(), 2);
+            // A session replaced, put back and replaced again is kept once.
+            let viewed_again = slot.with(|s| s.cloned());
+            slot.with(|_| {
+                drop(slot.replace(viewed_again.clone()));
+                drop(slot.replace(session(0)));
+                drop(slot.replace(viewed_again.clone()));
+                drop(slot.replace(session(0)));
+            });
+            drop(viewed_again);
+            assert_eq!(alive(), 2);
+            assert_eq!(index(outer), Some(0));
+        });
+        assert_eq!(alive(), 1);
+        drop(slot.replace(None));
+        assert_eq!(alive(), 0);
     }
 }

@@ -270,6 +270,16 @@ impl Instant {
     }
 }
 
+impl Instant {
+    /// Whether both instants are certainly on the same clock (the same clock object). A clock
+    /// reached through two different vtables compares unequal: callers treat "not the same" as
+    /// "keep both deadlines", which is always correct, only slower.
+    #[allow(ambiguous_wide_pointer_comparisons)]
+    pub(crate) fn same_clock(&self, other: &Instant) -> bool {
+        core::ptr::eq(self.clock, other.clock)
+    }
+}
+
 impl core::ops::Add<Duration> for Instant {
     type Output = Instant;
     /// Saturates at `Duration::MAX` (a deadline that never comes) instead of overflowing.

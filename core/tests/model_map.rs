@@ -530,3 +530,78 @@ fn concurrent_inserts_are_never_lost() {
     assert_eq!(map.len(), (WRITERS * PER_WRITER) as usize);
     assert!(map.is_valid());
 }
+
+/// Regression: compaction's deferred function used to own the map, so when the map's last
+/// handle was dropped before the epoch advanced, the whole map — user values included — was
+/// dropped later inside whichever thread collected, typically inside an unrelated map's read,
+/// which then unwound if a value's `Drop` panicked. Now the values drop with the last handle,
+/// and reads of other maps never run a value's `Drop`.
+#[test]
+fn a_dropped_maps_values_never_drop_inside_another_maps_read() {
+    static DROPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static ARMED: AtomicBool = AtomicBool::new(false);
+    struct Tracked;
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            DROPS.fetch_add(1, Ordering::SeqCst);
+            assert!(!ARMED.load(Ordering::SeqCst), "a user Drop ran inside another map's read");
+        }
+    }
+    let _quiesce = Quiesce;
+    let map = SessionMap::new();
+    map.insert("tracked", Tracked);
+    // Enough writes for a few compactions (64 writes at least between two), each of which
+    // defers the release of the chain it replaced.
+    for i in 0..200u32 {
+        map.insert(i % 4, i);
+    }
+    drop(map);
+    assert_eq!(DROPS.load(Ordering::SeqCst), 1, "the values drop with the map's last handle");
+
+    ARMED.store(true, Ordering::SeqCst);
+    let other = SessionMap::new().with_value("k", 1u8);
+    let reads = if cfg!(miri) { 20 } else { 2_000 };
+    for _ in 0..reads {
+        let read =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| other.read(&"k", |v: Option<&u8>| v.copied())));
+        assert_eq!(read.ok(), Some(Some(1)));
+    }
+    drop(other);
+    for _ in 0..8 {
+        localsession_core::collector().register().pin().flush();
+    }
+    ARMED.store(false, Ordering::SeqCst);
+    assert_eq!(DROPS.load(Ordering::SeqCst), 1);
+}
+
+/// A store that tries to make `SessionMap` reads pin a collector of its own.
+struct ForeignStore;
+
+impl localsession_core::ContextStore for ForeignStore {
+    fn with_current(&self, f: &mut dyn FnMut(Option<&AnySession>)) {
+        f(None);
+    }
+    fn replace(&self, session: Option<AnySession>) -> Result<Option<AnySession>, localsession_core::BindError> {
+        Ok(session)
+    }
+    fn pin_epoch(&self) -> Option<localsession_core::EpochGuard> {
+        let foreign = localsession_core::crossbeam_epoch::Collector::new();
+        let handle = foreign.register();
+        localsession_core::EpochGuard::pin(&handle)
+    }
+}
+
+/// Regression: `ContextStore::pin_epoch` used to return any `crossbeam_epoch::Guard`, so a
+/// store could make `SessionMap` reads pin a collector that the map's writers do not wait for
+/// (a use-after-free from safe code). Its `EpochGuard` can only come from `collector()`.
+#[test]
+fn pin_epoch_cannot_hand_out_a_foreign_collectors_guard() {
+    use localsession_core::{ContextStore, EpochGuard, collector, crossbeam_epoch::Collector};
+    assert!(ForeignStore.pin_epoch().is_none());
+    assert!(EpochGuard::pin(&Collector::new().register()).is_none());
+    let handle = collector().register();
+    let guard = EpochGuard::pin(&handle).expect("a handle of the crate's collector");
+    assert!(handle.is_pinned());
+    drop(guard);
+    assert!(!handle.is_pinned());
+}
