@@ -47,7 +47,7 @@ use core::hash::{BuildHasherDefault, Hasher};
 
 use hashbrown::HashMap;
 
-use crate::primitive::{AtomicUsize, Mutex, Ordering};
+use crate::primitive::Mutex;
 use crate::session::AnySession;
 
 /// One task's place in the table.
@@ -62,6 +62,21 @@ struct Shard {
     slots: HashMap<u64, Slot, BuildHasherDefault<IdHasher>>,
     /// Tombstoned ids, oldest first.
     tombstones: VecDeque<u64>,
+    /// Live entries (tombstones not counted), and those of them that hold a session: plain
+    /// counters under the shard's lock, so the hooks' hot path pays no extra atomic
+    /// read-modify-write for statistics; [`TaskTable::tasks`] sums them.
+    tasks: usize,
+    sessions: usize,
+}
+
+impl Shard {
+    fn count_session_change(&mut self, had: bool, has: bool) {
+        match (had, has) {
+            (false, true) => self.sessions += 1,
+            (true, false) => self.sessions -= 1,
+            _ => {}
+        }
+    }
 }
 
 /// The sessions of hook-observed tasks, keyed by task id (see the [module docs](self)).
@@ -81,10 +96,6 @@ struct Shard {
 /// ```
 pub struct TaskTable {
     shards: Box<[Mutex<Shard>]>,
-    /// Live entries (tombstones not counted).
-    tasks: AtomicUsize,
-    /// Live entries that hold a session.
-    sessions: AtomicUsize,
 }
 
 impl TaskTable {
@@ -106,11 +117,13 @@ impl TaskTable {
                 Mutex::new(Shard {
                     slots: HashMap::with_hasher(BuildHasherDefault::default()),
                     tombstones: VecDeque::new(),
+                    tasks: 0,
+                    sessions: 0,
                 })
             })
             .collect::<Vec<_>>()
             .into_boxed_slice();
-        TaskTable { shards, tasks: AtomicUsize::new(0), sessions: AtomicUsize::new(0) }
+        TaskTable { shards }
     }
 
     fn shard(&self, id: u64) -> &Mutex<Shard> {
@@ -134,7 +147,9 @@ impl TaskTable {
     /// ```
     #[must_use = "the returned session must be dropped outside any lock or hook-sensitive code"]
     pub fn spawned(&self, id: u64, session: Option<AnySession>) -> Option<AnySession> {
-        let mut shard = self.shard(id).lock();
+        let mut guard = self.shard(id).lock();
+        let shard = &mut *guard;
+        let has = session.is_some();
         match shard.slots.get_mut(&id) {
             Some(Slot::Ended) => {
                 shard.slots.remove(&id);
@@ -142,17 +157,14 @@ impl TaskTable {
                 session
             }
             Some(Slot::Live(old)) => {
-                let has = session.is_some();
                 let old = core::mem::replace(old, session);
-                self.count_session_change(old.is_some(), has);
+                shard.count_session_change(old.is_some(), has);
                 old
             }
             None => {
-                let has = session.is_some();
                 shard.slots.insert(id, Slot::Live(session));
-                // Relaxed: counters are statistics; the entries themselves are behind the lock.
-                self.tasks.fetch_add(1, Ordering::Relaxed);
-                self.count_session_change(false, has);
+                shard.tasks += 1;
+                shard.count_session_change(false, has);
                 None
             }
         }
@@ -194,7 +206,8 @@ impl TaskTable {
     /// ```
     #[must_use = "the returned session must be dropped outside any lock or hook-sensitive code"]
     pub fn rebind(&self, id: u64, session: Option<&AnySession>) -> Option<AnySession> {
-        let mut shard = self.shard(id).lock();
+        let mut guard = self.shard(id).lock();
+        let shard = &mut *guard;
         let Some(Slot::Live(current)) = shard.slots.get_mut(&id) else { return None };
         match (&*current, session) {
             // Rebinding the same session (a scope restoring it): nothing changes.
@@ -202,7 +215,7 @@ impl TaskTable {
             (None, None) => None,
             _ => {
                 let old = core::mem::replace(current, session.cloned());
-                self.count_session_change(old.is_some(), session.is_some());
+                shard.count_session_change(old.is_some(), session.is_some());
                 old
             }
         }
@@ -221,11 +234,12 @@ impl TaskTable {
     /// ```
     #[must_use = "the returned session must be dropped outside any lock or hook-sensitive code"]
     pub fn terminated(&self, id: u64) -> Option<AnySession> {
-        let mut shard = self.shard(id).lock();
+        let mut guard = self.shard(id).lock();
+        let shard = &mut *guard;
         match shard.slots.remove(&id) {
             Some(Slot::Live(session)) => {
-                self.tasks.fetch_sub(1, Ordering::Relaxed);
-                self.count_session_change(session.is_some(), false);
+                shard.tasks -= 1;
+                shard.count_session_change(session.is_some(), false);
                 session
             }
             Some(Slot::Ended) => {
@@ -283,17 +297,18 @@ impl TaskTable {
             if doomed.is_empty() {
                 continue;
             }
-            let mut locked = shard.lock();
+            let mut guard = shard.lock();
+            let locked = &mut *guard;
             for (id, seen) in &doomed {
                 if let Some(Slot::Live(current)) = locked.slots.get_mut(id)
                     && current.as_ref().is_some_and(|c| c.ptr_eq(seen))
                     && let Some(old) = current.take()
                 {
-                    self.count_session_change(true, false);
                     cleared.push(old);
+                    locked.sessions -= 1;
                 }
             }
-            drop(locked);
+            drop(guard);
         }
         cleared
     }
@@ -308,7 +323,7 @@ impl TaskTable {
     /// ```
     #[must_use]
     pub fn tasks(&self) -> usize {
-        self.tasks.load(Ordering::Relaxed)
+        self.shards.iter().map(|shard| shard.lock().tasks).sum()
     }
 
     /// Live tasks in the table that hold a session.
@@ -323,19 +338,7 @@ impl TaskTable {
     /// ```
     #[must_use]
     pub fn sessions(&self) -> usize {
-        self.sessions.load(Ordering::Relaxed)
-    }
-
-    fn count_session_change(&self, had: bool, has: bool) {
-        match (had, has) {
-            (false, true) => {
-                self.sessions.fetch_add(1, Ordering::Relaxed);
-            }
-            (true, false) => {
-                self.sessions.fetch_sub(1, Ordering::Relaxed);
-            }
-            _ => {}
-        }
+        self.shards.iter().map(|shard| shard.lock().sessions).sum()
     }
 }
 

@@ -132,6 +132,31 @@ fn p1_current_get(c: &mut Criterion) {
     g.bench_function("localsession", |b| {
         b.iter(|| with_current(|s| s.map_or(0, |s| s.read_key(&K, |v| v.copied().unwrap_or(0)))))
     });
+    // The same read inside a task of an implicit-mode runtime, with an inherited session: the
+    // hooks install it in the worker's slot, so the read path is the plain thread's.
+    #[cfg(tokio_unstable)]
+    {
+        let rt = tokio_runtime(true);
+        g.bench_function("localsession_in_implicit_task", |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    localsession_std::scope(session_of_depth(1), || {
+                        tokio::spawn(async move {
+                            let start = Instant::now();
+                            for _ in 0..iters {
+                                black_box(with_current(|s| {
+                                    s.map_or(0, |s| s.read_key(&K, |v| v.copied().unwrap_or(0)))
+                                }));
+                            }
+                            start.elapsed()
+                        })
+                    })
+                    .await
+                    .unwrap()
+                })
+            })
+        });
+    }
     // The floor: one list node behind a thread-local pointer.
     let node = Box::leak(Box::new(RawNode { key: 1, value: 7, next: std::ptr::null() }));
     RAW.with(|h| h.set(node));
@@ -383,6 +408,14 @@ fn report(memory: &[String]) {
             peer: m("p1_current_get", "raw_thread_local"),
             target: "<= 2x raw; <= 8 ns",
             check: |o, p| o <= 8.0 && p.is_some_and(|p| o <= 2.0 * p),
+        },
+        Row {
+            label: "P1 current()+get inside an implicit task",
+            ours: m("p1_current_get", "localsession_in_implicit_task"),
+            peer_label: "the same on a plain thread",
+            peer: m("p1_current_get", "localsession"),
+            target: "<= 1.1x plain thread",
+            check: |o, p| p.is_some_and(|p| o <= 1.1 * p),
         },
         Row {
             label: "P1 (peer) tokio task_local with",

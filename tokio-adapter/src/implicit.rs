@@ -214,7 +214,9 @@ fn on_terminate(meta: &TaskMeta<'_>) {
     let mut in_slot = None;
     if polling_it {
         THREAD_STORE.set_bind_sink(None);
-        THREAD_STORE.swap_in_place(&mut in_slot);
+        // A scope-style exchange (no tag, no task probe): the after-poll hook's exit restores
+        // the frame's token.
+        let _ = THREAD_STORE.enter_scope_in_place(&mut in_slot);
     }
     drop_caught(session);
     drop_caught(in_slot);
