@@ -6,38 +6,7 @@
 //! keeps, per task id, the session the task runs with; the adapter installs it in the polling
 //! thread's slot around every poll.
 //!
-//! # Protocol
-//!
-//! | event | runs | table operation |
-//! |---|---|---|
-//! | spawn | on the spawning thread, once | [`spawned`](TaskTable::spawned) creates the entry (or consumes a tombstone) |
-//! | before a poll | on the polling thread | [`session`](TaskTable::session) clones the entry's session |
-//! | the task binds during its poll | on the polling thread | [`rebind`](TaskTable::rebind) replaces the entry's session *at bind time* |
-//! | after a poll | on the polling thread | nothing: the table is not touched |
-//! | terminate | where the task ends, once | [`terminated`](TaskTable::terminated) removes the entry (or leaves a tombstone) |
-//!
-//! Three rules make every interleaving the executor allows come out right:
-//!
-//! 1. **Only spawn creates an entry and only terminate removes one.** [`rebind`](TaskTable::rebind)
-//!    changes an existing entry and never creates one, so a bind that happens after the task
-//!    ended (a late, stale caller) cannot resurrect it, and a task whose entry exists always
-//!    reaches terminate, which removes it: no entry outlives its task.
-//! 2. **A poll's bindings reach the entry before the poll returns.** A task's polls are
-//!    serialized by the executor (tokio's `RUNNING` bit, with acquire/release on the task state),
-//!    so the next poll — on any worker — happens after the `rebind` and sees it. The after-poll
-//!    hook, which tokio may run late (after another worker already started the next poll), has
-//!    nothing to write and so cannot overwrite a newer binding with an older one.
-//! 3. **Terminate before spawn leaves a tombstone.** On a runtime that is shutting down, tokio
-//!    can terminate a task before its spawn hook ran. Terminate of an unknown id records a
-//!    tombstone; the spawn that finds it drops its session instead of creating an entry.
-//!    Terminates of ids whose spawn never comes (tasks the hooks never saw spawn, such as
-//!    blocking tasks) would make tombstones pile up, so each shard keeps only the most recent
-//!    [`TOMBSTONES_PER_SHARD`](TaskTable::TOMBSTONES_PER_SHARD) of them.
-//!
-//! No method runs user code while a shard is locked, and none drops a session: every
-//! session that leaves the table is handed back to the caller, who decides where it is dropped
-//! (a hook drops it under `catch_unwind`, never inside the lock). The loom model in
-//! `tests/loom.rs` checks rules 1–3 under the orderings tokio allows.
+//! The protocol is documented on [`TaskTable`] (public docs).
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
@@ -79,7 +48,45 @@ impl Shard {
     }
 }
 
-/// The sessions of hook-observed tasks, keyed by task id (see the [module docs](self)).
+/// The sessions of hook-observed tasks, keyed by task id.
+///
+/// Some executors do not let you put a slot into their task struct but tell you about each
+/// task's life through hooks (tokio's `on_task_spawn`, `on_before_task_poll`,
+/// `on_after_task_poll`, `on_task_terminate`). The table keeps, per task id, the session the
+/// task runs with; the adapter installs it in the polling thread's slot around every poll.
+///
+/// # Protocol
+///
+/// | event | runs | table operation |
+/// |---|---|---|
+/// | spawn | on the spawning thread, once | [`spawned`](TaskTable::spawned) creates the entry (or consumes a tombstone) |
+/// | before a poll | on the polling thread | [`session`](TaskTable::session) clones the entry's session |
+/// | the task binds during its poll | on the polling thread | [`rebind`](TaskTable::rebind) replaces the entry's session *at bind time* |
+/// | after a poll | on the polling thread | nothing: the table is not touched |
+/// | terminate | where the task ends, once | [`terminated`](TaskTable::terminated) removes the entry (or leaves a tombstone) |
+///
+/// Three rules make every interleaving the executor allows come out right:
+///
+/// 1. **Only spawn creates an entry and only terminate removes one.** [`rebind`](TaskTable::rebind)
+///    changes an existing entry and never creates one, so a bind that happens after the task
+///    ended (a late, stale caller) cannot resurrect it, and a task whose entry exists always
+///    reaches terminate, which removes it: no entry outlives its task.
+/// 2. **A poll's bindings reach the entry before the poll returns.** A task's polls are
+///    serialized by the executor (tokio's `RUNNING` bit, with acquire/release on the task state),
+///    so the next poll — on any worker — happens after the `rebind` and sees it. The after-poll
+///    hook, which tokio may run late (after another worker already started the next poll), has
+///    nothing to write and so cannot overwrite a newer binding with an older one.
+/// 3. **Terminate before spawn leaves a tombstone.** On a runtime that is shutting down, tokio
+///    can terminate a task before its spawn hook ran. Terminate of an unknown id records a
+///    tombstone; the spawn that finds it drops its session instead of creating an entry.
+///    Terminates of ids whose spawn never comes (tasks the hooks never saw spawn, such as
+///    blocking tasks) would make tombstones pile up, so each shard keeps only the most recent
+///    [`TOMBSTONES_PER_SHARD`](TaskTable::TOMBSTONES_PER_SHARD) of them.
+///
+/// No method runs user code while a shard is locked, and none drops a session: every
+/// session that leaves the table is handed back to the caller, who decides where it is dropped
+/// (a hook drops it under `catch_unwind`, never inside the lock). The loom model in
+/// `tests/loom.rs` checks rules 1–3 under the orderings tokio allows.
 ///
 /// # Examples
 /// ```
@@ -99,7 +106,7 @@ pub struct TaskTable {
 }
 
 impl TaskTable {
-    /// Tombstones kept per shard (see rule 3 in the [module docs](self)).
+    /// Tombstones kept per shard (see rule 3 in the [type docs](TaskTable)).
     pub const TOMBSTONES_PER_SHARD: usize = 64;
     const SHARDS: usize = 16;
 

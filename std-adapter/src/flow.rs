@@ -21,7 +21,12 @@ thread_local! {
     static SUPPRESSED: Cell<usize> = const { Cell::new(0) };
 }
 
-/// While alive, spawns on this thread inherit no session (see the [module docs](self)).
+/// While alive, spawns on this thread inherit no session: [`go`](crate::go),
+/// [`in_current_session`](crate::in_current_session), `FutureExt::in_current_session`, the
+/// adapters' spawn helpers and, in the tokio adapter's implicit mode, plain `tokio::spawn` all
+/// capture nothing. Long-lived work (pools, buffers, background workers) must not carry the
+/// session of the request that happened to create it (.NET's `ExecutionContext.SuppressFlow`).
+/// Reading the current session is unaffected. Guards nest; the guard is `!Send`.
 ///
 /// # Examples
 /// ```

@@ -4,7 +4,7 @@
 //! Go had to drop its `EnableImplicitlyTransmitAsync` (it relied on pprof labels); tokio's task
 //! hooks make it possible here. [`enable_implicit_sessions`] (or [`ImplicitSessions`], which
 //! also chains hooks of your own) installs four hooks on a runtime builder. Each task's session
-//! lives in a [`TaskTable`] keyed by task id, whose module docs state the protocol's three
+//! lives in a [`TaskTable`] keyed by task id, whose docs state the protocol's three
 //! rules; this is how the hooks follow them.
 //!
 //! | hook | runs on, when | does |
