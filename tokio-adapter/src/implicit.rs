@@ -136,8 +136,17 @@ fn on_spawn(meta: &TaskMeta<'_>) {
     drop_caught(TABLE.spawned(id, inherited));
 }
 
+/// Lets the thread store drop a binding left from before a `reset_default_manager` (a read
+/// does that) here, under `catch_unwind`, rather than inside the exchanges below.
+fn settle_generation() {
+    if catch_unwind(|| THREAD_STORE.with(|_| ())).is_err() {
+        HOOK_DROP_PANICS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 fn on_before_poll(meta: &TaskMeta<'_>) {
     let id = raw_id(meta.id());
+    settle_generation();
     let mut session = TABLE.session(id);
     // The outer poll's sink (nested polls) must not see this task's installation.
     let outer_sink = THREAD_STORE.set_bind_sink(None);
@@ -193,6 +202,7 @@ fn pop_frame(id: u64) -> Option<Frame> {
 fn on_after_poll(meta: &TaskMeta<'_>) {
     let id = raw_id(meta.id());
     let Some(frame) = pop_frame(id) else { return };
+    settle_generation();
     THREAD_STORE.set_bind_sink(None);
     let mut installed = frame.previous;
     THREAD_STORE.exit_scope_in_place(&mut installed, frame.token);
