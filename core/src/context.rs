@@ -435,16 +435,6 @@ impl Context {
     }
 }
 
-impl Context {
-    /// `(head, scope)` addresses, for identity comparisons. The scope part is never 1 or 2
-    /// (aligned addresses, or 0), which `AnySession::identity` uses to tell kinds apart.
-    pub(crate) fn identity(&self) -> (usize, usize) {
-        let top = self.top.as_ref().map_or(0, |t| t.ptr().0.as_ptr() as usize);
-        let scope = self.scope.map_or(0, |s| s.as_ptr() as usize);
-        (top, scope)
-    }
-}
-
 impl Clone for Context {
     #[inline]
     fn clone(&self) -> Self {

@@ -17,6 +17,7 @@ use alloc::sync::Arc;
 /// assert_eq!(ContextError::Canceled.to_string(), "context canceled");
 /// ```
 #[derive(Clone)]
+#[non_exhaustive]
 pub enum ContextError {
     /// Cancelled (Go `context.Canceled`), also what `disable()` reports.
     Canceled,

@@ -690,10 +690,6 @@ impl SessionMap {
         self.shared.base.after_cancel(f)
     }
 
-    pub(crate) fn identity(&self) -> usize {
-        Arc::as_ptr(&self.shared) as usize
-    }
-
     /// Whether both handles are the same map.
     ///
     /// # Examples

@@ -797,24 +797,6 @@ impl AnySession {
         }
     }
 
-    /// An identity for [`ptr_eq`](AnySession::ptr_eq) comparisons without keeping a handle:
-    /// two handles have the same identity exactly when `ptr_eq` holds.
-    ///
-    /// # Examples
-    /// ```
-    /// use localsession_core::{AnySession, SessionMap};
-    /// let a = AnySession::from(SessionMap::new());
-    /// assert_eq!(a.identity(), a.clone().identity());
-    /// ```
-    #[must_use]
-    pub fn identity(&self) -> (usize, usize) {
-        match self {
-            AnySession::Ctx(s) => s.ctx.identity(),
-            AnySession::Map(s) => (s.identity(), 1),
-            AnySession::Custom(s) => (Arc::as_ptr(s).cast::<u8>() as usize, 2),
-        }
-    }
-
     /// Whether both handles are the same session.
     ///
     /// # Examples
