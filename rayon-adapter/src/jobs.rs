@@ -105,8 +105,10 @@ where
 /// assert_eq!(seen, vec![false, true]);
 /// ```
 pub trait ScopeExt<'scope> {
-    /// Spawns `body` in the scope with the session current *now* (none while the flow is
-    /// suppressed).
+    /// Spawns `body` in the scope with the session current *now*, on the thread running the
+    /// scope's body (none while the flow is suppressed). A plain `rayon::scope` called from
+    /// outside the pool runs its body on a worker that has no session: open the scope with
+    /// [`scope`] to carry the caller's.
     ///
     /// # Examples
     /// ```
@@ -116,7 +118,9 @@ pub trait ScopeExt<'scope> {
     ///
     /// let mut seen = None;
     /// scope(SessionMap::new().with_value("k", 1u8), || {
-    ///     rayon::scope(|s| s.spawn_in_current_session(|_| seen = current().and_then(|c| c.value_cloned::<u8, _>(&"k"))))
+    ///     localsession_rayon::scope(|s| {
+    ///         s.spawn_in_current_session(|_| seen = current().and_then(|c| c.value_cloned::<u8, _>(&"k")))
+    ///     })
     /// });
     /// assert_eq!(seen, Some(1));
     /// ```

@@ -262,3 +262,29 @@ fn scope_and_spawn_carry_the_callers_session() {
     assert_eq!(rx.iter().filter(|missed| *missed).count(), 0);
     assert_eq!(later_jobs_that_see_a_session(&pool, 64), 0);
 }
+
+/// The example of the README's "rayon" section, verbatim (the README is not compiled).
+#[test]
+fn the_readme_example() {
+    use localsession_core::{Context, Key, SessionCtx};
+
+    static TENANT: Key<&str> = Key::new("tenant");
+
+    fn price(item: u64) -> u64 {
+        // Deep in the call tree, on any worker: no ctx parameter.
+        let tenant = current().and_then(|s| s.get_cloned(&TENANT));
+        if tenant == Some("acme") { item * 9 / 10 } else { item }
+    }
+
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+    let request = SessionCtx::new(&Context::background()).with(&TENANT, "acme");
+    let items: Vec<u64> = (1..=10_000).collect();
+    let total: u64 = scope(request, || {
+        localsession_rayon::install(&pool, || {
+            // Last before the terminal operation: every closure above it, every job, every
+            // reduction runs with the request's session.
+            items.par_iter().map(|&i| price(i * 10)).in_current_session().sum()
+        })
+    });
+    assert_eq!(total, 9 * (1..=10_000u64).sum::<u64>());
+}
