@@ -21,7 +21,8 @@ thread_local! {
     static SUPPRESSED: Cell<usize> = const { Cell::new(0) };
 }
 
-/// While alive, spawns on this thread inherit no session (see the [module docs](self)).
+/// While alive, spawns on this thread inherit no session: everything that inherits the current
+/// session captures nothing instead (see [`flow_session`]); reading it is unaffected.
 ///
 /// # Examples
 /// ```
