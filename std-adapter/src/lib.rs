@@ -36,6 +36,8 @@ mod flow;
 mod future;
 mod live;
 mod manager;
+#[cfg(feature = "opentelemetry")]
+mod otel;
 mod sharded;
 mod store;
 mod thread;
@@ -48,6 +50,8 @@ pub use manager::{
     InitError, default_manager_options, init_default_manager, manager_options, register_adapter_clock,
     reset_default_manager,
 };
+#[cfg(feature = "opentelemetry")]
+pub use otel::{BaggageError, baggage_from_metainfo, metainfo_with_baggage, try_baggage_from_metainfo};
 pub use sharded::{ShardedManager, thread_id};
 pub use store::{BindSink, THREAD_STORE, ThreadStore, register_task_probe};
 pub use thread::{Builder, ScopeExt, go, go_session, in_current_session, with_session};

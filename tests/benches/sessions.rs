@@ -1,4 +1,4 @@
-//! localsession against its peers, side by side in one run (DESIGN.md §8, P1–P8).
+//! localsession against its peers, side by side in one run (DESIGN.md §8, P1–P8; P10: rayon).
 //!
 //! `cargo bench -p localsession-tests --bench sessions` measures every figure with criterion and
 //! then prints a table: operation, ours, peer, ratio, target, met. The implicit tokio mode
@@ -365,6 +365,32 @@ fn p7_go(c: &mut Criterion) {
     g.finish();
 }
 
+/// P10: a rayon `par_iter().map().sum()` over 10^6 u64 on a 2-thread pool, with the caller's
+/// session carried into every job (`.in_current_session()`, created on the caller, which has a
+/// session bound) and without (the plain iterator). Both run the same way: built on the caller,
+/// consumed inside `pool.install`.
+fn p10_rayon(c: &mut Criterion) {
+    use localsession_rayon::ParallelIteratorExt;
+    use rayon::prelude::*;
+    let mut g = c.benchmark_group("p10_rayon");
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let data: Vec<u64> = (0..1_000_000).collect();
+    let _bound = enter(session_of_depth(1));
+    g.bench_function("plain", |b| {
+        b.iter(|| {
+            let it = data.par_iter().map(|&x| black_box(x) * 3);
+            pool.install(move || it.sum::<u64>())
+        })
+    });
+    g.bench_function("in_current_session", |b| {
+        b.iter(|| {
+            let it = data.par_iter().map(|&x| black_box(x) * 3).in_current_session();
+            pool.install(move || it.sum::<u64>())
+        })
+    });
+    g.finish();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Report
 // ---------------------------------------------------------------------------------------------
@@ -398,7 +424,9 @@ fn fmt_ns(v: Option<f64>) -> String {
     }
 }
 
-fn report(memory: &[String]) {
+/// Prints the table; with `only` (a filtered run such as `-- p10`), just the rows of the groups
+/// that ran: those whose number (`P10`) is the filter's first `_`-separated part.
+fn report(memory: &[String], only: Option<&str>) {
     let m = median_ns;
     let rows = [
         Row {
@@ -569,11 +597,23 @@ fn report(memory: &[String]) {
             target: "<= 1.05x",
             check: |o, p| p.is_some_and(|p| o <= 1.05 * p),
         },
+        Row {
+            label: "P10 rayon par_iter map+sum, 10^6 u64, 2 threads",
+            ours: m("p10_rayon", "in_current_session"),
+            peer_label: "plain par_iter",
+            peer: m("p10_rayon", "plain"),
+            target: "<= 1.05x",
+            check: |o, p| p.is_some_and(|p| o <= 1.05 * p),
+        },
     ];
     println!();
     println!("| # | operation | ours | peer | peer figure | ratio | target | met |");
     println!("|---|---|---|---|---|---|---|---|");
     for (i, r) in rows.iter().enumerate() {
+        let number = r.label.split_whitespace().next().unwrap_or_default().to_lowercase();
+        if only.is_some_and(|f| f.split('_').next().unwrap_or_default().to_lowercase() != number) {
+            continue;
+        }
         let ratio = match (r.ours, r.peer) {
             (Some(o), Some(p)) if p > 0.0 => format!("{:.2}x", o / p),
             _ => "—".into(),
@@ -666,6 +706,34 @@ fn p8_memory() -> Vec<String> {
     out
 }
 
+/// The filter of a criterion command line: the first argument that is neither an option nor an
+/// option's value (`--measurement-time 5`).
+fn bench_filter(args: &[String]) -> Option<&String> {
+    const TAKES_VALUE: &[&str] = &[
+        "--warm-up-time",
+        "--measurement-time",
+        "--sample-size",
+        "--nresamples",
+        "--noise-threshold",
+        "--confidence-level",
+        "--significance-level",
+        "--save-baseline",
+        "--baseline",
+        "--baseline-lenient",
+        "--load-baseline",
+        "--profile-time",
+        "--output-format",
+        "--color",
+        "--plotting-backend",
+        "--format",
+    ];
+    args.iter()
+        .enumerate()
+        .skip(1)
+        .find(|(i, a)| !a.starts_with('-') && !TAKES_VALUE.contains(&args[i - 1].as_str()))
+        .map(|(_, a)| a)
+}
+
 fn main() {
     let mut c = Criterion::default()
         .output_directory(&output_dir())
@@ -680,11 +748,16 @@ fn main() {
     p5_map(&mut c);
     p6_tokio_spawn(&mut c);
     p7_go(&mut c);
+    p10_rayon(&mut c);
     c.final_summary();
-    // Only the full run prints the report (not `--test`, `--list`, or a filtered run).
+    // Only `--bench` runs print the report (not `--test` or `--list`); the full run prints all
+    // of it, a filtered run (`-- p10`) the rows of the groups it ran.
     let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--bench") && !args.iter().skip(1).any(|a| !a.starts_with('-')) {
-        let memory = p8_memory();
-        report(&memory);
+    let filter = bench_filter(&args);
+    if args.iter().any(|a| a == "--bench") {
+        match filter {
+            None => report(&p8_memory(), None),
+            Some(filter) => report(&[], Some(filter)),
+        }
     }
 }
