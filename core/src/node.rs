@@ -755,13 +755,20 @@ pub(crate) unsafe fn lookup(top: NodePtr, q: &KeyQuery<'_>) -> Option<NodePtr> {
 }
 
 /// Calls `f` with the newest binding of every key at or below `top` and above `stop` (tombstones
-/// included), newest first. Allocates a list of the keys seen; used by `SessionMap` compaction and
-/// metainfo iteration, never by reads.
+/// included), newest first. Allocates the set of keys seen; used by `SessionMap` compaction,
+/// `len` and metainfo iteration, never by reads.
+///
+/// Linear in the chain's length: the keys seen are a short list while there are few, then a
+/// hash set by key tag (an earlier linear scan made compaction, and so every insert into a large
+/// map, quadratic in its size).
 ///
 /// # Safety
 /// `top` is alive while this runs.
 pub(crate) unsafe fn for_each_binding(top: NodePtr, stop: Option<NodePtr>, mut f: impl FnMut(NodePtr)) {
+    /// Distinct keys kept in a plain list before switching to the hash set.
+    const LINEAR: usize = 32;
     let mut seen: Vec<NodePtr> = Vec::new();
+    let mut by_tag: Option<hashbrown::HashMap<u64, Vec<NodePtr>>> = None;
     let mut node = Some(top);
     // SAFETY: every node reached is an ancestor of `top`, so alive.
     unsafe {
@@ -769,9 +776,35 @@ pub(crate) unsafe fn for_each_binding(top: NodePtr, stop: Option<NodePtr>, mut f
             if Some(n) == stop {
                 return;
             }
-            if n.header().is_value() && !seen.iter().any(|s| s.same_key(n)) {
-                seen.push(n);
-                f(n);
+            if n.header().is_value() {
+                let tag = n.header().tag;
+                let fresh = match &mut by_tag {
+                    Some(set) => {
+                        let bucket = set.entry(tag).or_default();
+                        let fresh = !bucket.iter().any(|s| s.same_key(n));
+                        if fresh {
+                            bucket.push(n);
+                        }
+                        fresh
+                    }
+                    None => {
+                        let fresh = !seen.iter().any(|s| s.same_key(n));
+                        if fresh {
+                            seen.push(n);
+                            if seen.len() > LINEAR {
+                                let mut set: hashbrown::HashMap<u64, Vec<NodePtr>> = hashbrown::HashMap::new();
+                                for s in seen.drain(..) {
+                                    set.entry(s.header().tag).or_default().push(s);
+                                }
+                                by_tag = Some(set);
+                            }
+                        }
+                        fresh
+                    }
+                };
+                if fresh {
+                    f(n);
+                }
             }
             node = n.parent();
         }
