@@ -6,3 +6,9 @@
 //! `localsession-tests` package asserts its transcript for both session kinds.
 
 pub mod seed;
+
+/// The README's Rust examples, run as doctests (`cargo test --doc -p localsession-examples`), so
+/// the code the README shows keeps compiling and passing.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
