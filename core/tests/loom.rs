@@ -1,7 +1,7 @@
 //! Loom models of every atomic protocol in the core.
 //!
-//! Run with (see DESIGN.md §9 and `.ci/run`):
-//! `RUSTFLAGS="--cfg localsession_loom --cfg crossbeam_loom" LOOM_MAX_PREEMPTIONS=2 \
+//! Run with (as `.ci/run` does; the protocols are described in `docs/architecture.md`):
+//! `RUSTFLAGS="--cfg localsession_loom --cfg crossbeam_loom" LOOM_MAX_PREEMPTIONS=3 \
 //!  CARGO_TARGET_DIR=target/loom cargo test -p localsession-core --test loom --release`
 //!
 //! Under `--cfg localsession_loom` the crate's atomics, `UnsafeCell`s and locks are loom's

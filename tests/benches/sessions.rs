@@ -1,4 +1,5 @@
-//! localsession against its peers, side by side in one run (DESIGN.md §8, P1–P8; P10: rayon).
+//! localsession against its peers, side by side in one run (P1–P8, P10: rayon; targets and
+//! results in `docs/performance.md`).
 //!
 //! `cargo bench -p localsession-tests --bench sessions` measures every figure with criterion and
 //! then prints a table: operation, ours, peer, ratio, target, met. The implicit tokio mode
@@ -7,8 +8,8 @@
 //!
 //! Peers: a raw `thread_local!` pointer read doing the same list walk (the floor), tokio's
 //! `task_local!` (`sync_scope`, `scope`, `with`), `opentelemetry::Context` (`current`, `attach`,
-//! `with_value`), plain `tokio::spawn` and `std::thread::spawn`. Go's figures (DESIGN.md §8,
-//! measured upstream on this machine kind) are printed for reference.
+//! `with_value`), plain `tokio::spawn` and `std::thread::spawn`. Go's figures (the upstream's
+//! benchmarks, measured on this machine kind) are printed for reference.
 #![allow(missing_docs)]
 
 use std::alloc::{GlobalAlloc, Layout, System};

@@ -1,8 +1,6 @@
 //! Shared pieces of localsession's cross-crate tests, examples and benchmarks.
 //!
-//! [`seed`] is the Go seed program ported line for line; the `seed` example prints it and
-//! `tests/seed.rs` asserts it, for both session kinds. [`mini_executor`] is the
-//! embed-in-your-own-executor guide: a run-queue executor built on `localsession-core` alone.
+//! [`mini_executor`] is the embed-in-your-own-executor guide: a run-queue executor built on `localsession-core` alone.
 //! [`fuzz_config`] and [`fuzz_ops`] are the interpreters behind the cargo-fuzz targets in `fuzz/`
 //! (the config parser; operation sequences checked against a model); `tests/fuzz_corpus.rs`
 //! replays their corpora.
@@ -10,4 +8,3 @@
 pub mod fuzz_config;
 pub mod fuzz_ops;
 pub mod mini_executor;
-pub mod seed;

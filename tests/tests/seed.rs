@@ -1,43 +1,66 @@
-//! The seed program as a test, with `SessionCtx` and with `SessionMap`: every assertion of the
-//! Go program holds in every thread, and every thread reports done before g0.
+//! The seed program (`localsession-examples`) as a test, with `SessionCtx` and with `SessionMap`:
+//! every assertion of the Go program holds in every thread, and the transcript is exactly the same
+//! on every run (the threads report to g0, which prints in thread order).
 #![allow(missing_docs)]
 
-use std::sync::{Arc, Mutex};
-
-use localsession_tests::seed::{Kind, run};
+use localsession_examples::seed::{Kind, run};
 
 fn run_and_collect(kind: Kind) -> Vec<String> {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = lines.clone();
-    run(kind, move |line| sink.lock().unwrap().push(line.to_owned()));
-    lines.lock().unwrap().clone()
+    let mut lines = Vec::new();
+    run(kind, |line| lines.push(line.to_owned()));
+    lines
 }
 
-fn check(lines: &[String]) {
-    assert_eq!(lines.len(), 4, "{lines:?}");
-    assert_eq!(lines.last().map(String::as_str), Some("g0 done"));
-    let mut children: Vec<&str> = lines[..3].iter().map(String::as_str).collect();
-    children.sort_unstable();
-    assert_eq!(children, ["g1 done", "g2 done", "g3 done"]);
+const CTX: &[&str] = &[
+    r#"g0: bound start = session.with_value("a", "b") on the main thread: a = Some("b")"#,
+    r#"g1: go() carried g0's session (start) into the new thread: a = Some("b")"#,
+    r#"g1: next = current.with_value("c", "d"); the current session is still start: c = None (SessionCtx is immutable: with_value derived a new session)"#,
+    r#"g1: bound next on its own thread: c = Some("d")"#,
+    r#"g2: go_session(next) carried next into the new thread: a = Some("b"), c = Some("d")"#,
+    r#"g3: go() carried g1's current session (still start) into the new thread: a = Some("b"), c = None"#,
+    r#"g0: the main thread's session is still start: c = None (g1's with_value and bind changed nothing here)"#,
+    r#"g0: session.disable(); start, derived from it, is_valid() = false; g0 releases the threads"#,
+    r#"g1 done: next.is_valid() = false, because next derives from the disabled session"#,
+    r#"g2 done: its session (next) is_valid() = false, because next derives from the disabled session"#,
+    r#"g3 done: its session (start) is_valid() = false, because start derives from the disabled session"#,
+    r#"g0 done: every thread saw the disabled session as invalid, and all three have ended"#,
+];
+
+fn map_transcript() -> Vec<String> {
+    CTX.iter()
+        .map(|line| {
+            line.replace(
+                "c = None (SessionCtx is immutable: with_value derived a new session)",
+                r#"c = Some("d") (SessionMap is shared: with_value updated the map every holder sees)"#,
+            )
+            .replace(r#"a = Some("b"), c = None"#, r#"a = Some("b"), c = Some("d")"#)
+            .replace(
+                "c = None (g1's with_value and bind changed nothing here)",
+                r#"c = Some("d") (the map is shared, so g1's with_value is visible here)"#,
+            )
+        })
+        .collect()
 }
 
 #[test]
 fn seed_program_with_session_ctx() {
-    check(&run_and_collect(Kind::Ctx));
+    assert_eq!(run_and_collect(Kind::Ctx), CTX);
     // The program unbinds at the end: nothing is left on this thread.
     assert!(localsession_std::current().is_none());
 }
 
 #[test]
 fn seed_program_with_session_map() {
-    check(&run_and_collect(Kind::Map));
+    assert_eq!(run_and_collect(Kind::Map), map_transcript());
     assert!(localsession_std::current().is_none());
 }
 
 #[test]
-fn seed_program_repeatedly_leaves_nothing_behind() {
+fn seed_program_repeatedly_prints_the_same_and_leaves_nothing_behind() {
+    let map = map_transcript();
     for _ in 0..20 {
-        check(&run_and_collect(Kind::Ctx));
-        check(&run_and_collect(Kind::Map));
+        assert_eq!(run_and_collect(Kind::Ctx), CTX);
+        assert_eq!(run_and_collect(Kind::Map), map);
     }
+    assert!(localsession_std::current().is_none());
 }

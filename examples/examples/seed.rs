@@ -1,10 +1,10 @@
 //! The seed program of Go's localsession README, in Rust (see `src/seed.rs` for the code).
 //!
-//! Run with `cargo run -p localsession-tests --example seed`. Pass `map` to run it with a
-//! `SessionMap` instead of a `SessionCtx`.
+//! Run with `cargo run -p localsession-examples --example seed`. Pass `map` to run it with a
+//! `SessionMap` instead of a `SessionCtx`. The output is the same on every run.
 
+use localsession_examples::seed::{Kind, run};
 use localsession_std::{default_manager_options, init_default_manager};
-use localsession_tests::seed::{Kind, run};
 
 fn main() {
     // Go: `func init() { InitDefaultManager(DefaultManagerOptions()) }`
@@ -20,5 +20,7 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let name = if kind == Kind::Ctx { "SessionCtx" } else { "SessionMap" };
+    println!("seed program with a {name} (g0 = the main thread; g1, g2, g3 = the threads it starts)");
     run(kind, |line| println!("{line}"));
 }
