@@ -1,31 +1,60 @@
 //! Context backup across real RPC: tower middleware for servers and clients (Kitex
 //! `server.WithContextBackup` / `client.WithContextBackup`). Feature `tower`.
 //!
-//! - [`ServerBackupLayer`]: for each request, builds a [`Context`] whose metainfo comes from the
-//!   request headers — `rpc-persist-<key>` for persistent values, `rpc-transit-<key>` for
-//!   transient values sent by the caller — and backs it up as the request's session
-//!   (`SessionCtx::new(ctx)`, Kitex `BackupCtx`) around every poll of the handler's future, its
-//!   `call`, and its drop; tasks the handler spawns with this crate's helpers (or plain
-//!   `tokio::spawn` in implicit mode) inherit it. When the response future completes (`Ok` or
-//!   `Err`) or is dropped before completing (the client went away), the backup is *ended*
+//! - [`ServerBackupLayer`]: for each request, builds a [`Context`] from the request headers
+//!   with its [`Propagator`]s (default: [`KitexMetainfo`] — `rpc-persist-*` persistent values,
+//!   `rpc-transit-*` transient values sent by the caller) and backs it up as the request's
+//!   session (`SessionCtx::new(ctx)`, Kitex `BackupCtx`) around every poll of the handler's
+//!   future, its `call`, and its drop; tasks the handler spawns with this crate's helpers (or
+//!   plain `tokio::spawn` in implicit mode) inherit it. When the response future completes (`Ok`
+//!   or `Err`) or is dropped before completing (the client went away), the backup is *ended*
 //!   (`SessionCtx::disable`): a task the request left behind (a `tower::buffer::Buffer` worker,
 //!   a pooled connection task, a detached spawn) can no longer use the request's identity —
 //!   [`backed_up_ctx`](localsession_core::backed_up_ctx) returns `None` there and
 //!   [`ClientBackup`] refuses to send. Opt out with
 //!   [`ServerBackupLayer::keep_alive`]. The context is also inserted in the request's
-//!   extensions. Malformed metainfo headers are answered with `400 Bad Request` and a message
+//!   extensions. It is prepared for backward values
+//!   ([`MetaInfo::send_backward_value`]), which the response carries as `rpc-backward-*`
+//!   headers. Malformed or oversize headers are answered with `400 Bad Request` and a message
 //!   naming the header; the handler is not called.
 //! - [`SessionLayer`]: the same request lifecycle for a session of your own, made from each
 //!   request by your closure (from its headers and extensions).
 //! - [`ClientBackupLayer`]: for each outgoing request, takes the request's [`Context`] (from its
 //!   extensions; `Context::background()` if none), recovers what it lacks from the backup with
-//!   [`recover_ctx_on_demands`] and your handler `(prev, cur) -> (ctx, backup)`, and writes the
-//!   resulting persistent metainfo and this hop's transient metainfo into the request headers.
-//!   Transient values received from upstream are not forwarded (they travel one hop). If the
-//!   session where the call runs has ended, the call fails with
+//!   [`recover_ctx_on_demands`] and your handler `(prev, cur) -> (ctx, backup)`, and writes it
+//!   into the request headers with its propagators: by default the persistent metainfo and this
+//!   hop's transient metainfo. Transient values received from upstream are not forwarded (they
+//!   travel one hop). The backward values of the response are put in its extensions as
+//!   [`BackwardValues`]. If the session where the call runs has ended, the call fails with
 //!   [`ClientBackupError::EndedSession`] instead of sending an old request's identity.
 //!
-//! Header keys are lower-cased (HTTP header names are case-insensitive).
+//! # Kitex/Hertz metainfo headers (gopkg's convention)
+//! Keys are mapped as CGI variables, as bytedance/gopkg's `metainfo` does, so that Go peers and
+//! this crate see the same keys:
+//!
+//! | header | metainfo |
+//! |---|---|
+//! | `rpc-persist-abc-def: v` | persistent `ABC_DEF = v` |
+//! | `rpc-transit-x-y: v` | transient `X_Y = v` (received from upstream: not forwarded) |
+//! | `rpc-backward-k: v` (response) | backward `K = v` |
+//!
+//! On receive the key after the prefix is upper-cased and `-` becomes `_`
+//! ([`header_to_cgi_key`]); on send it is lower-cased and `_` becomes `-`
+//! ([`cgi_key_to_header`]). So a key round-trips only in CGI form (`[A-Z0-9_]`): `tenant` is
+//! sent as `rpc-persist-tenant` and received as `TENANT`. [`KitexMetainfo::verbatim_keys`]
+//! keeps this crate's earlier mapping (header key = metainfo key) for peers that need it.
+//!
+//! | case | receive | send |
+//! |---|---|---|
+//! | empty key (`rpc-persist-`) | skipped (as gopkg) | error |
+//! | empty value | skipped (as gopkg) | not sent |
+//! | value not UTF-8 | `400` | — |
+//! | key not a header token, value with control characters or edge whitespace | — | error (gopkg drops it) |
+//! | more than [`KitexMetainfo::max_entries`] / [`KitexMetainfo::max_bytes`] | `400` | error |
+//! | backward value that cannot be a header | — | dropped (the response is made) |
+//!
+//! On send, errors are [`ClientBackupError::Header`] rather than gopkg's silent drop: the
+//! metainfo is this program's own data, and a lost tenant is worse than an error.
 //!
 //! # Examples
 //! A handler that calls another service: the tenant its caller sent is forwarded without a
@@ -39,12 +68,12 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let downstream = tower::service_fn(|req: Request<()>| async move {
-//!     Ok::<_, Infallible>(req.headers().get("rpc-persist-tenant").map(|v| v.to_str().unwrap().to_owned()))
+//!     Ok::<_, Infallible>(Response::new(req.headers().get("rpc-persist-tenant").map(|v| v.to_str().unwrap().to_owned())))
 //! });
 //! let client = ClientBackupLayer::new(|_prev: &Context, cur: &Context| (cur.clone(), true)).layer(downstream);
 //! let handler = tower::service_fn(move |_req: Request<String>| {
 //!     let call = client.clone().oneshot(Request::new(())); // no context: recovered from the backup
-//!     async move { Ok::<_, Infallible>(Response::new(call.await.unwrap().unwrap_or_default())) }
+//!     async move { Ok::<_, Infallible>(Response::new(call.await.unwrap().into_body().unwrap_or_default())) }
 //! });
 //! let server = ServerBackupLayer::new().layer(handler);
 //! let req = Request::builder().header("rpc-persist-tenant", "acme").body(String::new()).unwrap();
