@@ -66,8 +66,11 @@ fn ops_regressions() {
 }
 
 /// The header-parser targets: `(target, interpreter)`.
-const HEADER_TARGETS: [(&str, fn(&[u8])); 3] =
-    [("baggage", fuzz_headers::baggage), ("traceparent", fuzz_headers::traceparent), ("metainfo", fuzz_headers::metainfo)];
+const HEADER_TARGETS: [(&str, fn(&[u8])); 3] = [
+    ("baggage", fuzz_headers::baggage),
+    ("traceparent", fuzz_headers::traceparent),
+    ("metainfo", fuzz_headers::metainfo),
+];
 
 #[test]
 fn header_corpora() {

@@ -100,8 +100,8 @@ mod propagate;
 mod w3c;
 
 pub use propagate::{
-    BACKWARD_PREFIX, BackwardValues, KitexMetainfo, PERSISTENT_PREFIX, Propagator, TRANSIENT_PREFIX,
-    cgi_key_to_header, header_to_cgi_key,
+    BACKWARD_PREFIX, BackwardValues, KitexMetainfo, PERSISTENT_PREFIX, Propagator, TRANSIENT_PREFIX, cgi_key_to_header,
+    header_to_cgi_key,
 };
 pub use w3c::{TraceContext, TraceParent, W3cBaggage, W3cTraceContext};
 

@@ -85,7 +85,10 @@ fn a_1_mib_hostile_header_allocates_a_small_bounded_amount() {
         let mut h = HeaderMap::new();
         h.insert(name, HeaderValue::from_str(&value).unwrap());
         if name == "tracestate" {
-            h.insert("traceparent", HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+            h.insert(
+                "traceparent",
+                HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            );
         }
         let peak = peak_of(|| extract_all(&h));
         assert!(peak < BOUND, "{name}: parsing a 1 MiB header allocated {peak} bytes at peak (bound {BOUND})");

@@ -21,6 +21,8 @@ use proptest::prelude::*;
 use tower::{Layer, service_fn};
 
 type Body = Full<Bytes>;
+/// Header fields of a request.
+type Fields = Vec<(&'static str, HeaderValue)>;
 
 const SPEC_TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -36,9 +38,10 @@ fn headers(list: &[(&'static str, &str)]) -> HeaderMap {
 fn trace_context_spec_examples() {
     let tp = TraceParent::parse(SPEC_TRACEPARENT.as_bytes()).unwrap();
     assert_eq!(tp.version, 0);
-    assert_eq!(tp.trace_id, [
-        0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e, 0x47, 0x36
-    ]);
+    assert_eq!(
+        tp.trace_id,
+        [0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e, 0x47, 0x36]
+    );
     assert_eq!(tp.parent_id, [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]);
     assert_eq!(tp.flags, 1);
     assert_eq!(tp.to_string(), SPEC_TRACEPARENT);
@@ -202,7 +205,7 @@ async fn hostile_headers_get_a_400_naming_the_header() {
     let addr = serve_all().await;
     let ten_thousand: Vec<String> = (0..10_000).map(|i| format!("k{i}=v")).collect();
     let mib = "x".repeat(1 << 20);
-    let cases: Vec<(Vec<(&'static str, HeaderValue)>, &str, &str)> = vec![
+    let cases: Vec<(Fields, &str, &str)> = vec![
         (vec![("baggage", value(&ten_thousand.join(",")))], "\"baggage\"", "longer than 8192 bytes"),
         (
             ten_thousand.iter().take(200).map(|m| ("baggage", value(m))).collect(),
@@ -226,11 +229,7 @@ async fn hostile_headers_get_a_400_naming_the_header() {
             "version is not lowercase hex",
         ),
         (vec![("traceparent", value(&mib))], "\"traceparent\"", "version is not lowercase hex"),
-        (
-            vec![("rpc-transit-x", HeaderValue::from_bytes(b"\xc3\x28").unwrap())],
-            "\"rpc-transit-x\"",
-            "not UTF-8",
-        ),
+        (vec![("rpc-transit-x", HeaderValue::from_bytes(b"\xc3\x28").unwrap())], "\"rpc-transit-x\"", "not UTF-8"),
     ];
     for (list, header, reason) in cases {
         let (status, body) = send(addr, &list).await;
@@ -239,7 +238,9 @@ async fn hostile_headers_get_a_400_naming_the_header() {
     }
     // 300 Kitex headers: more than the entry limit.
     let many: Vec<(&'static str, HeaderValue)> = (0..300)
-        .map(|i| -> (&'static str, HeaderValue) { (Box::leak(format!("rpc-persist-k{i}").into_boxed_str()), value("v")) })
+        .map(|i| -> (&'static str, HeaderValue) {
+            (Box::leak(format!("rpc-persist-k{i}").into_boxed_str()), value("v"))
+        })
         .collect();
     let (status, body) = send(addr, &many).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);

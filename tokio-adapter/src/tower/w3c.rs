@@ -541,8 +541,8 @@ impl Propagator for W3cTraceContext {
         headers.insert(TRACEPARENT, parent);
         match trace.state.as_deref().filter(|s| !s.is_empty()) {
             Some(state) => {
-                let state = HeaderValue::from_str(state)
-                    .map_err(|_| HeaderError::new(TRACESTATE, "not visible ASCII"))?;
+                let state =
+                    HeaderValue::from_str(state).map_err(|_| HeaderError::new(TRACESTATE, "not visible ASCII"))?;
                 headers.insert(TRACESTATE, state);
             }
             None => {
