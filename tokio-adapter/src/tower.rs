@@ -250,7 +250,7 @@ pub fn write_metainfo_headers(meta: &MetaInfo, headers: &mut HeaderMap) -> Resul
 /// let handler = tower::service_fn(|_req: Request<String>| async {
 ///     // Deep in the handler, with no context passed: the backup.
 ///     let ctx = localsession_core::backed_up_ctx().unwrap();
-///     Ok::<_, Infallible>(Response::new(MetaInfo::of(&ctx).persistent("tenant").unwrap_or("").to_owned()))
+///     Ok::<_, Infallible>(Response::new(MetaInfo::of(&ctx).persistent("TENANT").unwrap_or("").to_owned()))
 /// });
 /// let mut svc = ServerBackupLayer::new().layer(handler);
 /// let req = Request::builder().header("rpc-persist-tenant", "acme").body(String::new()).unwrap();
@@ -284,7 +284,7 @@ impl ServerBackupLayer {
     /// let svc = ServerBackupLayer::new().layer(tower::service_fn(|req: Request<String>| async move {
     ///     // The request's context is also in its extensions.
     ///     let ctx = req.extensions().get::<Context>().unwrap();
-    ///     Ok::<_, Infallible>(Response::new(MetaInfo::of(ctx).transient("hop").unwrap_or("-").to_owned()))
+    ///     Ok::<_, Infallible>(Response::new(MetaInfo::of(ctx).transient("HOP").unwrap_or("-").to_owned()))
     /// }));
     /// let req = Request::builder().header("rpc-transit-hop", "1").body(String::new()).unwrap();
     /// assert_eq!(svc.oneshot(req).await.unwrap().into_body(), "1");
@@ -435,10 +435,10 @@ impl<S> Layer<S> for ServerBackupLayer {
 /// let svc = ServerBackupLayer::new().layer(tower::service_fn(|_req: Request<String>| async {
 ///     Ok::<_, Infallible>(Response::new(String::from("handled")))
 /// }));
-/// let bad = Request::builder().header("rpc-persist-", "x").body(String::new()).unwrap();
+/// let bad = Request::builder().header("rpc-persist-tenant", &b"caf\xe9"[..]).body(String::new()).unwrap();
 /// let resp = svc.oneshot(bad).await.unwrap();
 /// assert_eq!(resp.status(), StatusCode::BAD_REQUEST); // the handler was not called
-/// assert!(resp.body().contains("rpc-persist-"));
+/// assert!(resp.body().contains("rpc-persist-tenant"));
 /// # }
 /// ```
 #[derive(Debug, Clone)]
