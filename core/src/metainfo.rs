@@ -6,18 +6,31 @@
 //!   read them ([`MetaInfo::transient`] after [`MetaInfo::transfer_forward`]) but does not send
 //!   them further.
 //!
+//! - *Backward* values travel the other way, from a server back to its caller in the response
+//!   (Kitex `SendBackwardValue`): a server context prepared with
+//!   [`MetaInfo::with_backward_values_to_send`] records them in a cell shared by every context
+//!   derived from it, so code deep in the handler can add them with no context returned.
+//!
 //! A context's metainfo is one immutable [`MetaInfo`] value bound under a private typed key;
 //! setting a value copies the (small) maps into a new binding, so deriving never changes the
 //! parent context, like every other binding.
 
 use alloc::collections::BTreeMap;
+use alloc::string::String;
 use alloc::sync::Arc;
+use alloc::vec::Vec;
 use core::fmt;
 
 use crate::context::Context;
 use crate::key::Key;
 
 static META: Key<MetaInfo> = Key::new("localsession.metainfo");
+static BACKWARD: Key<BackwardCell> = Key::new("localsession.metainfo.backward");
+
+/// The backward values a server context records for its response: shared (not copied) by every
+/// context derived from the one that carries it.
+#[derive(Default)]
+struct BackwardCell(spin::Mutex<BTreeMap<Arc<str>, Arc<str>>>);
 
 /// The string key-values of a context: persistent, transient, and transient received from
 /// upstream.
@@ -324,6 +337,72 @@ impl MetaInfo {
     #[must_use]
     pub fn transfer_forward(&self) -> MetaInfo {
         MetaInfo { persistent: self.persistent.clone(), transient: BTreeMap::new(), upstream: self.transient.clone() }
+    }
+}
+
+impl MetaInfo {
+    /// `ctx` prepared to record backward values (Kitex `WithBackwardValuesToSend`): values sent
+    /// with [`send_backward_value`](MetaInfo::send_backward_value) on it or on any context
+    /// derived from it are kept in one shared cell, read back with
+    /// [`backward_values_to_send`](MetaInfo::backward_values_to_send). A server middleware calls
+    /// this once per request; backward values sent on a previously prepared context are not
+    /// carried over (a fresh cell).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, MetaInfo};
+    /// let ctx = MetaInfo::with_backward_values_to_send(&Context::background());
+    /// let deeper = ctx.with_value("k", 1u8); // derived contexts share the cell
+    /// assert!(MetaInfo::send_backward_value(&deeper, "STATUS", "cached"));
+    /// assert_eq!(MetaInfo::backward_values_to_send(&ctx), [("STATUS".to_owned(), "cached".to_owned())]);
+    /// ```
+    #[must_use]
+    pub fn with_backward_values_to_send(ctx: &Context) -> Context {
+        ctx.with(&BACKWARD, BackwardCell::default())
+    }
+
+    /// Records a backward value to send back to the caller (Kitex `SendBackwardValue`); replaces
+    /// a value of the same key. Returns `false`, recording nothing, if `ctx` was not prepared
+    /// with [`with_backward_values_to_send`](MetaInfo::with_backward_values_to_send) (no server
+    /// middleware would send it).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, MetaInfo};
+    /// assert!(!MetaInfo::send_backward_value(&Context::background(), "K", "v")); // nowhere to record it
+    /// let ctx = MetaInfo::with_backward_values_to_send(&Context::background());
+    /// assert!(MetaInfo::send_backward_value(&ctx, "K", "v1"));
+    /// assert!(MetaInfo::send_backward_value(&ctx, "K", "v2"));
+    /// assert_eq!(MetaInfo::backward_values_to_send(&ctx), [("K".to_owned(), "v2".to_owned())]);
+    /// ```
+    pub fn send_backward_value(ctx: &Context, key: &str, value: &str) -> bool {
+        match ctx.get(&BACKWARD) {
+            Some(cell) => {
+                cell.0.lock().insert(Arc::from(key), Arc::from(value));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The backward values recorded so far on `ctx`'s cell, in key order (Kitex
+    /// `AllBackwardValuesToSend`); empty if `ctx` was not prepared.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, MetaInfo};
+    /// let ctx = MetaInfo::with_backward_values_to_send(&Context::background());
+    /// MetaInfo::send_backward_value(&ctx, "B", "2");
+    /// MetaInfo::send_backward_value(&ctx, "A", "1");
+    /// let sent = MetaInfo::backward_values_to_send(&ctx);
+    /// assert_eq!(sent, [("A".to_owned(), "1".to_owned()), ("B".to_owned(), "2".to_owned())]);
+    /// assert!(MetaInfo::backward_values_to_send(&Context::background()).is_empty());
+    /// ```
+    #[must_use]
+    pub fn backward_values_to_send(ctx: &Context) -> Vec<(String, String)> {
+        ctx.get(&BACKWARD).map_or_else(Vec::new, |cell| {
+            cell.0.lock().iter().map(|(k, v)| (String::from(&**k), String::from(&**v))).collect()
+        })
     }
 }
 

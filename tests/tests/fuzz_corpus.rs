@@ -10,7 +10,7 @@ use std::fs;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
-use localsession_tests::{fuzz_config, fuzz_ops};
+use localsession_tests::{fuzz_config, fuzz_headers, fuzz_ops};
 
 fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("fuzz")
@@ -63,4 +63,27 @@ fn config_regressions() {
 #[test]
 fn ops_regressions() {
     replay(&files(&fuzz_dir().join("regressions").join("ops")), fuzz_ops::run, fuzz_ops::describe);
+}
+
+/// The header-parser targets: `(target, interpreter)`.
+const HEADER_TARGETS: [(&str, fn(&[u8])); 3] = [
+    ("baggage", fuzz_headers::baggage),
+    ("traceparent", fuzz_headers::traceparent),
+    ("metainfo", fuzz_headers::metainfo),
+];
+
+#[test]
+fn header_corpora() {
+    for (target, run) in HEADER_TARGETS {
+        let corpus = files(&fuzz_dir().join("corpus").join(target));
+        assert!(!corpus.is_empty(), "fuzz/corpus/{target} is empty");
+        replay(&corpus, run, describe_config);
+    }
+}
+
+#[test]
+fn header_regressions() {
+    for (target, run) in HEADER_TARGETS {
+        replay(&files(&fuzz_dir().join("regressions").join(target)), run, describe_config);
+    }
 }

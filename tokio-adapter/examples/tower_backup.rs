@@ -44,7 +44,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Service B: what tenant does it see?
     let b = serve(service_fn(|_req: Request<Incoming>| async {
-        let tenant = backed_up_ctx().and_then(|ctx| MetaInfo::of(&ctx).persistent("tenant").map(str::to_owned));
+        let tenant = backed_up_ctx().and_then(|ctx| MetaInfo::of(&ctx).persistent("TENANT").map(str::to_owned));
         Ok::<_, Infallible>(Response::new(Body::from(format!("B sees tenant {tenant:?}"))))
     }))
     .await;

@@ -1,31 +1,60 @@
 //! Context backup across real RPC: tower middleware for servers and clients (Kitex
 //! `server.WithContextBackup` / `client.WithContextBackup`). Feature `tower`.
 //!
-//! - [`ServerBackupLayer`]: for each request, builds a [`Context`] whose metainfo comes from the
-//!   request headers — `rpc-persist-<key>` for persistent values, `rpc-transit-<key>` for
-//!   transient values sent by the caller — and backs it up as the request's session
-//!   (`SessionCtx::new(ctx)`, Kitex `BackupCtx`) around every poll of the handler's future, its
-//!   `call`, and its drop; tasks the handler spawns with this crate's helpers (or plain
-//!   `tokio::spawn` in implicit mode) inherit it. When the response future completes (`Ok` or
-//!   `Err`) or is dropped before completing (the client went away), the backup is *ended*
+//! - [`ServerBackupLayer`]: for each request, builds a [`Context`] from the request headers
+//!   with its [`Propagator`]s (default: [`KitexMetainfo`] — `rpc-persist-*` persistent values,
+//!   `rpc-transit-*` transient values sent by the caller) and backs it up as the request's
+//!   session (`SessionCtx::new(ctx)`, Kitex `BackupCtx`) around every poll of the handler's
+//!   future, its `call`, and its drop; tasks the handler spawns with this crate's helpers (or
+//!   plain `tokio::spawn` in implicit mode) inherit it. When the response future completes (`Ok`
+//!   or `Err`) or is dropped before completing (the client went away), the backup is *ended*
 //!   (`SessionCtx::disable`): a task the request left behind (a `tower::buffer::Buffer` worker,
 //!   a pooled connection task, a detached spawn) can no longer use the request's identity —
 //!   [`backed_up_ctx`](localsession_core::backed_up_ctx) returns `None` there and
 //!   [`ClientBackup`] refuses to send. Opt out with
 //!   [`ServerBackupLayer::keep_alive`]. The context is also inserted in the request's
-//!   extensions. Malformed metainfo headers are answered with `400 Bad Request` and a message
+//!   extensions. It is prepared for backward values
+//!   ([`MetaInfo::send_backward_value`]), which the response carries as `rpc-backward-*`
+//!   headers. Malformed or oversize headers are answered with `400 Bad Request` and a message
 //!   naming the header; the handler is not called.
 //! - [`SessionLayer`]: the same request lifecycle for a session of your own, made from each
 //!   request by your closure (from its headers and extensions).
 //! - [`ClientBackupLayer`]: for each outgoing request, takes the request's [`Context`] (from its
 //!   extensions; `Context::background()` if none), recovers what it lacks from the backup with
-//!   [`recover_ctx_on_demands`] and your handler `(prev, cur) -> (ctx, backup)`, and writes the
-//!   resulting persistent metainfo and this hop's transient metainfo into the request headers.
-//!   Transient values received from upstream are not forwarded (they travel one hop). If the
-//!   session where the call runs has ended, the call fails with
+//!   [`recover_ctx_on_demands`] and your handler `(prev, cur) -> (ctx, backup)`, and writes it
+//!   into the request headers with its propagators: by default the persistent metainfo and this
+//!   hop's transient metainfo. Transient values received from upstream are not forwarded (they
+//!   travel one hop). The backward values of the response are put in its extensions as
+//!   [`BackwardValues`]. If the session where the call runs has ended, the call fails with
 //!   [`ClientBackupError::EndedSession`] instead of sending an old request's identity.
 //!
-//! Header keys are lower-cased (HTTP header names are case-insensitive).
+//! # Kitex/Hertz metainfo headers (gopkg's convention)
+//! Keys are mapped as CGI variables, as bytedance/gopkg's `metainfo` does, so that Go peers and
+//! this crate see the same keys:
+//!
+//! | header | metainfo |
+//! |---|---|
+//! | `rpc-persist-abc-def: v` | persistent `ABC_DEF = v` |
+//! | `rpc-transit-x-y: v` | transient `X_Y = v` (received from upstream: not forwarded) |
+//! | `rpc-backward-k: v` (response) | backward `K = v` |
+//!
+//! On receive the key after the prefix is upper-cased and `-` becomes `_`
+//! ([`header_to_cgi_key`]); on send it is lower-cased and `_` becomes `-`
+//! ([`cgi_key_to_header`]). So a key round-trips only in CGI form (`[A-Z0-9_]`): `tenant` is
+//! sent as `rpc-persist-tenant` and received as `TENANT`. [`KitexMetainfo::verbatim_keys`]
+//! keeps this crate's earlier mapping (header key = metainfo key) for peers that need it.
+//!
+//! | case | receive | send |
+//! |---|---|---|
+//! | empty key (`rpc-persist-`) | skipped (as gopkg) | error |
+//! | empty value | skipped (as gopkg) | not sent |
+//! | value not UTF-8 | `400` | — |
+//! | key not a header token, value with control characters or edge whitespace | — | error (gopkg drops it) |
+//! | more than [`KitexMetainfo::max_entries`] / [`KitexMetainfo::max_bytes`] | `400` | error |
+//! | backward value that cannot be a header | — | dropped (the response is made) |
+//!
+//! On send, errors are [`ClientBackupError::Header`] rather than gopkg's silent drop: the
+//! metainfo is this program's own data, and a lost tenant is worse than an error.
 //!
 //! # Examples
 //! A handler that calls another service: the tenant its caller sent is forwarded without a
@@ -39,12 +68,12 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let downstream = tower::service_fn(|req: Request<()>| async move {
-//!     Ok::<_, Infallible>(req.headers().get("rpc-persist-tenant").map(|v| v.to_str().unwrap().to_owned()))
+//!     Ok::<_, Infallible>(Response::new(req.headers().get("rpc-persist-tenant").map(|v| v.to_str().unwrap().to_owned())))
 //! });
 //! let client = ClientBackupLayer::new(|_prev: &Context, cur: &Context| (cur.clone(), true)).layer(downstream);
 //! let handler = tower::service_fn(move |_req: Request<String>| {
 //!     let call = client.clone().oneshot(Request::new(())); // no context: recovered from the backup
-//!     async move { Ok::<_, Infallible>(Response::new(call.await.unwrap().unwrap_or_default())) }
+//!     async move { Ok::<_, Infallible>(Response::new(call.await.unwrap().into_body().unwrap_or_default())) }
 //! });
 //! let server = ServerBackupLayer::new().layer(handler);
 //! let req = Request::builder().header("rpc-persist-tenant", "acme").body(String::new()).unwrap();
@@ -52,12 +81,14 @@
 //! # }
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::HeaderMap;
 use http::{Request, Response, StatusCode};
 use localsession_core::{AnySession, Context, ContextError, MetaInfo, SessionCtx, WithSession, recover_ctx_on_demands};
 use tower_layer::Layer;
@@ -65,36 +96,27 @@ use tower_service::Service;
 
 use crate::FutureExt;
 
-/// Header prefix of persistent metainfo (travels across every hop).
-///
-/// # Examples
-/// ```
-/// use http::HeaderMap;
-/// use localsession_core::{Context, MetaInfo};
-/// use localsession_tokio::tower::{write_metainfo_headers, PERSISTENT_PREFIX};
-///
-/// let ctx = MetaInfo::with_persistent(&Context::background(), "tenant", "acme");
-/// let mut headers = HeaderMap::new();
-/// write_metainfo_headers(MetaInfo::of(&ctx), &mut headers).unwrap();
-/// assert_eq!(headers[format!("{PERSISTENT_PREFIX}tenant")], "acme");
-/// ```
-pub const PERSISTENT_PREFIX: &str = "rpc-persist-";
-/// Header prefix of transient metainfo (travels one hop).
-///
-/// # Examples
-/// ```
-/// use http::HeaderMap;
-/// use localsession_core::{Context, MetaInfo};
-/// use localsession_tokio::tower::{write_metainfo_headers, TRANSIENT_PREFIX};
-///
-/// let ctx = MetaInfo::with_transient(&Context::background(), "hop", "1");
-/// let mut headers = HeaderMap::new();
-/// write_metainfo_headers(MetaInfo::of(&ctx), &mut headers).unwrap();
-/// assert_eq!(headers[format!("{TRANSIENT_PREFIX}hop")], "1");
-/// ```
-pub const TRANSIENT_PREFIX: &str = "rpc-transit-";
+mod propagate;
+mod w3c;
 
-/// A metainfo header that cannot be read or written.
+pub use propagate::{
+    BACKWARD_PREFIX, BackwardValues, KitexMetainfo, PERSISTENT_PREFIX, Propagator, TRANSIENT_PREFIX, cgi_key_to_header,
+    header_to_cgi_key,
+};
+pub use w3c::{TraceContext, TraceParent, W3cBaggage, W3cTraceContext};
+
+/// The propagators a layer runs, in order.
+type Propagators = Arc<[Arc<dyn Propagator>]>;
+
+fn default_propagators() -> Propagators {
+    Arc::from([Arc::new(KitexMetainfo::new()) as Arc<dyn Propagator>])
+}
+
+fn appended(list: &Propagators, p: Arc<dyn Propagator>) -> Propagators {
+    list.iter().cloned().chain([p]).collect()
+}
+
+/// A header that cannot be read or written: names the header and what is wrong with it.
 ///
 /// # Examples
 /// ```
@@ -102,19 +124,31 @@ pub const TRANSIENT_PREFIX: &str = "rpc-transit-";
 /// use localsession_tokio::tower::metainfo_from_headers;
 ///
 /// let mut headers = HeaderMap::new();
-/// headers.insert("rpc-persist-", "acme".parse().unwrap()); // no key after the prefix
+/// headers.insert("rpc-persist-tenant", http::HeaderValue::from_bytes(b"caf\xe9").unwrap());
 /// let err = metainfo_from_headers(&headers).unwrap_err();
-/// assert_eq!(err.header(), "rpc-persist-");
-/// assert!(err.to_string().ends_with("the metainfo key after the prefix is empty"));
+/// assert_eq!(err.header(), "rpc-persist-tenant");
+/// assert!(err.to_string().ends_with("the value is not UTF-8 text"));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderError {
     header: String,
-    reason: &'static str,
+    reason: Cow<'static, str>,
 }
 
 impl HeaderError {
-    /// The offending header name (when writing: the header the metainfo key would have become,
+    /// An error about `header`, for `reason`.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_tokio::tower::HeaderError;
+    /// let err = HeaderError::new("x-request-id", "empty");
+    /// assert_eq!(err.to_string(), "invalid header \"x-request-id\": empty");
+    /// ```
+    pub fn new(header: impl Into<String>, reason: impl Into<Cow<'static, str>>) -> Self {
+        HeaderError { header: header.into(), reason: reason.into() }
+    }
+
+    /// The offending header name (when writing metainfo: the header the key would have become,
     /// prefix included).
     ///
     /// # Examples
@@ -123,7 +157,7 @@ impl HeaderError {
     /// use localsession_core::{Context, MetaInfo};
     /// use localsession_tokio::tower::write_metainfo_headers;
     ///
-    /// let ctx = MetaInfo::with_persistent(&Context::background(), "user id", "7"); // a space: not a header token
+    /// let ctx = MetaInfo::with_persistent(&Context::background(), "USER ID", "7"); // a space: not a header token
     /// let err = write_metainfo_headers(MetaInfo::of(&ctx), &mut HeaderMap::new()).unwrap_err();
     /// assert_eq!(err.header(), "rpc-persist-user id");
     /// ```
@@ -131,94 +165,74 @@ impl HeaderError {
     pub fn header(&self) -> &str {
         &self.header
     }
+
+    /// What is wrong with it.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_tokio::tower::HeaderError;
+    /// assert_eq!(HeaderError::new("baggage", "too long").reason(), "too long");
+    /// ```
+    #[must_use]
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
 }
 
 impl fmt::Display for HeaderError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid metainfo header {:?}: {}", self.header, self.reason)
+        write!(f, "invalid header {:?}: {}", self.header, self.reason)
     }
 }
 
 impl std::error::Error for HeaderError {}
 
-/// Reads the metainfo headers of an incoming request: `rpc-persist-*` become persistent values,
-/// `rpc-transit-*` transient values received from upstream (readable here, not forwarded).
+/// Reads the metainfo headers of an incoming request with the default [`KitexMetainfo`]
+/// (gopkg's CGI-variable keys): `rpc-persist-abc-def` becomes the persistent value `ABC_DEF`,
+/// `rpc-transit-x-y` the transient value `X_Y` received from upstream (readable here, not
+/// forwarded). Empty keys and empty values are skipped, as gopkg does.
 ///
 /// # Errors
-/// [`HeaderError`] for an empty key (`rpc-persist-` alone) or a value that is not visible ASCII.
+/// [`HeaderError`] naming the header for a value that is not UTF-8, or more metainfo than the
+/// limits ([`KitexMetainfo::read`]).
 ///
 /// # Examples
 /// ```
 /// use http::HeaderMap;
 /// use localsession_tokio::tower::metainfo_from_headers;
 /// let mut h = HeaderMap::new();
-/// h.insert("rpc-persist-tenant", "acme".parse().unwrap());
+/// h.insert("rpc-persist-abc-def", "v".parse().unwrap());
 /// h.insert("rpc-transit-hop", "1".parse().unwrap());
 /// let meta = metainfo_from_headers(&h).unwrap();
-/// assert_eq!(meta.persistent("tenant"), Some("acme"));
-/// assert_eq!(meta.transient("hop"), Some("1"));
-/// assert_eq!(meta.transfer_forward().transient("hop"), None); // one hop only
+/// assert_eq!(meta.persistent("ABC_DEF"), Some("v"));
+/// assert_eq!(meta.transient("HOP"), Some("1"));
+/// assert_eq!(meta.transfer_forward().transient("HOP"), None); // one hop only
 /// ```
 pub fn metainfo_from_headers(headers: &HeaderMap) -> Result<MetaInfo, HeaderError> {
-    let mut meta = MetaInfo::default();
-    for (name, value) in headers {
-        let name = name.as_str();
-        let (key, persistent) = if let Some(key) = name.strip_prefix(PERSISTENT_PREFIX) {
-            (key, true)
-        } else if let Some(key) = name.strip_prefix(TRANSIENT_PREFIX) {
-            (key, false)
-        } else {
-            continue;
-        };
-        if key.is_empty() {
-            return Err(HeaderError { header: name.to_owned(), reason: "the metainfo key after the prefix is empty" });
-        }
-        let value = value.to_str().map_err(|_| HeaderError {
-            header: name.to_owned(),
-            reason: "the value is not visible ASCII (metainfo values must be header-safe text)",
-        })?;
-        if persistent {
-            meta.set_persistent(key, value);
-        } else {
-            meta.set_upstream(key, value);
-        }
-    }
-    Ok(meta)
+    KitexMetainfo::new().read(headers)
 }
 
-/// Writes the metainfo an outgoing request carries: every persistent value, and the transient
-/// values set at this hop. Replaces headers of the same names.
+/// Writes the metainfo an outgoing request carries with the default [`KitexMetainfo`]: every
+/// persistent value, and the transient values set at this hop, under `rpc-persist-<key>` /
+/// `rpc-transit-<key>` with the key lower-cased and `_` as `-` (`ABC_DEF` ->
+/// `rpc-persist-abc-def`). Replaces headers of the same names.
 ///
 /// # Errors
-/// [`HeaderError`] for a key that is not a valid header-name token or a value that is not
-/// visible ASCII.
+/// [`HeaderError`] naming the header, for a key that is not a header-name token or a value that
+/// is not header-safe ([`KitexMetainfo::write`]).
 ///
 /// # Examples
 /// ```
 /// use http::HeaderMap;
 /// use localsession_core::{Context, MetaInfo};
 /// use localsession_tokio::tower::write_metainfo_headers;
-/// let ctx = MetaInfo::with_persistent(&Context::background(), "tenant", "acme");
+/// let ctx = MetaInfo::with_persistent(&Context::background(), "TENANT_ID", "acme");
 /// let mut h = HeaderMap::new();
 /// write_metainfo_headers(MetaInfo::of(&ctx), &mut h).unwrap();
-/// assert_eq!(h["rpc-persist-tenant"], "acme");
+/// assert_eq!(h["rpc-persist-tenant-id"], "acme");
 /// ```
 pub fn write_metainfo_headers(meta: &MetaInfo, headers: &mut HeaderMap) -> Result<(), HeaderError> {
-    let persistent = meta.persistent_values().map(|kv| (PERSISTENT_PREFIX, kv));
-    let transient = meta.outgoing_transient_values().map(|kv| (TRANSIENT_PREFIX, kv));
-    for (prefix, (key, value)) in persistent.chain(transient) {
-        let header = format!("{prefix}{}", key.to_ascii_lowercase());
-        let name = HeaderName::from_bytes(header.as_bytes()).map_err(|_| HeaderError {
-            header: header.clone(),
-            reason: "the metainfo key is not a valid HTTP header name token",
-        })?;
-        let value = HeaderValue::from_str(value).map_err(|_| HeaderError {
-            header: header.clone(),
-            reason: "the value is not visible ASCII (metainfo values must be header-safe text)",
-        })?;
-        headers.insert(name, value);
-    }
-    Ok(())
+    KitexMetainfo::new().write(meta, headers)
 }
 
 /// The server middleware (see the [module docs](self)).
@@ -236,16 +250,17 @@ pub fn write_metainfo_headers(meta: &MetaInfo, headers: &mut HeaderMap) -> Resul
 /// let handler = tower::service_fn(|_req: Request<String>| async {
 ///     // Deep in the handler, with no context passed: the backup.
 ///     let ctx = localsession_core::backed_up_ctx().unwrap();
-///     Ok::<_, Infallible>(Response::new(MetaInfo::of(&ctx).persistent("tenant").unwrap_or("").to_owned()))
+///     Ok::<_, Infallible>(Response::new(MetaInfo::of(&ctx).persistent("TENANT").unwrap_or("").to_owned()))
 /// });
 /// let mut svc = ServerBackupLayer::new().layer(handler);
 /// let req = Request::builder().header("rpc-persist-tenant", "acme").body(String::new()).unwrap();
 /// assert_eq!(svc.call(req).await.unwrap().into_body(), "acme");
 /// # }
 /// ```
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ServerBackupLayer {
     end_with_response: bool,
+    propagators: Propagators,
 }
 
 impl Default for ServerBackupLayer {
@@ -269,7 +284,7 @@ impl ServerBackupLayer {
     /// let svc = ServerBackupLayer::new().layer(tower::service_fn(|req: Request<String>| async move {
     ///     // The request's context is also in its extensions.
     ///     let ctx = req.extensions().get::<Context>().unwrap();
-    ///     Ok::<_, Infallible>(Response::new(MetaInfo::of(ctx).transient("hop").unwrap_or("-").to_owned()))
+    ///     Ok::<_, Infallible>(Response::new(MetaInfo::of(ctx).transient("HOP").unwrap_or("-").to_owned()))
     /// }));
     /// let req = Request::builder().header("rpc-transit-hop", "1").body(String::new()).unwrap();
     /// assert_eq!(svc.oneshot(req).await.unwrap().into_body(), "1");
@@ -277,7 +292,64 @@ impl ServerBackupLayer {
     /// ```
     #[must_use]
     pub fn new() -> Self {
-        ServerBackupLayer { end_with_response: true }
+        ServerBackupLayer { end_with_response: true, propagators: default_propagators() }
+    }
+
+    /// Replaces the propagators that read each request's context from its headers (in order,
+    /// each on the context the previous one made) and write the backward values into its
+    /// response. Default: [`KitexMetainfo`] alone.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::sync::Arc;
+    /// use http::{Request, Response};
+    /// use localsession_core::MetaInfo;
+    /// use localsession_tokio::tower::{Propagator, ServerBackupLayer, W3cBaggage};
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let layer = ServerBackupLayer::new().propagators([Arc::new(W3cBaggage) as Arc<dyn Propagator>]);
+    /// let svc = layer.layer(tower::service_fn(|_req: Request<String>| async {
+    ///     let ctx = localsession_core::backed_up_ctx().unwrap();
+    ///     let meta = MetaInfo::of(&ctx);
+    ///     Ok::<_, Infallible>(Response::new(format!("{:?} {:?}", meta.persistent("tenant"), meta.persistent("TENANT"))))
+    /// }));
+    /// let req = Request::builder().header("baggage", "tenant=acme").header("rpc-persist-tenant", "x").body(String::new()).unwrap();
+    /// assert_eq!(svc.oneshot(req).await.unwrap().into_body(), r#"Some("acme") None"#); // Kitex headers not read
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn propagators(self, list: impl IntoIterator<Item = Arc<dyn Propagator>>) -> Self {
+        ServerBackupLayer { propagators: list.into_iter().collect(), ..self }
+    }
+
+    /// Adds a propagator after those already there.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response};
+    /// use localsession_core::Context;
+    /// use localsession_tokio::tower::{ServerBackupLayer, TraceContext, W3cTraceContext};
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let layer = ServerBackupLayer::new().with_propagator(W3cTraceContext::new()); // Kitex + trace context
+    /// let svc = layer.layer(tower::service_fn(|req: Request<String>| async move {
+    ///     let trace = TraceContext::of(req.extensions().get::<Context>().unwrap()).unwrap();
+    ///     Ok::<_, Infallible>(Response::new(trace.parent.sampled().to_string()))
+    /// }));
+    /// let req = Request::builder()
+    ///     .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    ///     .body(String::new())
+    ///     .unwrap();
+    /// assert_eq!(svc.oneshot(req).await.unwrap().into_body(), "true");
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn with_propagator(self, propagator: impl Propagator + 'static) -> Self {
+        ServerBackupLayer { propagators: appended(&self.propagators, Arc::new(propagator)), ..self }
     }
 
     /// Does not end the backup when the response future completes or is dropped: tasks the
@@ -339,14 +411,14 @@ impl ServerBackupLayer {
     /// ```
     #[must_use]
     pub fn end_with_response(self, end: bool) -> Self {
-        ServerBackupLayer { end_with_response: end }
+        ServerBackupLayer { end_with_response: end, ..self }
     }
 }
 
 impl<S> Layer<S> for ServerBackupLayer {
     type Service = ServerBackup<S>;
     fn layer(&self, inner: S) -> ServerBackup<S> {
-        ServerBackup { inner, end_with_response: self.end_with_response }
+        ServerBackup { inner, end_with_response: self.end_with_response, propagators: self.propagators.clone() }
     }
 }
 
@@ -363,16 +435,17 @@ impl<S> Layer<S> for ServerBackupLayer {
 /// let svc = ServerBackupLayer::new().layer(tower::service_fn(|_req: Request<String>| async {
 ///     Ok::<_, Infallible>(Response::new(String::from("handled")))
 /// }));
-/// let bad = Request::builder().header("rpc-persist-", "x").body(String::new()).unwrap();
+/// let bad = Request::builder().header("rpc-persist-tenant", &b"caf\xe9"[..]).body(String::new()).unwrap();
 /// let resp = svc.oneshot(bad).await.unwrap();
 /// assert_eq!(resp.status(), StatusCode::BAD_REQUEST); // the handler was not called
-/// assert!(resp.body().contains("rpc-persist-"));
+/// assert!(resp.body().contains("rpc-persist-tenant"));
 /// # }
 /// ```
 #[derive(Debug, Clone)]
 pub struct ServerBackup<S> {
     inner: S,
     end_with_response: bool,
+    propagators: Propagators,
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ServerBackup<S>
@@ -389,23 +462,28 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let meta = match metainfo_from_headers(req.headers()) {
-            Ok(meta) => meta,
-            Err(e) => {
-                let mut resp = Response::new(ResBody::from(e.to_string()));
-                *resp.status_mut() = StatusCode::BAD_REQUEST;
-                return ServerBackupFuture {
-                    state: ServerState::Rejected { response: Some(resp) },
-                    end: EndSession(None),
-                };
+        let mut ctx = Context::background();
+        for p in self.propagators.iter() {
+            match p.extract(req.headers(), &ctx) {
+                Ok(next) => ctx = next,
+                Err(e) => {
+                    let mut resp = Response::new(ResBody::from(e.to_string()));
+                    *resp.status_mut() = StatusCode::BAD_REQUEST;
+                    return ServerBackupFuture {
+                        state: ServerState::Rejected { response: Some(resp) },
+                        end: EndSession(None),
+                        backward: None,
+                    };
+                }
             }
-        };
-        let ctx = MetaInfo::attach(&Context::background(), meta);
+        }
+        let ctx = MetaInfo::with_backward_values_to_send(&ctx);
         req.extensions_mut().insert(ctx.clone());
         let session = SessionCtx::new(&ctx);
         let fut = localsession_std::scope(session.clone(), || self.inner.call(req));
         let end = EndSession(self.end_with_response.then(|| session.clone().into()));
-        ServerBackupFuture { state: ServerState::Inner { fut: fut.with_session(session) }, end }
+        let backward = Some((ctx, self.propagators.clone()));
+        ServerBackupFuture { state: ServerState::Inner { fut: fut.with_session(session) }, end, backward }
     }
 }
 
@@ -435,6 +513,8 @@ pin_project_lite::pin_project! {
         #[pin]
         state: ServerState<F, B>,
         end: EndSession,
+        // The request's context and the propagators that write its backward values.
+        backward: Option<(Context, Propagators)>,
     }
 }
 
@@ -459,7 +539,12 @@ where
         let this = self.project();
         match this.state.project() {
             ServerStateProj::Inner { fut } => {
-                let out = std::task::ready!(fut.poll(cx));
+                let mut out = std::task::ready!(fut.poll(cx));
+                if let (Ok(resp), Some((ctx, propagators))) = (&mut out, this.backward.take()) {
+                    for p in propagators.iter() {
+                        p.inject_backward(&ctx, resp.headers_mut());
+                    }
+                }
                 this.end.end();
                 Poll::Ready(out)
             }
@@ -503,6 +588,7 @@ where
 #[derive(Debug, Clone)]
 pub struct ClientBackupLayer<H> {
     handler: H,
+    propagators: Propagators,
 }
 
 impl<H> ClientBackupLayer<H>
@@ -531,14 +617,71 @@ where
     /// # }
     /// ```
     pub fn new(handler: H) -> Self {
-        ClientBackupLayer { handler }
+        ClientBackupLayer { handler, propagators: default_propagators() }
+    }
+
+    /// Replaces the propagators that write each outgoing request's headers from its context
+    /// (in order) and read the backward values of its response. Default: [`KitexMetainfo`]
+    /// alone.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::sync::Arc;
+    /// use http::{Request, Response};
+    /// use localsession_core::{Context, MetaInfo};
+    /// use localsession_tokio::tower::{ClientBackupLayer, Propagator, W3cBaggage};
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let transport = tower::service_fn(|req: Request<()>| async move {
+    ///     Ok::<_, Infallible>(Response::new(format!("{:?}", req.headers().get("baggage"))))
+    /// });
+    /// let layer = ClientBackupLayer::new(|_prev: &Context, cur: &Context| (cur.clone(), true))
+    ///     .propagators([Arc::new(W3cBaggage) as Arc<dyn Propagator>]);
+    /// let mut req = Request::new(());
+    /// req.extensions_mut().insert(MetaInfo::with_persistent(&Context::background(), "user", "Jürgen"));
+    /// assert_eq!(layer.layer(transport).oneshot(req).await.unwrap().into_body(), r#"Some("user=J%C3%BCrgen")"#);
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn propagators(self, list: impl IntoIterator<Item = Arc<dyn Propagator>>) -> Self {
+        ClientBackupLayer { propagators: list.into_iter().collect(), ..self }
+    }
+
+    /// Adds a propagator after those already there.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response};
+    /// use localsession_core::{Context, MetaInfo};
+    /// use localsession_tokio::tower::{ClientBackupLayer, TraceContext, TraceParent, W3cTraceContext};
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let transport = tower::service_fn(|req: Request<()>| async move {
+    ///     Ok::<_, Infallible>(Response::new(req.headers()["traceparent"].to_str().unwrap().to_owned()))
+    /// });
+    /// let layer = ClientBackupLayer::new(|_prev: &Context, cur: &Context| (cur.clone(), true))
+    ///     .with_propagator(W3cTraceContext::new());
+    /// let parent = TraceParent { version: 0, trace_id: [0xab; 16], parent_id: [0xcd; 8], flags: 1 };
+    /// let mut req = Request::new(());
+    /// req.extensions_mut().insert(TraceContext { parent, state: None }.attach(&Context::background()));
+    /// let sent = layer.layer(transport).oneshot(req).await.unwrap().into_body();
+    /// assert_eq!(sent, format!("00-{}-{}-01", "ab".repeat(16), "cd".repeat(8)));
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn with_propagator(self, propagator: impl Propagator + 'static) -> Self {
+        ClientBackupLayer { propagators: appended(&self.propagators, Arc::new(propagator)), ..self }
     }
 }
 
 impl<S, H: Clone> Layer<S> for ClientBackupLayer<H> {
     type Service = ClientBackup<S, H>;
     fn layer(&self, inner: S) -> ClientBackup<S, H> {
-        ClientBackup { inner, handler: self.handler.clone() }
+        ClientBackup { inner, handler: self.handler.clone(), propagators: self.propagators.clone() }
     }
 }
 
@@ -568,6 +711,7 @@ impl<S, H: Clone> Layer<S> for ClientBackupLayer<H> {
 pub struct ClientBackup<S, H> {
     inner: S,
     handler: H,
+    propagators: Propagators,
 }
 
 /// The client middleware's error: the metainfo could not be written, or the inner service failed.
@@ -656,9 +800,9 @@ impl<E: std::error::Error + 'static> std::error::Error for ClientBackupError<E> 
     }
 }
 
-impl<S, H, B> Service<Request<B>> for ClientBackup<S, H>
+impl<S, H, B, RB> Service<Request<B>> for ClientBackup<S, H>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<B>, Response = Response<RB>>,
     H: Fn(&Context, &Context) -> (Context, bool),
 {
     type Response = S::Response;
@@ -677,11 +821,15 @@ where
         }
         let cur = req.extensions().get::<Context>().cloned().unwrap_or_default();
         let ctx = recover_ctx_on_demands(&cur, |prev, cur| (self.handler)(prev, cur));
-        if let Err(e) = write_metainfo_headers(MetaInfo::of(&ctx), req.headers_mut()) {
-            return ClientBackupFuture { state: ClientState::Failed { error: Some(ClientFailure::Header(e)) } };
+        for p in self.propagators.iter() {
+            if let Err(e) = p.inject(&ctx, req.headers_mut()) {
+                return ClientBackupFuture { state: ClientState::Failed { error: Some(ClientFailure::Header(e)) } };
+            }
         }
         req.extensions_mut().insert(ctx);
-        ClientBackupFuture { state: ClientState::Inner { fut: self.inner.call(req) } }
+        ClientBackupFuture {
+            state: ClientState::Inner { fut: self.inner.call(req), propagators: self.propagators.clone() },
+        }
     }
 }
 
@@ -719,7 +867,7 @@ pin_project_lite::pin_project! {
     #[derive(Debug)]
     enum ClientState<F> {
         // The inner call.
-        Inner { #[pin] fut: F },
+        Inner { #[pin] fut: F, propagators: Propagators },
         // The call was refused before reaching the inner service; the error is taken when polled.
         Failed { error: Option<ClientFailure> },
     }
@@ -732,15 +880,23 @@ enum ClientFailure {
     Ended(ContextError),
 }
 
-impl<F, T, E> Future for ClientBackupFuture<F>
+impl<F, RB, E> Future for ClientBackupFuture<F>
 where
-    F: Future<Output = Result<T, E>>,
+    F: Future<Output = Result<Response<RB>, E>>,
 {
-    type Output = Result<T, ClientBackupError<E>>;
+    type Output = Result<Response<RB>, ClientBackupError<E>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            ClientStateProj::Inner { fut } => fut.poll(cx).map(|r| r.map_err(ClientBackupError::Inner)),
+            ClientStateProj::Inner { fut, propagators } => {
+                let mut resp = std::task::ready!(fut.poll(cx)).map_err(ClientBackupError::Inner)?;
+                let mut backward = BackwardValues::default();
+                for p in propagators.iter() {
+                    p.extract_backward(resp.headers(), &mut backward);
+                }
+                resp.extensions_mut().insert(backward);
+                Poll::Ready(Ok(resp))
+            }
             ClientStateProj::Failed { error } => {
                 Poll::Ready(Err(match error.take().expect("`ClientBackupFuture` polled after completion") {
                     ClientFailure::Header(e) => ClientBackupError::Header(e),

@@ -95,7 +95,7 @@ fn deep_identity() -> String {
     match backed_up_ctx() {
         Some(ctx) => {
             let meta = MetaInfo::of(&ctx);
-            format!("{}/{}", meta.persistent("tenant").unwrap_or("?"), meta.persistent("req").unwrap_or("?"))
+            format!("{}/{}", meta.persistent("TENANT").unwrap_or("?"), meta.persistent("REQ").unwrap_or("?"))
         }
         None => "no-session".to_owned(),
     }

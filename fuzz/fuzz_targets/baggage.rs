@@ -1,0 +1,6 @@
+//! The `baggage` header parser: see `localsession_tests::fuzz_headers::baggage`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| localsession_tests::fuzz_headers::baggage(data));

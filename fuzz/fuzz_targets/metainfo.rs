@@ -1,0 +1,6 @@
+//! The `metainfo` header parser: see `localsession_tests::fuzz_headers::metainfo`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| localsession_tests::fuzz_headers::metainfo(data));
