@@ -65,8 +65,11 @@ fn ops_regressions() {
     replay(&files(&fuzz_dir().join("regressions").join("ops")), fuzz_ops::run, fuzz_ops::describe);
 }
 
-/// The header-parser targets: `(target, interpreter)`.
-const HEADER_TARGETS: [(&str, fn(&[u8])); 3] = [
+/// A fuzz target's name and the interpreter that replays its inputs.
+type HeaderTarget = (&'static str, fn(&[u8]));
+
+/// The header-parser targets.
+const HEADER_TARGETS: [HeaderTarget; 3] = [
     ("baggage", fuzz_headers::baggage),
     ("traceparent", fuzz_headers::traceparent),
     ("metainfo", fuzz_headers::metainfo),
