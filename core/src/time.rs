@@ -271,12 +271,16 @@ impl Instant {
 }
 
 impl Instant {
-    /// Whether both instants are certainly on the same clock (the same clock object). A clock
-    /// reached through two different vtables compares unequal: callers treat "not the same" as
-    /// "keep both deadlines", which is always correct, only slower.
+    /// Whether both instants are certainly on the same clock (the same clock object). Compares
+    /// the clocks' addresses, not their vtables: the same clock can be reached through two
+    /// vtables (codegen units, crates, and miri duplicate them), which must not make a child
+    /// scope report its own, later deadline. Zero-sized clocks can share an address with
+    /// another zero-sized clock, so for them the vtables must match too. Callers treat "not the
+    /// same" as "keep both deadlines", which is always correct, only slower.
     #[allow(ambiguous_wide_pointer_comparisons)]
     pub(crate) fn same_clock(&self, other: &Instant) -> bool {
-        core::ptr::eq(self.clock, other.clock)
+        core::ptr::addr_eq(self.clock, other.clock)
+            && (core::mem::size_of_val(self.clock) != 0 || core::ptr::eq(self.clock, other.clock))
     }
 }
 
