@@ -133,22 +133,27 @@ impl ThreadStore {
             // Acquire: pairs with the reset's bump, ordering it before anything the resetting
             // thread did afterwards.
             let generation = GENERATION.load(Ordering::Acquire);
+            let mut stale = None;
             if t.generation.get() != generation {
-                let stale = t.slot.replace(None);
+                // Dropped after the read, outside the thread-local access (its drop may use the
+                // store).
+                stale = t.slot.replace(None);
                 t.generation.set(generation);
                 crate::live::on_unbind(stale.is_some());
-                drop(stale);
             }
             let f = f.take().expect("called once");
             let owner = t.owner.get();
             if owner != 0 && owner != running_task() {
                 // Bound by another task of a runtime without hooks: not this unit's session.
-                return f(None);
+                return (f(None), stale);
             }
-            t.slot.with(f)
+            (t.slot.with(f), stale)
         });
         match out {
-            Ok(r) => r,
+            Ok((r, stale)) => {
+                drop(stale);
+                r
+            }
             // The thread is being torn down: nothing is bound any more.
             Err(_) => (f.take().expect("not consumed on error"))(None),
         }
@@ -236,45 +241,74 @@ impl ThreadStore {
     /// binding's owner tag by `rule`. Returns the previous owner tag (`None` during teardown).
     #[inline]
     fn exchange(&self, session: &mut Option<AnySession>, rule: Owner) -> Option<u64> {
-        if session.is_some() && !EVER_BOUND.load(Ordering::Relaxed) {
-            EVER_BOUND.store(true, Ordering::Relaxed);
-        }
-        let outcome = SLOT.try_with(|t| {
-            let generation = GENERATION.load(Ordering::Acquire);
-            let stale = t.generation.get() != generation;
-            t.generation.set(generation);
-            let sink = t.sink.get();
-            // While a sink is set the record equals the slot (every change of the slot passes
-            // here), so a swap that installs what the slot already holds — a scope or a
-            // `WithSession` poll restoring the unit's own session — needs no record.
-            let recorded = sink
-                .filter(|_| !t.slot.with(|cur| same(cur, session.as_ref())))
-                .and_then(|sink| (sink.record)(sink.unit, session.as_ref()));
-            crate::live::on_bind(session.is_some());
-            t.slot.swap(session);
-            crate::live::on_unbind(session.is_some());
-            let owner = match rule {
-                // A unit with a sink (a hooked task) is swapped out by its hooks: the binding
-                // needs no tag. Otherwise a binding made inside a task belongs to that task.
-                Owner::Sticky if sink.is_some() => 0,
-                Owner::Sticky => running_task(),
-                Owner::Scope => 0,
-                Owner::Restore(token) => token,
-            };
-            let previous_owner = t.owner.replace(owner);
-            if stale {
-                // A binding from before a reset is not handed back.
-                drop(session.take());
-            }
-            (recorded, previous_owner)
-        });
+        mark_bound(session);
+        let outcome = SLOT.try_with(|t| exchange_in(t, session, rule));
         match outcome {
-            Ok((recorded, previous_owner)) => {
+            Ok(Exchanged { recorded, previous_owner, stale }) => {
+                // Dropped here, outside the thread-local access (a drop may use the store).
                 drop(recorded);
+                drop(stale);
                 Some(previous_owner)
             }
             Err(_) => None,
         }
+    }
+
+    /// For executors whose hooks install a task around each poll (the tokio adapter's implicit
+    /// mode): in one thread-local access, suspends the running unit's [`BindSink`], installs
+    /// `*session` as in [`enter_scope_in_place`](ThreadStore::enter_scope_in_place) (`*session`
+    /// then holds what the slot held), and makes `sink` record the unit's later bindings.
+    /// Returns the scope to pass to [`exit_unit`](ThreadStore::exit_unit) and a binding from
+    /// before a [`reset_default_manager`](crate::reset_default_manager), which the caller drops
+    /// where a panicking `Drop` is harmless; `None` during thread teardown (nothing changed).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{AnySession, SessionMap};
+    /// use localsession_std::{bind, current, BindSink, THREAD_STORE};
+    ///
+    /// fn record(_unit: u64, _s: Option<&AnySession>) -> Option<AnySession> { None }
+    /// let mut task_session = Some(SessionMap::new().with_value("task", 1u8).into());
+    /// let (scope, stale) = THREAD_STORE.enter_unit(&mut task_session, BindSink { unit: 7, record }).unwrap();
+    /// assert!(stale.is_none() && task_session.is_none()); // the thread had nothing bound
+    /// assert!(current().is_some()); // the poll runs with the task's session
+    /// let stale = THREAD_STORE.exit_unit(&mut task_session, scope);
+    /// assert!(stale.is_none() && task_session.is_some() && current().is_none());
+    /// ```
+    pub fn enter_unit(
+        &self,
+        session: &mut Option<AnySession>,
+        sink: BindSink,
+    ) -> Option<(UnitScope, Option<AnySession>)> {
+        mark_bound(session);
+        let outcome = SLOT.try_with(|t| {
+            let outer_sink = t.sink.replace(None);
+            let done = exchange_in(t, session, Owner::Scope);
+            t.sink.set(Some(sink));
+            (UnitScope { token: done.previous_owner, outer_sink }, done.recorded, done.stale)
+        });
+        let (scope, recorded, stale) = outcome.ok()?;
+        // No sink was set during the exchange: nothing was recorded.
+        debug_assert!(recorded.is_none());
+        Some((scope, stale))
+    }
+
+    /// Closes a unit's scope opened by [`enter_unit`](ThreadStore::enter_unit): stops its sink,
+    /// exchanges the slot with `*session` (what the thread held before), and restores the outer
+    /// unit's sink (nested polls). Returns a binding from before a reset, for the caller to drop.
+    ///
+    /// # Examples
+    /// See [`enter_unit`](ThreadStore::enter_unit).
+    pub fn exit_unit(&self, session: &mut Option<AnySession>, scope: UnitScope) -> Option<AnySession> {
+        let outcome = SLOT.try_with(|t| {
+            t.sink.set(None);
+            let done = exchange_in(t, session, Owner::Restore(scope.token));
+            t.sink.set(scope.outer_sink);
+            (done.recorded, done.stale)
+        });
+        let (recorded, stale) = outcome.ok()?;
+        debug_assert!(recorded.is_none());
+        stale
     }
 
     /// Makes every later change of this thread's binding (by [`bind`](crate::bind),
@@ -340,6 +374,65 @@ impl ContextStore for ThreadStore {
         // Acquire: as in `with`.
         GENERATION.load(Ordering::Acquire)
     }
+}
+
+/// The scope of a unit opened by [`ThreadStore::enter_unit`]. `!Send`: it belongs to the
+/// thread that opened it.
+///
+/// # Examples
+/// See [`ThreadStore::enter_unit`].
+#[derive(Debug)]
+#[must_use = "close the unit's scope with ThreadStore::exit_unit"]
+pub struct UnitScope {
+    token: u64,
+    outer_sink: Option<BindSink>,
+}
+
+/// What an exchange leaves for its caller to drop (outside the thread-local access).
+struct Exchanged {
+    /// What the unit's record held before (see [`BindSink`]).
+    recorded: Option<AnySession>,
+    previous_owner: u64,
+    /// A binding from before a reset, not handed back.
+    stale: Option<AnySession>,
+}
+
+#[inline]
+fn mark_bound(session: &Option<AnySession>) {
+    if session.is_some() && !EVER_BOUND.load(Ordering::Relaxed) {
+        EVER_BOUND.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Exchanges `t`'s slot with `*session`, records the change in the unit's sink, and sets the
+/// binding's owner tag by `rule`.
+#[inline]
+fn exchange_in(t: &ThreadSlot, session: &mut Option<AnySession>, rule: Owner) -> Exchanged {
+    let generation = GENERATION.load(Ordering::Acquire);
+    let stale = t.generation.get() != generation;
+    t.generation.set(generation);
+    let sink = t.sink.get();
+    // While a sink is set the record equals the slot (every change of the slot passes here),
+    // so a swap that installs what the slot already holds — a scope or a `WithSession` poll
+    // restoring the unit's own session — needs no record.
+    let recorded = sink
+        .filter(|_| !t.slot.with(|cur| same(cur, session.as_ref())))
+        .and_then(|sink| (sink.record)(sink.unit, session.as_ref()));
+    crate::live::on_bind(session.is_some());
+    t.slot.swap(session);
+    crate::live::on_unbind(session.is_some());
+    let owner = match rule {
+        // A unit with a sink (a hooked task) is swapped out by its hooks: the binding needs no
+        // tag. Otherwise a binding made inside a task belongs to that task.
+        Owner::Sticky if sink.is_some() => 0,
+        Owner::Sticky => running_task(),
+        Owner::Scope => 0,
+        Owner::Restore(token) => token,
+    };
+    let previous_owner = t.owner.replace(owner);
+    // A binding from before a reset is not handed back.
+    let stale = if stale { session.take() } else { None };
+    Exchanged { recorded, previous_owner, stale }
 }
 
 /// How an exchange sets the slot's owner tag.

@@ -89,7 +89,7 @@ use std::sync::{Arc, LazyLock, Weak};
 use std::time::Duration;
 
 use localsession_core::{AnySession, TaskTable};
-use localsession_std::{BindSink, THREAD_STORE};
+use localsession_std::{BindSink, THREAD_STORE, UnitScope};
 
 use crate::probe::raw_id;
 use tokio::runtime::{Builder, TaskMeta};
@@ -103,12 +103,10 @@ static HOOK_DROP_PANICS: AtomicUsize = AtomicUsize::new(0);
 /// A poll in progress on this thread.
 struct Frame {
     id: u64,
-    /// The store's scope token (the tag of the binding the poll displaced).
-    token: u64,
     /// What the worker's slot held before the poll.
     previous: Option<AnySession>,
-    /// The sink of the poll this one is nested in.
-    outer_sink: Option<BindSink>,
+    /// The thread store's scope (the displaced binding's tag, the outer poll's sink).
+    scope: UnitScope,
 }
 
 thread_local! {
@@ -136,37 +134,26 @@ fn on_spawn(meta: &TaskMeta<'_>) {
     drop_caught(TABLE.spawned(id, inherited));
 }
 
-/// Lets the thread store drop a binding left from before a `reset_default_manager` (a read
-/// does that) here, under `catch_unwind`, rather than inside the exchanges below.
-fn settle_generation() {
-    if catch_unwind(|| THREAD_STORE.with(|_| ())).is_err() {
-        HOOK_DROP_PANICS.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 fn on_before_poll(meta: &TaskMeta<'_>) {
     let id = raw_id(meta.id());
-    settle_generation();
     let mut session = TABLE.session(id);
-    // The outer poll's sink (nested polls) must not see this task's installation.
-    let outer_sink = THREAD_STORE.set_bind_sink(None);
-    let Some(token) = THREAD_STORE.enter_scope_in_place(&mut session) else {
+    // One thread-local access: the outer poll's sink (nested polls) is suspended, the task's
+    // session installed, and its bindings recorded in its entry from now on.
+    let Some((scope, stale)) = THREAD_STORE.enter_unit(&mut session, BindSink { unit: id, record }) else {
         // Thread teardown: nothing can be installed; the clone is not the last reference.
-        THREAD_STORE.set_bind_sink(outer_sink);
         drop_caught(session);
         return;
     };
-    let frame = Frame { id, token, previous: session, outer_sink };
+    // A binding from before a `reset_default_manager`: not restored, dropped here, caught.
+    drop_caught(stale);
+    let frame = Frame { id, previous: session, scope };
     if let Err(frame) = push_frame(frame) {
         // The frame stack is gone (teardown) or busy: undo, so that the slot is not left
         // holding the task's session.
         let mut previous = frame.previous;
-        THREAD_STORE.exit_scope_in_place(&mut previous, frame.token);
-        THREAD_STORE.set_bind_sink(frame.outer_sink);
+        drop_caught(THREAD_STORE.exit_unit(&mut previous, frame.scope));
         drop_caught(previous);
-        return;
     }
-    THREAD_STORE.set_bind_sink(Some(BindSink { unit: id, record }));
 }
 
 fn push_frame(frame: Frame) -> Result<(), Frame> {
@@ -202,14 +189,12 @@ fn pop_frame(id: u64) -> Option<Frame> {
 fn on_after_poll(meta: &TaskMeta<'_>) {
     let id = raw_id(meta.id());
     let Some(frame) = pop_frame(id) else { return };
-    settle_generation();
-    THREAD_STORE.set_bind_sink(None);
     let mut installed = frame.previous;
-    THREAD_STORE.exit_scope_in_place(&mut installed, frame.token);
-    THREAD_STORE.set_bind_sink(frame.outer_sink);
+    let stale = THREAD_STORE.exit_unit(&mut installed, frame.scope);
     // Usually a clone whose entry still holds the session; the last reference only if the task
     // ended on another worker before this (late) hook ran.
     drop_caught(installed);
+    drop_caught(stale);
 }
 
 fn on_terminate(meta: &TaskMeta<'_>) {
