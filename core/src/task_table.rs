@@ -14,6 +14,7 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::hash::{BuildHasherDefault, Hasher};
 
+use crossbeam_utils::CachePadded;
 use hashbrown::HashMap;
 
 use crate::primitive::Mutex;
@@ -102,7 +103,9 @@ impl Shard {
 /// assert_eq!(table.tasks(), 0);
 /// ```
 pub struct TaskTable {
-    shards: Box<[Mutex<Shard>]>,
+    /// Each shard on its own cache line: two workers locking neighbouring shards must not
+    /// bounce one line between them.
+    shards: Box<[CachePadded<Mutex<Shard>>]>,
 }
 
 impl TaskTable {
@@ -121,12 +124,12 @@ impl TaskTable {
     pub fn new() -> TaskTable {
         let shards = (0..Self::SHARDS)
             .map(|_| {
-                Mutex::new(Shard {
+                CachePadded::new(Mutex::new(Shard {
                     slots: HashMap::with_hasher(BuildHasherDefault::default()),
                     tombstones: VecDeque::new(),
                     tasks: 0,
                     sessions: 0,
-                })
+                }))
             })
             .collect::<Vec<_>>()
             .into_boxed_slice();
