@@ -47,8 +47,8 @@ pub use flow::{SuppressFlowGuard, flow_session, is_flow_suppressed, suppress_flo
 pub use future::FutureExt;
 pub use live::live_sessions;
 pub use manager::{
-    InitError, default_manager_options, init_default_manager, manager_options, register_adapter_clock,
-    reset_default_manager,
+    InitError, default_manager_options, ensure_default_manager, init_default_manager, manager_options,
+    register_adapter_clock, reset_default_manager,
 };
 #[cfg(feature = "opentelemetry")]
 pub use otel::{BaggageError, baggage_from_metainfo, metainfo_with_baggage, try_baggage_from_metainfo};

@@ -89,6 +89,26 @@ pub fn init_default_manager(opts: ManagerOptions) -> Result<(), InitError> {
     Ok(())
 }
 
+/// Get-or-init: initializes the default manager with `opts` (as [`init_default_manager`]) unless
+/// it already is, in which case the options it runs with stay (see [`manager_options`]). For
+/// libraries, tests and `main`s that may each be the first to need the manager.
+///
+/// # Errors
+/// As [`init_default_manager`], except that an initialized manager is not an error.
+///
+/// # Examples
+/// ```
+/// use localsession_std::{default_manager_options, ensure_default_manager};
+/// ensure_default_manager(default_manager_options()).unwrap();
+/// ensure_default_manager(default_manager_options()).unwrap(); // already initialized: fine
+/// ```
+pub fn ensure_default_manager(opts: ManagerOptions) -> Result<(), InitError> {
+    match init_default_manager(opts) {
+        Ok(()) | Err(InitError::AlreadyInitialized) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Replaces the default manager (Go `ResetDefaultManager`): every session bound before the
 /// call, on every thread, is unbound (each thread drops its stale binding the next time it
 /// reads or binds; `enter` guards and future wrappers opened before the reset do not restore
