@@ -242,16 +242,11 @@ impl ThreadStore {
     #[inline]
     fn exchange(&self, session: &mut Option<AnySession>, rule: Owner) -> Option<u64> {
         mark_bound(session);
-        let outcome = SLOT.try_with(|t| exchange_in(t, session, rule));
-        match outcome {
-            Ok(Exchanged { recorded, previous_owner, stale }) => {
-                // Dropped here, outside the thread-local access (a drop may use the store).
-                drop(recorded);
-                drop(stale);
-                Some(previous_owner)
-            }
-            Err(_) => None,
-        }
+        let mut leftovers = Leftovers::default();
+        let outcome = SLOT.try_with(|t| exchange_in(t, session, rule, &mut leftovers));
+        // Dropped here, outside the thread-local access (a drop may use the store).
+        drop(leftovers);
+        outcome.ok()
     }
 
     /// For executors whose hooks install a task around each poll (the tokio adapter's implicit
@@ -281,16 +276,18 @@ impl ThreadStore {
         sink: BindSink,
     ) -> Option<(UnitScope, Option<AnySession>)> {
         mark_bound(session);
-        let outcome = SLOT.try_with(|t| {
-            let outer_sink = t.sink.replace(None);
-            let done = exchange_in(t, session, Owner::Scope);
-            t.sink.set(Some(sink));
-            (UnitScope { token: done.previous_owner, outer_sink }, done.recorded, done.stale)
-        });
-        let (scope, recorded, stale) = outcome.ok()?;
+        let mut leftovers = Leftovers::default();
+        let scope = SLOT
+            .try_with(|t| {
+                let outer_sink = t.sink.replace(None);
+                let token = exchange_in(t, session, Owner::Scope, &mut leftovers);
+                t.sink.set(Some(sink));
+                UnitScope { token, outer_sink }
+            })
+            .ok()?;
         // No sink was set during the exchange: nothing was recorded.
-        debug_assert!(recorded.is_none());
-        Some((scope, stale))
+        debug_assert!(leftovers.recorded.is_none());
+        Some((scope, leftovers.stale))
     }
 
     /// Closes a unit's scope opened by [`enter_unit`](ThreadStore::enter_unit): stops its sink,
@@ -300,15 +297,15 @@ impl ThreadStore {
     /// # Examples
     /// See [`enter_unit`](ThreadStore::enter_unit).
     pub fn exit_unit(&self, session: &mut Option<AnySession>, scope: UnitScope) -> Option<AnySession> {
-        let outcome = SLOT.try_with(|t| {
+        let mut leftovers = Leftovers::default();
+        let exited = SLOT.try_with(|t| {
             t.sink.set(None);
-            let done = exchange_in(t, session, Owner::Restore(scope.token));
+            exchange_in(t, session, Owner::Restore(scope.token), &mut leftovers);
             t.sink.set(scope.outer_sink);
-            (done.recorded, done.stale)
         });
-        let (recorded, stale) = outcome.ok()?;
-        debug_assert!(recorded.is_none());
-        stale
+        debug_assert!(leftovers.recorded.is_none());
+        exited.ok()?;
+        leftovers.stale
     }
 
     /// Makes every later change of this thread's binding (by [`bind`](crate::bind),
@@ -388,11 +385,13 @@ pub struct UnitScope {
     outer_sink: Option<BindSink>,
 }
 
-/// What an exchange leaves for its caller to drop (outside the thread-local access).
-struct Exchanged {
+/// What an exchange leaves for its caller to drop, outside the thread-local access. Written in
+/// place (rarely: both are usually `None`) rather than returned through `try_with`: moving
+/// session handles by value through `Result`s costs store-forwarding stalls on the hot path.
+#[derive(Default)]
+struct Leftovers {
     /// What the unit's record held before (see [`BindSink`]).
     recorded: Option<AnySession>,
-    previous_owner: u64,
     /// A binding from before a reset, not handed back.
     stale: Option<AnySession>,
 }
@@ -405,9 +404,9 @@ fn mark_bound(session: &Option<AnySession>) {
 }
 
 /// Exchanges `t`'s slot with `*session`, records the change in the unit's sink, and sets the
-/// binding's owner tag by `rule`.
+/// binding's owner tag by `rule`. Returns the previous owner tag.
 #[inline]
-fn exchange_in(t: &ThreadSlot, session: &mut Option<AnySession>, rule: Owner) -> Exchanged {
+fn exchange_in(t: &ThreadSlot, session: &mut Option<AnySession>, rule: Owner, leftovers: &mut Leftovers) -> u64 {
     let generation = GENERATION.load(Ordering::Acquire);
     let stale = t.generation.get() != generation;
     t.generation.set(generation);
@@ -415,9 +414,11 @@ fn exchange_in(t: &ThreadSlot, session: &mut Option<AnySession>, rule: Owner) ->
     // While a sink is set the record equals the slot (every change of the slot passes here),
     // so a swap that installs what the slot already holds — a scope or a `WithSession` poll
     // restoring the unit's own session — needs no record.
-    let recorded = sink
-        .filter(|_| !t.slot.with(|cur| same(cur, session.as_ref())))
-        .and_then(|sink| (sink.record)(sink.unit, session.as_ref()));
+    if let Some(sink) = sink
+        && !t.slot.with(|cur| same(cur, session.as_ref()))
+    {
+        leftovers.recorded = (sink.record)(sink.unit, session.as_ref());
+    }
     crate::live::on_bind(session.is_some());
     t.slot.swap(session);
     crate::live::on_unbind(session.is_some());
@@ -429,10 +430,11 @@ fn exchange_in(t: &ThreadSlot, session: &mut Option<AnySession>, rule: Owner) ->
         Owner::Scope => 0,
         Owner::Restore(token) => token,
     };
-    let previous_owner = t.owner.replace(owner);
-    // A binding from before a reset is not handed back.
-    let stale = if stale { session.take() } else { None };
-    Exchanged { recorded, previous_owner, stale }
+    if stale {
+        // A binding from before a reset is not handed back.
+        leftovers.stale = session.take();
+    }
+    t.owner.replace(owner)
 }
 
 /// How an exchange sets the slot's owner tag.
