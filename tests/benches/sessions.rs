@@ -187,6 +187,13 @@ fn p2_enter(c: &mut Criterion) {
     let mut held = Some(s.clone());
     g.bench_function("localsession_swap", |b| {
         b.iter(|| {
+            let token = store.enter_scope(black_box(&mut held)).unwrap_or(0);
+            store.exit_scope(black_box(&mut held), token);
+        })
+    });
+    // A sticky `bind`-style exchange (also asks the task probe whom the binding belongs to).
+    g.bench_function("localsession_sticky_swap", |b| {
+        b.iter(|| {
             store.swap(black_box(&mut held));
             store.swap(black_box(&mut held));
         })
@@ -483,6 +490,14 @@ fn report(memory: &[String], only: Option<&str>) {
             ours: m("p2_enter", "localsession_swap"),
             peer_label: "tokio sync_scope",
             peer: m("p2_enter", "tokio_sync_scope"),
+            target: "(reference)",
+            check: |_, _| true,
+        },
+        Row {
+            label: "P2 sticky swap in/out (bind-style)",
+            ours: m("p2_enter", "localsession_sticky_swap"),
+            peer_label: "scoped swap (per poll)",
+            peer: m("p2_enter", "localsession_swap"),
             target: "(reference)",
             check: |_, _| true,
         },
