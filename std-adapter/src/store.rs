@@ -33,6 +33,12 @@ struct ThreadSlot {
     /// 0 when the binding belongs to the thread; otherwise the task (see [`register_task_probe`])
     /// that bound it, on a runtime without hooks: only that task sees it.
     owner: Cell<u64>,
+    /// Sessions an exchange displaced that must be dropped outside the thread-local access
+    /// (what the unit's record held; a binding from before a reset). Parked here rather than
+    /// returned through `try_with`: moving session handles by value out of the closure costs
+    /// store-forwarding stalls on the hot path, and these are almost always empty.
+    leftover_recorded: Cell<Option<AnySession>>,
+    leftover_stale: Cell<Option<AnySession>>,
 }
 
 impl Drop for ThreadSlot {
@@ -45,7 +51,14 @@ impl Drop for ThreadSlot {
 thread_local! {
     static SLOT: ThreadSlot =
         const {
-        ThreadSlot { slot: LocalSlot::new(), generation: Cell::new(0), sink: Cell::new(None), owner: Cell::new(0) }
+        ThreadSlot {
+            slot: LocalSlot::new(),
+            generation: Cell::new(0),
+            sink: Cell::new(None),
+            owner: Cell::new(0),
+            leftover_recorded: Cell::new(None),
+            leftover_stale: Cell::new(None),
+        }
     };
 }
 
@@ -242,11 +255,12 @@ impl ThreadStore {
     #[inline]
     fn exchange(&self, session: &mut Option<AnySession>, rule: Owner) -> Option<u64> {
         mark_bound(session);
-        let mut leftovers = Leftovers::default();
-        let outcome = SLOT.try_with(|t| exchange_in(t, session, rule, &mut leftovers));
-        // Dropped here, outside the thread-local access (a drop may use the store).
-        drop(leftovers);
-        outcome.ok()
+        let (owner, parked) = SLOT.try_with(|t| exchange_in(t, session, rule)).ok()?;
+        if parked {
+            // Dropped here, outside the thread-local access (a drop may use the store).
+            drop(take_leftovers());
+        }
+        Some(owner)
     }
 
     /// For executors whose hooks install a task around each poll (the tokio adapter's implicit
@@ -276,18 +290,17 @@ impl ThreadStore {
         sink: BindSink,
     ) -> Option<(UnitScope, Option<AnySession>)> {
         mark_bound(session);
-        let mut leftovers = Leftovers::default();
-        let scope = SLOT
+        let (scope, parked) = SLOT
             .try_with(|t| {
                 let outer_sink = t.sink.replace(None);
-                let token = exchange_in(t, session, Owner::Scope, &mut leftovers);
+                let (token, parked) = exchange_in(t, session, Owner::Scope);
                 t.sink.set(Some(sink));
-                UnitScope { token, outer_sink }
+                (UnitScope { token, outer_sink }, parked)
             })
             .ok()?;
-        // No sink was set during the exchange: nothing was recorded.
-        debug_assert!(leftovers.recorded.is_none());
-        Some((scope, leftovers.stale))
+        // No sink was set during the exchange: nothing was recorded, only a stale binding.
+        let stale = if parked { take_leftovers().1 } else { None };
+        Some((scope, stale))
     }
 
     /// Closes a unit's scope opened by [`enter_unit`](ThreadStore::enter_unit): stops its sink,
@@ -297,15 +310,15 @@ impl ThreadStore {
     /// # Examples
     /// See [`enter_unit`](ThreadStore::enter_unit).
     pub fn exit_unit(&self, session: &mut Option<AnySession>, scope: UnitScope) -> Option<AnySession> {
-        let mut leftovers = Leftovers::default();
-        let exited = SLOT.try_with(|t| {
-            t.sink.set(None);
-            exchange_in(t, session, Owner::Restore(scope.token), &mut leftovers);
-            t.sink.set(scope.outer_sink);
-        });
-        debug_assert!(leftovers.recorded.is_none());
-        exited.ok()?;
-        leftovers.stale
+        let parked = SLOT
+            .try_with(|t| {
+                t.sink.set(None);
+                let (_, parked) = exchange_in(t, session, Owner::Restore(scope.token));
+                t.sink.set(scope.outer_sink);
+                parked
+            })
+            .ok()?;
+        if parked { take_leftovers().1 } else { None }
     }
 
     /// Makes every later change of this thread's binding (by [`bind`](crate::bind),
@@ -385,15 +398,10 @@ pub struct UnitScope {
     outer_sink: Option<BindSink>,
 }
 
-/// What an exchange leaves for its caller to drop, outside the thread-local access. Written in
-/// place (rarely: both are usually `None`) rather than returned through `try_with`: moving
-/// session handles by value through `Result`s costs store-forwarding stalls on the hot path.
-#[derive(Default)]
-struct Leftovers {
-    /// What the unit's record held before (see [`BindSink`]).
-    recorded: Option<AnySession>,
-    /// A binding from before a reset, not handed back.
-    stale: Option<AnySession>,
+/// Takes the sessions the last exchange parked (see `ThreadSlot::leftover_recorded`).
+#[cold]
+fn take_leftovers() -> (Option<AnySession>, Option<AnySession>) {
+    SLOT.try_with(|t| (t.leftover_recorded.take(), t.leftover_stale.take())).unwrap_or((None, None))
 }
 
 #[inline]
@@ -404,20 +412,24 @@ fn mark_bound(session: &Option<AnySession>) {
 }
 
 /// Exchanges `t`'s slot with `*session`, records the change in the unit's sink, and sets the
-/// binding's owner tag by `rule`. Returns the previous owner tag.
+/// binding's owner tag by `rule`. Returns the previous owner tag and whether sessions were
+/// parked for [`take_leftovers`].
 #[inline]
-fn exchange_in(t: &ThreadSlot, session: &mut Option<AnySession>, rule: Owner, leftovers: &mut Leftovers) -> u64 {
+fn exchange_in(t: &ThreadSlot, session: &mut Option<AnySession>, rule: Owner) -> (u64, bool) {
     let generation = GENERATION.load(Ordering::Acquire);
     let stale = t.generation.get() != generation;
     t.generation.set(generation);
     let sink = t.sink.get();
+    let mut parked = false;
     // While a sink is set the record equals the slot (every change of the slot passes here),
     // so a swap that installs what the slot already holds — a scope or a `WithSession` poll
     // restoring the unit's own session — needs no record.
     if let Some(sink) = sink
         && !t.slot.with(|cur| same(cur, session.as_ref()))
+        && let Some(old) = (sink.record)(sink.unit, session.as_ref())
     {
-        leftovers.recorded = (sink.record)(sink.unit, session.as_ref());
+        park(&t.leftover_recorded, old);
+        parked = true;
     }
     crate::live::on_bind(session.is_some());
     t.slot.swap(session);
@@ -430,11 +442,20 @@ fn exchange_in(t: &ThreadSlot, session: &mut Option<AnySession>, rule: Owner, le
         Owner::Scope => 0,
         Owner::Restore(token) => token,
     };
-    if stale {
+    if stale && let Some(old) = session.take() {
         // A binding from before a reset is not handed back.
-        leftovers.stale = session.take();
+        park(&t.leftover_stale, old);
+        parked = true;
     }
-    t.owner.replace(owner)
+    (t.owner.replace(owner), parked)
+}
+
+/// Parks `session` in `cell`. A cell still holding a session (its taker was skipped during a
+/// reentrant exchange) gets the newer one; the older is dropped here, which is still outside
+/// any borrow of the slot.
+#[cold]
+fn park(cell: &Cell<Option<AnySession>>, session: AnySession) {
+    drop(cell.replace(Some(session)));
 }
 
 /// How an exchange sets the slot's owner tag.
