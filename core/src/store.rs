@@ -696,7 +696,7 @@ impl LocalSlot {
         // SAFETY: no reference into `current` is ever held across calls (readers hold copies),
         // and the slot is used by one unit at a time (`!Sync`).
         let old = unsafe { ptr::replace(self.current.get(), session) };
-        self.retire(old.as_ref());
+        self.retire(&old);
         old
     }
 
@@ -717,13 +717,19 @@ impl LocalSlot {
     pub fn swap(&self, other: &mut Option<AnySession>) {
         // SAFETY: as in `replace`; `other` is a distinct place (a `&mut` cannot alias the slot).
         unsafe { ptr::swap(self.current.get(), other) };
-        self.retire(other.as_ref());
+        self.retire(other);
     }
 
     /// Keeps a clone of `old`, just moved out of the slot, if an active reader views it.
+    ///
+    /// Checks for readers *before* looking at `old`: `old` was just written by the swap, and
+    /// reading its discriminant first made every swap wait on a store-forwarding stall.
     #[inline]
-    fn retire(&self, old: Option<&AnySession>) {
-        if let (false, Some(old)) = (self.readers.get().is_null(), old) {
+    fn retire(&self, old: &Option<AnySession>) {
+        if self.readers.get().is_null() {
+            return;
+        }
+        if let Some(old) = old {
             self.retire_viewed(old);
         }
     }
