@@ -4,24 +4,34 @@
 #![allow(missing_docs)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::{HeaderMap, HeaderValue};
 use localsession_core::Context;
 use localsession_tokio::tower::{KitexMetainfo, Propagator, W3cBaggage, W3cTraceContext};
 
-/// Counts live bytes allocated while `TRACKING`, and their peak.
+/// Counts live bytes allocated by the measuring thread while it tracks, and their peak. Only
+/// that thread counts: the test harness runs other tests (building megabyte inputs) on other
+/// threads at the same time.
 struct Counting;
 
-static TRACKING: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    // `const` and destructor-free: reading it never allocates (safe inside the allocator).
+    static TRACKING: Cell<bool> = const { Cell::new(false) };
+}
+
+fn tracking() -> bool {
+    TRACKING.try_with(Cell::get).unwrap_or(false)
+}
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 
 // SAFETY: forwards to `System`; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if TRACKING.load(Ordering::Relaxed) {
+        if tracking() {
             let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
             PEAK.fetch_max(live, Ordering::Relaxed);
         }
@@ -30,7 +40,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if TRACKING.load(Ordering::Relaxed) {
+        if tracking() {
             LIVE.fetch_sub(layout.size().min(LIVE.load(Ordering::Relaxed)), Ordering::Relaxed);
         }
         // SAFETY: allocated by `System` with this layout.
@@ -49,9 +59,9 @@ fn peak_of(f: impl FnOnce()) -> usize {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     LIVE.store(0, Ordering::SeqCst);
     PEAK.store(0, Ordering::SeqCst);
-    TRACKING.store(true, Ordering::SeqCst);
+    TRACKING.with(|t| t.set(true));
     f();
-    TRACKING.store(false, Ordering::SeqCst);
+    TRACKING.with(|t| t.set(false));
     PEAK.load(Ordering::SeqCst)
 }
 
