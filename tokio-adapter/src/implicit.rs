@@ -39,7 +39,9 @@
 //!   too, so the after-poll hook has nothing left to drop.
 //! - Thread-local access uses `try_with`: hooks that run during thread teardown do nothing.
 //! - A task's own `bind` drops the session it replaces in the task's context (inside the
-//!   poll): a panicking `Drop` there is an ordinary task panic that the `JoinHandle` reports.
+//!   poll): a panicking `Drop` there is an ordinary task panic that the `JoinHandle` reports —
+//!   unless the late after-poll hook of the task's previous poll, on another worker, still
+//!   holds a clone: then that hook's drop is the last one, caught and counted.
 //!
 //! # Tasks that outlive their request
 //! A task spawned inside a request inherits the request's session. Long-lived tasks (pooled
