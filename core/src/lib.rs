@@ -87,7 +87,8 @@ pub use session::{AnySession, Session, SessionCtx, SessionExt};
 pub use sharded::ShardedStore;
 pub use store::{
     BindError, ContextStore, EnterGuard, EpochGuard, LocalSlot, SetGlobalStoreError, SingleSlotStore, bind, collector,
-    current, enter, enter_in, global_store, scope, set_global_store, unbind, with_current, with_current_in,
+    current, enter, enter_in, enter_option_in, global_store, scope, set_global_store, unbind, with_current,
+    with_current_in,
 };
 pub use task_table::TaskTable;
 pub use time::{Clock, Expiry, Instant, NoClockError, SetGlobalClockError, global_clock, set_global_clock};

@@ -508,8 +508,27 @@ pub fn enter(session: impl Into<AnySession>) -> EnterGuard {
 /// assert!(with_current_in(&STORE, |s| s.is_none()));
 /// ```
 pub fn enter_in(store: &'static dyn ContextStore, session: impl Into<AnySession>) -> EnterGuard {
+    enter_option_in(store, Some(session.into()))
+}
+
+/// [`enter_in`] with an optional session: `None` runs the guard's scope with *no* session bound
+/// (a pool job that must not see what its thread had). The previous binding is restored when
+/// the guard drops, as with [`enter_in`].
+///
+/// # Examples
+/// ```
+/// use localsession_core::{enter_in, enter_option_in, with_current_in, SessionMap, SingleSlotStore};
+/// static STORE: SingleSlotStore = SingleSlotStore::new();
+/// let _outer = enter_in(&STORE, SessionMap::new());
+/// {
+///     let _none = enter_option_in(&STORE, None);
+///     assert!(with_current_in(&STORE, |s| s.is_none()));
+/// }
+/// assert!(with_current_in(&STORE, |s| s.is_some())); // restored
+/// ```
+pub fn enter_option_in(store: &'static dyn ContextStore, session: Option<AnySession>) -> EnterGuard {
     let generation = store.generation();
-    let mut slot = Some(session.into());
+    let mut slot = session;
     match store.enter_scope(&mut slot) {
         Some(token) => EnterGuard { store: Some(store), prev: slot, generation, token, _not_send: PhantomData },
         None => EnterGuard { store: None, prev: None, generation: 0, token: 0, _not_send: PhantomData },

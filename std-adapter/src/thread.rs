@@ -14,67 +14,27 @@
 use std::io;
 use std::thread::{JoinHandle, Scope, ScopedJoinHandle};
 
-use localsession_core::{AnySession, ContextStore};
+use localsession_core::AnySession;
 
 use crate::store::THREAD_STORE;
 
-/// What a [`ThreadBinding`] leaves bound when it ends.
-enum After {
-    /// Nothing: the thread was spawned for this closure.
-    Unbind,
-    /// What was bound before, unless the default manager was reset meanwhile (`generation`
-    /// changed): a binding from before a reset must not come back.
-    Restore { previous: Option<AnySession>, generation: u64, token: Option<u64> },
-}
-
-/// Binds a session on the current thread for its lifetime on the stack; on drop, unbinds or
-/// restores the previous binding (see [`After`]).
-struct ThreadBinding {
-    after: After,
-}
+/// Binds a session on a thread spawned for one closure, and unbinds when dropped (also while
+/// unwinding), whatever the closure bound itself (Go: the goroutine's binding ends with it).
+struct ThreadBinding;
 
 impl ThreadBinding {
-    /// On a fresh thread: install `session`, unbind at the end.
     fn fresh(session: Option<AnySession>) -> ThreadBinding {
         // Install exactly `session` (none included). A failure means teardown, where nothing
         // can be bound.
         drop(THREAD_STORE.swap(session));
-        ThreadBinding { after: After::Unbind }
-    }
-
-    /// On any thread, maybe the caller's: install `session`, restore what was bound at the end.
-    fn inline(session: Option<AnySession>) -> ThreadBinding {
-        let generation = THREAD_STORE.generation();
-        let mut slot = session;
-        // A scope: the restore also brings back the previous binding's tag (see
-        // `register_task_probe`).
-        let token = THREAD_STORE.enter_scope_in_place(&mut slot);
-        let previous = if token.is_some() { slot } else { None };
-        ThreadBinding { after: After::Restore { previous, generation, token } }
+        ThreadBinding
     }
 }
 
 impl Drop for ThreadBinding {
     fn drop(&mut self) {
-        // Replace whatever is bound now, even if `f` bound something else itself (Go: the
-        // goroutine's binding ends with it).
-        match &mut self.after {
-            After::Unbind => {
-                // The session `f` ran with comes back here and is dropped outside the slot.
-                drop(THREAD_STORE.swap(None));
-            }
-            After::Restore { previous, generation, token } => {
-                let mut restored = previous.take();
-                if THREAD_STORE.generation() != *generation {
-                    restored = None;
-                }
-                match *token {
-                    Some(token) => THREAD_STORE.exit_scope_in_place(&mut restored, token),
-                    None => drop(THREAD_STORE.swap(restored.take())),
-                }
-                drop(restored);
-            }
-        }
+        // The session `f` ran with comes back here and is dropped outside the slot.
+        drop(THREAD_STORE.swap(None));
     }
 }
 
@@ -95,7 +55,9 @@ where
     F: FnOnce() -> T + Send,
 {
     move || {
-        let _binding = ThreadBinding::inline(session);
+        // A scope (the core's `EnterGuard`): restores exactly what was bound before — its owner
+        // tag included — unless the manager was reset meanwhile, also while unwinding.
+        let _scope = localsession_core::enter_option_in(&THREAD_STORE, session);
         f()
     }
 }
