@@ -49,8 +49,8 @@ use crate::context::Context;
 use crate::error::ContextError;
 use crate::key::{DynKey, Key, KeyQuery, hashed_tag};
 use crate::node::{
-    F_TOMBSTONE, F_VALUE, InlineKey, NodePtr, NodeRef, SharedKey, SharedValue, Tombstone, TypedKey, for_each_binding,
-    lookup,
+    F_NO_INDEX, F_TOMBSTONE, F_VALUE, InlineKey, NodePtr, NodeRef, SharedKey, SharedValue, Tombstone, TypedKey,
+    for_each_binding, live_len, lookup,
 };
 use crate::primitive::epoch::{self, Guard};
 use crate::primitive::{AtomicPtr, AtomicUsize, Mutex, Ordering};
@@ -432,8 +432,14 @@ impl SessionMap {
         for n in live.iter().rev() {
             // SAFETY: map nodes are made with a rebindable vtable; `n` is alive (pinned).
             let rebind = unsafe { n.header() }.vtable_rebind().expect("map nodes are rebindable");
-            // SAFETY: as above.
-            top = unsafe { rebind(n.0, Some(top)) };
+            // SAFETY: as above. The inner nodes get no index tables (that would cost O(log n)
+            // table work per node); the new head gets one table of them all below.
+            top = unsafe { rebind(n.0, Some(top), F_NO_INDEX) };
+        }
+        if !live.is_empty() {
+            // SAFETY: `top` is the fresh head of our private chain, unshared until the exchange
+            // below; `rebind` linked it with `F_NO_INDEX`, so it owns no table.
+            unsafe { top.index_chain() };
         }
         let new_head = top.ptr().0.as_ptr();
         // AcqRel: publishes the new chain / observes a concurrent writer's.
@@ -561,7 +567,7 @@ impl SessionMap {
     }
 
     /// The number of keys bound in the map itself (not counting the context it was opened
-    /// under). Walks the map: O(writes since the last compaction).
+    /// under). O(1): the map's index tables count the live keys.
     ///
     /// # Examples
     /// ```
@@ -572,12 +578,8 @@ impl SessionMap {
     #[must_use]
     pub fn len(&self) -> usize {
         let base = self.shared.base.top().map(NodeRef::ptr);
-        let mut n = 0;
-        // SAFETY: pinned by `with_head`.
-        self.with_head(|head, _| unsafe {
-            for_each_binding(head, base, |b| n += usize::from(!b.header().is_tombstone()));
-        });
-        n
+        // SAFETY: pinned by `with_head`; the base is a barrier no table reaches under.
+        self.with_head(|head, _| unsafe { live_len(head, base) })
     }
 
     /// Whether the map has no keys of its own.

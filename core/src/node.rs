@@ -35,10 +35,11 @@
 //! - a key bound deep in the chain (or absent) costs one filter test and one table probe,
 //!   whatever the depth — this is what keeps a depth-64 read within 2x of a depth-1 read.
 //!
-//! Tables are only built while they stay below [`MAX_INDEXED`] distinct keys; a context with more
-//! distinct keys than that degrades to a walk above its last table (a documented limit: contexts
-//! carry request metadata, not databases). Building a table is the one case where `with_value`
-//! allocates twice; it happens at most once every [`SEGMENT`] bindings.
+//! Tables come in levels (see [`Table`]): a new table copies only the top level (at most 64
+//! keys) and merges a level into the next one down when it outgrows it, so building tables costs
+//! O(log n) per binding at any size, and a lookup that misses the top level probes at most
+//! `log8(keys / 64) + 1` tables. Building a table is the one case where `with_value` allocates
+//! twice; it happens at most once every [`SEGMENT`] bindings.
 //!
 //! # Reclamation
 //!
@@ -61,8 +62,6 @@ use crate::key::{ErasedKey, KeyQuery};
 
 /// Value nodes per segment: a new index table is built every `SEGMENT` bindings.
 pub(crate) const SEGMENT: u16 = 8;
-/// Tables are not built past this many distinct keys.
-pub(crate) const MAX_INDEXED: usize = 512;
 
 /// The node binds a key to a value.
 pub(crate) const F_VALUE: u16 = 1;
@@ -76,6 +75,10 @@ pub(crate) const F_SCOPE: u16 = 8;
 pub(crate) const F_TYPED_INLINE: u16 = 16;
 /// Lookups from above do not see the bindings below this (scope) node: a `SessionMap`'s base.
 pub(crate) const F_BARRIER: u16 = 32;
+/// Linking builds no index table for this node: it is an inner node of a chain that a
+/// `SessionMap` compaction rebuilds and then indexes at once ([`NodeRef::index_chain`]). Such a
+/// node is only ever reached as the parent of an indexed node, so no lookup starts at it.
+pub(crate) const F_NO_INDEX: u16 = 64;
 
 /// Refcounts above this abort, like `Arc` (unreachable in practice: it needs `isize::MAX`
 /// live contexts).
@@ -94,8 +97,8 @@ pub(crate) struct Header {
     pub(crate) flags: u16,
 }
 
-/// Re-binds a node's key and value on another parent.
-pub(crate) type RebindFn = unsafe fn(NonNull<Header>, Option<NodeRef>) -> NodeRef;
+/// Re-binds a node's key and value on another parent, adding `flags` (only [`F_NO_INDEX`]).
+pub(crate) type RebindFn = unsafe fn(NonNull<Header>, Option<NodeRef>, u16) -> NodeRef;
 
 /// Operations that depend on the concrete node type.
 pub(crate) struct VTable {
@@ -283,13 +286,13 @@ impl<K: KeySlot + Clone, V: ValueSlot + Clone> ValueNode<K, V> {
 
     /// # Safety
     /// `node` is a live `ValueNode<K, V>` created with the rebindable vtable.
-    unsafe fn rebind(node: NonNull<Header>, parent: Option<NodeRef>) -> NodeRef {
+    unsafe fn rebind(node: NonNull<Header>, parent: Option<NodeRef>, flags: u16) -> NodeRef {
         // SAFETY: the caller guarantees the type and liveness.
         let this = unsafe { &*node.cast::<Self>().as_ptr() };
         NodeRef::new_node(
             parent,
             this.header.tag,
-            this.header.flags & (F_VALUE | F_TOMBSTONE),
+            this.header.flags & (F_VALUE | F_TOMBSTONE) | (flags & F_NO_INDEX),
             this.key.clone(),
             this.value.clone(),
             &Self::REBINDABLE_VTABLE,
@@ -395,6 +398,24 @@ impl NodeRef {
             let old = ptr::replace(ptr::addr_of_mut!((*h).parent), None);
             link(self.0, parent);
             old
+        }
+    }
+
+    /// Gives a fresh node one index table of its whole chain (down to the nearest barrier), as
+    /// its only lookup structure: the bulk build after a `SessionMap` compaction, whose inner
+    /// nodes were linked with [`F_NO_INDEX`]. O(chain length).
+    ///
+    /// # Safety
+    /// `self` has never been shared with another thread or cloned, and owns no table.
+    pub(crate) unsafe fn index_chain(&mut self) {
+        let h = self.0.as_ptr();
+        // SAFETY: exclusive access (the caller's guarantee); the chain below is alive (owned).
+        unsafe {
+            debug_assert!((*h).flags & F_OWNS_TABLE == 0);
+            (*h).table = Table::build_bulk(NodePtr(self.0));
+            (*h).flags = ((*h).flags | F_OWNS_TABLE) & !F_NO_INDEX;
+            (*h).bloom = 0;
+            (*h).seg = 0;
         }
     }
 
@@ -544,14 +565,12 @@ unsafe fn link(ptr: NonNull<Header>, parent: Option<NodeRef>) {
         }
         (*h).bloom = bloom | bloom_bit((*h).tag);
         (*h).seg = seg.saturating_add(1);
-        if (*h).seg >= SEGMENT {
+        if (*h).seg >= SEGMENT && (*h).flags & F_NO_INDEX == 0 {
             // The chain below the fresh node is alive: the node owns its parent.
-            if let Some(new_table) = Table::build(NodePtr(ptr), table, (*h).seg as usize) {
-                (*h).table = new_table;
-                (*h).flags |= F_OWNS_TABLE;
-                (*h).bloom = 0;
-                (*h).seg = 0;
-            }
+            (*h).table = Table::build(NodePtr(ptr), table, (*h).seg as usize);
+            (*h).flags |= F_OWNS_TABLE;
+            (*h).bloom = 0;
+            (*h).seg = 0;
         }
     }
 }
@@ -694,6 +713,16 @@ impl NodePtr {
         }
     }
 
+    /// A query for the key this (value) node binds.
+    ///
+    /// # Safety
+    /// The node is a value node alive for `'a`.
+    #[inline]
+    unsafe fn query<'a>(self) -> KeyQuery<'a> {
+        // SAFETY: forwarded.
+        unsafe { KeyQuery { tag: (*self.0.as_ptr()).tag, key: self.key_any() } }
+    }
+
     /// Whether `self` and `other` bind the same key.
     ///
     /// # Safety
@@ -815,7 +844,7 @@ pub(crate) unsafe fn for_each_binding(top: NodePtr, stop: Option<NodePtr>, mut f
 // Index tables
 // ---------------------------------------------------------------------------------------------
 
-/// A slot of an index table; the first slot of every table holds its size instead.
+/// A slot of an index table; the first [`HEAD`] slots of every table hold its header instead.
 #[derive(Clone, Copy)]
 pub(crate) struct Entry {
     tag: u64,
@@ -826,22 +855,102 @@ impl Entry {
     const EMPTY: Entry = Entry { tag: 0, node: ptr::null() };
 }
 
-/// Index tables: `[meta, slot 0, .., slot mask]` in one allocation, where `meta.tag` holds
-/// `mask << 32 | len`. Open addressing with linear probing at load factor <= 1/2.
+/// Header slots at the start of a table: `[0].tag = mask << 32 | len`, `[0].node` = the next
+/// level down (a table, or null); `[1].tag = live << 8 | level`.
+const HEAD: usize = 2;
+/// Distinct keys the top level holds before it is merged into the level below.
+pub(crate) const LEVEL0: usize = 64;
+/// Each level holds this many times the keys of the level above it.
+const LEVEL_RATIO: usize = 8;
+
+/// The most distinct keys a table of `level` holds before it is merged one level down.
+fn level_capacity(level: u32) -> usize {
+    LEVEL0.saturating_mul(LEVEL_RATIO.saturating_pow(level))
+}
+
+/// Index tables, in levels (a log-structured merge of persistent tables, the layout LSM trees
+/// use for the same reason: a persistent index that must not be copied whole on every update).
+///
+/// A table is `[head, head, slot 0, .., slot mask]` in one allocation: open addressing with
+/// linear probing at load factor <= 1/2, mapping key tags to the newest node binding the key.
+/// A table may sit on a *base*: the table of the next level down, holding older bindings, which
+/// the top table shadows. A lookup probes the top table, then each base in turn (at most
+/// `log8(keys / 64) + 1` tables, so 3 at 10^4 keys and 5 at 10^5).
+///
+/// Every [`SEGMENT`] bindings a node gets a new top table: the segment's keys, plus the old top
+/// table's entries if that was level 0. When level `l` would exceed [`level_capacity`]`(l)` keys
+/// it is merged into level `l + 1` (which may cascade). Each binding is thus copied O(1) times
+/// per level, `log8(n)` levels in all: a write costs O(log n) amortized instead of the O(n) of
+/// copying one flat table, and small contexts (<= 64 keys) keep the single table they always had.
+///
+/// Every table also records the number of *live* keys (newest binding not a tombstone) in it and
+/// its bases, so that `SessionMap::len` is O(1).
+///
+/// A table's base is owned by an ancestor of the node owning the table (it is the table of a
+/// node at or below that node's parent), so it outlives every table built on it.
 struct Table;
 
 impl Table {
     /// # Safety
+    /// `table` is a live table.
+    #[inline]
+    unsafe fn mask(table: *const Entry) -> usize {
+        // SAFETY: forwarded; the first slot of a live table is its head.
+        unsafe { ((*table).tag >> 32) as usize }
+    }
+
+    /// Entries in this level.
+    ///
+    /// # Safety
+    /// `table` is a live table.
+    #[inline]
+    unsafe fn len(table: *const Entry) -> usize {
+        // SAFETY: forwarded.
+        unsafe { ((*table).tag & 0xffff_ffff) as usize }
+    }
+
+    /// The next level down, or null.
+    ///
+    /// # Safety
+    /// `table` is a live table.
+    #[inline]
+    unsafe fn base(table: *const Entry) -> *const Entry {
+        // SAFETY: forwarded.
+        unsafe { (*table).node.cast::<Entry>() }
+    }
+
+    /// # Safety
+    /// `table` is a live table.
+    #[inline]
+    unsafe fn level(table: *const Entry) -> u32 {
+        // SAFETY: forwarded; the second slot is the rest of the head.
+        unsafe { ((*table.add(1)).tag & 0xff) as u32 }
+    }
+
+    /// Live keys in this table and its bases; 0 for null.
+    ///
+    /// # Safety
     /// `table` is null or a live table.
     #[inline]
-    unsafe fn find(table: *const Entry, q: &KeyQuery<'_>) -> Option<NodePtr> {
+    pub(crate) unsafe fn live(table: *const Entry) -> usize {
         if table.is_null() {
-            return None;
+            return 0;
         }
-        // SAFETY: a live table has `mask + 2` entries, the first being `meta`.
+        // SAFETY: forwarded.
+        unsafe { ((*table.add(1)).tag >> 8) as usize }
+    }
+
+    /// Probes one level.
+    ///
+    /// # Safety
+    /// `table` is a live table.
+    #[inline]
+    unsafe fn probe(table: *const Entry, q: &KeyQuery<'_>) -> Option<NodePtr> {
+        // SAFETY: a live table has `mask + 1` slots after its head; its entries point to live
+        // nodes.
         unsafe {
-            let mask = ((*table).tag >> 32) as usize;
-            let slots = table.add(1);
+            let mask = Self::mask(table);
+            let slots = table.add(HEAD);
             let mut i = (mix(q.tag) >> 32) as usize & mask;
             loop {
                 let e = *slots.add(i);
@@ -857,32 +966,84 @@ impl Table {
         }
     }
 
+    /// The newest binding of `q` in `table` or its bases.
+    ///
     /// # Safety
     /// `table` is null or a live table.
-    unsafe fn len(table: *const Entry) -> usize {
-        if table.is_null() {
-            0
-        } else {
-            // SAFETY: the first entry of a live table is `meta`.
-            unsafe { ((*table).tag & 0xffff_ffff) as usize }
+    #[inline]
+    unsafe fn find(mut table: *const Entry, q: &KeyQuery<'_>) -> Option<NodePtr> {
+        // SAFETY: forwarded; a live table's base is live (see [`Table`]).
+        unsafe {
+            while !table.is_null() {
+                if let Some(node) = Self::probe(table, q) {
+                    return Some(node);
+                }
+                table = Self::base(table);
+            }
         }
+        None
     }
 
     /// Builds the table for the fresh node `top`: the bindings of the last segment (from `top`
-    /// down to the node owning `below`), then the entries of `below`.
+    /// down to the node owning `below`), merged with as many levels of `below` as the level
+    /// capacities require.
     ///
     /// # Safety
     /// `top` is a fresh node linked above a live chain; `below` is the table of its parent.
-    unsafe fn build(top: NodePtr, below: *const Entry, seg: usize) -> Option<*const Entry> {
-        // SAFETY: forwarded.
-        let below_len = unsafe { Self::len(below) };
-        let upper = below_len + seg;
-        if upper > MAX_INDEXED {
-            return None;
+    unsafe fn build(top: NodePtr, below: *const Entry, seg: usize) -> *const Entry {
+        // The segment's distinct keys, newest first, and the live count they make.
+        let mut fresh: Vec<NodePtr> = Vec::with_capacity(seg + 1);
+        // SAFETY: `below` is null or live.
+        let mut live = unsafe { Self::live(below) };
+        // SAFETY: `top` and the chain below it are alive while we build.
+        unsafe {
+            let mut node = Some(top);
+            while let Some(n) = node {
+                let h = n.header();
+                if h.is_value() && !fresh.iter().any(|f| f.same_key(n)) {
+                    fresh.push(n);
+                    let prev = Self::find(below, &n.query());
+                    let was = prev.is_some_and(|p| !p.header().is_tombstone());
+                    match (was, !h.is_tombstone()) {
+                        (false, true) => live += 1,
+                        (true, false) => live -= 1,
+                        _ => {}
+                    }
+                }
+                if (h.flags & F_OWNS_TABLE != 0 && h.table == below) || h.flags & F_BARRIER != 0 {
+                    break;
+                }
+                node = n.parent();
+            }
         }
-        let cap = (upper * 2).next_power_of_two().max(16);
+        // Which levels of `below` merge into the new table, and the new table's level.
+        let mut merged: Vec<*const Entry> = Vec::new();
+        let mut size = fresh.len();
+        let mut level = 0u32;
+        let mut rest = below;
+        // SAFETY: `below` and its bases are live.
+        unsafe {
+            while !rest.is_null() {
+                let rest_level = Self::level(rest);
+                if rest_level > level {
+                    if size <= level_capacity(level) {
+                        break; // `rest` stays below as its own level
+                    }
+                    level += 1;
+                    continue;
+                }
+                merged.push(rest);
+                size += Self::len(rest);
+                level = level.max(rest_level);
+                while size > level_capacity(level) {
+                    level += 1;
+                }
+                rest = Self::base(rest);
+            }
+        }
+        let cap = (size * 2).next_power_of_two().max(16);
         let mask = cap - 1;
-        let mut slots: Vec<Entry> = alloc::vec![Entry::EMPTY; cap + 1];
+        let mut slots: Vec<Entry> = alloc::vec![Entry::EMPTY; cap + HEAD];
         let mut len = 0usize;
         let mut insert = |slots: &mut [Entry], node: NodePtr| {
             // SAFETY: `node` and every node already in the table are live nodes of this chain.
@@ -890,9 +1051,9 @@ impl Table {
                 let tag = node.header().tag;
                 let mut i = (mix(tag) >> 32) as usize & mask;
                 loop {
-                    let e = slots[i + 1];
+                    let e = slots[i + HEAD];
                     if e.node.is_null() {
-                        slots[i + 1] = Entry { tag, node: node.0.as_ptr() };
+                        slots[i + HEAD] = Entry { tag, node: node.0.as_ptr() };
                         len += 1;
                         return;
                     }
@@ -904,44 +1065,131 @@ impl Table {
                 }
             }
         };
-        // SAFETY: `top` and the chain below it are alive while we build; `below` is live and
-        // has `below_mask + 1` slots after its meta entry.
+        for &n in &fresh {
+            insert(&mut slots, n);
+        }
+        // SAFETY: the merged tables are live; each has `mask + 1` slots after its head.
         unsafe {
-            let mut node = Some(top);
-            while let Some(n) = node {
-                let h = n.header();
-                if h.is_value() {
-                    insert(&mut slots, n);
-                }
-                if (h.flags & F_OWNS_TABLE != 0 && h.table == below) || h.flags & F_BARRIER != 0 {
-                    break;
-                }
-                node = n.parent();
-            }
-            if !below.is_null() {
-                let below_mask = ((*below).tag >> 32) as usize;
-                for i in 0..=below_mask {
-                    let e = *below.add(i + 1);
+            for &t in &merged {
+                let slots_of_t = t.add(HEAD);
+                for i in 0..=Self::mask(t) {
+                    let e = *slots_of_t.add(i);
                     if let Some(n) = NonNull::new(e.node.cast_mut()) {
                         insert(&mut slots, NodePtr(n));
                     }
                 }
             }
         }
-        slots[0].tag = ((mask as u64) << 32) | len as u64;
+        debug_assert!(mask <= u32::MAX as usize && len <= u32::MAX as usize && level < 256);
+        slots[0] = Entry { tag: ((mask as u64) << 32) | len as u64, node: rest.cast::<Header>() };
+        slots[1] = Entry { tag: ((live as u64) << 8) | u64::from(level), node: ptr::null() };
         let boxed: Box<[Entry]> = slots.into_boxed_slice();
-        Some(Box::into_raw(boxed).cast::<Entry>().cast_const())
+        Box::into_raw(boxed).cast::<Entry>().cast_const()
+    }
+
+    /// One table of every binding from `top` down to the nearest barrier (or the chain's end),
+    /// with no base: see [`NodeRef::index_chain`].
+    ///
+    /// # Safety
+    /// `top` and the chain below it are alive while this runs.
+    unsafe fn build_bulk(top: NodePtr) -> *const Entry {
+        let mut nodes: Vec<NodePtr> = Vec::new();
+        // SAFETY: forwarded; every node reached is an ancestor of `top`.
+        unsafe {
+            let mut node = Some(top);
+            while let Some(n) = node {
+                let h = n.header();
+                if h.is_value() {
+                    nodes.push(n);
+                }
+                if h.flags & F_BARRIER != 0 {
+                    break;
+                }
+                node = n.parent();
+            }
+        }
+        let mut level = 0;
+        while nodes.len() > level_capacity(level) {
+            level += 1;
+        }
+        let cap = (nodes.len() * 2).next_power_of_two().max(16);
+        let mask = cap - 1;
+        let mut slots: Vec<Entry> = alloc::vec![Entry::EMPTY; cap + HEAD];
+        let (mut len, mut live) = (0usize, 0usize);
+        for n in nodes {
+            // SAFETY: `n` and every node already in the table are live nodes of this chain.
+            unsafe {
+                let tag = n.header().tag;
+                let mut i = (mix(tag) >> 32) as usize & mask;
+                loop {
+                    let e = slots[i + HEAD];
+                    if e.node.is_null() {
+                        slots[i + HEAD] = Entry { tag, node: n.0.as_ptr() };
+                        len += 1;
+                        live += usize::from(!n.header().is_tombstone());
+                        break;
+                    }
+                    if e.tag == tag && NodePtr(NonNull::new_unchecked(e.node.cast_mut())).same_key(n) {
+                        break; // a newer binding of the same key is already in
+                    }
+                    i = (i + 1) & mask;
+                }
+            }
+        }
+        slots[0] = Entry { tag: ((mask as u64) << 32) | len as u64, node: ptr::null() };
+        slots[1] = Entry { tag: ((live as u64) << 8) | u64::from(level), node: ptr::null() };
+        let boxed: Box<[Entry]> = slots.into_boxed_slice();
+        Box::into_raw(boxed).cast::<Entry>().cast_const()
     }
 
     /// # Safety
     /// `table` is a table built by [`Table::build`] that nothing uses any more.
     unsafe fn free(table: *const Entry) {
-        // SAFETY: rebuilds the boxed slice `build` leaked: `mask + 2` entries.
+        // SAFETY: rebuilds the boxed slice `build` leaked: `mask + 1 + HEAD` entries. The base
+        // is not ours (an ancestor's table).
         unsafe {
-            let mask = ((*table).tag >> 32) as usize;
-            let slice = ptr::slice_from_raw_parts_mut(table.cast_mut(), mask + 2);
+            let slice = ptr::slice_from_raw_parts_mut(table.cast_mut(), Self::mask(table) + 1 + HEAD);
             drop(Box::from_raw(slice));
         }
+    }
+}
+
+/// The number of keys whose newest binding at or below `top` (and above `stop`) is not a
+/// tombstone: O(1) when `top` is indexed (the live count of its table, corrected for the at most
+/// [`SEGMENT`] bindings above that table), a walk otherwise.
+///
+/// # Safety
+/// `top` is alive while this runs; `stop` is null or an ancestor of `top` under which no table
+/// reaches (a barrier, such as a `SessionMap`'s base).
+pub(crate) unsafe fn live_len(top: NodePtr, stop: Option<NodePtr>) -> usize {
+    // SAFETY: forwarded; every node reached is `top` or an ancestor.
+    unsafe {
+        let table = top.header().table;
+        if table.is_null() {
+            let mut n = 0;
+            for_each_binding(top, stop, |b| n += usize::from(!b.header().is_tombstone()));
+            return n;
+        }
+        let mut live = Table::live(table);
+        let mut seen: Vec<NodePtr> = Vec::new();
+        let mut node = Some(top);
+        while let Some(n) = node {
+            let h = n.header();
+            if (h.flags & F_OWNS_TABLE != 0 && h.table == table) || Some(n) == stop {
+                break;
+            }
+            if h.is_value() && !seen.iter().any(|s| s.same_key(n)) {
+                seen.push(n);
+                let was = Table::find(table, &n.query()).is_some_and(|p| !p.header().is_tombstone());
+                match (was, !h.is_tombstone()) {
+                    (false, true) => live += 1,
+                    (true, false) => live -= 1,
+                    _ => {}
+                }
+            }
+            node = n.parent();
+        }
+        live
     }
 }
 

@@ -298,6 +298,87 @@ fn p5_map(c: &mut Criterion) {
     g.finish();
 }
 
+/// Go's `SessionMap` design done in Rust: a read-write lock over a hash map of shared values
+/// (the peer P5 is measured against, in the same run).
+struct RwLockMap(std::sync::RwLock<std::collections::HashMap<u64, Arc<u64>>>);
+
+impl RwLockMap {
+    fn with_keys(n: u64) -> RwLockMap {
+        RwLockMap(std::sync::RwLock::new((0..n).map(|i| (i, Arc::new(i))).collect()))
+    }
+    fn insert(&self, k: u64, v: u64) {
+        self.0.write().unwrap().insert(k, Arc::new(v));
+    }
+    fn get(&self, k: &u64) -> Option<Arc<u64>> {
+        self.0.read().unwrap().get(k).cloned()
+    }
+    fn read(&self, k: &u64) -> u64 {
+        self.0.read().unwrap().get(k).map_or(0, |v| **v)
+    }
+}
+
+/// A cheap, repeatable key sequence over `0..n` (a multiplicative walk: consecutive keys land
+/// far apart, so a large map is not read in insertion order).
+fn next_key(i: &mut u64, n: u64) -> u64 {
+    *i = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    (*i >> 17) % n
+}
+
+/// P5 at 10, 1 000 and 100 000 keys: inserts (re-binding existing keys, as a request updates its
+/// metadata) and reads of any key, hashed `u64` keys and a typed key, against the `RwLock` twin.
+fn p5_map_scale(c: &mut Criterion) {
+    let mut g = c.benchmark_group("p5_map_scale");
+    for &n in &[10u64, 1_000, 100_000] {
+        let map = SessionMap::new();
+        for i in 0..n {
+            map.insert(i, i);
+        }
+        map.set(&K, 7);
+        let twin = RwLockMap::with_keys(n);
+        g.bench_with_input(BenchmarkId::new("insert", n), &n, |b, &n| {
+            let mut i = 0;
+            b.iter(|| {
+                let k = next_key(&mut i, n);
+                map.insert(k, k);
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("rwlock_insert", n), &n, |b, &n| {
+            let mut i = 0;
+            b.iter(|| {
+                let k = next_key(&mut i, n);
+                twin.insert(k, k);
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("read", n), &n, |b, &n| {
+            let mut i = 0;
+            b.iter(|| {
+                let k = next_key(&mut i, n);
+                map.read(&k, |v: Option<&u64>| v.copied().unwrap_or(0))
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("value_arc", n), &n, |b, &n| {
+            let mut i = 0;
+            b.iter(|| {
+                let k = next_key(&mut i, n);
+                map.value::<u64, _>(&k).map_or(0, |v| *v)
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("rwlock_read", n), &n, |b, &n| {
+            let mut i = 0;
+            b.iter(|| twin.read(&next_key(&mut i, n)))
+        });
+        g.bench_with_input(BenchmarkId::new("rwlock_get", n), &n, |b, &n| {
+            let mut i = 0;
+            b.iter(|| twin.get(&next_key(&mut i, n)).map_or(0, |v| *v))
+        });
+        g.bench_with_input(BenchmarkId::new("read_typed", n), &n, |b, _| {
+            b.iter(|| map.read_key(black_box(&K), |v| v.copied().unwrap_or(0)))
+        });
+        g.bench_with_input(BenchmarkId::new("len", n), &n, |b, _| b.iter(|| map.len()));
+    }
+    g.finish();
+}
+
 fn tokio_runtime(implicit: bool) -> tokio::runtime::Runtime {
     let mut b = tokio::runtime::Builder::new_multi_thread();
     b.worker_threads(2).enable_all();
@@ -762,6 +843,7 @@ fn main() {
     p3_with_value(&mut c);
     p4_depth(&mut c);
     p5_map(&mut c);
+    p5_map_scale(&mut c);
     p6_tokio_spawn(&mut c);
     p7_go(&mut c);
     p10_rayon(&mut c);
