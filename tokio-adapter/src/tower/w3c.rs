@@ -434,7 +434,9 @@ impl TraceContext {
 /// or not visible ASCII, is an error (`400`) by default; with
 /// [`ignore_invalid`](W3cTraceContext::ignore_invalid) it is ignored instead, as the spec's
 /// "restart the trace". A `tracestate` without a `traceparent` is ignored. On send, the
-/// `traceparent` is written in the version `00` form.
+/// `traceparent` is written in the version `00` form. Behind
+/// [`ClientBackupLayer`](super::ClientBackupLayer), a call whose context has no trace context
+/// carries the backed-up request's ([`Propagator::recover`]).
 ///
 /// # Examples
 /// ```
@@ -558,6 +560,16 @@ impl Propagator for W3cTraceContext {
             Ok(None) => Ok(ctx.clone()),
             Err(_) if self.ignore_invalid => Ok(ctx.clone()),
             Err(e) => Err(e),
+        }
+    }
+
+    /// The request's trace context, for a call whose context has none (a call's own trace
+    /// context wins). Forwarded as received: this crate makes no spans; a tracer that does
+    /// puts its own [`TraceContext`] on the call's context.
+    fn recover(&self, prev: &Context, ctx: &Context) -> Context {
+        match TraceContext::of(prev) {
+            Some(trace) if TraceContext::of(ctx).is_none() => trace.clone().attach(ctx),
+            _ => ctx.clone(),
         }
     }
 }
