@@ -1,4 +1,4 @@
-//! gRPC without `protoc` (feature `grpc`): a UTF-8 string [`Codec`](tonic::codec::Codec), a
+//! gRPC without `protoc` (feature `grpc`): a UTF-8 string [`Codec`], a
 //! unary service and a unary call written by hand over `tonic::server::Grpc` /
 //! `tonic::client::Grpc`, the way tonic's generated code does it. The messages are plain strings
 //! (the gRPC frame's payload is the string's UTF-8 bytes), so no `.proto` file and no build
