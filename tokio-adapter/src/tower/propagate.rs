@@ -112,7 +112,8 @@ pub trait Propagator: fmt::Debug + Send + Sync {
     ///
     /// # Errors
     /// [`HeaderError`] naming the header that is malformed or too large; the server answers
-    /// `400 Bad Request` with its message.
+    /// `400 Bad Request` with its message (gRPC mode: the status `INVALID_ARGUMENT`; see
+    /// [`Rejection`](super::Rejection)).
     ///
     /// # Examples
     /// ```
