@@ -4,7 +4,13 @@
 //! deterministic, explained output. `examples/seed.rs` prints it
 //! (`cargo run -p localsession-examples --example seed`); `tests/tests/seed.rs` in the
 //! `localsession-tests` package asserts its transcript for both session kinds.
+//!
+//! [`grpc`] (feature `grpc`) is a gRPC service and client written by hand over tonic (no
+//! `protoc`), used by `examples/two_services.rs`: one request crossing two services over HTTP
+//! and over gRPC (`cargo run -p localsession-examples --example two_services --features grpc`).
 
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod seed;
 
 /// The README's Rust examples, run as doctests (`cargo test --doc -p localsession-examples`), so

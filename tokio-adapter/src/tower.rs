@@ -16,14 +16,18 @@
 //!   extensions. It is prepared for backward values
 //!   ([`MetaInfo::send_backward_value`]), which the response carries as `rpc-backward-*`
 //!   headers. Malformed or oversize headers are answered with `400 Bad Request` and a message
-//!   naming the header; the handler is not called.
+//!   naming the header; the handler is not called. Behind a gRPC server (tonic), use
+//!   [`ServerBackupLayer::grpc`] (feature `grpc`): the answer is then the gRPC status
+//!   `INVALID_ARGUMENT` with the same message ([`Rejection`] chooses the answer).
 //! - [`SessionLayer`]: the same request lifecycle for a session of your own, made from each
 //!   request by your closure (from its headers and extensions).
 //! - [`ClientBackupLayer`]: for each outgoing request, takes the request's [`Context`] (from its
 //!   extensions; `Context::background()` if none), recovers what it lacks from the backup with
 //!   [`recover_ctx_on_demands`] and your handler `(prev, cur) -> (ctx, backup)`, and writes it
 //!   into the request headers with its propagators: by default the persistent metainfo and this
-//!   hop's transient metainfo. Transient values received from upstream are not forwarded (they
+//!   hop's transient metainfo. When the handler accepts the backup, each propagator also
+//!   recovers what it carries ([`Propagator::recover`]): with [`W3cTraceContext`], a call made
+//!   with no trace context of its own carries the request's. Transient values received from upstream are not forwarded (they
 //!   travel one hop). The backward values of the response are put in its extensions as
 //!   [`BackwardValues`]. If the session where the call runs has ended, the call fails with
 //!   [`ClientBackupError::EndedSession`] instead of sending an old request's identity.
@@ -55,6 +59,18 @@
 //!
 //! On send, errors are [`ClientBackupError::Header`] rather than gopkg's silent drop: the
 //! metainfo is this program's own data, and a lost tenant is worse than an error.
+//!
+//! # gRPC (tonic)
+//! gRPC metadata *are* HTTP/2 headers, and tonic's server and channel are tower services over
+//! `http::Request`/`http::Response`, so the same layers serve gRPC: put
+//! `ServerBackupLayer::new().grpc()` in `tonic::transport::Server::builder().layer(..)`, and wrap
+//! the `Channel` a (generated or hand-written) client is built on in [`ClientBackupLayer`]. The
+//! `rpc-persist-*`/`rpc-transit-*` metadata are then Kitex's gRPC metainfo keys, and
+//! `traceparent`/`tracestate`/`baggage` those of OpenTelemetry's gRPC instrumentation. A `400`
+//! would reach a gRPC client as `INTERNAL`, so in gRPC mode ([`GrpcInvalidArgument`], feature
+//! `grpc`) an unreadable header is answered with `grpc-status: 3` (`INVALID_ARGUMENT`) and a
+//! `grpc-message` naming the header. A refused client call reaches tonic as an error of the
+//! channel, which tonic reports as a `Status` carrying its message.
 //!
 //! # Examples
 //! A handler that calls another service: the tenant its caller sent is forwarded without a
@@ -89,7 +105,7 @@ use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
 use http::header::HeaderMap;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use localsession_core::{AnySession, Context, ContextError, MetaInfo, SessionCtx, WithSession, recover_ctx_on_demands};
 use tower_layer::Layer;
 use tower_service::Service;
@@ -97,12 +113,16 @@ use tower_service::Service;
 use crate::FutureExt;
 
 mod propagate;
+mod reject;
 mod w3c;
 
 pub use propagate::{
     BACKWARD_PREFIX, BackwardValues, KitexMetainfo, PERSISTENT_PREFIX, Propagator, TRANSIENT_PREFIX, cgi_key_to_header,
     header_to_cgi_key,
 };
+#[cfg(feature = "grpc")]
+pub use reject::GrpcInvalidArgument;
+pub use reject::{BadRequest, Rejection};
 pub use w3c::{TraceContext, TraceParent, W3cBaggage, W3cTraceContext};
 
 /// The propagators a layer runs, in order.
@@ -258,9 +278,10 @@ pub fn write_metainfo_headers(meta: &MetaInfo, headers: &mut HeaderMap) -> Resul
 /// # }
 /// ```
 #[derive(Debug, Clone)]
-pub struct ServerBackupLayer {
+pub struct ServerBackupLayer<R = BadRequest> {
     end_with_response: bool,
     propagators: Propagators,
+    reject: R,
 }
 
 impl Default for ServerBackupLayer {
@@ -292,7 +313,72 @@ impl ServerBackupLayer {
     /// ```
     #[must_use]
     pub fn new() -> Self {
-        ServerBackupLayer { end_with_response: true, propagators: default_propagators() }
+        ServerBackupLayer { end_with_response: true, propagators: default_propagators(), reject: BadRequest }
+    }
+}
+
+impl<R> ServerBackupLayer<R> {
+    /// Answers requests whose headers cannot be read with `reject` (default: [`BadRequest`],
+    /// a `400`).
+    ///
+    /// # Examples
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response, StatusCode};
+    /// use localsession_tokio::tower::{HeaderError, Rejection, ServerBackupLayer};
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// /// Answers `422` with the header's name alone.
+    /// #[derive(Debug, Clone)]
+    /// struct Unprocessable;
+    /// impl Rejection<String> for Unprocessable {
+    ///     fn reject(&self, error: &HeaderError) -> Response<String> {
+    ///         let mut resp = Response::new(error.header().to_owned());
+    ///         *resp.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
+    ///         resp
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let layer = ServerBackupLayer::new().reject_with(Unprocessable);
+    /// let svc = layer.layer(tower::service_fn(|_req: Request<String>| async { Ok::<_, Infallible>(Response::new(String::new())) }));
+    /// let bad = Request::builder().header("rpc-persist-tenant", &b"caf\xe9"[..]).body(String::new()).unwrap();
+    /// let resp = svc.oneshot(bad).await.unwrap();
+    /// assert_eq!((resp.status(), resp.body().as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "rpc-persist-tenant"));
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn reject_with<R2>(self, reject: R2) -> ServerBackupLayer<R2> {
+        ServerBackupLayer { end_with_response: self.end_with_response, propagators: self.propagators, reject }
+    }
+
+    /// gRPC mode (feature `grpc`): requests whose headers (gRPC metadata) cannot be read are
+    /// answered with the gRPC status `INVALID_ARGUMENT` naming the header
+    /// ([`GrpcInvalidArgument`]) instead of a `400`. Use it in
+    /// `tonic::transport::Server::builder().layer(..)`.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response, StatusCode};
+    /// use localsession_tokio::tower::{ServerBackupLayer, W3cTraceContext};
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let layer = ServerBackupLayer::new().with_propagator(W3cTraceContext::new()).grpc();
+    /// // `String` stands in for tonic's body here: any `Default` body works.
+    /// let svc = layer.layer(tower::service_fn(|_req: Request<String>| async { Ok::<_, Infallible>(Response::new(String::new())) }));
+    /// let bad = Request::builder().header("traceparent", "garbage").body(String::new()).unwrap();
+    /// let resp = svc.oneshot(bad).await.unwrap();
+    /// assert_eq!(resp.status(), StatusCode::OK); // gRPC errors travel in `grpc-status`
+    /// assert_eq!(resp.headers()["grpc-status"], "3"); // INVALID_ARGUMENT
+    /// assert!(resp.headers()["grpc-message"].to_str().unwrap().contains("traceparent"));
+    /// # }
+    /// ```
+    #[cfg(feature = "grpc")]
+    #[must_use]
+    pub fn grpc(self) -> ServerBackupLayer<GrpcInvalidArgument> {
+        self.reject_with(GrpcInvalidArgument)
     }
 
     /// Replaces the propagators that read each request's context from its headers (in order,
@@ -415,10 +501,15 @@ impl ServerBackupLayer {
     }
 }
 
-impl<S> Layer<S> for ServerBackupLayer {
-    type Service = ServerBackup<S>;
-    fn layer(&self, inner: S) -> ServerBackup<S> {
-        ServerBackup { inner, end_with_response: self.end_with_response, propagators: self.propagators.clone() }
+impl<S, R: Clone> Layer<S> for ServerBackupLayer<R> {
+    type Service = ServerBackup<S, R>;
+    fn layer(&self, inner: S) -> ServerBackup<S, R> {
+        ServerBackup {
+            inner,
+            end_with_response: self.end_with_response,
+            propagators: self.propagators.clone(),
+            reject: self.reject.clone(),
+        }
     }
 }
 
@@ -442,16 +533,17 @@ impl<S> Layer<S> for ServerBackupLayer {
 /// # }
 /// ```
 #[derive(Debug, Clone)]
-pub struct ServerBackup<S> {
+pub struct ServerBackup<S, R = BadRequest> {
     inner: S,
     end_with_response: bool,
     propagators: Propagators,
+    reject: R,
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ServerBackup<S>
+impl<S, R, ReqBody, ResBody> Service<Request<ReqBody>> for ServerBackup<S, R>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: From<String>,
+    R: Rejection<ResBody>,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
@@ -467,8 +559,7 @@ where
             match p.extract(req.headers(), &ctx) {
                 Ok(next) => ctx = next,
                 Err(e) => {
-                    let mut resp = Response::new(ResBody::from(e.to_string()));
-                    *resp.status_mut() = StatusCode::BAD_REQUEST;
+                    let resp = self.reject.reject(&e);
                     return ServerBackupFuture {
                         state: ServerState::Rejected { response: Some(resp) },
                         end: EndSession(None),
@@ -524,7 +615,7 @@ pin_project_lite::pin_project! {
     enum ServerState<F, B> {
         // The handler runs with the request's backup bound.
         Inner { #[pin] fut: WithSession<F> },
-        // The request was rejected (malformed metainfo); the `400` is taken when polled.
+        // The request was rejected (malformed metainfo); the answer is taken when polled.
         Rejected { response: Option<Response<B>> },
     }
 }
@@ -820,7 +911,21 @@ where
             return ClientBackupFuture { state: ClientState::Failed { error: Some(ClientFailure::Ended(cause)) } };
         }
         let cur = req.extensions().get::<Context>().cloned().unwrap_or_default();
-        let ctx = recover_ctx_on_demands(&cur, |prev, cur| (self.handler)(prev, cur));
+        // The backup, if the handler accepted it: each propagator then recovers what it carries
+        // and the call's context lacks (the trace context, say), as the core does for the
+        // persistent metainfo.
+        let mut accepted = None;
+        let ctx = recover_ctx_on_demands(&cur, |prev, cur| {
+            let (ctx, backup) = (self.handler)(prev, cur);
+            if backup {
+                accepted = Some(prev.clone());
+            }
+            (ctx, backup)
+        });
+        let ctx = match accepted {
+            Some(prev) => self.propagators.iter().fold(ctx, |ctx, p| p.recover(&prev, &ctx)),
+            None => ctx,
+        };
         for p in self.propagators.iter() {
             if let Err(e) = p.inject(&ctx, req.headers_mut()) {
                 return ClientBackupFuture { state: ClientState::Failed { error: Some(ClientFailure::Header(e)) } };

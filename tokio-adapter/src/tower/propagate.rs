@@ -112,7 +112,8 @@ pub trait Propagator: fmt::Debug + Send + Sync {
     ///
     /// # Errors
     /// [`HeaderError`] naming the header that is malformed or too large; the server answers
-    /// `400 Bad Request` with its message.
+    /// `400 Bad Request` with its message (gRPC mode: the status `INVALID_ARGUMENT`; see
+    /// [`Rejection`](super::Rejection)).
     ///
     /// # Examples
     /// ```
@@ -125,6 +126,29 @@ pub trait Propagator: fmt::Debug + Send + Sync {
     /// assert_eq!(MetaInfo::of(&ctx).persistent("TENANT"), Some("acme"));
     /// ```
     fn extract(&self, headers: &HeaderMap, ctx: &Context) -> Result<Context, HeaderError>;
+
+    /// `ctx` plus what it lacks of this propagator's data, taken from `prev`, the request's
+    /// backed-up context — the client layer's recovery step (Kitex `RecoverCtxOnDemands`), run
+    /// by [`ClientBackup`](super::ClientBackup) after its handler accepted the backup
+    /// (`backup == true`). What `ctx` has wins. By default `ctx` unchanged: the persistent
+    /// metainfo ([`KitexMetainfo`], [`W3cBaggage`](super::W3cBaggage)) is already merged by
+    /// [`recover_ctx_on_demands`](localsession_core::recover_ctx_on_demands);
+    /// [`W3cTraceContext`](super::W3cTraceContext) recovers the trace context.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::Context;
+    /// use localsession_tokio::tower::{Propagator, TraceContext, TraceParent, W3cTraceContext};
+    ///
+    /// let parent = TraceParent { version: 0, trace_id: [1; 16], parent_id: [2; 8], flags: 1 };
+    /// let request = TraceContext { parent, state: None }.attach(&Context::background());
+    /// let call = W3cTraceContext::new().recover(&request, &Context::background());
+    /// assert_eq!(TraceContext::of(&call).unwrap().parent, parent);
+    /// ```
+    fn recover(&self, prev: &Context, ctx: &Context) -> Context {
+        let _ = prev;
+        ctx.clone()
+    }
 
     /// Writes the backward values a server recorded on the request's `ctx` (see
     /// [`MetaInfo::send_backward_value`]) into its response `headers`. Nothing by default.

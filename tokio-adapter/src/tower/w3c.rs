@@ -120,7 +120,9 @@ impl W3cBaggage {
         Ok(out)
     }
 
-    /// Makes a baggage string from `(key, value)` pairs, percent-encoding the values.
+    /// Makes a baggage string from `(key, value)` pairs, percent-encoding the values: every
+    /// byte that is not a `baggage-octet`, and `%` and `=` (upper-case hex, as OpenTelemetry's
+    /// SDK writes them, so both produce the same bytes for the same value).
     ///
     /// # Errors
     /// [`HeaderError`] naming `baggage`: an empty key or one that is not an HTTP token, or
@@ -129,7 +131,7 @@ impl W3cBaggage {
     /// # Examples
     /// ```
     /// use localsession_tokio::tower::W3cBaggage;
-    /// assert_eq!(W3cBaggage::format([("user", "Jürgen"), ("q", "a,b; c")]).unwrap(), "user=J%C3%BCrgen,q=a%2Cb%3B%20c");
+    /// assert_eq!(W3cBaggage::format([("user", "Jürgen"), ("q", "a,b; c=d")]).unwrap(), "user=J%C3%BCrgen,q=a%2Cb%3B%20c%3Dd");
     /// assert!(W3cBaggage::format([("bad key", "v")]).is_err());
     /// ```
     pub fn format<'a>(members: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<String, HeaderError> {
@@ -147,7 +149,9 @@ impl W3cBaggage {
             out.push_str(key);
             out.push('=');
             for b in value.bytes() {
-                if is_baggage_octet(b) && b != b'%' {
+                // `=` is a baggage-octet, but readers that split a list-member at every `=`
+                // (OpenTelemetry's SDK does) would cut the value there: encode it too.
+                if is_baggage_octet(b) && b != b'%' && b != b'=' {
                     out.push(char::from(b));
                 } else {
                     out.push('%');
@@ -434,7 +438,9 @@ impl TraceContext {
 /// or not visible ASCII, is an error (`400`) by default; with
 /// [`ignore_invalid`](W3cTraceContext::ignore_invalid) it is ignored instead, as the spec's
 /// "restart the trace". A `tracestate` without a `traceparent` is ignored. On send, the
-/// `traceparent` is written in the version `00` form.
+/// `traceparent` is written in the version `00` form. Behind
+/// [`ClientBackupLayer`](super::ClientBackupLayer), a call whose context has no trace context
+/// carries the backed-up request's ([`Propagator::recover`]).
 ///
 /// # Examples
 /// ```
@@ -558,6 +564,16 @@ impl Propagator for W3cTraceContext {
             Ok(None) => Ok(ctx.clone()),
             Err(_) if self.ignore_invalid => Ok(ctx.clone()),
             Err(e) => Err(e),
+        }
+    }
+
+    /// The request's trace context, for a call whose context has none (a call's own trace
+    /// context wins). Forwarded as received: this crate makes no spans; a tracer that does
+    /// puts its own [`TraceContext`] on the call's context.
+    fn recover(&self, prev: &Context, ctx: &Context) -> Context {
+        match TraceContext::of(prev) {
+            Some(trace) if TraceContext::of(ctx).is_none() => trace.clone().attach(ctx),
+            _ => ctx.clone(),
         }
     }
 }
