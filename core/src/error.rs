@@ -105,3 +105,50 @@ impl core::error::Error for ContextError {
         }
     }
 }
+
+/// Why a read found no value (see [`SessionExt::try_value_cloned`](crate::SessionExt::try_value_cloned)).
+///
+/// The key's type is part of the key: a binding under `"k"` (a `&str`) is not found with
+/// `String::from("k")`, and reads as [`ReadError::Absent`] naming the key type that was used.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{AnySession, Context, ReadError, SessionCtx};
+/// let s = AnySession::from(SessionCtx::new(&Context::background()).with_value("n", 1u8));
+/// assert_eq!(
+///     s.try_value_cloned::<u16, _>(&"n").unwrap_err().to_string(),
+///     "the value under this `&str` key is not a `u16`",
+/// );
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// Nothing is bound under the key (with this key type).
+    Absent {
+        /// The type of the key that was looked up.
+        key_type: &'static str,
+    },
+    /// A value is bound under the key, but it is not of the type asked for.
+    WrongType {
+        /// The type of the key that was looked up.
+        key_type: &'static str,
+        /// The value type asked for.
+        expected: &'static str,
+    },
+}
+
+impl fmt::Display for ReadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadError::Absent { key_type } => write!(
+                f,
+                "nothing is bound under this `{key_type}` key (a key of another type, such as `String` for `&str`, is another key)"
+            ),
+            ReadError::WrongType { key_type, expected } => {
+                write!(f, "the value under this `{key_type}` key is not a `{expected}`")
+            }
+        }
+    }
+}
+
+impl core::error::Error for ReadError {}

@@ -77,7 +77,7 @@ mod time;
 pub use backup::{backed_up_ctx, backup_ctx, clear_ctx, recover_ctx_on_demands};
 pub use config::{ConfigError, ConfigField, DurationError, ManagerOptions};
 pub use context::{CancelHandle, Context};
-pub use error::ContextError;
+pub use error::{ContextError, ReadError};
 pub use future::{FutureExt, WithSession};
 pub use key::{DynKey, Key, KeyQuery};
 pub use map::SessionMap;
@@ -91,7 +91,10 @@ pub use store::{
     with_current_in,
 };
 pub use task_table::TaskTable;
-pub use time::{Clock, Expiry, Instant, NoClockError, SetGlobalClockError, global_clock, set_global_clock};
+pub use time::{
+    Clock, Expiry, Instant, NoClockError, SetGlobalClockError, global_clock, registered_clock, set_fallback_clock,
+    set_global_clock,
+};
 
 /// Re-exported for [`ContextStore::pin_epoch`] implementations.
 pub use crossbeam_epoch;

@@ -15,15 +15,18 @@
 //! the fork. Unlike Go, which ignores the wrapped context, a session is also invalid once that
 //! context is cancelled or past its deadline.
 
-use core::any::Any;
+use core::any::{Any, type_name};
 use core::fmt;
 use core::hash::Hash;
 use core::time::Duration;
 
+use alloc::borrow::Cow;
+use alloc::boxed::Box;
+use alloc::string::String;
 use alloc::sync::Arc;
 
 use crate::context::Context;
-use crate::error::ContextError;
+use crate::error::{ContextError, ReadError};
 use crate::key::{DynKey, Key, KeyQuery};
 use crate::map::SessionMap;
 use crate::node::{F_VALUE, NodeRef, SharedKey, SharedValue, TypedKey};
@@ -172,6 +175,58 @@ pub trait SessionExt: Session {
         self.read_key(key, |v| v.cloned())
     }
 
+    /// A clone of the value bound to `key`, or why there is none: [`ReadError::Absent`] (nothing
+    /// bound under this key — remember that the key's type is part of the key, so `"k"` and
+    /// `String::from("k")` are different keys) or [`ReadError::WrongType`] (a value of another
+    /// type is bound). The error names the types involved.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, ReadError, Session, SessionCtx, SessionExt};
+    /// let s = SessionCtx::new(&Context::background()).with_value("port", 8080u16);
+    /// let erased: &dyn Session = &s;
+    /// assert_eq!(erased.try_value_cloned::<u16, _>(&"port"), Ok(8080));
+    /// let err = erased.try_value_cloned::<u32, _>(&"port").unwrap_err();
+    /// assert!(matches!(err, ReadError::WrongType { .. }));
+    /// assert!(err.to_string().contains("u32"));
+    /// let err = erased.try_value_cloned::<u16, _>(&String::from("port")).unwrap_err();
+    /// assert!(matches!(err, ReadError::Absent { .. })); // a `String` key is not a `&str` key
+    /// assert!(err.to_string().contains("String"));
+    /// ```
+    fn try_value_cloned<V: Any + Clone, K: Eq + Hash + Any + Send + Sync>(&self, key: &K) -> Result<V, ReadError> {
+        let mut out = Err(ReadError::Absent { key_type: type_name::<K>() });
+        self.get_with(&KeyQuery::new(key), &mut |v| {
+            if let Some(v) = v {
+                out = v
+                    .downcast_ref::<V>()
+                    .cloned()
+                    .ok_or(ReadError::WrongType { key_type: type_name::<K>(), expected: type_name::<V>() });
+            }
+        });
+        out
+    }
+
+    /// The string bound to `key`, whichever of the usual string types holds it (`String`,
+    /// `&'static str`, `Arc<str>`, `Box<str>`, `Cow<'static, str>`): no turbofish, no guessing
+    /// which one the writer used.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{Context, Session, SessionCtx, SessionExt};
+    /// let s = SessionCtx::new(&Context::background())
+    ///     .with_value("tenant", "acme")
+    ///     .with_value("user", String::from("ann"));
+    /// let erased: &dyn Session = &s;
+    /// assert_eq!(erased.str_value(&"tenant").as_deref(), Some("acme"));
+    /// assert_eq!(erased.str_value(&"user").as_deref(), Some("ann"));
+    /// assert_eq!(erased.str_value(&"missing"), None);
+    /// ```
+    fn str_value<K: Eq + Hash + Any + Send + Sync>(&self, key: &K) -> Option<String> {
+        let mut out = None;
+        self.get_with(&KeyQuery::new(key), &mut |v| out = v.and_then(any_str).map(String::from));
+        out
+    }
+
     /// Derives with one more binding (boxes the value; `SessionCtx::with_value` does not).
     ///
     /// # Examples
@@ -190,6 +245,21 @@ pub trait SessionExt: Session {
 }
 
 impl<S: Session + ?Sized> SessionExt for S {}
+
+/// The string in `v`, if it holds one of the usual string types.
+fn any_str(v: &(dyn Any + Send + Sync)) -> Option<&str> {
+    if let Some(s) = v.downcast_ref::<String>() {
+        Some(s)
+    } else if let Some(s) = v.downcast_ref::<&'static str>() {
+        Some(s)
+    } else if let Some(s) = v.downcast_ref::<Arc<str>>() {
+        Some(s)
+    } else if let Some(s) = v.downcast_ref::<Box<str>>() {
+        Some(s)
+    } else {
+        v.downcast_ref::<Cow<'static, str>>().map(|s| &**s)
+    }
+}
 
 fn read_query<S: Session + ?Sized, V: Any, R>(s: &S, q: &KeyQuery<'_>, f: impl FnOnce(Option<&V>) -> R) -> R {
     let mut f = Some(f);
@@ -753,6 +823,35 @@ impl AnySession {
     #[must_use]
     pub fn value_cloned<V: Any + Clone, K: Eq + Hash + Any + Send + Sync>(&self, key: &K) -> Option<V> {
         self.read(key, |v: Option<&V>| v.cloned())
+    }
+
+    /// A clone of the value bound to `key`, or why there is none (see
+    /// [`SessionExt::try_value_cloned`]).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{AnySession, Context, ReadError, SessionCtx};
+    /// let s = AnySession::from(SessionCtx::new(&Context::background()).with_value("a", 1u8));
+    /// assert_eq!(s.try_value_cloned::<u8, _>(&"a"), Ok(1));
+    /// assert!(matches!(s.try_value_cloned::<i8, _>(&"a"), Err(ReadError::WrongType { .. })));
+    /// assert!(matches!(s.try_value_cloned::<u8, _>(&"b"), Err(ReadError::Absent { .. })));
+    /// ```
+    pub fn try_value_cloned<V: Any + Clone, K: Eq + Hash + Any + Send + Sync>(&self, key: &K) -> Result<V, ReadError> {
+        SessionExt::try_value_cloned(self, key)
+    }
+
+    /// The string bound to `key`, whichever of the usual string types holds it (see
+    /// [`SessionExt::str_value`]).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{AnySession, Context, SessionCtx};
+    /// let s = AnySession::from(SessionCtx::new(&Context::background()).with_value("tenant", "acme"));
+    /// assert_eq!(s.str_value(&"tenant").as_deref(), Some("acme"));
+    /// ```
+    #[must_use]
+    pub fn str_value<K: Eq + Hash + Any + Send + Sync>(&self, key: &K) -> Option<String> {
+        SessionExt::str_value(self, key)
     }
 
     /// Derives with one more binding (Go `WithValue`): a new session for a [`SessionCtx`], the

@@ -499,7 +499,40 @@ pub fn set_global_clock(clock: &'static dyn Clock) -> Result<(), SetGlobalClockE
     GLOBAL_CLOCK.set(clock).map_err(|()| SetGlobalClockError(()))
 }
 
-/// The registered process-wide clock.
+/// A clock used while none is registered: see [`set_fallback_clock`].
+static FALLBACK_CLOCK: Global<dyn Clock> = Global::new();
+
+/// Offers `clock` as the process-wide clock for as long as none is registered with
+/// [`set_global_clock`]; returns whether it was taken (the first offer wins).
+///
+/// The std adapter offers its clock as soon as it is used (its first `bind`, `enter`, `go`,
+/// ...), so that `with_timeout` works in every std program without an init call, while an
+/// adapter's init (tokio's clock, which follows `tokio::time::pause`) can still register its own
+/// clock later. Deadlines taken before that keep the clock they were taken on (they merge
+/// correctly with later ones: see [`Instant`]).
+///
+/// # Examples
+/// ```
+/// use core::time::Duration;
+/// use localsession_core::{Clock, global_clock, set_fallback_clock, set_global_clock};
+/// struct Zero;
+/// impl Clock for Zero { fn now(&self) -> Duration { Duration::ZERO } }
+/// struct Ten;
+/// impl Clock for Ten { fn now(&self) -> Duration { Duration::from_secs(10) } }
+/// static ZERO: Zero = Zero;
+/// static TEN: Ten = Ten;
+///
+/// assert!(set_fallback_clock(&ZERO));
+/// assert_eq!(global_clock().unwrap().now(), Duration::ZERO); // used while nothing is registered
+/// assert!(set_global_clock(&TEN).is_ok()); // a registration still succeeds...
+/// assert_eq!(global_clock().unwrap().now(), Duration::from_secs(10)); // ...and wins
+/// ```
+pub fn set_fallback_clock(clock: &'static dyn Clock) -> bool {
+    FALLBACK_CLOCK.set(clock).is_ok()
+}
+
+/// The process-wide clock: the one registered with [`set_global_clock`], else the fallback
+/// offered with [`set_fallback_clock`] (the std adapter's, once it is used).
 ///
 /// # Examples
 /// ```
@@ -508,6 +541,23 @@ pub fn set_global_clock(clock: &'static dyn Clock) -> Result<(), SetGlobalClockE
 /// ```
 #[must_use]
 pub fn global_clock() -> Option<&'static dyn Clock> {
+    GLOBAL_CLOCK.get().or_else(|| FALLBACK_CLOCK.get())
+}
+
+/// The clock registered with [`set_global_clock`], ignoring the fallback.
+///
+/// # Examples
+/// ```
+/// use core::time::Duration;
+/// use localsession_core::{Clock, registered_clock, set_fallback_clock};
+/// struct Zero;
+/// impl Clock for Zero { fn now(&self) -> Duration { Duration::ZERO } }
+/// static ZERO: Zero = Zero;
+/// set_fallback_clock(&ZERO);
+/// assert!(registered_clock().is_none());
+/// ```
+#[must_use]
+pub fn registered_clock() -> Option<&'static dyn Clock> {
     GLOBAL_CLOCK.get()
 }
 

@@ -621,7 +621,12 @@ struct Batch {
 const LARGE_KEYS: u16 = if cfg!(miri) { 300 } else { 5000 };
 
 fn batch() -> impl Strategy<Value = Batch> {
-    (0..LARGE_KEYS, 1..if cfg!(miri) { 250u16 } else { 700 }, prop::option::weighted(0.8, any::<u32>()), prop::bool::weighted(0.1))
+    (
+        0..LARGE_KEYS,
+        1..if cfg!(miri) { 250u16 } else { 700 },
+        prop::option::weighted(0.8, any::<u32>()),
+        prop::bool::weighted(0.1),
+    )
         .prop_map(|(start, len, value, snapshot)| Batch { start, len, value, snapshot })
 }
 

@@ -58,8 +58,8 @@ pub use thread::{Builder, ScopeExt, go, go_session, in_current_session, with_ses
 
 pub use localsession_core::config::ManagerOptions;
 pub use localsession_core::{
-    AnySession, Context, ContextError, EnterGuard, Key, MetaInfo, Session, SessionCtx, SessionExt, SessionMap,
-    backed_up_ctx, clear_ctx, recover_ctx_on_demands,
+    AnySession, Context, ContextError, EnterGuard, Key, MetaInfo, ReadError, Session, SessionCtx, SessionExt,
+    SessionMap, backed_up_ctx, clear_ctx, recover_ctx_on_demands,
 };
 
 /// Backs `ctx` up as this thread's session (Kitex `BackupCtx`; see
@@ -112,7 +112,8 @@ pub fn with_current<R>(f: impl FnOnce(Option<&AnySession>) -> R) -> R {
 
 /// Binds `session` to this thread until [`unbind`] or another `bind` (Go `BindSession`).
 /// Registers the thread-local store as the process-wide default if no store is registered, so
-/// `localsession_core::current()` sees it too (the clock is registered by the init functions).
+/// `localsession_core::current()` sees it too, and offers the std clock for `with_timeout` until
+/// an init registers one.
 ///
 /// During thread teardown (thread-local storage already destroyed) the session is dropped.
 ///
@@ -174,15 +175,18 @@ pub fn scope<R>(session: impl Into<AnySession>, f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Registers the thread store globally once, if no store is registered. The clock is left to
-/// the init functions (`init_default_manager`, `localsession_tokio::init`, ...), so that binding
-/// before an adapter's init does not pick the clock for it.
+/// Registers the thread store globally once, if no store is registered, and offers the std
+/// clock as the fallback clock (`localsession_core::set_fallback_clock`), so that `with_timeout`
+/// works in any program that uses this crate. The *registered* clock is left to the init
+/// functions (`init_default_manager`, `localsession_tokio::init`, ...), so that binding before an
+/// adapter's init does not pick the clock for it.
 #[inline]
-fn ensure_registered() {
+pub(crate) fn ensure_registered() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // Another store may be registered on purpose; then this crate's functions still act on
         // the thread-local store and `init_default_manager` reports the conflict.
         let _ = manager::register_store();
+        localsession_core::set_fallback_clock(&STD_CLOCK);
     });
 }

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{PoisonError, RwLock};
 
 use localsession_core::config::{ConfigError, ENV_KEY, ManagerOptions};
-use localsession_core::{ContextStore, global_clock, global_store, set_global_clock, set_global_store};
+use localsession_core::{ContextStore, global_store, registered_clock, set_global_clock, set_global_store};
 
 use crate::clock::STD_CLOCK;
 use crate::store::{THREAD_STORE, bump_generation};
@@ -165,7 +165,7 @@ fn resolve(opts: ManagerOptions) -> Result<ManagerOptions, InitError> {
 /// user's registered before stays.
 pub(crate) fn register_globals() -> Result<(), InitError> {
     register_store()?;
-    if global_clock().is_none() {
+    if registered_clock().is_none() {
         // Losing a race to another registration keeps the other clock: fine.
         let _ = set_global_clock(&STD_CLOCK);
     }
@@ -207,7 +207,7 @@ pub(crate) fn register_store() -> Result<(), InitError> {
 #[doc(hidden)]
 pub fn register_adapter_clock(clock: &'static dyn localsession_core::Clock) -> Result<(), InitError> {
     let _ = set_global_clock(clock);
-    match global_clock() {
+    match registered_clock() {
         Some(c) if std::ptr::addr_eq(c as *const dyn localsession_core::Clock, clock as *const _) => Ok(()),
         _ => Err(InitError::ForeignClock),
     }

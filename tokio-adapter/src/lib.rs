@@ -13,24 +13,27 @@
 //!   the hooks do not cover (`spawn_blocking`, `LocalSet`), where the explicit helpers apply.
 //!
 //! Reading the session inside a task is the std adapter's thread-local read
-//! ([`localsession_std::current`], [`localsession_std::with_current`]): the session is in the
-//! polling worker's slot for the duration of the poll.
+//! ([`current`], [`with_current`], re-exported here): the session is in the polling worker's slot
+//! for the duration of the poll.
+//!
+//! This crate re-exports the everyday API of the core and the std adapter (session types,
+//! `bind`/`enter`/`scope`/`current`, `go`, the default manager's init, flow suppression), so a
+//! tokio application depends on `localsession-tokio` alone.
 //!
 //! Deadlines run on tokio's timer once [`init`] registered [`TOKIO_CLOCK`].
 //!
 //! # Examples
 //! ```
-//! use localsession_core::{Context, SessionCtx};
-//! use localsession_std::{current, scope};
+//! use localsession_tokio::{Context, SessionCtx, current, default_manager_options, scope};
 //!
 //! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)] async fn main() {
-//! localsession_tokio::init(localsession_std::default_manager_options()).unwrap();
+//! localsession_tokio::init(default_manager_options()).unwrap();
 //! let request = SessionCtx::new(&Context::background()).with_value("trace", "abc");
 //! let handle = scope(request.clone(), || localsession_tokio::spawn(async {
-//!     let child = localsession_tokio::spawn(async { current().unwrap().value_cloned::<&str, _>(&"trace") });
+//!     let child = localsession_tokio::spawn(async { current().unwrap().str_value(&"trace") });
 //!     child.await.unwrap()
 //! }));
-//! assert_eq!(handle.await.unwrap(), Some("abc"));
+//! assert_eq!(handle.await.unwrap().as_deref(), Some("abc"));
 //! # }
 //! ```
 
@@ -56,7 +59,13 @@ pub use implicit::{
 };
 pub use runtime::{ImplicitUnavailableError, apply_manager_options, runtime_builder};
 
-use localsession_core::config::ManagerOptions;
+/// The everyday API of the core and the std adapter, so that a tokio application needs only
+/// this crate (`localsession_std` and `localsession_core` hold the rest).
+pub use localsession_std::{
+    AnySession, Context, ContextError, EnterGuard, InitError, Key, ManagerOptions, MetaInfo, ReadError, Session,
+    SessionCtx, SessionExt, SessionMap, backed_up_ctx, backup_ctx, bind, clear_ctx, current, default_manager_options,
+    ensure_default_manager, enter, go, go_session, scope, suppress_flow, unbind, with_current, without_flow,
+};
 
 /// Registers [`TOKIO_CLOCK`] as the process-wide clock (so `with_timeout` deadlines fire on
 /// tokio's timer), then initializes the std default manager (the thread-local store tokio's
