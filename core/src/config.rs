@@ -26,7 +26,7 @@
 //!   `TRUE`, `true`, `True`, `0`, `f`, `F`, `FALSE`, `false`, `False`.
 //! * `shards` is a decimal integer of at least 1 (a leading `+` is allowed).
 //! * `gc_interval` is a Go `time.ParseDuration` string such as `10m`, `1h30m`
-//!   or `1.5h` (see [`parse_go_duration`]) of at least [`MIN_GC_INTERVAL`] (1s).
+//!   or `1.5h` (Go's `time.ParseDuration` syntax) of at least [`MIN_GC_INTERVAL`] (1s).
 //!
 //! ```
 //! use core::time::Duration;
@@ -71,7 +71,7 @@
 //! * Durations are parsed into [`Duration`]: negative values are rejected, the
 //!   maximum is `u64::MAX` nanoseconds (about 584 years; Go's is `i64::MAX`,
 //!   about 292 years), and fractions are computed exactly (see
-//!   [`parse_go_duration`]).
+//!   Go's `time.ParseDuration`).
 //!
 //! # Examples
 //! Rejecting a malformed `CLOUDWEGO_SESSION_CONFIG_KEY` value with a message
@@ -141,7 +141,7 @@ pub const MIN_GC_INTERVAL: Duration = Duration::from_secs(1);
 /// ```
 pub const ENV_KEY: &str = "CLOUDWEGO_SESSION_CONFIG_KEY";
 
-/// Units accepted by [`parse_go_duration`], as listed in error messages.
+/// Units accepted by `parse_go_duration`, as listed in error messages.
 const VALID_UNITS: &str = "ns, us, µs, ms, s, m, h";
 
 /// Go's `strconv.ParseBool` spellings, as listed in error messages.
@@ -216,7 +216,7 @@ impl ManagerOptions {
     /// A [`ConfigError`] whose [`field`](ConfigError::field) is
     /// [`ConfigField::Shards`] or [`ConfigField::GcInterval`] and whose
     /// [`value`](ConfigError::value) renders the offending value (durations
-    /// in Go's format, see [`format_go_duration`]).
+    /// in Go's format).
     ///
     /// # Examples
     /// ```
@@ -417,7 +417,7 @@ fn check_gc_interval(gc: Option<Duration>) -> Result<(), ConfigError> {
 /// # Examples
 /// ```
 /// use core::time::Duration;
-/// use localsession_core::config::parse_go_duration;
+/// use localsession_core::__private::parse_go_duration;
 ///
 /// assert_eq!(parse_go_duration("300ms")?, Duration::from_millis(300));
 /// assert_eq!(parse_go_duration("1.5h")?, Duration::from_secs(90 * 60));
@@ -435,7 +435,7 @@ fn check_gc_interval(gc: Option<Duration>) -> Result<(), ConfigError> {
 /// assert!(parse_go_duration("10").is_err());
 /// # Ok::<(), localsession_core::config::DurationError>(())
 /// ```
-pub fn parse_go_duration(s: &str) -> Result<Duration, DurationError> {
+pub(crate) fn parse_go_duration(s: &str) -> Result<Duration, DurationError> {
     let err = |kind| DurationError { input: s.to_string(), kind };
     if s.starts_with('-') {
         return Err(err(DurationErrorKind::Negative));
@@ -530,13 +530,13 @@ fn unit_nanos(unit: &str) -> Option<u64> {
 /// `ns` that keeps the integer part non-zero (`500ms`, `1.5µs`); zero is
 /// `0s`. Hours are not folded into days.
 ///
-/// [`parse_go_duration`] reads the output back to the same value for every
+/// `parse_go_duration` reads the output back to the same value for every
 /// duration of at most `u64::MAX` nanoseconds (about 584 years).
 ///
 /// # Examples
 /// ```
 /// use core::time::Duration;
-/// use localsession_core::config::{format_go_duration, parse_go_duration};
+/// use localsession_core::__private::{format_go_duration, parse_go_duration};
 ///
 /// assert_eq!(format_go_duration(Duration::from_secs(3600)), "1h0m0s");
 /// assert_eq!(format_go_duration(Duration::from_secs(90)), "1m30s");
@@ -549,11 +549,11 @@ fn unit_nanos(unit: &str) -> Option<u64> {
 /// assert_eq!(parse_go_duration(&format_go_duration(d)), Ok(d));
 /// ```
 #[must_use]
-pub fn format_go_duration(d: Duration) -> String {
+pub(crate) fn format_go_duration(d: Duration) -> String {
     GoDuration(d).to_string()
 }
 
-/// [`Duration`] displayed in Go's format (see [`format_go_duration`]).
+/// [`Duration`] displayed in Go's format (see `format_go_duration`).
 #[derive(Debug, Clone, Copy)]
 struct GoDuration(Duration);
 
@@ -698,7 +698,7 @@ impl ConfigError {
     /// input for [`ConfigField::Format`]; for errors about a value that did
     /// not come from text (from [`ManagerOptions::validate`] or the `base`
     /// of [`ManagerOptions::parse_env`]), the value rendered as text
-    /// (durations with [`format_go_duration`]).
+    /// (durations with `format_go_duration`).
     ///
     /// # Examples
     /// ```
@@ -739,14 +739,14 @@ impl core::error::Error for ConfigError {
     }
 }
 
-/// A string that [`parse_go_duration`] rejected.
+/// A string that Go's duration syntax rejects (`CLOUDWEGO_SESSION_CONFIG_KEY`'s GC interval).
 ///
 /// Its message quotes the input (escaped like a Rust string literal) and says
 /// what is wrong with it.
 ///
 /// # Examples
 /// ```
-/// use localsession_core::config::parse_go_duration;
+/// use localsession_core::__private::parse_go_duration;
 ///
 /// let err = parse_go_duration("-5m").unwrap_err();
 /// assert_eq!(err.input(), "-5m");
@@ -777,7 +777,7 @@ impl DurationError {
     ///
     /// # Examples
     /// ```
-    /// use localsession_core::config::parse_go_duration;
+    /// use localsession_core::__private::parse_go_duration;
     ///
     /// assert_eq!(parse_go_duration("1 h").unwrap_err().input(), "1 h");
     /// ```

@@ -86,8 +86,8 @@ pub use scope::{AfterCancel, Done};
 pub use session::{AnySession, Session, SessionCtx, SessionExt};
 pub use sharded::ShardedStore;
 pub use store::{
-    BindError, ContextStore, EnterGuard, EpochGuard, LocalSlot, SetGlobalStoreError, SingleSlotStore, bind, collector,
-    current, enter, enter_in, enter_option_in, global_store, scope, set_global_store, unbind, with_current,
+    BindError, ContextStore, EnterGuard, EpochGuard, EpochHandle, LocalSlot, SetGlobalStoreError, SingleSlotStore,
+    bind, current, enter, enter_in, enter_option_in, global_store, scope, set_global_store, unbind, with_current,
     with_current_in,
 };
 pub use task_table::TaskTable;
@@ -95,9 +95,6 @@ pub use time::{
     Clock, Expiry, Instant, NoClockError, SetGlobalClockError, global_clock, registered_clock, set_fallback_clock,
     set_global_clock,
 };
-
-/// Re-exported for [`ContextStore::pin_epoch`] implementations.
-pub use crossbeam_epoch;
 
 #[doc(hidden)]
 pub mod __private {
@@ -117,4 +114,31 @@ pub mod __private {
     /// assert!(localsession_core::__private::NODE_HEADER_BYTES >= core::mem::size_of::<usize>());
     /// ```
     pub const NODE_HEADER_BYTES: usize = core::mem::size_of::<crate::node::Header>();
+
+    /// Parses Go's duration syntax, as `CLOUDWEGO_SESSION_CONFIG_KEY` uses it (for the fuzz
+    /// harness).
+    ///
+    /// # Errors
+    /// A [`DurationError`](crate::config::DurationError) naming the input.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::__private::parse_go_duration;
+    /// assert_eq!(parse_go_duration("1.5s").unwrap().as_millis(), 1500);
+    /// ```
+    pub fn parse_go_duration(s: &str) -> Result<core::time::Duration, crate::config::DurationError> {
+        crate::config::parse_go_duration(s)
+    }
+
+    /// Formats a duration in Go's syntax (for the fuzz harness).
+    ///
+    /// # Examples
+    /// ```
+    /// use core::time::Duration;
+    /// assert_eq!(localsession_core::__private::format_go_duration(Duration::from_secs(90)), "1m30s");
+    /// ```
+    #[must_use]
+    pub fn format_go_duration(d: core::time::Duration) -> alloc::string::String {
+        crate::config::format_go_duration(d)
+    }
 }

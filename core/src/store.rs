@@ -171,12 +171,12 @@ pub trait ContextStore: Send + Sync + 'static {
     }
 
     /// An epoch guard for reading [`SessionMap`](crate::SessionMap)s, for `no_std` executors
-    /// that register a `crossbeam_epoch::LocalHandle` per execution unit. The default (`None`)
+    /// that register an [`EpochHandle`] per execution unit. The default (`None`)
     /// makes reads register a handle for their duration. Unused with the `std` feature, which
     /// uses crossbeam-epoch's default collector.
     ///
-    /// The guard is an [`EpochGuard`], which can only be made by pinning a handle registered
-    /// with this crate's [`collector`]: a guard of any other collector would not hold back the
+    /// The guard is an [`EpochGuard`], which can only be made by pinning an [`EpochHandle`] of
+    /// this crate's collector: a guard of any other collector would not hold back the
     /// reclamation of the chains a read walks.
     ///
     /// # Examples
@@ -311,19 +311,9 @@ impl fmt::Display for SetGlobalStoreError {
 
 impl core::error::Error for SetGlobalStoreError {}
 
-/// The epoch collector that [`SessionMap`](crate::SessionMap) reads pin: crossbeam-epoch's
-/// default collector with the `std` feature, otherwise one owned by this crate. `no_std`
-/// executors register a handle per execution unit with it and return guards from
-/// [`ContextStore::pin_epoch`].
-///
-/// # Examples
-/// ```
-/// let handle = localsession_core::collector().register();
-/// let _guard = handle.pin();
-/// assert!(handle.is_pinned());
-/// ```
-#[must_use]
-pub fn collector() -> &'static crossbeam_epoch::Collector {
+/// The collector `SessionMap` writers defer reclamation to and readers pin: crossbeam-epoch's
+/// default collector with the `std` feature, otherwise one owned by this crate.
+pub(crate) fn collector() -> &'static crossbeam_epoch::Collector {
     #[cfg(feature = "std")]
     {
         crossbeam_epoch::default_collector()
@@ -335,44 +325,101 @@ pub fn collector() -> &'static crossbeam_epoch::Collector {
     }
 }
 
-/// A pinned epoch guard of this crate's [`collector`]: what
-/// [`ContextStore::pin_epoch`] hands to [`SessionMap`](crate::SessionMap) reads.
+/// An execution unit's registration with the epoch collector that `SessionMap` reads pin (the
+/// crate's own: a handle of any other collector cannot be made). `no_std` executors register
+/// one per execution unit and return [`EpochGuard`]s pinned from it in
+/// [`ContextStore::pin_epoch`], so that map reads do not register a handle each.
 ///
-/// It can only be made by [`EpochGuard::pin`], from a handle registered with [`collector`], so
-/// a store cannot make reads pin a collector that the map's writers do not wait for.
+/// `!Send`, like the crossbeam-epoch `LocalHandle` it wraps (crossbeam-epoch is not part of this
+/// crate's public API).
 ///
 /// # Examples
 /// ```
-/// use localsession_core::{collector, crossbeam_epoch::Collector, EpochGuard};
-/// let handle = collector().register();
-/// assert!(EpochGuard::pin(&handle).is_some());
-/// // A handle of another collector is refused.
-/// assert!(EpochGuard::pin(&Collector::new().register()).is_none());
+/// use localsession_core::{EpochGuard, EpochHandle};
+/// let handle = EpochHandle::register();
+/// let guard = EpochGuard::pin(&handle);
+/// assert!(handle.is_pinned());
+/// drop(guard);
+/// assert!(!handle.is_pinned());
+/// ```
+pub struct EpochHandle(crossbeam_epoch::LocalHandle);
+
+impl EpochHandle {
+    /// Registers a new participant with the crate's collector.
+    ///
+    /// # Examples
+    /// ```
+    /// assert!(!localsession_core::EpochHandle::register().is_pinned());
+    /// ```
+    #[must_use]
+    pub fn register() -> EpochHandle {
+        EpochHandle(collector().register())
+    }
+
+    /// Whether a guard of this handle is alive.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{EpochGuard, EpochHandle};
+    /// let handle = EpochHandle::register();
+    /// let _guard = EpochGuard::pin(&handle);
+    /// assert!(handle.is_pinned());
+    /// ```
+    #[must_use]
+    pub fn is_pinned(&self) -> bool {
+        self.0.is_pinned()
+    }
+}
+
+impl fmt::Debug for EpochHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EpochHandle").field("pinned", &self.is_pinned()).finish()
+    }
+}
+
+/// A pinned epoch guard of the crate's collector: what [`ContextStore::pin_epoch`] hands to
+/// [`SessionMap`](crate::SessionMap) reads.
+///
+/// It can only be made by [`EpochGuard::pin`] from an [`EpochHandle`], and an `EpochHandle` can
+/// only be registered with the crate's collector, so a store cannot make reads pin a collector
+/// that the map's writers do not wait for: the type system rules it out.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{EpochGuard, EpochHandle};
+/// let handle = EpochHandle::register();
+/// let guard = EpochGuard::pin(&handle);
+/// guard.flush(); // runs pending deferred reclamation, if the epoch allows
 /// ```
 pub struct EpochGuard(crossbeam_epoch::Guard);
 
 impl EpochGuard {
-    /// Pins `handle`, if it was registered with [`collector`]; `None` for a handle of any
-    /// other collector.
+    /// Pins `handle`.
     ///
     /// # Examples
     /// ```
-    /// use localsession_core::{collector, EpochGuard};
-    /// let handle = collector().register();
-    /// let guard = EpochGuard::pin(&handle).unwrap();
+    /// use localsession_core::{EpochGuard, EpochHandle};
+    /// let handle = EpochHandle::register();
+    /// let guard = EpochGuard::pin(&handle);
     /// assert!(handle.is_pinned());
     /// drop(guard);
     /// assert!(!handle.is_pinned());
     /// ```
     #[must_use]
-    pub fn pin(handle: &crossbeam_epoch::LocalHandle) -> Option<EpochGuard> {
-        if handle.collector() != collector() {
-            return None;
-        }
-        let guard = handle.pin();
-        // The guard of a handle is of the handle's collector; checked again all the same, since
-        // the map's memory safety rests on it.
-        (guard.collector() == Some(collector())).then_some(EpochGuard(guard))
+    pub fn pin(handle: &EpochHandle) -> EpochGuard {
+        EpochGuard(handle.0.pin())
+    }
+
+    /// Tries to advance the epoch and run the reclamation it makes due (old `SessionMap`
+    /// chains are released to their maps' writers this way). Useful at shutdown and in tests.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{EpochGuard, EpochHandle};
+    /// EpochGuard::pin(&EpochHandle::register()).flush();
+    /// ```
+    pub fn flush(&self) {
+        self.0.flush();
     }
 
     /// The underlying crossbeam guard (pinned in [`collector`]).

@@ -11,7 +11,8 @@
 use core::fmt::Debug;
 use core::time::Duration;
 
-use localsession_core::config::{ConfigField, ManagerOptions, format_go_duration, parse_go_duration};
+use localsession_core::__private::{format_go_duration, parse_go_duration};
+use localsession_core::config::{ConfigField, ManagerOptions};
 use proptest::prelude::*;
 use proptest::sample::select;
 

@@ -33,7 +33,7 @@ struct Quiesce;
 impl Drop for Quiesce {
     fn drop(&mut self) {
         for _ in 0..8 {
-            localsession_core::collector().register().pin().flush();
+            localsession_core::EpochGuard::pin(&localsession_core::EpochHandle::register()).flush();
         }
     }
 }

@@ -268,7 +268,7 @@ fn p5_map(c: &mut Criterion) {
     g.bench_function("read", |b| b.iter(|| map.read_key(black_box(&K), |v| v.copied().unwrap_or(0))));
     g.bench_function("read_pinned", |b| {
         // With the thread already pinned (an outer guard), as inside a batch of reads.
-        let guard = localsession_core::crossbeam_epoch::pin();
+        let guard = crossbeam_epoch::pin();
         b.iter(|| map.read_key(black_box(&K), |v| v.copied().unwrap_or(0)));
         drop(guard);
     });

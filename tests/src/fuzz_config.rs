@@ -23,9 +23,8 @@ use core::error::Error as _;
 use core::hint::black_box;
 use core::time::Duration;
 
-use localsession_core::config::{
-    ConfigError, ConfigField, DurationError, ManagerOptions, format_go_duration, parse_go_duration,
-};
+use localsession_core::__private::{format_go_duration, parse_go_duration};
+use localsession_core::config::{ConfigError, ConfigField, DurationError, ManagerOptions};
 
 const NS: u64 = 1;
 const US: u64 = 1_000;
