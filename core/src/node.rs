@@ -863,6 +863,15 @@ pub(crate) const LEVEL0: usize = 64;
 /// Each level holds this many times the keys of the level above it.
 const LEVEL_RATIO: usize = 8;
 
+/// A tag's home slot in a table of `mask + 1` slots: the *top* bits of its mixed hash, so that
+/// slot order is hash order at every table size. Merging a table into a larger one then writes
+/// the larger table front to back (one sequential pass per merged table) instead of at random.
+#[inline]
+fn home(tag: u64, mask: usize) -> usize {
+    // `mask + 1` is a power of two >= 16: shift by 64 - log2(mask + 1).
+    (mix(tag) >> (64 - mask.count_ones())) as usize
+}
+
 /// The most distinct keys a table of `level` holds before it is merged one level down.
 fn level_capacity(level: u32) -> usize {
     LEVEL0.saturating_mul(LEVEL_RATIO.saturating_pow(level))
@@ -951,7 +960,7 @@ impl Table {
         unsafe {
             let mask = Self::mask(table);
             let slots = table.add(HEAD);
-            let mut i = (mix(q.tag) >> 32) as usize & mask;
+            let mut i = home(q.tag, mask);
             loop {
                 let e = *slots.add(i);
                 if e.node.is_null() {
@@ -1045,11 +1054,12 @@ impl Table {
         let mask = cap - 1;
         let mut slots: Vec<Entry> = alloc::vec![Entry::EMPTY; cap + HEAD];
         let mut len = 0usize;
-        let mut insert = |slots: &mut [Entry], node: NodePtr| {
+        // `tag` is the node's tag, passed in from the table entry being merged so that the node
+        // itself is only read (a cache miss, at random) when another entry has the same tag.
+        let mut insert = |slots: &mut [Entry], tag: u64, node: NodePtr| {
             // SAFETY: `node` and every node already in the table are live nodes of this chain.
             unsafe {
-                let tag = node.header().tag;
-                let mut i = (mix(tag) >> 32) as usize & mask;
+                let mut i = home(tag, mask);
                 loop {
                     let e = slots[i + HEAD];
                     if e.node.is_null() {
@@ -1066,7 +1076,8 @@ impl Table {
             }
         };
         for &n in &fresh {
-            insert(&mut slots, n);
+            // SAFETY: `n` is a live node of this chain.
+            insert(&mut slots, unsafe { n.header() }.tag, n);
         }
         // SAFETY: the merged tables are live; each has `mask + 1` slots after its head.
         unsafe {
@@ -1075,7 +1086,7 @@ impl Table {
                 for i in 0..=Self::mask(t) {
                     let e = *slots_of_t.add(i);
                     if let Some(n) = NonNull::new(e.node.cast_mut()) {
-                        insert(&mut slots, NodePtr(n));
+                        insert(&mut slots, e.tag, NodePtr(n));
                     }
                 }
             }
@@ -1120,7 +1131,7 @@ impl Table {
             // SAFETY: `n` and every node already in the table are live nodes of this chain.
             unsafe {
                 let tag = n.header().tag;
-                let mut i = (mix(tag) >> 32) as usize & mask;
+                let mut i = home(tag, mask);
                 loop {
                     let e = slots[i + HEAD];
                     if e.node.is_null() {
