@@ -90,8 +90,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 use std::time::Duration;
 
-use localsession_core::{AnySession, TaskTable};
-use localsession_std::{BindSink, THREAD_STORE, UnitScope};
+use localsession_core::{AnySession, TaskAttachment, TaskTable};
+use localsession_std::{BindSink, BridgeGuard, Bridges, THREAD_STORE, UnitScope};
 
 use crate::probe::raw_id;
 use tokio::runtime::{Builder, TaskMeta};
@@ -109,16 +109,18 @@ struct Frame {
     previous: Option<AnySession>,
     /// The thread store's scope (the displaced binding's tag, the outer poll's sink).
     scope: UnitScope,
+    /// The task's bridges, entered for the poll (span bridge, OpenTelemetry context bridge).
+    bridges: Option<BridgeGuard<'static>>,
 }
 
 thread_local! {
     static FRAMES: RefCell<Vec<Frame>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Drops a session that left the table, where its `Drop` (user code) must not unwind into
-/// tokio.
-fn drop_caught(session: Option<AnySession>) {
-    if session.is_some() && catch_unwind(AssertUnwindSafe(move || drop(session))).is_err() {
+/// Drops a session (or a span, an entered bridge) that left the table, where its `Drop` (user
+/// code) must not unwind into tokio.
+fn drop_caught<T>(value: Option<T>) {
+    if value.is_some() && catch_unwind(AssertUnwindSafe(move || drop(value))).is_err() {
         HOOK_DROP_PANICS.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -130,31 +132,65 @@ fn record(id: u64, session: Option<&AnySession>) -> Option<AnySession> {
 
 fn on_spawn(meta: &TaskMeta<'_>) {
     // Runs on the spawning thread: its slot holds the spawner's session (a task's, installed by
-    // `on_before_poll`, or whatever the calling thread bound).
+    // `on_before_poll`, or whatever the calling thread bound), and tracing's current span is
+    // the spawner's.
     let id = raw_id(meta.id());
     let inherited = catch_unwind(localsession_std::flow_session).unwrap_or(None);
-    drop_caught(TABLE.spawned(id, inherited));
+    // The span bridge (a relaxed load when off): the span lives in the task's entry, created
+    // and removed with it.
+    let span = catch_unwind(Bridges::current_span).unwrap_or_default();
+    let attachment: Option<TaskAttachment> = if span.is_empty() { None } else { Some(Arc::new(span)) };
+    let (session, attachment) = TABLE.spawned_with(id, inherited, attachment);
+    drop_caught(session);
+    drop_caught(attachment);
 }
 
 fn on_before_poll(meta: &TaskMeta<'_>) {
     let id = raw_id(meta.id());
-    let mut session = TABLE.session(id);
+    let (mut session, attachment) = TABLE.entry(id);
+    // The context bridge reads the task's session as it is now (the task may have rebound).
+    let context = Bridges::session_context(session.as_ref());
     // One thread-local access: the outer poll's sink (nested polls) is suspended, the task's
     // session installed, and its bindings recorded in its entry from now on.
     let Some((scope, stale)) = THREAD_STORE.enter_unit(&mut session, BindSink { unit: id, record }) else {
-        // Thread teardown: nothing can be installed; the clone is not the last reference.
+        // Thread teardown: nothing can be installed; the clones are not the last references.
         drop_caught(session);
+        drop_caught(attachment);
         return;
     };
     // A binding from before a `reset_default_manager`: not restored, dropped here, caught.
     drop_caught(stale);
-    let frame = Frame { id, previous: session, scope };
+    let bridges = enter_bridges(attachment, context);
+    let frame = Frame { id, previous: session, scope, bridges };
     if let Err(frame) = push_frame(frame) {
         // The frame stack is gone (teardown) or busy: undo, so that the slot is not left
         // holding the task's session.
+        drop_caught(frame.bridges);
         let mut previous = frame.previous;
         drop_caught(THREAD_STORE.exit_unit(&mut previous, frame.scope));
         drop_caught(previous);
+    }
+}
+
+/// Enters the task's span (kept in its entry) and attaches its session's OpenTelemetry
+/// context, for the poll. Entering runs subscriber code (`clone_span`, `enter`): caught.
+fn enter_bridges(attachment: Option<TaskAttachment>, context: Bridges) -> Option<BridgeGuard<'static>> {
+    if attachment.is_none() && context.is_empty() {
+        return None;
+    }
+    let entered = catch_unwind(AssertUnwindSafe(|| {
+        let span = attachment.as_ref().and_then(|a| a.downcast_ref::<Bridges>()).cloned().unwrap_or_default();
+        span.merge(context).into_guard()
+    }));
+    // The entry still holds the span: this clone is not the last reference unless the task
+    // ended meanwhile, which it cannot while being polled.
+    drop_caught(attachment);
+    match entered {
+        Ok(guard) => Some(guard),
+        Err(_) => {
+            HOOK_DROP_PANICS.fetch_add(1, Ordering::Relaxed);
+            None
+        }
     }
 }
 
@@ -191,6 +227,9 @@ fn pop_frame(id: u64) -> Option<Frame> {
 fn on_after_poll(meta: &TaskMeta<'_>) {
     let id = raw_id(meta.id());
     let Some(frame) = pop_frame(id) else { return };
+    // Detach the context and exit the span before the session is swapped out (the reverse of
+    // the before-poll hook). Subscriber code and possibly a last span reference: caught.
+    drop_caught(frame.bridges);
     let mut installed = frame.previous;
     let stale = THREAD_STORE.exit_unit(&mut installed, frame.scope);
     // Usually a clone whose entry still holds the session; the last reference only if the task
@@ -201,7 +240,10 @@ fn on_after_poll(meta: &TaskMeta<'_>) {
 
 fn on_terminate(meta: &TaskMeta<'_>) {
     let id = raw_id(meta.id());
-    let session = TABLE.terminated(id);
+    let (session, attachment) = TABLE.terminated_with(id);
+    // The span a frame of the final poll entered is exited by the after-poll hook, with its
+    // own clone.
+    drop_caught(attachment);
     // Inside the task's final poll on this thread: take its session out of the slot now, so
     // that the after-poll hook has nothing to drop. The slot gets the pre-poll content back
     // when that hook runs.
