@@ -1,4 +1,4 @@
-//! localsession against its peers, side by side in one run (P1–P8, P10: rayon; targets and
+//! localsession against its peers, side by side in one run (P1–P8, P9: bridges, P10: rayon; targets and
 //! results in `docs/performance.md`).
 //!
 //! `cargo bench -p localsession-tests --bench sessions` measures every figure with criterion and
@@ -364,6 +364,55 @@ fn p6_tokio_spawn(c: &mut Criterion) {
     g.finish();
 }
 
+/// P9: the bridges on implicit spawns. The same implicit runtime, subscriber (a
+/// `tracing_subscriber` registry, the global default) and measuring task — inside a span, with a
+/// session holding an OpenTelemetry context (a remote span) — timed with the span bridge, the
+/// OpenTelemetry context bridge, both, and neither switched on. `off` is the P6 implicit code
+/// path (features compiled in, switches off); `p6_tokio_spawn/implicit` ran in the same process
+/// without a subscriber.
+#[cfg(tokio_unstable)]
+fn p9_bridges(c: &mut Criterion) {
+    use localsession_std::{OTEL_CONTEXT, set_carry_otel_context, set_carry_spans};
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+    use tracing::Instrument;
+
+    let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+    let remote = SpanContext::new(
+        TraceId::from_bytes([1; 16]),
+        SpanId::from_bytes([2; 8]),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    let otel = opentelemetry::Context::new().with_remote_span_context(remote);
+    let session = SessionCtx::new(&Context::background()).with(&K, 1).with(&OTEL_CONTEXT, otel);
+    let rt = tokio_runtime(true);
+    let rounds = |iters: u64| {
+        let session = session.clone();
+        rt.block_on(async move {
+            let measure = async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    tokio::spawn(async { black_box(1u64) }).await.unwrap();
+                }
+                start.elapsed()
+            };
+            let request = tracing::info_span!("request");
+            scope(session, || tokio::spawn(measure.instrument(request))).await.unwrap()
+        })
+    };
+    let mut g = c.benchmark_group("p9_bridges");
+    for (id, spans, otel) in [("off", false, false), ("spans", true, false), ("otel", false, true), ("both", true, true)]
+    {
+        set_carry_spans(spans);
+        set_carry_otel_context(otel);
+        g.bench_function(id, |b| b.iter_custom(rounds));
+    }
+    set_carry_spans(false);
+    set_carry_otel_context(false);
+    g.finish();
+}
+
 fn p7_go(c: &mut Criterion) {
     let mut g = c.benchmark_group("p7_thread_spawn");
     g.sample_size(30);
@@ -614,6 +663,38 @@ fn report(memory: &[String], only: Option<&str>) {
             check: |o, p| p.is_some_and(|p| o <= 1.05 * p),
         },
         Row {
+            label: "P9 implicit spawn+join, span bridge on",
+            ours: m("p9_bridges", "spans"),
+            peer_label: "bridges off",
+            peer: m("p9_bridges", "off"),
+            target: "<= 1.10x",
+            check: |o, p| p.is_some_and(|p| o <= 1.10 * p),
+        },
+        Row {
+            label: "P9 implicit spawn+join, OTel context bridge on",
+            ours: m("p9_bridges", "otel"),
+            peer_label: "bridges off",
+            peer: m("p9_bridges", "off"),
+            target: "<= 1.10x",
+            check: |o, p| p.is_some_and(|p| o <= 1.10 * p),
+        },
+        Row {
+            label: "P9 implicit spawn+join, both bridges on",
+            ours: m("p9_bridges", "both"),
+            peer_label: "bridges off",
+            peer: m("p9_bridges", "off"),
+            target: "<= 1.10x",
+            check: |o, p| p.is_some_and(|p| o <= 1.10 * p),
+        },
+        Row {
+            label: "P9 implicit spawn+join, bridges off (subscriber, span, OTel value)",
+            ours: m("p9_bridges", "off"),
+            peer_label: "P6 implicit, no subscriber",
+            peer: m("p6_tokio_spawn", "implicit"),
+            target: "off = free (<= 1.05x)",
+            check: |o, p| p.is_some_and(|p| o <= 1.05 * p),
+        },
+        Row {
             label: "P10 rayon par_iter map+sum, 10^6 u64, 2 threads",
             ours: m("p10_rayon", "in_current_session"),
             peer_label: "plain par_iter",
@@ -765,6 +846,9 @@ fn main() {
     p6_tokio_spawn(&mut c);
     p7_go(&mut c);
     p10_rayon(&mut c);
+    // Last: it installs a global tracing subscriber.
+    #[cfg(tokio_unstable)]
+    p9_bridges(&mut c);
     c.final_summary();
     // Only `--bench` runs print the report (not `--test` or `--list`); the full run prints all
     // of it, a filtered run (`-- p10`) the rows of the groups it ran.

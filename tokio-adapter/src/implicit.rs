@@ -43,6 +43,26 @@
 //!   unless the late after-poll hook of the task's previous poll, on another worker, still
 //!   holds a clone: then that hook's drop is the last one, caught and counted.
 //!
+//! # Bridges (features `tracing`, `opentelemetry`)
+//! With [`localsession_std::set_carry_spans`] on, the spawn hook also captures the spawning
+//! thread's current span (`Span::current()`: the spawner's, since the hook runs on its thread)
+//! and keeps it in the task's entry, as the entry's attachment ([`TaskTable::spawned_with`]):
+//! created and removed with the entry, so the protocol above covers it — a terminate that comes
+//! before the spawn leaves a tombstone and the spawn hands the span back. Around each poll the
+//! before-poll hook enters a clone of that span, and with
+//! [`localsession_std::set_carry_otel_context`] on, attaches the OpenTelemetry context of the
+//! task's session *as it is at that poll* ([`localsession_std::OTEL_CONTEXT`]; a task that
+//! rebinds gets the new session's context from its next poll on). The guard of both lives in the
+//! poll's frame (`ContextGuard` is `!Send`; a tracing `Entered` cannot cross hooks), and the
+//! after-poll hook drops it — detach, then exit — before it swaps the session out. A span tree
+//! then looks as if every spawn had been written `.in_current_span()`.
+//!
+//! Entering a span runs subscriber code (`clone_span`, `enter`, `exit`, `try_close`), and
+//! dropping a context may drop the last reference of a span of OpenTelemetry's SDK (which ends
+//! and exports it): every such step runs under `catch_unwind`, and a panic is counted in
+//! [`hook_drop_panics`]. With both switches off the hooks do one relaxed load each more than
+//! without the bridges (benchmark P9 in `docs/performance.md`).
+//!
 //! # Tasks that outlive their request
 //! A task spawned inside a request inherits the request's session. Long-lived tasks (pooled
 //! connections, `Buffer` workers) should be spawned with the flow suppressed
@@ -569,7 +589,9 @@ pub fn implicit_tasks() -> usize {
     TABLE.tasks()
 }
 
-/// Session drops inside hooks whose `Drop` panicked (caught, so the runtime lived on).
+/// Session drops inside hooks whose `Drop` panicked, and panics of tracing subscribers or
+/// OpenTelemetry values while the bridges entered or left a poll (caught, so the runtime lived
+/// on).
 ///
 /// # Examples
 /// ```
