@@ -299,7 +299,11 @@ impl<T, C: Consumer<T>> Consumer<T> for SessionConsumer<C> {
 
 impl<T, C: UnindexedConsumer<T>> UnindexedConsumer<T> for SessionConsumer<C> {
     fn split_off_left(&self) -> Self {
-        SessionConsumer { base: self.base.split_off_left(), session: self.session.clone(), bridges: self.bridges.clone() }
+        SessionConsumer {
+            base: self.base.split_off_left(),
+            session: self.session.clone(),
+            bridges: self.bridges.clone(),
+        }
     }
 
     fn to_reducer(&self) -> Self::Reducer {

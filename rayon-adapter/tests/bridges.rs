@@ -94,8 +94,8 @@ fn jobs_see_the_sessions_opentelemetry_context() {
     init();
     let trace = TraceId::from_bytes([3; 16]);
     let span = SpanContext::new(trace, SpanId::from_bytes([4; 8]), TraceFlags::SAMPLED, true, TraceState::default());
-    let session = SessionCtx::new(&Context::background())
-        .with(&OTEL_CONTEXT, OtelContext::new().with_remote_span_context(span));
+    let session =
+        SessionCtx::new(&Context::background()).with(&OTEL_CONTEXT, OtelContext::new().with_remote_span_context(span));
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let seen: Vec<TraceId> = scope(session, || {
         localsession_rayon::install(&pool, || {

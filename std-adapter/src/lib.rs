@@ -49,9 +49,9 @@ mod thread;
 #[cfg(feature = "tracing")]
 mod trace_fields;
 
+pub use bridge::{BridgeGuard, Bridged, Bridges};
 #[cfg(feature = "opentelemetry")]
 pub use bridge::{carries_otel_context, set_carry_otel_context};
-pub use bridge::{BridgeGuard, Bridged, Bridges};
 #[cfg(feature = "tracing")]
 pub use bridge::{carries_spans, set_carry_spans};
 pub use clock::{STD_CLOCK, StdClock};

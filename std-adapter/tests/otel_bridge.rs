@@ -35,9 +35,7 @@ fn expected() -> (TraceId, SpanId, Option<String>) {
 fn the_sessions_context_is_current_in_threads_and_grandchildren() {
     set_carry_otel_context(true);
     let session = SessionCtx::new(&Context::background()).with(&OTEL_CONTEXT, request_context());
-    let (child, grandchild) = scope(session.clone(), || {
-        go(|| (seen(), go(seen).join().unwrap())).join().unwrap()
-    });
+    let (child, grandchild) = scope(session.clone(), || go(|| (seen(), go(seen).join().unwrap())).join().unwrap());
     assert_eq!(child, expected());
     assert_eq!(grandchild, expected());
     assert_eq!(go_session(session.clone(), seen).join().unwrap(), expected());

@@ -402,7 +402,8 @@ fn p9_bridges(c: &mut Criterion) {
         })
     };
     let mut g = c.benchmark_group("p9_bridges");
-    for (id, spans, otel) in [("off", false, false), ("spans", true, false), ("otel", false, true), ("both", true, true)]
+    for (id, spans, otel) in
+        [("off", false, false), ("spans", true, false), ("otel", false, true), ("both", true, true)]
     {
         set_carry_spans(spans);
         set_carry_otel_context(otel);

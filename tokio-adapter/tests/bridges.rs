@@ -19,9 +19,9 @@ use opentelemetry::{Context as OtelContext, KeyValue};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracer, SdkTracerProvider};
 use tokio::runtime::Runtime;
 use tokio::task::yield_now;
-use tracing::span::{Attributes, Id};
 #[cfg(tokio_unstable)]
 use tracing::Instrument;
+use tracing::span::{Attributes, Id};
 use tracing::{Subscriber, info_span};
 
 /// Keeps the provider alive: dropping the last handle shuts it down (nothing is exported).
@@ -62,12 +62,7 @@ fn parent_of(name: &str) -> Option<&'static str> {
 #[cfg(tokio_unstable)]
 fn tree(prefix: &str) -> BTreeSet<(String, Option<String>)> {
     let strip = |n: &str| n.strip_prefix(prefix).map(str::to_owned);
-    PARENTS
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|(n, p)| Some((strip(n)?, p.and_then(strip))))
-        .collect()
+    PARENTS.lock().unwrap().iter().filter_map(|(n, p)| Some((strip(n)?, p.and_then(strip)))).collect()
 }
 
 fn multi_thread() -> Runtime {
@@ -160,15 +155,11 @@ fn implicit_spawns_build_the_same_span_tree_as_in_current_span() {
 
     let implicit = tree("im_");
     assert_eq!(implicit, tree("ic_"));
-    let expected: BTreeSet<(String, Option<String>)> = [
-        ("request", None),
-        ("child", Some("request")),
-        ("grandchild", Some("child")),
-        ("sibling", Some("request")),
-    ]
-    .into_iter()
-    .map(|(c, p)| (c.to_owned(), p.map(str::to_owned)))
-    .collect();
+    let expected: BTreeSet<(String, Option<String>)> =
+        [("request", None), ("child", Some("request")), ("grandchild", Some("child")), ("sibling", Some("request"))]
+            .into_iter()
+            .map(|(c, p)| (c.to_owned(), p.map(str::to_owned)))
+            .collect();
     assert_eq!(implicit, expected);
 }
 

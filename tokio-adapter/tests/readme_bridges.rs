@@ -87,8 +87,8 @@ fn readme_opentelemetry() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let tenant = rt.block_on(async {
         // The server's span and the caller's baggage: the request's context, in its session.
-        let cx = OtelContext::current_with_span(tracer.start("GET /orders"))
-            .with_baggage([KeyValue::new("tenant", "acme")]);
+        let cx =
+            OtelContext::current_with_span(tracer.start("GET /orders")).with_baggage([KeyValue::new("tenant", "acme")]);
         let request = SessionCtx::new(&Context::background()).with(&OTEL_CONTEXT, cx);
         let task = scope(request, || {
             localsession_tokio::spawn(async move {
