@@ -42,6 +42,7 @@ use core::pin::Pin;
 use core::task::{Context as TaskContext, Poll};
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 #[cfg(any(feature = "tracing", feature = "opentelemetry"))]
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -54,7 +55,7 @@ static CARRY_OTEL: AtomicBool = AtomicBool::new(false);
 
 /// Turns the span bridge on or off, process-wide, and returns whether it was on. While on,
 /// every unit the adapters create captures the spawner's current span and enters it around
-/// each run or poll (see the [module docs](self)).
+/// each run or poll (see the [crate docs](crate#bridges)).
 ///
 /// # Examples
 /// ```
@@ -131,7 +132,7 @@ pub fn carries_otel_context() -> bool {
 }
 
 /// What a unit carries besides its session: the span it was created in and the OpenTelemetry
-/// context of its session, each only while its bridge is on (see the [module docs](self)).
+/// context of its session, each only while its bridge is on (see the [crate docs](crate#bridges)).
 /// Zero-sized without the `tracing` and `opentelemetry` features. Adapters capture it where a
 /// unit is created and [`enter`](Bridges::enter) it around each run or poll.
 ///
@@ -227,25 +228,6 @@ impl Bridges {
         }
     }
 
-    /// These bridges, with each value that `other` captured replacing this one's.
-    ///
-    /// # Examples
-    /// ```
-    /// use localsession_std::Bridges;
-    /// let both = Bridges::current_span().merge(Bridges::session_context(None));
-    /// assert!(both.is_empty()); // bridges off
-    /// ```
-    #[must_use]
-    pub fn merge(self, other: Bridges) -> Bridges {
-        let _ = &other;
-        Bridges {
-            #[cfg(feature = "tracing")]
-            span: other.span.or(self.span),
-            #[cfg(feature = "opentelemetry")]
-            otel: other.otel.or(self.otel),
-        }
-    }
-
     /// Whether nothing was captured (entering does nothing).
     ///
     /// # Examples
@@ -295,11 +277,43 @@ impl Bridges {
     /// ```
     #[inline]
     pub fn into_guard(self) -> BridgeGuard<'static> {
+        // A span is kept behind an `Arc` and entered by id: the guard stays two words.
+        #[cfg(feature = "tracing")]
+        if self.span.is_some() {
+            return Bridges::enter_shared(Arc::new(self));
+        }
         BridgeGuard {
             #[cfg(feature = "opentelemetry")]
             otel: self.otel.map(opentelemetry::Context::attach),
             #[cfg(feature = "tracing")]
-            span: self.span.map(|s| SpanGuard::Owned(s.entered())),
+            span: None,
+            _not_send: PhantomData,
+        }
+    }
+
+    /// [`enter`](Bridges::enter) for bridges shared with a table that keeps them (tokio's
+    /// implicit mode keeps a task's span in its entry): the guard holds `shared` and enters
+    /// and exits the span by id through the span's subscriber, without cloning the span.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// let shared = Arc::new(localsession_std::Bridges::none());
+    /// let guard = localsession_std::Bridges::enter_shared(shared.clone());
+    /// drop(guard);
+    /// ```
+    pub fn enter_shared(shared: Arc<Bridges>) -> BridgeGuard<'static> {
+        BridgeGuard {
+            #[cfg(feature = "opentelemetry")]
+            otel: shared.otel.clone().map(opentelemetry::Context::attach),
+            #[cfg(feature = "tracing")]
+            span: match &shared.span {
+                Some(span) => {
+                    span.with_subscriber(|(id, dispatch)| dispatch.enter(id));
+                    Some(SpanGuard::Shared(SharedEntered(shared)))
+                }
+                None => None,
+            },
             _not_send: PhantomData,
         }
     }
@@ -356,7 +370,20 @@ fn otel_context_of(session: Option<&AnySession>) -> Option<opentelemetry::Contex
 #[cfg(feature = "tracing")]
 enum SpanGuard<'a> {
     Borrowed(#[allow(dead_code)] tracing::span::Entered<'a>),
-    Owned(#[allow(dead_code)] tracing::span::EnteredSpan),
+    Shared(#[allow(dead_code)] SharedEntered),
+}
+
+/// A span entered by id (see [`Bridges::enter_shared`]); exits it when dropped.
+#[cfg(feature = "tracing")]
+struct SharedEntered(Arc<Bridges>);
+
+#[cfg(feature = "tracing")]
+impl Drop for SharedEntered {
+    fn drop(&mut self) {
+        if let Some(span) = &self.0.span {
+            span.with_subscriber(|(id, dispatch)| dispatch.exit(id));
+        }
+    }
 }
 
 /// The bridges of a unit, entered (see [`Bridges::enter`]); dropping it detaches the

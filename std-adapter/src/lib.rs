@@ -18,6 +18,22 @@
 //! The sessions, contexts and the backup functions come from [`localsession_core`], re-exported
 //! here.
 //!
+//! # Bridges
+//!
+//! Two opt-in bridges carry a request's observability context along with its session, into every
+//! unit the adapters create — threads from [`go`] and [`Builder`], jobs wrapped with
+//! [`in_current_session`], tokio tasks, rayon jobs. Each needs its cargo feature and its runtime
+//! switch (both start off):
+//! - `tracing` / `set_carry_spans(true)`: a unit captures the span current where it is created
+//!   and enters it around each run or poll — the span tree `.in_current_span()` would give;
+//! - `opentelemetry` / `set_carry_otel_context(true)`: the session value `OTEL_CONTEXT` (an
+//!   `opentelemetry::Context`) is attached wherever an adapter installs the session.
+//!
+//! Off, a switch costs one relaxed load per spawn and per poll; without the feature, [`Bridges`]
+//! is zero-sized and nothing is done. Spawns with the flow suppressed ([`without_flow`]) capture
+//! no span. `SessionFields` (feature `tracing`) records session values on spans and log lines.
+//! The design is argued in the module docs of `src/bridge.rs` and `src/trace_fields.rs`.
+//!
 //! # Examples
 //! ```
 //! use localsession_core::{Context, SessionCtx};

@@ -206,7 +206,7 @@ impl RecordedSessionFields {
 }
 
 /// A `tracing_subscriber` layer that records chosen session values on every span created
-/// while a session is current (see the [module docs](self)): as [`RecordedSessionFields`] in
+/// while a session is current (see [`SessionFields`]): as [`RecordedSessionFields`] in
 /// the span's extensions, and appended to the span's `FormattedFields<DefaultFields>` so that
 /// `fmt` prints them with the span. Made by [`SessionFields::layer`].
 ///

@@ -364,16 +364,27 @@ fn p6_tokio_spawn(c: &mut Criterion) {
     g.finish();
 }
 
+#[cfg(tokio_unstable)]
+#[derive(Clone, Copy)]
+enum ByHand {
+    Nothing,
+    InCurrentSpan,
+    WithContext,
+}
+
 /// P9: the bridges on implicit spawns. The same implicit runtime, subscriber (a
 /// `tracing_subscriber` registry, the global default) and measuring task — inside a span, with a
 /// session holding an OpenTelemetry context (a remote span) — timed with the span bridge, the
 /// OpenTelemetry context bridge, both, and neither switched on. `off` is the P6 implicit code
 /// path (features compiled in, switches off); `p6_tokio_spawn/implicit` ran in the same process
-/// without a subscriber.
+/// without a subscriber. The peers: the same spawns with the bridges off and each child wrapped
+/// by hand, `.in_current_span()` (tracing) or `.with_context(cx)` (OpenTelemetry), where the
+/// measuring task's context is attached.
 #[cfg(tokio_unstable)]
 fn p9_bridges(c: &mut Criterion) {
+    use localsession_core::SessionExt;
     use localsession_std::{OTEL_CONTEXT, set_carry_otel_context, set_carry_spans};
-    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+    use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
     use tracing::Instrument;
 
     let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
@@ -386,28 +397,49 @@ fn p9_bridges(c: &mut Criterion) {
     );
     let otel = opentelemetry::Context::new().with_remote_span_context(remote);
     let session = SessionCtx::new(&Context::background()).with(&K, 1).with(&OTEL_CONTEXT, otel);
+    // The measuring task runs inside the span `request` and with the session's context attached
+    // (by hand, so in every variant): what the peers' `.in_current_span()` and
+    // `Context::current()` pick up.
     let rt = tokio_runtime(true);
-    let rounds = |iters: u64| {
+    // `by_hand`: each child spawned `.in_current_span()` / `.with_context(cx)` (the peers), with
+    // the bridges off.
+    let rounds = |iters: u64, by_hand: ByHand| {
         let session = session.clone();
         rt.block_on(async move {
             let measure = async move {
+                let cx = opentelemetry::Context::current();
                 let start = Instant::now();
                 for _ in 0..iters {
-                    tokio::spawn(async { black_box(1u64) }).await.unwrap();
+                    let child = async { black_box(1u64) };
+                    match by_hand {
+                        ByHand::Nothing => tokio::spawn(child).await.unwrap(),
+                        ByHand::InCurrentSpan => tokio::spawn(child.in_current_span()).await.unwrap(),
+                        ByHand::WithContext => {
+                            use opentelemetry::context::FutureExt as _;
+                            tokio::spawn(child.with_context(cx.clone())).await.unwrap()
+                        }
+                    };
                 }
                 start.elapsed()
             };
             let request = tracing::info_span!("request");
-            scope(session, || tokio::spawn(measure.instrument(request))).await.unwrap()
+            let cx = session.get_cloned(&OTEL_CONTEXT).unwrap_or_default();
+            let measure = opentelemetry::context::FutureExt::with_context(measure.instrument(request), cx);
+            scope(session, || tokio::spawn(measure)).await.unwrap()
         })
     };
     let mut g = c.benchmark_group("p9_bridges");
-    for (id, spans, otel) in
-        [("off", false, false), ("spans", true, false), ("otel", false, true), ("both", true, true)]
-    {
+    for (id, spans, otel, by_hand) in [
+        ("off", false, false, ByHand::Nothing),
+        ("spans", true, false, ByHand::Nothing),
+        ("otel", false, true, ByHand::Nothing),
+        ("both", true, true, ByHand::Nothing),
+        ("by_hand_in_current_span", false, false, ByHand::InCurrentSpan),
+        ("by_hand_with_context", false, false, ByHand::WithContext),
+    ] {
         set_carry_spans(spans);
         set_carry_otel_context(otel);
-        g.bench_function(id, |b| b.iter_custom(rounds));
+        g.bench_function(id, |b| b.iter_custom(|iters| rounds(iters, by_hand)));
     }
     set_carry_spans(false);
     set_carry_otel_context(false);
@@ -483,7 +515,8 @@ fn fmt_ns(v: Option<f64>) -> String {
 }
 
 /// Prints the table; with `only` (a filtered run such as `-- p10`), just the rows of the groups
-/// that ran: those whose number (`P10`) is the filter's first `_`-separated part.
+/// that ran: those whose number (`P10`) is the first `_`-separated part of the filter (or of one
+/// of its `|`-separated alternatives).
 fn report(memory: &[String], only: Option<&str>) {
     let m = median_ns;
     let rows = [
@@ -688,6 +721,38 @@ fn report(memory: &[String], only: Option<&str>) {
             check: |o, p| p.is_some_and(|p| o <= 1.10 * p),
         },
         Row {
+            label: "P9 (peer) .in_current_span() by hand, bridges off",
+            ours: m("p9_bridges", "by_hand_in_current_span"),
+            peer_label: "bridges off",
+            peer: m("p9_bridges", "off"),
+            target: "(reference)",
+            check: |_, _| true,
+        },
+        Row {
+            label: "P9 (peer) .with_context(cx) by hand, bridges off",
+            ours: m("p9_bridges", "by_hand_with_context"),
+            peer_label: "bridges off",
+            peer: m("p9_bridges", "off"),
+            target: "(reference)",
+            check: |_, _| true,
+        },
+        Row {
+            label: "P9 span bridge vs .in_current_span() by hand",
+            ours: m("p9_bridges", "spans"),
+            peer_label: "by hand",
+            peer: m("p9_bridges", "by_hand_in_current_span"),
+            target: "(reference)",
+            check: |_, _| true,
+        },
+        Row {
+            label: "P9 OTel bridge vs .with_context(cx) by hand",
+            ours: m("p9_bridges", "otel"),
+            peer_label: "by hand",
+            peer: m("p9_bridges", "by_hand_with_context"),
+            target: "(reference)",
+            check: |_, _| true,
+        },
+        Row {
             label: "P9 implicit spawn+join, bridges off (subscriber, span, OTel value)",
             ours: m("p9_bridges", "off"),
             peer_label: "P6 implicit, no subscriber",
@@ -709,7 +774,9 @@ fn report(memory: &[String], only: Option<&str>) {
     println!("|---|---|---|---|---|---|---|---|");
     for (i, r) in rows.iter().enumerate() {
         let number = r.label.split_whitespace().next().unwrap_or_default().to_lowercase();
-        if only.is_some_and(|f| f.split('_').next().unwrap_or_default().to_lowercase() != number) {
+        // A filter `p6|p9` (a criterion regex) keeps the rows of both groups.
+        if only.is_some_and(|f| !f.split('|').any(|g| g.split('_').next().unwrap_or_default().to_lowercase() == number))
+        {
             continue;
         }
         let ratio = match (r.ours, r.peer) {

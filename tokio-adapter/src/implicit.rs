@@ -130,7 +130,7 @@ struct Frame {
     /// The thread store's scope (the displaced binding's tag, the outer poll's sink).
     scope: UnitScope,
     /// The task's bridges, entered for the poll (span bridge, OpenTelemetry context bridge).
-    bridges: Option<BridgeGuard<'static>>,
+    bridges: Entered,
 }
 
 thread_local! {
@@ -185,7 +185,7 @@ fn on_before_poll(meta: &TaskMeta<'_>) {
     if let Err(frame) = push_frame(frame) {
         // The frame stack is gone (teardown) or busy: undo, so that the slot is not left
         // holding the task's session.
-        drop_caught(frame.bridges);
+        frame.bridges.leave();
         let mut previous = frame.previous;
         drop_caught(THREAD_STORE.exit_unit(&mut previous, frame.scope));
         drop_caught(previous);
@@ -193,24 +193,40 @@ fn on_before_poll(meta: &TaskMeta<'_>) {
 }
 
 /// Enters the task's span (kept in its entry) and attaches its session's OpenTelemetry
-/// context, for the poll. Entering runs subscriber code (`clone_span`, `enter`): caught.
-fn enter_bridges(attachment: Option<TaskAttachment>, context: Bridges) -> Option<BridgeGuard<'static>> {
-    if attachment.is_none() && context.is_empty() {
-        return None;
+/// context, for the poll. The span is entered by id through the entry's shared copy (no clone
+/// of the span). Entering runs subscriber code (`enter`): caught.
+fn enter_bridges(attachment: Option<TaskAttachment>, context: Bridges) -> Entered {
+    let shared = attachment.and_then(|a| a.downcast::<Bridges>().ok());
+    if shared.is_none() && context.is_empty() {
+        return Entered::default();
     }
-    let entered = catch_unwind(AssertUnwindSafe(|| {
-        let span = attachment.as_ref().and_then(|a| a.downcast_ref::<Bridges>()).cloned().unwrap_or_default();
-        span.merge(context).into_guard()
+    // The guard keeps `shared` (one reference-count increment, taken under the shard lock);
+    // the entry keeps the span alive until terminate, which cannot come while the task is
+    // being polled.
+    let entered = catch_unwind(AssertUnwindSafe(move || {
+        let span = shared.map(Bridges::enter_shared);
+        let context = if context.is_empty() { None } else { Some(context.into_guard()) };
+        Entered { context, span }
     }));
-    // The entry still holds the span: this clone is not the last reference unless the task
-    // ended meanwhile, which it cannot while being polled.
-    drop_caught(attachment);
-    match entered {
-        Ok(guard) => Some(guard),
-        Err(_) => {
-            HOOK_DROP_PANICS.fetch_add(1, Ordering::Relaxed);
-            None
-        }
+    entered.unwrap_or_else(|_| {
+        HOOK_DROP_PANICS.fetch_add(1, Ordering::Relaxed);
+        Entered::default()
+    })
+}
+
+/// The bridges a poll entered: dropped context first, then span (the reverse of entering).
+#[derive(Default)]
+struct Entered {
+    context: Option<BridgeGuard<'static>>,
+    span: Option<BridgeGuard<'static>>,
+}
+
+impl Entered {
+    /// Leaves the bridges where a panicking subscriber or `Drop` must not unwind into tokio.
+    fn leave(self) {
+        let Entered { context, span } = self;
+        drop_caught(context);
+        drop_caught(span);
     }
 }
 
@@ -249,7 +265,7 @@ fn on_after_poll(meta: &TaskMeta<'_>) {
     let Some(frame) = pop_frame(id) else { return };
     // Detach the context and exit the span before the session is swapped out (the reverse of
     // the before-poll hook). Subscriber code and possibly a last span reference: caught.
-    drop_caught(frame.bridges);
+    frame.bridges.leave();
     let mut installed = frame.previous;
     let stale = THREAD_STORE.exit_unit(&mut installed, frame.scope);
     // Usually a clone whose entry still holds the session; the last reference only if the task
