@@ -251,3 +251,59 @@ fn implicit_grandchild_spans_have_the_requests_span_as_parent_and_workers_keep_n
     assert_eq!(leftovers, 0);
     assert!(!OtelContext::current().has_active_span());
 }
+
+/// Many concurrent requests, each with its own span and OpenTelemetry context, hopping between
+/// four workers: every task of a request — child and grandchild, after every yield — runs in
+/// its request's span and context, never another request's.
+#[cfg(tokio_unstable)]
+#[test]
+fn concurrent_requests_never_see_each_others_span_or_context() {
+    use opentelemetry::trace::{SpanContext, TraceFlags, TraceState};
+    init();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(4).enable_all();
+    let rt = localsession_tokio::enable_implicit_sessions(&mut builder).build().unwrap();
+    let mismatches = rt.block_on(async {
+        let mut requests = tokio::task::JoinSet::new();
+        for i in 0..200u32 {
+            let mut trace = [0u8; 16];
+            trace[..4].copy_from_slice(&(i + 1).to_be_bytes());
+            let trace_id = TraceId::from_bytes(trace);
+            let remote = SpanContext::new(
+                trace_id,
+                SpanId::from_bytes([1; 8]),
+                TraceFlags::SAMPLED,
+                true,
+                TraceState::default(),
+            );
+            let session = SessionCtx::new(&Context::background())
+                .with(&OTEL_CONTEXT, OtelContext::new().with_remote_span_context(remote));
+            let span = info_span!("stress_request", i);
+            let span_id = span.id();
+            let check = move || {
+                let same_span = tracing::Span::current().id() == span_id;
+                let same_trace = OtelContext::current().span().span_context().trace_id() == trace_id;
+                u32::from(!(same_span && same_trace))
+            };
+            let task = scope(session, || {
+                span.in_scope(|| {
+                    tokio::spawn(async move {
+                        let mut bad = check();
+                        for _ in 0..3 {
+                            yield_now().await;
+                            bad += check();
+                        }
+                        let grandchild = tokio::spawn(async move {
+                            yield_now().await;
+                            check()
+                        });
+                        bad + grandchild.await.unwrap()
+                    })
+                })
+            });
+            requests.spawn(async move { task.await.unwrap() });
+        }
+        requests.join_all().await.into_iter().sum::<u32>()
+    });
+    assert_eq!(mismatches, 0);
+}
