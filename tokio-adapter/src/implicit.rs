@@ -49,7 +49,9 @@
 //! and keeps it in the task's entry, as the entry's attachment ([`TaskTable::spawned_with`]):
 //! created and removed with the entry, so the protocol above covers it — a terminate that comes
 //! before the spawn leaves a tombstone and the spawn hands the span back. Around each poll the
-//! before-poll hook enters a clone of that span, and with
+//! before-poll hook enters that span by id (through the span's subscriber; the poll's frame
+//! holds a reference to the entry's copy, taken under the shard lock with the session, so the
+//! span outlives a terminate that removes the entry during the poll), and with
 //! [`localsession_std::set_carry_otel_context`] on, attaches the OpenTelemetry context of the
 //! task's session *as it is at that poll* ([`localsession_std::OTEL_CONTEXT`]; a task that
 //! rebinds gets the new session's context from its next poll on). The guard of both lives in the
@@ -57,7 +59,8 @@
 //! after-poll hook drops it — detach, then exit — before it swaps the session out. A span tree
 //! then looks as if every spawn had been written `.in_current_span()`.
 //!
-//! Entering a span runs subscriber code (`clone_span`, `enter`, `exit`, `try_close`), and
+//! Capturing and entering a span runs subscriber code (`current_span`, `clone_span`, `enter`,
+//! `exit`, `try_close`), and
 //! dropping a context may drop the last reference of a span of OpenTelemetry's SDK (which ends
 //! and exports it): every such step runs under `catch_unwind`, and a panic is counted in
 //! [`hook_drop_panics`]. With both switches off the hooks do one relaxed load each more than
@@ -200,9 +203,9 @@ fn enter_bridges(attachment: Option<TaskAttachment>, context: Bridges) -> Entere
     if shared.is_none() && context.is_empty() {
         return Entered::default();
     }
-    // The guard keeps `shared` (one reference-count increment, taken under the shard lock);
-    // the entry keeps the span alive until terminate, which cannot come while the task is
-    // being polled.
+    // The guard keeps `shared` (one reference-count increment, taken under the shard lock with
+    // the session), so the span stays alive until the after-poll hook exits it — also when the
+    // terminate hook, inside the task's final poll, removes the entry first.
     let entered = catch_unwind(AssertUnwindSafe(move || {
         let span = shared.map(Bridges::enter_shared);
         let context = if context.is_empty() { None } else { Some(context.into_guard()) };
@@ -277,8 +280,8 @@ fn on_after_poll(meta: &TaskMeta<'_>) {
 fn on_terminate(meta: &TaskMeta<'_>) {
     let id = raw_id(meta.id());
     let (session, attachment) = TABLE.terminated_with(id);
-    // The span a frame of the final poll entered is exited by the after-poll hook, with its
-    // own clone.
+    // A frame of the final poll holds its own reference to the span; the after-poll hook
+    // exits and releases it.
     drop_caught(attachment);
     // Inside the task's final poll on this thread: take its session out of the slot now, so
     // that the after-poll hook has nothing to drop. The slot gets the pre-poll content back
