@@ -307,3 +307,48 @@ fn concurrent_requests_never_see_each_others_span_or_context() {
     });
     assert_eq!(mismatches, 0);
 }
+
+/// A subscriber that panics when a span is entered on a runtime worker: the implicit hooks
+/// catch it (counted in `hook_drop_panics`), and the task, the runtime and the worker live on.
+#[cfg(tokio_unstable)]
+#[test]
+fn a_panicking_subscriber_does_not_unwind_into_tokio() {
+    struct PanicsOnWorkers;
+    impl<S: Subscriber> Layer<S> for PanicsOnWorkers {
+        fn on_enter(&self, _id: &Id, _ctx: LayerContext<'_, S>) {
+            if std::thread::current().name().is_some_and(|n| n.starts_with("panicky")) {
+                panic!("this subscriber panics on enter");
+            }
+        }
+    }
+    init();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2).thread_name("panicky-worker").enable_all();
+    let rt = localsession_tokio::enable_implicit_sessions(&mut builder).build().unwrap();
+    let before = localsession_tokio::hook_drop_panics();
+    let subscriber = tracing_subscriber::registry().with(PanicsOnWorkers);
+    let results = tracing::subscriber::with_default(subscriber, || {
+        rt.block_on(async {
+            let span = info_span!("panicky_request");
+            let tasks: Vec<_> = (0..4u32)
+                .map(|i| {
+                    span.in_scope(|| {
+                        tokio::spawn(async move {
+                            yield_now().await;
+                            i
+                        })
+                    })
+                })
+                .collect();
+            let mut results = Vec::new();
+            for task in tasks {
+                results.push(task.await.unwrap());
+            }
+            results
+        })
+    });
+    assert_eq!(results, vec![0, 1, 2, 3]);
+    assert!(localsession_tokio::hook_drop_panics() > before);
+    // The workers still run tasks.
+    assert_eq!(rt.block_on(async { tokio::spawn(async { 7 }).await.unwrap() }), 7);
+}
