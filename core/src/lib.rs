@@ -90,7 +90,7 @@ pub use store::{
     bind, current, enter, enter_in, enter_option_in, global_store, scope, set_global_store, unbind, with_current,
     with_current_in,
 };
-pub use task_table::TaskTable;
+pub use task_table::{TaskAttachment, TaskTable};
 pub use time::{
     Clock, Expiry, Instant, NoClockError, SetGlobalClockError, global_clock, registered_clock, set_fallback_clock,
     set_global_clock,

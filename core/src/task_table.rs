@@ -7,10 +7,18 @@
 //! thread's slot around every poll.
 //!
 //! The protocol is documented on [`TaskTable`] (public docs).
+//!
+//! Besides its session, an entry may hold one [`TaskAttachment`]: data of an adapter that must
+//! live and die with the task's entry under the same protocol (the tokio adapter keeps the
+//! tracing span a task was spawned in there). It shares the entry, so spawn and terminate
+//! create and remove both at once — a second table would need its own tombstones to survive a
+//! terminate that comes before the spawn.
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::any::Any;
 use core::fmt;
 use core::hash::{BuildHasherDefault, Hasher};
 
@@ -20,10 +28,15 @@ use hashbrown::HashMap;
 use crate::primitive::Mutex;
 use crate::session::AnySession;
 
+/// Adapter data kept in a task's entry next to its session (see [`TaskTable::spawned_with`]).
+/// Cloning it is one reference-count increment: the table clones it under a shard lock, where
+/// no user code may run.
+pub type TaskAttachment = Arc<dyn Any + Send + Sync>;
+
 /// One task's place in the table.
 enum Slot {
-    /// A task the table saw spawn, and the session it runs with.
-    Live(Option<AnySession>),
+    /// A task the table saw spawn, the session it runs with, and its attachment.
+    Live(Option<AnySession>, Option<TaskAttachment>),
     /// A task that terminated before its spawn was recorded.
     Ended,
 }
@@ -157,6 +170,36 @@ impl TaskTable {
     /// ```
     #[must_use = "the returned session must be dropped outside any lock or hook-sensitive code"]
     pub fn spawned(&self, id: u64, session: Option<AnySession>) -> Option<AnySession> {
+        let (session, attachment) = self.spawned_with(id, session, None);
+        // `None` went in; an attachment can only come back from a reused id (not expected).
+        drop(attachment);
+        session
+    }
+
+    /// [`spawned`](TaskTable::spawned) with an attachment kept in the entry next to the
+    /// session until [`terminated_with`](TaskTable::terminated_with). Returns what the caller
+    /// must drop (outside any lock): `session` and `attachment` themselves if the task already
+    /// terminated, or those of an earlier entry under the same id.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use localsession_core::{SessionMap, TaskTable};
+    /// let table = TaskTable::new();
+    /// let (s, a) = table.spawned_with(4, Some(SessionMap::new().into()), Some(Arc::new("span")));
+    /// assert!(s.is_none() && a.is_none());
+    /// let (_, attachment) = table.entry(4);
+    /// assert_eq!(attachment.unwrap().downcast_ref::<&str>(), Some(&"span"));
+    /// let (s, a) = table.terminated_with(4);
+    /// assert!(s.is_some() && a.is_some());
+    /// ```
+    #[must_use = "the returned values must be dropped outside any lock or hook-sensitive code"]
+    pub fn spawned_with(
+        &self,
+        id: u64,
+        session: Option<AnySession>,
+        attachment: Option<TaskAttachment>,
+    ) -> (Option<AnySession>, Option<TaskAttachment>) {
         let mut guard = self.shard(id).lock();
         let shard = &mut *guard;
         let has = session.is_some();
@@ -164,18 +207,19 @@ impl TaskTable {
             Some(Slot::Ended) => {
                 shard.slots.remove(&id);
                 shard.tombstones.retain(|t| *t != id);
-                session
+                (session, attachment)
             }
-            Some(Slot::Live(old)) => {
+            Some(Slot::Live(old, old_attachment)) => {
                 let old = core::mem::replace(old, session);
+                let old_attachment = core::mem::replace(old_attachment, attachment);
                 shard.count_session_change(old.is_some(), has);
-                old
+                (old, old_attachment)
             }
             None => {
-                shard.slots.insert(id, Slot::Live(session));
+                shard.slots.insert(id, Slot::Live(session, attachment));
                 shard.tasks += 1;
                 shard.count_session_change(false, has);
-                None
+                (None, None)
             }
         }
     }
@@ -194,8 +238,30 @@ impl TaskTable {
     #[must_use]
     pub fn session(&self, id: u64) -> Option<AnySession> {
         match self.shard(id).lock().slots.get(&id) {
-            Some(Slot::Live(session)) => session.clone(),
+            Some(Slot::Live(session, _)) => session.clone(),
             _ => None,
+        }
+    }
+
+    /// Clones of the session and the attachment of task `id`, under one lock (before-poll
+    /// hook); `(None, None)` for a task the table does not know.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use localsession_core::TaskTable;
+    /// let table = TaskTable::new();
+    /// let _ = table.spawned_with(1, None, Some(Arc::new(7u32)));
+    /// let (session, attachment) = table.entry(1);
+    /// assert!(session.is_none());
+    /// assert_eq!(attachment.unwrap().downcast_ref::<u32>(), Some(&7));
+    /// assert!(table.entry(2).1.is_none());
+    /// ```
+    #[must_use]
+    pub fn entry(&self, id: u64) -> (Option<AnySession>, Option<TaskAttachment>) {
+        match self.shard(id).lock().slots.get(&id) {
+            Some(Slot::Live(session, attachment)) => (session.clone(), attachment.clone()),
+            _ => (None, None),
         }
     }
 
@@ -218,7 +284,7 @@ impl TaskTable {
     pub fn rebind(&self, id: u64, session: Option<&AnySession>) -> Option<AnySession> {
         let mut guard = self.shard(id).lock();
         let shard = &mut *guard;
-        let Some(Slot::Live(current)) = shard.slots.get_mut(&id) else { return None };
+        let Some(Slot::Live(current, _)) = shard.slots.get_mut(&id) else { return None };
         match (&*current, session) {
             // Rebinding the same session (a scope restoring it): nothing changes.
             (Some(a), Some(b)) if a.ptr_eq(b) => None,
@@ -232,7 +298,9 @@ impl TaskTable {
     }
 
     /// Removes the entry of a terminated task and returns its session for the caller to drop;
-    /// records a tombstone if the task's spawn was not seen (yet).
+    /// records a tombstone if the task's spawn was not seen (yet). An attachment of the entry
+    /// is dropped here, after the lock is released: tables with attachments use
+    /// [`terminated_with`](TaskTable::terminated_with).
     ///
     /// # Examples
     /// ```
@@ -244,18 +312,36 @@ impl TaskTable {
     /// ```
     #[must_use = "the returned session must be dropped outside any lock or hook-sensitive code"]
     pub fn terminated(&self, id: u64) -> Option<AnySession> {
+        self.terminated_with(id).0
+    }
+
+    /// [`terminated`](TaskTable::terminated), returning the entry's attachment too, for the
+    /// caller to drop.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use localsession_core::TaskTable;
+    /// let table = TaskTable::new();
+    /// let _ = table.spawned_with(5, None, Some(Arc::new(())));
+    /// let (session, attachment) = table.terminated_with(5);
+    /// assert!(session.is_none() && attachment.is_some());
+    /// assert_eq!(table.tasks(), 0);
+    /// ```
+    #[must_use = "the returned values must be dropped outside any lock or hook-sensitive code"]
+    pub fn terminated_with(&self, id: u64) -> (Option<AnySession>, Option<TaskAttachment>) {
         let mut guard = self.shard(id).lock();
         let shard = &mut *guard;
         match shard.slots.remove(&id) {
-            Some(Slot::Live(session)) => {
+            Some(Slot::Live(session, attachment)) => {
                 shard.tasks -= 1;
                 shard.count_session_change(session.is_some(), false);
-                session
+                (session, attachment)
             }
             Some(Slot::Ended) => {
                 // Terminated twice without a spawn: keep the one tombstone.
                 shard.slots.insert(id, Slot::Ended);
-                None
+                (None, None)
             }
             None => {
                 if shard.tombstones.len() == Self::TOMBSTONES_PER_SHARD
@@ -265,7 +351,7 @@ impl TaskTable {
                 }
                 shard.tombstones.push_back(id);
                 shard.slots.insert(id, Slot::Ended);
-                None
+                (None, None)
             }
         }
     }
@@ -297,7 +383,7 @@ impl TaskTable {
                 .slots
                 .iter()
                 .filter_map(|(id, slot)| match slot {
-                    Slot::Live(Some(s)) => Some((*id, s.clone())),
+                    Slot::Live(Some(s), _) => Some((*id, s.clone())),
                     _ => None,
                 })
                 .collect();
@@ -310,7 +396,7 @@ impl TaskTable {
             let mut guard = shard.lock();
             let locked = &mut *guard;
             for (id, seen) in &doomed {
-                if let Some(Slot::Live(current)) = locked.slots.get_mut(id)
+                if let Some(Slot::Live(current, _)) = locked.slots.get_mut(id)
                     && current.as_ref().is_some_and(|c| c.ptr_eq(seen))
                     && let Some(old) = current.take()
                 {

@@ -20,6 +20,7 @@
 //! So: put `.in_current_session()` last, right before the terminal operation.
 
 use localsession_core::AnySession;
+use localsession_std::Bridges;
 use rayon::iter::plumbing::{Consumer, Folder, Producer, ProducerCallback, Reducer, UnindexedConsumer};
 use rayon::iter::{IndexedParallelIterator, ParallelIterator};
 
@@ -67,7 +68,8 @@ pub trait ParallelIteratorExt: ParallelIterator {
     /// assert_eq!(missing, 0);
     /// ```
     fn in_current_session(self) -> InSession<Self> {
-        InSession { base: self, session: localsession_std::flow_session() }
+        let session = localsession_std::flow_session();
+        InSession { base: self, bridges: Bridges::capture(session.as_ref()), session }
     }
 
     /// Runs every job of this iterator with `session`.
@@ -89,7 +91,8 @@ pub trait ParallelIteratorExt: ParallelIterator {
     /// assert!(current().is_none()); // nothing is left bound on the caller
     /// ```
     fn with_session(self, session: impl Into<AnySession>) -> InSession<Self> {
-        InSession { base: self, session: Some(session.into()) }
+        let session = Some(session.into());
+        InSession { base: self, bridges: Bridges::capture(session.as_ref()), session }
     }
 
     /// Runs every job of this iterator with no session, whatever its threads had bound.
@@ -107,7 +110,7 @@ pub trait ParallelIteratorExt: ParallelIterator {
     /// assert_eq!(seen, 0);
     /// ```
     fn without_session(self) -> InSession<Self> {
-        InSession { base: self, session: None }
+        InSession { base: self, session: None, bridges: Bridges::capture(None) }
     }
 }
 
@@ -130,6 +133,7 @@ impl<I: ParallelIterator> ParallelIteratorExt for I {}
 pub struct InSession<I> {
     base: I,
     session: Option<AnySession>,
+    bridges: Bridges,
 }
 
 impl<I: ParallelIterator> ParallelIterator for InSession<I> {
@@ -139,7 +143,7 @@ impl<I: ParallelIterator> ParallelIterator for InSession<I> {
     where
         C: UnindexedConsumer<Self::Item>,
     {
-        self.base.drive_unindexed(SessionConsumer { base: consumer, session: self.session })
+        self.base.drive_unindexed(SessionConsumer { base: consumer, session: self.session, bridges: self.bridges })
     }
 
     fn opt_len(&self) -> Option<usize> {
@@ -152,7 +156,7 @@ impl<I: IndexedParallelIterator> IndexedParallelIterator for InSession<I> {
     where
         C: Consumer<Self::Item>,
     {
-        self.base.drive(SessionConsumer { base: consumer, session: self.session })
+        self.base.drive(SessionConsumer { base: consumer, session: self.session, bridges: self.bridges })
     }
 
     fn len(&self) -> usize {
@@ -163,7 +167,7 @@ impl<I: IndexedParallelIterator> IndexedParallelIterator for InSession<I> {
     where
         CB: ProducerCallback<Self::Item>,
     {
-        self.base.with_producer(SessionCallback { base: callback, session: self.session })
+        self.base.with_producer(SessionCallback { base: callback, session: self.session, bridges: self.bridges })
     }
 }
 
@@ -171,6 +175,7 @@ impl<I: IndexedParallelIterator> IndexedParallelIterator for InSession<I> {
 struct SessionCallback<CB> {
     base: CB,
     session: Option<AnySession>,
+    bridges: Bridges,
 }
 
 impl<T, CB: ProducerCallback<T>> ProducerCallback<T> for SessionCallback<CB> {
@@ -180,7 +185,7 @@ impl<T, CB: ProducerCallback<T>> ProducerCallback<T> for SessionCallback<CB> {
     where
         P: Producer<Item = T>,
     {
-        self.base.callback(SessionProducer { base: producer, session: self.session })
+        self.base.callback(SessionProducer { base: producer, session: self.session, bridges: self.bridges })
     }
 }
 
@@ -188,6 +193,7 @@ impl<T, CB: ProducerCallback<T>> ProducerCallback<T> for SessionCallback<CB> {
 struct SessionProducer<P> {
     base: P,
     session: Option<AnySession>,
+    bridges: Bridges,
 }
 
 impl<P: Producer> Producer for SessionProducer<P> {
@@ -195,7 +201,7 @@ impl<P: Producer> Producer for SessionProducer<P> {
     type IntoIter = SessionIter<P::IntoIter>;
 
     fn into_iter(self) -> Self::IntoIter {
-        SessionIter { base: self.base.into_iter(), session: self.session }
+        SessionIter { base: self.base.into_iter(), session: self.session, bridges: self.bridges }
     }
 
     fn min_len(&self) -> usize {
@@ -208,15 +214,18 @@ impl<P: Producer> Producer for SessionProducer<P> {
 
     fn split_at(self, index: usize) -> (Self, Self) {
         let (left, right) = self.base.split_at(index);
-        let session = self.session;
-        (SessionProducer { base: left, session: session.clone() }, SessionProducer { base: right, session })
+        let (session, bridges) = (self.session, self.bridges);
+        (
+            SessionProducer { base: left, session: session.clone(), bridges: bridges.clone() },
+            SessionProducer { base: right, session, bridges },
+        )
     }
 
     fn fold_with<F>(self, folder: F) -> F
     where
         F: Folder<Self::Item>,
     {
-        let _installed = Installed::new(self.session);
+        let _installed = Installed::new(self.session, self.bridges);
         self.base.fold_with(folder)
     }
 }
@@ -226,13 +235,14 @@ impl<P: Producer> Producer for SessionProducer<P> {
 struct SessionIter<It> {
     base: It,
     session: Option<AnySession>,
+    bridges: Bridges,
 }
 
 impl<It: Iterator> Iterator for SessionIter<It> {
     type Item = It::Item;
 
     fn next(&mut self) -> Option<It::Item> {
-        let _installed = Installed::new(self.session.clone());
+        let _installed = Installed::new(self.session.clone(), self.bridges.clone());
         self.base.next()
     }
 
@@ -243,7 +253,7 @@ impl<It: Iterator> Iterator for SessionIter<It> {
 
 impl<It: DoubleEndedIterator> DoubleEndedIterator for SessionIter<It> {
     fn next_back(&mut self) -> Option<It::Item> {
-        let _installed = Installed::new(self.session.clone());
+        let _installed = Installed::new(self.session.clone(), self.bridges.clone());
         self.base.next_back()
     }
 }
@@ -258,6 +268,7 @@ impl<It: ExactSizeIterator> ExactSizeIterator for SessionIter<It> {
 struct SessionConsumer<C> {
     base: C,
     session: Option<AnySession>,
+    bridges: Bridges,
 }
 
 impl<T, C: Consumer<T>> Consumer<T> for SessionConsumer<C> {
@@ -267,17 +278,17 @@ impl<T, C: Consumer<T>> Consumer<T> for SessionConsumer<C> {
 
     fn split_at(self, index: usize) -> (Self, Self, Self::Reducer) {
         let (left, right, reducer) = self.base.split_at(index);
-        let session = self.session;
+        let (session, bridges) = (self.session, self.bridges);
         (
-            SessionConsumer { base: left, session: session.clone() },
-            SessionConsumer { base: right, session: session.clone() },
-            SessionReducer { base: reducer, session },
+            SessionConsumer { base: left, session: session.clone(), bridges: bridges.clone() },
+            SessionConsumer { base: right, session: session.clone(), bridges: bridges.clone() },
+            SessionReducer { base: reducer, session, bridges },
         )
     }
 
     fn into_folder(self) -> Self::Folder {
         // Installed first: the downstream `into_folder` may run user code (`fold`'s identity).
-        let installed = Installed::new(self.session);
+        let installed = Installed::new(self.session, self.bridges);
         SessionFolder { base: self.base.into_folder(), installed }
     }
 
@@ -288,11 +299,15 @@ impl<T, C: Consumer<T>> Consumer<T> for SessionConsumer<C> {
 
 impl<T, C: UnindexedConsumer<T>> UnindexedConsumer<T> for SessionConsumer<C> {
     fn split_off_left(&self) -> Self {
-        SessionConsumer { base: self.base.split_off_left(), session: self.session.clone() }
+        SessionConsumer {
+            base: self.base.split_off_left(),
+            session: self.session.clone(),
+            bridges: self.bridges.clone(),
+        }
     }
 
     fn to_reducer(&self) -> Self::Reducer {
-        SessionReducer { base: self.base.to_reducer(), session: self.session.clone() }
+        SessionReducer { base: self.base.to_reducer(), session: self.session.clone(), bridges: self.bridges.clone() }
     }
 }
 
@@ -334,11 +349,12 @@ impl<T, F: Folder<T>> Folder<T> for SessionFolder<F> {
 struct SessionReducer<R> {
     base: R,
     session: Option<AnySession>,
+    bridges: Bridges,
 }
 
 impl<T, R: Reducer<T>> Reducer<T> for SessionReducer<R> {
     fn reduce(self, left: T, right: T) -> T {
-        let _installed = Installed::new(self.session);
+        let _installed = Installed::new(self.session, self.bridges);
         self.base.reduce(left, right)
     }
 }

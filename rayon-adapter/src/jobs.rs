@@ -10,6 +10,7 @@
 //!   hook to clean up after it); submit jobs through [`spawn_in`] / [`install`] instead.
 
 use localsession_core::AnySession;
+use localsession_std::Bridges;
 use rayon::{Scope, ThreadPool};
 
 use crate::install::Installed;
@@ -46,7 +47,8 @@ where
 {
     let session = localsession_std::flow_session();
     let for_b = session.clone();
-    rayon::join(in_session(session, a), in_session(for_b, b))
+    let bridges = Bridges::capture(session.as_ref());
+    rayon::join(in_session(session, bridges.clone(), a), in_session(for_b, bridges, b))
 }
 
 /// `rayon::scope` whose body runs with the caller's session. Spawns made in the scope with
@@ -80,8 +82,9 @@ where
     R: Send,
 {
     let session = localsession_std::flow_session();
+    let bridges = Bridges::capture(session.as_ref());
     rayon::scope(move |s| {
-        let _installed = Installed::new(session);
+        let _installed = Installed::new(session, bridges);
         op(s)
     })
 }
@@ -157,8 +160,9 @@ impl<'scope> ScopeExt<'scope> for Scope<'scope> {
     where
         BODY: FnOnce(&Scope<'scope>) + Send + 'scope,
     {
+        let bridges = Bridges::capture(session.as_ref());
         self.spawn(move |s| {
-            let _installed = Installed::new(session);
+            let _installed = Installed::new(session, bridges);
             body(s);
         });
     }
@@ -182,7 +186,7 @@ pub fn spawn<F>(f: F)
 where
     F: FnOnce() + Send + 'static,
 {
-    rayon::spawn(in_session(localsession_std::flow_session(), f));
+    rayon::spawn(in_flow_session(f));
 }
 
 /// `pool.spawn` with the caller's session; whatever the job binds ends with it, so later jobs
@@ -203,7 +207,7 @@ pub fn spawn_in<F>(pool: &ThreadPool, f: F)
 where
     F: FnOnce() + Send + 'static,
 {
-    pool.spawn(in_session(localsession_std::flow_session(), f));
+    pool.spawn(in_flow_session(f));
 }
 
 /// `pool.install` with the caller's session: `f` runs on one of the pool's workers (or inline if
@@ -228,16 +232,27 @@ where
     F: FnOnce() -> R + Send,
     R: Send,
 {
-    pool.install(in_session(localsession_std::flow_session(), f))
+    pool.install(in_flow_session(f))
 }
 
-/// `f` with `session` installed for its run, the thread's previous binding restored after.
-fn in_session<F, R>(session: Option<AnySession>, f: F) -> impl FnOnce() -> R + Send
+/// `f` with the caller's session and bridges (see [`in_session`]).
+fn in_flow_session<F, R>(f: F) -> impl FnOnce() -> R + Send
+where
+    F: FnOnce() -> R + Send,
+{
+    let session = localsession_std::flow_session();
+    let bridges = Bridges::capture(session.as_ref());
+    in_session(session, bridges, f)
+}
+
+/// `f` with `session` (and `bridges`) installed for its run, the thread's previous binding
+/// restored after.
+fn in_session<F, R>(session: Option<AnySession>, bridges: Bridges, f: F) -> impl FnOnce() -> R + Send
 where
     F: FnOnce() -> R + Send,
 {
     move || {
-        let _installed = Installed::new(session);
+        let _installed = Installed::new(session, bridges);
         f()
     }
 }

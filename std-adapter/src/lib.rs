@@ -12,9 +12,27 @@
 //! | `NewSessionManager(opts)` + GC goroutine | [`ShardedManager`] (GC thread stopped on drop) |
 //! | timers of `NewSessionCtxWithTimeout` | [`STD_CLOCK`]: one shared timer thread |
 //! | — | [`FutureExt`]: a session that follows a future on any executor; [`in_current_session`] for pool jobs |
+//! | — | bridges ([`Bridges`]): the spawner's `tracing` span (feature `tracing`, [`set_carry_spans`]) and the session's OpenTelemetry context (feature `opentelemetry`, [`OTEL_CONTEXT`], [`set_carry_otel_context`]) follow the session into every unit |
+//! | — | [`SessionFieldsLayer`], [`SessionFieldsFormat`] (feature `tracing`): session values on spans and log lines |
 //!
 //! The sessions, contexts and the backup functions come from [`localsession_core`], re-exported
 //! here.
+//!
+//! # Bridges
+//!
+//! Two opt-in bridges carry a request's observability context along with its session, into every
+//! unit the adapters create — threads from [`go`] and [`Builder`], jobs wrapped with
+//! [`in_current_session`], tokio tasks, rayon jobs. Each needs its cargo feature and its runtime
+//! switch (both start off):
+//! - `tracing` / `set_carry_spans(true)`: a unit captures the span current where it is created
+//!   and enters it around each run or poll — the span tree `.in_current_span()` would give;
+//! - `opentelemetry` / `set_carry_otel_context(true)`: the session value `OTEL_CONTEXT` (an
+//!   `opentelemetry::Context`) is attached wherever an adapter installs the session.
+//!
+//! Off, a switch costs one relaxed load per spawn and per poll; without the feature, [`Bridges`]
+//! is zero-sized and nothing is done. Spawns with the flow suppressed ([`without_flow`]) capture
+//! no span. `SessionFields` (feature `tracing`) records session values on spans and log lines.
+//! The design is argued in the module docs of `src/bridge.rs` and `src/trace_fields.rs`.
 //!
 //! # Examples
 //! ```
@@ -31,6 +49,9 @@
 //! unbind();
 //! ```
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod bridge;
 mod clock;
 mod flow;
 mod future;
@@ -41,7 +62,14 @@ mod otel;
 mod sharded;
 mod store;
 mod thread;
+#[cfg(feature = "tracing")]
+mod trace_fields;
 
+pub use bridge::{BridgeGuard, Bridged, Bridges};
+#[cfg(feature = "opentelemetry")]
+pub use bridge::{carries_otel_context, set_carry_otel_context};
+#[cfg(feature = "tracing")]
+pub use bridge::{carries_spans, set_carry_spans};
 pub use clock::{STD_CLOCK, StdClock};
 pub use flow::{SuppressFlowGuard, flow_session, is_flow_suppressed, suppress_flow, without_flow};
 pub use future::FutureExt;
@@ -51,10 +79,12 @@ pub use manager::{
     register_adapter_clock, reset_default_manager,
 };
 #[cfg(feature = "opentelemetry")]
-pub use otel::{BaggageError, baggage_from_metainfo, metainfo_with_baggage, try_baggage_from_metainfo};
+pub use otel::{BaggageError, OTEL_CONTEXT, baggage_from_metainfo, metainfo_with_baggage, try_baggage_from_metainfo};
 pub use sharded::{ShardedManager, thread_id};
 pub use store::{BindSink, THREAD_STORE, ThreadStore, UnitScope, register_task_probe};
 pub use thread::{Builder, ScopeExt, go, go_session, in_current_session, with_session};
+#[cfg(feature = "tracing")]
+pub use trace_fields::{RecordedSessionFields, SessionFields, SessionFieldsFormat, SessionFieldsLayer};
 
 pub use localsession_core::config::ManagerOptions;
 pub use localsession_core::{

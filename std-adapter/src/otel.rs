@@ -1,4 +1,17 @@
-//! [`MetaInfo`] persistent values to and from OpenTelemetry baggage (feature `opentelemetry`).
+//! OpenTelemetry (feature `opentelemetry`): the session's OpenTelemetry context
+//! ([`OTEL_CONTEXT`], carried by the bridge of the `bridge` module), and [`MetaInfo`] persistent
+//! values to and from OpenTelemetry baggage.
+//!
+//! # The context as a session value
+//! A request's OpenTelemetry context (its span, its baggage) belongs to the request, so it is
+//! put into the request's session once, under [`OTEL_CONTEXT`]. With
+//! [`set_carry_otel_context`](crate::set_carry_otel_context) on, every install of that session
+//! by the adapters (a thread from `go`, a tokio task's poll, a rayon job) attaches it for as long
+//! as the session is installed, so `opentelemetry::Context::current()` is the request's context
+//! in every unit that carries the request's session — including plain `tokio::spawn` in the
+//! tokio adapter's implicit mode.
+//!
+//! # Baggage and metainfo
 //!
 //! Both carry string pairs that travel with a request across services: Kitex's persistent
 //! metainfo (`rpc-persist-*` headers) and W3C baggage (the `baggage` header). These functions let
@@ -8,8 +21,23 @@
 
 use std::fmt;
 
-use localsession_core::{Context, MetaInfo};
+use localsession_core::{Context, Key, MetaInfo};
 use opentelemetry::baggage::Baggage;
+
+/// The session value holding the request's OpenTelemetry context. Attached wherever the session
+/// is installed while [`set_carry_otel_context`](crate::set_carry_otel_context) is on.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{Context, SessionCtx};
+/// use localsession_std::{current, scope, OTEL_CONTEXT};
+///
+/// let request_cx = opentelemetry::Context::current(); // e.g. with the server span
+/// let session = SessionCtx::new(&Context::background()).with(&OTEL_CONTEXT, request_cx);
+/// let carried = scope(session, || current().unwrap().get_cloned(&OTEL_CONTEXT));
+/// assert!(carried.is_some());
+/// ```
+pub static OTEL_CONTEXT: Key<opentelemetry::Context> = Key::new("opentelemetry.context");
 
 /// Every persistent value of `ctx`'s metainfo, as baggage. Values that baggage refuses (a key
 /// that is not a W3C baggage token, more than 64 entries, more than 8192 bytes in all) are left

@@ -10,12 +10,17 @@
 //! run a job on the thread that submitted it): it restores exactly what that thread had bound
 //! before, also on panic. A `bind` inside the closure ends with the closure (Go: a goroutine's
 //! binding ends with the goroutine).
+//!
+//! Every wrapper also captures the [`Bridges`] where it is created (the spawner's span, the
+//! session's OpenTelemetry context, each while its bridge is on) and enters them inside the
+//! session's install, for the closure's run.
 
 use std::io;
 use std::thread::{JoinHandle, Scope, ScopedJoinHandle};
 
 use localsession_core::AnySession;
 
+use crate::bridge::Bridges;
 use crate::store::THREAD_STORE;
 
 /// Binds a session on a thread spawned for one closure, and unbinds when dropped (also while
@@ -43,8 +48,10 @@ fn wrap_fresh<F, T>(session: Option<AnySession>, f: F) -> impl FnOnce() -> T + S
 where
     F: FnOnce() -> T + Send,
 {
+    let bridges = Bridges::capture(session.as_ref());
     move || {
         let _binding = ThreadBinding::fresh(session);
+        let _bridges = bridges.enter();
         f()
     }
 }
@@ -54,10 +61,12 @@ fn wrap_inline<F, T>(session: Option<AnySession>, f: F) -> impl FnOnce() -> T + 
 where
     F: FnOnce() -> T + Send,
 {
+    let bridges = Bridges::capture(session.as_ref());
     move || {
         // A scope (the core's `EnterGuard`): restores exactly what was bound before — its owner
         // tag included — unless the manager was reset meanwhile, also while unwinding.
         let _scope = localsession_core::enter_option_in(&THREAD_STORE, session);
+        let _bridges = bridges.enter();
         f()
     }
 }

@@ -1,4 +1,4 @@
-//! localsession against its peers, side by side in one run (P1–P8, P10: rayon; targets and
+//! localsession against its peers, side by side in one run (P1–P8, P9: bridges, P10: rayon; targets and
 //! results in `docs/performance.md`).
 //!
 //! `cargo bench -p localsession-tests --bench sessions` measures every figure with criterion and
@@ -445,6 +445,129 @@ fn p6_tokio_spawn(c: &mut Criterion) {
     g.finish();
 }
 
+#[cfg(tokio_unstable)]
+#[derive(Clone, Copy)]
+enum ByHand {
+    Nothing,
+    InCurrentSpan,
+    WithContext,
+}
+
+/// P9: the bridges on implicit spawns. The same implicit runtime, subscriber (a
+/// `tracing_subscriber` registry, the global default) and measuring task — inside a span, with a
+/// session holding an OpenTelemetry context (a remote span) — timed with the span bridge, the
+/// OpenTelemetry context bridge, both, and neither switched on. `off` is the P6 implicit code
+/// path (features compiled in, switches off); `p6_tokio_spawn/implicit` ran in the same process
+/// without a subscriber. The peers: the same spawns with the bridges off and each child wrapped
+/// by hand, `.in_current_span()` (tracing) or `.with_context(cx)` (OpenTelemetry), where the
+/// measuring task's context is attached.
+#[cfg(tokio_unstable)]
+fn p9_bridges(c: &mut Criterion) {
+    use localsession_core::SessionExt;
+    use localsession_std::{OTEL_CONTEXT, set_carry_otel_context, set_carry_spans};
+    use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+    use tracing::Instrument;
+
+    let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+    let remote = SpanContext::new(
+        TraceId::from_bytes([1; 16]),
+        SpanId::from_bytes([2; 8]),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    let otel = opentelemetry::Context::new().with_remote_span_context(remote);
+    let session = SessionCtx::new(&Context::background()).with(&K, 1).with(&OTEL_CONTEXT, otel);
+    // The measuring task runs inside the span `request` and with the session's context attached
+    // (by the bridge when it is on, by hand otherwise): what the peers' `.in_current_span()` and
+    // `Context::current()` pick up.
+    let rt = tokio_runtime(true);
+    // `by_hand`: each child spawned `.in_current_span()` / `.with_context(cx)` (the peers), with
+    // the bridges off.
+    let rounds = |iters: u64, by_hand: ByHand| {
+        let session = session.clone();
+        rt.block_on(async move {
+            let measure = async move {
+                let cx = opentelemetry::Context::current();
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let child = async { black_box(1u64) };
+                    match by_hand {
+                        ByHand::Nothing => tokio::spawn(child).await.unwrap(),
+                        ByHand::InCurrentSpan => tokio::spawn(child.in_current_span()).await.unwrap(),
+                        ByHand::WithContext => {
+                            use opentelemetry::context::FutureExt as _;
+                            tokio::spawn(child.with_context(cx.clone())).await.unwrap()
+                        }
+                    };
+                }
+                start.elapsed()
+            };
+            let request = tracing::info_span!("request");
+            // By hand only where the bridge does not attach it already (no double attach).
+            let cx = if localsession_std::carries_otel_context() {
+                opentelemetry::Context::current()
+            } else {
+                session.get_cloned(&OTEL_CONTEXT).unwrap_or_default()
+            };
+            let measure = opentelemetry::context::FutureExt::with_context(measure.instrument(request), cx);
+            scope(session, || tokio::spawn(measure)).await.unwrap()
+        })
+    };
+    let mut g = c.benchmark_group("p9_bridges");
+    for (id, spans, otel, by_hand) in [
+        ("off", false, false, ByHand::Nothing),
+        ("spans", true, false, ByHand::Nothing),
+        ("otel", false, true, ByHand::Nothing),
+        ("both", true, true, ByHand::Nothing),
+        ("by_hand_in_current_span", false, false, ByHand::InCurrentSpan),
+        ("by_hand_with_context", false, false, ByHand::WithContext),
+    ] {
+        set_carry_spans(spans);
+        set_carry_otel_context(otel);
+        g.bench_function(id, |b| b.iter_custom(|iters| rounds(iters, by_hand)));
+    }
+    g.finish();
+    // The same variants interleaved (one batch of each per round, medians over the rounds), so
+    // that load changing during the run (these machines are shared) hits every variant alike.
+    // Printed here; criterion's sequential figures go to the table.
+    let variants = [
+        ("off", false, false, ByHand::Nothing),
+        ("spans", true, false, ByHand::Nothing),
+        ("otel", false, true, ByHand::Nothing),
+        ("both", true, true, ByHand::Nothing),
+        ("by_hand_in_current_span", false, false, ByHand::InCurrentSpan),
+        ("by_hand_with_context", false, false, ByHand::WithContext),
+    ];
+    let (batches, batch) = (31, 20_000u64);
+    let mut samples = vec![Vec::with_capacity(batches); variants.len()];
+    for _ in 0..batches {
+        for (i, (_, spans, otel, by_hand)) in variants.iter().enumerate() {
+            set_carry_spans(*spans);
+            set_carry_otel_context(*otel);
+            samples[i].push(rounds(batch, *by_hand).as_nanos() as f64 / batch as f64);
+        }
+    }
+    let medians: Vec<f64> = samples
+        .iter_mut()
+        .map(|v| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        })
+        .collect();
+    println!("P9 interleaved ({batches} rounds of {batch} spawn+join per variant; medians):");
+    for ((id, ..), median) in variants.iter().zip(&medians) {
+        println!("P9 interleaved {id:<24} {median:>8.1} ns  {:.2}x off", median / medians[0]);
+    }
+    println!(
+        "P9 interleaved span bridge / .in_current_span() by hand: {:.2}x; OTel bridge / .with_context(cx) by hand: {:.2}x",
+        medians[1] / medians[4],
+        medians[2] / medians[5]
+    );
+    set_carry_spans(false);
+    set_carry_otel_context(false);
+}
+
 fn p7_go(c: &mut Criterion) {
     let mut g = c.benchmark_group("p7_thread_spawn");
     g.sample_size(30);
@@ -514,7 +637,8 @@ fn fmt_ns(v: Option<f64>) -> String {
 }
 
 /// Prints the table; with `only` (a filtered run such as `-- p10`), just the rows of the groups
-/// that ran: those whose number (`P10`) is the filter's first `_`-separated part.
+/// that ran: those whose number (`P10`) is the first `_`-separated part of the filter (or of one
+/// of its `|`-separated alternatives).
 fn report(memory: &[String], only: Option<&str>) {
     let m = median_ns;
     let rows = [
@@ -695,6 +819,70 @@ fn report(memory: &[String], only: Option<&str>) {
             check: |o, p| p.is_some_and(|p| o <= 1.05 * p),
         },
         Row {
+            label: "P9 implicit spawn+join, span bridge on",
+            ours: m("p9_bridges", "spans"),
+            peer_label: "bridges off",
+            peer: m("p9_bridges", "off"),
+            target: "<= 1.10x",
+            check: |o, p| p.is_some_and(|p| o <= 1.10 * p),
+        },
+        Row {
+            label: "P9 implicit spawn+join, OTel context bridge on",
+            ours: m("p9_bridges", "otel"),
+            peer_label: "bridges off",
+            peer: m("p9_bridges", "off"),
+            target: "<= 1.10x",
+            check: |o, p| p.is_some_and(|p| o <= 1.10 * p),
+        },
+        Row {
+            label: "P9 implicit spawn+join, both bridges on",
+            ours: m("p9_bridges", "both"),
+            peer_label: "bridges off",
+            peer: m("p9_bridges", "off"),
+            target: "<= 1.10x",
+            check: |o, p| p.is_some_and(|p| o <= 1.10 * p),
+        },
+        Row {
+            label: "P9 (peer) .in_current_span() by hand, bridges off",
+            ours: m("p9_bridges", "by_hand_in_current_span"),
+            peer_label: "bridges off",
+            peer: m("p9_bridges", "off"),
+            target: "(reference)",
+            check: |_, _| true,
+        },
+        Row {
+            label: "P9 (peer) .with_context(cx) by hand, bridges off",
+            ours: m("p9_bridges", "by_hand_with_context"),
+            peer_label: "bridges off",
+            peer: m("p9_bridges", "off"),
+            target: "(reference)",
+            check: |_, _| true,
+        },
+        Row {
+            label: "P9 span bridge vs .in_current_span() by hand",
+            ours: m("p9_bridges", "spans"),
+            peer_label: "by hand",
+            peer: m("p9_bridges", "by_hand_in_current_span"),
+            target: "(reference)",
+            check: |_, _| true,
+        },
+        Row {
+            label: "P9 OTel bridge vs .with_context(cx) by hand",
+            ours: m("p9_bridges", "otel"),
+            peer_label: "by hand",
+            peer: m("p9_bridges", "by_hand_with_context"),
+            target: "(reference)",
+            check: |_, _| true,
+        },
+        Row {
+            label: "P9 bridges off, measuring task in a span with its context attached",
+            ours: m("p9_bridges", "off"),
+            peer_label: "P6 implicit (bare task)",
+            peer: m("p6_tokio_spawn", "implicit"),
+            target: "(reference)",
+            check: |_, _| true,
+        },
+        Row {
             label: "P10 rayon par_iter map+sum, 10^6 u64, 2 threads",
             ours: m("p10_rayon", "in_current_session"),
             peer_label: "plain par_iter",
@@ -708,7 +896,9 @@ fn report(memory: &[String], only: Option<&str>) {
     println!("|---|---|---|---|---|---|---|---|");
     for (i, r) in rows.iter().enumerate() {
         let number = r.label.split_whitespace().next().unwrap_or_default().to_lowercase();
-        if only.is_some_and(|f| f.split('_').next().unwrap_or_default().to_lowercase() != number) {
+        // A filter `p6|p9` (a criterion regex) keeps the rows of both groups.
+        if only.is_some_and(|f| !f.split('|').any(|g| g.split('_').next().unwrap_or_default().to_lowercase() == number))
+        {
             continue;
         }
         let ratio = match (r.ours, r.peer) {
@@ -847,6 +1037,9 @@ fn main() {
     p6_tokio_spawn(&mut c);
     p7_go(&mut c);
     p10_rayon(&mut c);
+    // Last: it installs a global tracing subscriber.
+    #[cfg(tokio_unstable)]
+    p9_bridges(&mut c);
     c.final_summary();
     // Only `--bench` runs print the report (not `--test` or `--list`); the full run prints all
     // of it, a filtered run (`-- p10`) the rows of the groups it ran.

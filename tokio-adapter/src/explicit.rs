@@ -4,12 +4,30 @@
 //! `localsession-std`: around each poll — on whichever worker polls it — the session is swapped
 //! into that worker's slot and swapped out afterwards, so a worker never carries one task's
 //! session into the next. Works on any runtime flavour, with or without `tokio_unstable`.
+//!
+//! The spawn helpers also carry the [`Bridges`] captured where they are called (features
+//! `tracing` / `opentelemetry`, each while its switch is on): the spawner's span is entered and
+//! the session's OpenTelemetry context attached around each poll, as `.in_current_span()` and
+//! OpenTelemetry's `.with_context(..)` would. With nothing captured, the task is the plain
+//! `WithSession` future, as before. The `FutureExt` combinators carry the session only.
 
 use std::future::Future;
 
-use localsession_core::AnySession;
+use localsession_core::{AnySession, WithSession};
 pub use localsession_std::FutureExt;
+use localsession_std::{Bridges, THREAD_STORE};
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
+
+/// `future` with `session` installed around each poll, and the bridges captured here (if any)
+/// entered around that: spawned with `$spawn`, as one of two future types.
+macro_rules! spawn_bridged {
+    ($spawn:expr, $session:expr, $future:expr) => {{
+        let session: Option<AnySession> = $session;
+        let bridges = Bridges::capture(session.as_ref());
+        let future = WithSession::new_in(&THREAD_STORE, $future, session);
+        if bridges.is_empty() { $spawn(future) } else { $spawn(bridges.wrap(future)) }
+    }};
+}
 
 /// `tokio::spawn` with the spawner's current session.
 ///
@@ -34,7 +52,7 @@ where
     F::Output: Send + 'static,
 {
     crate::probe::register();
-    tokio::spawn(future.in_current_session())
+    spawn_bridged!(tokio::spawn, localsession_std::flow_session(), future)
 }
 
 /// `tokio::spawn` with a given session.
@@ -55,7 +73,7 @@ where
     F::Output: Send + 'static,
 {
     crate::probe::register();
-    tokio::spawn(future.with_session(session))
+    spawn_bridged!(tokio::spawn, Some(session.into()), future)
 }
 
 /// `tokio::task::spawn_blocking` with the spawner's current session (bound on the blocking
@@ -105,7 +123,7 @@ where
     F::Output: 'static,
 {
     crate::probe::register();
-    tokio::task::spawn_local(future.in_current_session())
+    spawn_bridged!(tokio::task::spawn_local, localsession_std::flow_session(), future)
 }
 
 /// Session-carrying spawns on a [`JoinSet`].
@@ -170,13 +188,13 @@ impl<T: Send + 'static> JoinSetExt<T> for JoinSet<T> {
     where
         F: Future<Output = T> + Send + 'static,
     {
-        self.spawn(future.in_current_session())
+        spawn_bridged!(|f| self.spawn(f), localsession_std::flow_session(), future)
     }
 
     fn spawn_with<F>(&mut self, session: impl Into<AnySession>, future: F) -> AbortHandle
     where
         F: Future<Output = T> + Send + 'static,
     {
-        self.spawn(future.with_session(session))
+        spawn_bridged!(|f| self.spawn(f), Some(session.into()), future)
     }
 }

@@ -43,6 +43,29 @@
 //!   unless the late after-poll hook of the task's previous poll, on another worker, still
 //!   holds a clone: then that hook's drop is the last one, caught and counted.
 //!
+//! # Bridges (features `tracing`, `opentelemetry`)
+//! With [`localsession_std::set_carry_spans`] on, the spawn hook also captures the spawning
+//! thread's current span (`Span::current()`: the spawner's, since the hook runs on its thread)
+//! and keeps it in the task's entry, as the entry's attachment ([`TaskTable::spawned_with`]):
+//! created and removed with the entry, so the protocol above covers it — a terminate that comes
+//! before the spawn leaves a tombstone and the spawn hands the span back. Around each poll the
+//! before-poll hook enters that span by id (through the span's subscriber; the poll's frame
+//! holds a reference to the entry's copy, taken under the shard lock with the session, so the
+//! span outlives a terminate that removes the entry during the poll), and with
+//! [`localsession_std::set_carry_otel_context`] on, attaches the OpenTelemetry context of the
+//! task's session *as it is at that poll* ([`localsession_std::OTEL_CONTEXT`]; a task that
+//! rebinds gets the new session's context from its next poll on). The guard of both lives in the
+//! poll's frame (`ContextGuard` is `!Send`; a tracing `Entered` cannot cross hooks), and the
+//! after-poll hook drops it — detach, then exit — before it swaps the session out. A span tree
+//! then looks as if every spawn had been written `.in_current_span()`.
+//!
+//! Capturing and entering a span runs subscriber code (`current_span`, `clone_span`, `enter`,
+//! `exit`, `try_close`), and
+//! dropping a context may drop the last reference of a span of OpenTelemetry's SDK (which ends
+//! and exports it): every such step runs under `catch_unwind`, and a panic is counted in
+//! [`hook_drop_panics`]. With both switches off the hooks do one relaxed load each more than
+//! without the bridges (benchmark P9 in `docs/performance.md`).
+//!
 //! # Tasks that outlive their request
 //! A task spawned inside a request inherits the request's session. Long-lived tasks (pooled
 //! connections, `Buffer` workers) should be spawned with the flow suppressed
@@ -90,8 +113,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 use std::time::Duration;
 
-use localsession_core::{AnySession, TaskTable};
-use localsession_std::{BindSink, THREAD_STORE, UnitScope};
+use localsession_core::{AnySession, TaskAttachment, TaskTable};
+use localsession_std::{BindSink, BridgeGuard, Bridges, THREAD_STORE, UnitScope};
 
 use crate::probe::raw_id;
 use tokio::runtime::{Builder, TaskMeta};
@@ -109,16 +132,18 @@ struct Frame {
     previous: Option<AnySession>,
     /// The thread store's scope (the displaced binding's tag, the outer poll's sink).
     scope: UnitScope,
+    /// The task's bridges, entered for the poll (span bridge, OpenTelemetry context bridge).
+    bridges: Entered,
 }
 
 thread_local! {
     static FRAMES: RefCell<Vec<Frame>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Drops a session that left the table, where its `Drop` (user code) must not unwind into
-/// tokio.
-fn drop_caught(session: Option<AnySession>) {
-    if session.is_some() && catch_unwind(AssertUnwindSafe(move || drop(session))).is_err() {
+/// Drops a session (or a span, an entered bridge) that left the table, where its `Drop` (user
+/// code) must not unwind into tokio.
+fn drop_caught<T>(value: Option<T>) {
+    if value.is_some() && catch_unwind(AssertUnwindSafe(move || drop(value))).is_err() {
         HOOK_DROP_PANICS.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -130,31 +155,81 @@ fn record(id: u64, session: Option<&AnySession>) -> Option<AnySession> {
 
 fn on_spawn(meta: &TaskMeta<'_>) {
     // Runs on the spawning thread: its slot holds the spawner's session (a task's, installed by
-    // `on_before_poll`, or whatever the calling thread bound).
+    // `on_before_poll`, or whatever the calling thread bound), and tracing's current span is
+    // the spawner's.
     let id = raw_id(meta.id());
     let inherited = catch_unwind(localsession_std::flow_session).unwrap_or(None);
-    drop_caught(TABLE.spawned(id, inherited));
+    // The span bridge (a relaxed load when off): the span lives in the task's entry, created
+    // and removed with it.
+    let span = catch_unwind(Bridges::current_span).unwrap_or_default();
+    let attachment: Option<TaskAttachment> = if span.is_empty() { None } else { Some(Arc::new(span)) };
+    let (session, attachment) = TABLE.spawned_with(id, inherited, attachment);
+    drop_caught(session);
+    drop_caught(attachment);
 }
 
 fn on_before_poll(meta: &TaskMeta<'_>) {
     let id = raw_id(meta.id());
-    let mut session = TABLE.session(id);
+    let (mut session, attachment) = TABLE.entry(id);
+    // The context bridge reads the task's session as it is now (the task may have rebound).
+    let context = Bridges::session_context(session.as_ref());
     // One thread-local access: the outer poll's sink (nested polls) is suspended, the task's
     // session installed, and its bindings recorded in its entry from now on.
     let Some((scope, stale)) = THREAD_STORE.enter_unit(&mut session, BindSink { unit: id, record }) else {
-        // Thread teardown: nothing can be installed; the clone is not the last reference.
+        // Thread teardown: nothing can be installed; the clones are not the last references.
         drop_caught(session);
+        drop_caught(attachment);
         return;
     };
     // A binding from before a `reset_default_manager`: not restored, dropped here, caught.
     drop_caught(stale);
-    let frame = Frame { id, previous: session, scope };
+    let bridges = enter_bridges(attachment, context);
+    let frame = Frame { id, previous: session, scope, bridges };
     if let Err(frame) = push_frame(frame) {
         // The frame stack is gone (teardown) or busy: undo, so that the slot is not left
         // holding the task's session.
+        frame.bridges.leave();
         let mut previous = frame.previous;
         drop_caught(THREAD_STORE.exit_unit(&mut previous, frame.scope));
         drop_caught(previous);
+    }
+}
+
+/// Enters the task's span (kept in its entry) and attaches its session's OpenTelemetry
+/// context, for the poll. The span is entered by id through the entry's shared copy (no clone
+/// of the span). Entering runs subscriber code (`enter`): caught.
+fn enter_bridges(attachment: Option<TaskAttachment>, context: Bridges) -> Entered {
+    let shared = attachment.and_then(|a| a.downcast::<Bridges>().ok());
+    if shared.is_none() && context.is_empty() {
+        return Entered::default();
+    }
+    // The guard keeps `shared` (one reference-count increment, taken under the shard lock with
+    // the session), so the span stays alive until the after-poll hook exits it — also when the
+    // terminate hook, inside the task's final poll, removes the entry first.
+    let entered = catch_unwind(AssertUnwindSafe(move || {
+        let span = shared.map(Bridges::enter_shared);
+        let context = if context.is_empty() { None } else { Some(context.into_guard()) };
+        Entered { context, span }
+    }));
+    entered.unwrap_or_else(|_| {
+        HOOK_DROP_PANICS.fetch_add(1, Ordering::Relaxed);
+        Entered::default()
+    })
+}
+
+/// The bridges a poll entered: dropped context first, then span (the reverse of entering).
+#[derive(Default)]
+struct Entered {
+    context: Option<BridgeGuard<'static>>,
+    span: Option<BridgeGuard<'static>>,
+}
+
+impl Entered {
+    /// Leaves the bridges where a panicking subscriber or `Drop` must not unwind into tokio.
+    fn leave(self) {
+        let Entered { context, span } = self;
+        drop_caught(context);
+        drop_caught(span);
     }
 }
 
@@ -191,6 +266,9 @@ fn pop_frame(id: u64) -> Option<Frame> {
 fn on_after_poll(meta: &TaskMeta<'_>) {
     let id = raw_id(meta.id());
     let Some(frame) = pop_frame(id) else { return };
+    // Detach the context and exit the span before the session is swapped out (the reverse of
+    // the before-poll hook). Subscriber code and possibly a last span reference: caught.
+    frame.bridges.leave();
     let mut installed = frame.previous;
     let stale = THREAD_STORE.exit_unit(&mut installed, frame.scope);
     // Usually a clone whose entry still holds the session; the last reference only if the task
@@ -201,7 +279,10 @@ fn on_after_poll(meta: &TaskMeta<'_>) {
 
 fn on_terminate(meta: &TaskMeta<'_>) {
     let id = raw_id(meta.id());
-    let session = TABLE.terminated(id);
+    let (session, attachment) = TABLE.terminated_with(id);
+    // A frame of the final poll holds its own reference to the span; the after-poll hook
+    // exits and releases it.
+    drop_caught(attachment);
     // Inside the task's final poll on this thread: take its session out of the slot now, so
     // that the after-poll hook has nothing to drop. The slot gets the pre-poll content back
     // when that hook runs.
@@ -527,7 +608,9 @@ pub fn implicit_tasks() -> usize {
     TABLE.tasks()
 }
 
-/// Session drops inside hooks whose `Drop` panicked (caught, so the runtime lived on).
+/// Session drops inside hooks whose `Drop` panicked, and panics of tracing subscribers or
+/// OpenTelemetry values while the bridges entered or left a poll (caught, so the runtime lived
+/// on).
 ///
 /// # Examples
 /// ```

@@ -1,0 +1,39 @@
+//! The span bridge is opt-in: with the feature on and the switch never turned on, spawned
+//! threads do not enter the spawner's span (as with plain `std::thread::spawn`).
+#![cfg(feature = "tracing")]
+#![allow(missing_docs)]
+
+use std::sync::Mutex;
+
+use localsession_std::{carries_spans, go, in_current_session};
+use tracing::span::{Attributes, Id};
+use tracing::{Subscriber, info_span};
+use tracing_subscriber::layer::{Context as LayerContext, Layer, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+
+static PARENTS: Mutex<Vec<(&'static str, Option<&'static str>)>> = Mutex::new(Vec::new());
+
+struct Capture;
+
+impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
+    fn on_new_span(&self, _attrs: &Attributes<'_>, id: &Id, ctx: LayerContext<'_, S>) {
+        let span = ctx.span(id).unwrap();
+        PARENTS.lock().unwrap().push((span.name(), span.parent().map(|p| p.name())));
+    }
+}
+
+#[test]
+fn without_the_switch_spawns_do_not_enter_the_spawners_span() {
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Capture)).unwrap();
+    assert!(!carries_spans());
+    info_span!("off_request").in_scope(|| {
+        go(|| drop(info_span!("off_go"))).join().unwrap();
+        std::thread::spawn(in_current_session(|| drop(info_span!("off_job")))).join().unwrap();
+        drop(info_span!("off_same_thread"));
+    });
+    let parents = PARENTS.lock().unwrap().clone();
+    assert!(parents.contains(&("off_go", None)), "{parents:?}");
+    assert!(parents.contains(&("off_job", None)), "{parents:?}");
+    // The capture works: a span on the spawner's own thread has its parent.
+    assert!(parents.contains(&("off_same_thread", Some("off_request"))), "{parents:?}");
+}
