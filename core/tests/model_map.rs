@@ -609,3 +609,95 @@ fn pin_epoch_guards_come_from_the_crates_collector() {
     drop(guard);
     assert!(!handle.is_pinned());
 }
+
+/// A batch of writes to a large map: `len` consecutive keys from `start` (wrapping in
+/// `0..LARGE_KEYS`), each set to `value` or removed.
+#[derive(Debug, Clone)]
+struct Batch {
+    start: u16,
+    len: u16,
+    value: Option<u32>,
+    snapshot: bool,
+}
+
+/// Keys of the large-map model: enough for several index levels (64, 512, 4096 keys); under miri
+/// (an interpreter) two levels.
+const LARGE_KEYS: u16 = if cfg!(miri) { 130 } else { 5000 };
+
+fn batch() -> impl Strategy<Value = Batch> {
+    (
+        0..LARGE_KEYS,
+        1..if cfg!(miri) { 100u16 } else { 700 },
+        prop::option::weighted(0.8, any::<u32>()),
+        prop::bool::weighted(0.1),
+    )
+        .prop_map(|(start, len, value, snapshot)| Batch { start, len, value, snapshot })
+}
+
+proptest! {
+    #![proptest_config(config(if cfg!(miri) { 1 } else { 12 }))]
+
+    /// Large maps (thousands of keys, so several index-table levels, merges and compactions):
+    /// every key reads as the model says, `len()` (O(1), from the tables' live counts) matches
+    /// after every batch, and snapshots keep what they saw.
+    #[test]
+    fn large_map_matches_model(batches in prop::collection::vec(batch(), if cfg!(miri) { 2..3 } else { 4..24 })) {
+        let _quiesce = Quiesce;
+        let map = SessionMap::new();
+        let mut model: BTreeMap<u16, u32> = BTreeMap::new();
+        let mut snapshots: Vec<(Context, BTreeMap<u16, u32>)> = Vec::new();
+        for (step, b) in batches.iter().enumerate() {
+            for i in 0..b.len {
+                let k = (b.start + i) % LARGE_KEYS;
+                match b.value {
+                    Some(v) => {
+                        map.insert(k, v.wrapping_add(u32::from(i)));
+                        model.insert(k, v.wrapping_add(u32::from(i)));
+                    }
+                    None => {
+                        prop_assert_eq!(map.remove(&k), model.remove(&k).is_some(), "remove({})", k);
+                    }
+                }
+            }
+            prop_assert_eq!(map.len(), model.len(), "len() after batch {}", step);
+            // A sample of keys each step (every key at the end).
+            let probe = b.start.wrapping_mul(7919) % LARGE_KEYS;
+            for k in (0..LARGE_KEYS).filter(|k| k % 97 == probe % 97) {
+                prop_assert_eq!(map.read(&k, |v: Option<&u32>| v.copied()), model.get(&k).copied(), "read({}) at {}", k, step);
+            }
+            if b.snapshot {
+                snapshots.push((map.export(), model.clone()));
+            }
+        }
+        for k in 0..LARGE_KEYS {
+            prop_assert_eq!(map.value::<u32, _>(&k).map(|v| *v), model.get(&k).copied(), "value({})", k);
+        }
+        for (s, (snap, want)) in snapshots.iter().enumerate() {
+            for k in (0..LARGE_KEYS).step_by(13) {
+                prop_assert_eq!(snap.value::<u32, _>(&k).copied(), want.get(&k).copied(), "snapshot {} key {}", s, k);
+            }
+        }
+    }
+}
+
+/// Contexts with thousands of distinct keys read every key at every depth through the index
+/// levels (a context is the same chain as a map, without compaction).
+#[test]
+fn deep_contexts_with_many_keys_read_every_key() {
+    let keys: u32 = if cfg!(miri) { 140 } else { 6000 };
+    let mut ctx = Context::background();
+    let mut checkpoints = Vec::new();
+    for i in 0..keys {
+        ctx = ctx.with_value(i % (keys / 2), i);
+        if i % 997 == 0 || i == keys - 1 {
+            checkpoints.push((i, ctx.clone()));
+        }
+    }
+    for (depth, c) in &checkpoints {
+        for k in (0..keys / 2).step_by(if cfg!(miri) { 11 } else { 3 }) {
+            // The newest binding of `k` at or below `depth`: `k` or `k + keys / 2`.
+            let want = [k + keys / 2, k].into_iter().find(|&i| i <= *depth);
+            assert_eq!(c.value::<u32, _>(&k).copied(), want, "key {k} at depth {depth}");
+        }
+    }
+}

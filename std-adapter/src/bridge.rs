@@ -303,6 +303,9 @@ impl Bridges {
     /// drop(guard);
     /// ```
     pub fn enter_shared(shared: Arc<Bridges>) -> BridgeGuard<'static> {
+        // Without the `tracing` and `opentelemetry` features there is nothing to enter.
+        #[cfg(not(any(feature = "tracing", feature = "opentelemetry")))]
+        drop(shared);
         BridgeGuard {
             #[cfg(feature = "opentelemetry")]
             otel: shared.otel.clone().map(opentelemetry::Context::attach),
