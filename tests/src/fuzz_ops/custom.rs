@@ -141,8 +141,8 @@ impl Interp {
                 let now = e.real.read(&PanicKey(k), |v: Option<&u32>| v.copied()).map(Val::U32);
                 let before = self.maps[*map].values.get(&code).copied();
                 assert!(now == before || now == Some(val), "a panicking insert left {now:?} (was {before:?})");
-                if now.is_some() {
-                    self.maps[*map].values.insert(code, val);
+                if let Some(now) = now {
+                    self.maps[*map].values.insert(code, now);
                 }
             }
             (SessionModel::Ctx { .. }, Ok(Some(real))) => {
