@@ -19,7 +19,23 @@
 //! - one [`ShardedStore`] (1 to 4 shards, from the first byte): bind, remove, get, gc, and its
 //!   [`ContextStore`] face (its id function names no unit);
 //! - a manual clock (per OS thread) for deadlines, [`Done`] futures polled with a no-op waker,
-//!   and [`AfterCancel`] callbacks that count their runs.
+//!   and [`AfterCancel`] callbacks that count their runs; with bit 2 of the first byte set, the
+//!   clock has a timer whose expiries operations fire (module `timer`);
+//! - large maps and contexts (thousands of `u16` keys: every index level, many compactions)
+//!   and a two-thread mode, where a second OS thread writes, reads and snapshots a map while
+//!   the main thread does too (module `big`);
+//! - user sessions ([`AnySession::custom`]), some of which panic on reads, and a key whose
+//!   `Eq` panics inside the library's lookups and index builds (module `custom`);
+//! - [`MetaInfo`](localsession_core::MetaInfo) values on contexts, and the backup functions
+//!   over the global store (module `meta`);
+//! - the global store through the free functions and a
+//!   [`SingleSlotStore`](localsession_core::SingleSlotStore) through the `_in` functions, with
+//!   enter guards dropped in any order (module `stores`); [`WithSession`](localsession_core::WithSession)
+//!   futures over both (module `future`); a [`TaskTable`] (module `tasks`).
+//!
+//! Panics the interpreter provokes carry a private payload: they are caught, and the panic hook
+//! the fuzz target installs (libFuzzer's, which aborts) never sees them. Any other panic is a
+//! finding. Runs in one process are serialized (the global store is process-wide).
 //!
 //! The model is sequential and says nothing about propagation: a cancel scope has a parent, an
 //! effective deadline (the minimum along its path) and, once *settled*, a cause. A scope is done
@@ -223,7 +239,7 @@ enum Op {
     Backup { ctx: u8 },
     BackupQuery { kind: u8, ctx: u8, mode: u8 },
     // The global store and a `SingleSlotStore` through the free functions and guards (`stores`).
-    StoreOp { store: u8, kind: u8, s: u8 },
+    Stores { store: u8, kind: u8, s: u8 },
     // `WithSession` futures (`future`).
     FutNew { s: u8, kind: u8 },
     FutPoll { i: u8, action: u8, s: u8 },
@@ -321,7 +337,7 @@ fn decode_op(input: &mut Input<'_>) -> Option<Op> {
         44 => Op::Meta { ctx: b()?, kind: b()?, k: b()?, v: b()? },
         45 => Op::Backup { ctx: b()? },
         46 => Op::BackupQuery { kind: b()?, ctx: b()?, mode: b()? },
-        47 => Op::StoreOp { store: b()?, kind: b()?, s: b()? },
+        47 => Op::Stores { store: b()?, kind: b()?, s: b()? },
         48 => Op::FutNew { s: b()?, kind: b()? },
         49 => Op::FutPoll { i: b()?, action: b()?, s: b()? },
         50 => Op::FutDrop { i: b()? },
@@ -438,11 +454,22 @@ struct MapModel {
 
 #[derive(Debug, Clone)]
 enum SessionModel {
-    Ctx { scope: usize, values: Values, big: Arc<BigValues>, meta: MetaModel },
-    Map { map: usize },
+    Ctx {
+        scope: usize,
+        values: Values,
+        big: Arc<BigValues>,
+        meta: MetaModel,
+    },
+    Map {
+        map: usize,
+    },
     /// An [`AnySession::custom`] user session: valid until `CustomInvalidate` settles its
     /// scope (which nothing else reaches); `panicky` ones panic on reads of odd codes.
-    Custom { scope: usize, values: Values, panicky: bool },
+    Custom {
+        scope: usize,
+        values: Values,
+        panicky: bool,
+    },
 }
 
 /// A pooled session: the real handle, what it should show, and its identity class (entries
@@ -522,6 +549,8 @@ struct Interp {
     timers: Vec<(u64, usize)>,
     /// Keys the bulk operations may still write in this run (keeps each run fast).
     bulk_budget: usize,
+    /// Two-thread batches run so far.
+    two_thread_runs: u8,
     /// The global store and the second `SingleSlotStore` (`stores`).
     stores: stores::StoresModel,
     futures: Vec<future::FutEntry>,
@@ -534,7 +563,6 @@ struct Interp {
 fn pick(b: u8, len: usize) -> Option<usize> {
     (len > 0).then(|| usize::from(b) % len)
 }
-
 
 fn noop_poll(fut: &mut Done) -> bool {
     let mut cx = TaskContext::from_waker(Waker::noop());
@@ -607,6 +635,7 @@ impl Interp {
             clock: if timers { &TIMER_CLOCK } else { &CLOCK },
             timers: Vec::new(),
             bulk_budget: big::BULK_BUDGET,
+            two_thread_runs: 0,
             stores: stores::StoresModel::default(),
             futures: Vec::new(),
             tasks: TaskTable::new(),
@@ -965,7 +994,11 @@ impl Interp {
                     AnySession::Custom(_) => {
                         if !custom::read_panics(&e.model, key) && key != TYPED_CODE {
                             assert_eq!(e.real.value_cloned::<u32, _>(&key), want_v.0, "custom value_cloned({key})");
-                            assert_eq!(e.real.try_value_cloned::<u32, _>(&key).ok(), want_v.0, "custom try_value_cloned");
+                            assert_eq!(
+                                e.real.try_value_cloned::<u32, _>(&key).ok(),
+                                want_v.0,
+                                "custom try_value_cloned"
+                            );
                         }
                     }
                 }
@@ -1164,7 +1197,7 @@ impl Interp {
             Op::Meta { ctx, kind, k, v } => self.meta_op(ctx, kind, k, v),
             Op::Backup { ctx } => self.backup(ctx),
             Op::BackupQuery { kind, ctx, mode } => self.backup_query(kind, ctx, mode),
-            Op::StoreOp { store, kind, s } => self.store_op(store, kind, s),
+            Op::Stores { store, kind, s } => self.store_op(store, kind, s),
             Op::FutNew { s, kind } => self.fut_new(s, kind),
             Op::FutPoll { i, action, s } => self.fut_poll(i, action, s),
             Op::FutDrop { i } => self.fut_drop(i),

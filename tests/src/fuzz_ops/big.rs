@@ -1,6 +1,6 @@
 //! Large maps and contexts, and the two-thread mode.
 //!
-//! `BulkInsert` writes up to 6 120 `u16` keys (256 and up, so they never meet the `u8` keys
+//! `BulkInsert` writes up to 4 200 `u16` keys (256 and up, so they never meet the `u8` keys
 //! nor the `1u16` the checks read as absent) into a [`SessionMap`] or derives a
 //! [`SessionCtx`] with them: maps and chains pass the index levels (64, 512 and 4 096 keys)
 //! and, for maps, many compactions (one every `max(64, 2 * live)` writes). `BulkRemove` writes
@@ -25,9 +25,12 @@ use super::{AnySession, Arc, BTreeMap, BigValues, Entry, Interp, SessionModel, p
 use localsession_core::{Context, SessionCtx, SessionExt, SessionMap};
 
 /// Keys the bulk and two-thread operations may write in one run, in all.
-pub(super) const BULK_BUDGET: usize = 16_000;
-/// Keys per unit of a bulk operation's count byte (255 * 24 = 6 120 keys).
-const BULK_SCALE: usize = 24;
+pub(super) const BULK_BUDGET: usize = 4_200;
+/// Two-thread batches in one run, at most (each costs two thread handoffs).
+pub(super) const TWO_THREAD_RUNS: u8 = 3;
+/// Keys per unit of a bulk operation's count byte (255 * 20 = 5 100 keys, more than the
+/// run's budget, which lets one operation pass the 4 096-key level).
+const BULK_SCALE: usize = 20;
 /// The lowest `u16` key the bulk operations use.
 const BIG_BASE: u16 = 256;
 
@@ -82,6 +85,9 @@ impl Interp {
             return;
         }
         let n = self.take_budget(usize::from(count) * BULK_SCALE + 1);
+        if n == 0 {
+            return; // the run's budget is spent
+        }
         let keys: Vec<u16> = (0..n).map(|j| bulk_key(start, j)).collect();
         let value = |j: usize| (j as u32).wrapping_mul(2_654_435_761) ^ u32::from(salt);
         match (&e.real, &e.model) {
@@ -125,6 +131,9 @@ impl Interp {
         let e = self.sessions[i].clone();
         let (AnySession::Map(m), SessionModel::Map { map }) = (&e.real, &e.model) else { return };
         let n = self.take_budget(usize::from(count) * BULK_SCALE / 2 + 1);
+        if n == 0 {
+            return;
+        }
         let model = &mut self.maps[*map];
         // Bound keys from the `start`-th on, and as many never-bound ones.
         let skip = usize::from(start) * model.big.len() / 256;
@@ -155,7 +164,11 @@ impl Interp {
             None => (SessionMap::new(), BigValues::new()),
         };
         let u8_len = pooled.as_ref().map_or(0, |(_, _, idx)| self.maps[*idx].values.len());
-        let each = self.take_budget(2 * (32 + usize::from(n) * 2)) / 2;
+        if self.two_thread_runs == TWO_THREAD_RUNS {
+            return;
+        }
+        self.two_thread_runs += 1;
+        let each = self.take_budget(2 * (16 + usize::from(n))) / 2;
         if each == 0 {
             return;
         }
@@ -171,13 +184,16 @@ impl Interp {
     }
 }
 
+/// A snapshot taken mid-batch and what it read.
+type Snapshot = (Context, Vec<(u16, Option<u32>)>);
+
 /// Mode 0: each thread writes its own keys. Returns the map's `u16` keys afterwards.
 fn distinct_keys(map: &SessionMap, before: &BigValues, u8_len: usize, each: usize, s: u8) -> BigValues {
     let base = |t: usize| -> u16 { 0x4000 + 0x4000 * t as u16 + u16::from(s) * 16 };
     let key = |t: usize, i: usize| base(t) + i as u16;
     let value = |k: u16| u32::from(k) * 3 + 1;
     let max_len = u8_len + before.len() + 2 * each;
-    let batch = |t: usize| -> Option<(Context, Vec<(u16, Option<u32>)>)> {
+    let batch = |t: usize| -> Option<Snapshot> {
         let mut snapshot = None;
         let mut last_len = u8_len + before.len();
         for i in 0..each {

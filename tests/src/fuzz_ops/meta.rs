@@ -47,7 +47,8 @@ pub(super) fn check_meta(ctx: &Context, m: &MetaModel, what: &str) {
     assert_eq!(pairs(meta.persistent_values()), model_pairs(&m.persistent), "{what}: persistent_values");
     assert_eq!(pairs(meta.outgoing_transient_values()), model_pairs(&m.transient), "{what}: outgoing");
     let mut transient = model_pairs(&m.transient);
-    transient.extend(m.upstream.iter().filter(|(k, _)| !m.transient.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())));
+    transient
+        .extend(m.upstream.iter().filter(|(k, _)| !m.transient.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())));
     assert_eq!(pairs(meta.transient_values()), transient, "{what}: transient_values");
     assert_eq!(meta.count_persistent(), m.persistent.len(), "{what}: count_persistent");
     assert_eq!(meta.count_transient(), transient.len(), "{what}: count_transient");
@@ -67,13 +68,12 @@ impl Interp {
     /// slot after the last).
     fn meta_base(&self, b: u8) -> CtxEntry {
         match pick(b, self.ctxs.len() + 1).and_then(|i| self.ctxs.get(i)) {
-            Some(c) => CtxEntry { real: c.real.clone(), scope: c.scope, values: c.values.clone(), meta: c.meta.clone() },
-            None => CtxEntry {
-                real: Context::background(),
-                scope: None,
-                values: Values::new(),
-                meta: MetaModel::default(),
-            },
+            Some(c) => {
+                CtxEntry { real: c.real.clone(), scope: c.scope, values: c.values.clone(), meta: c.meta.clone() }
+            }
+            None => {
+                CtxEntry { real: Context::background(), scope: None, values: Values::new(), meta: MetaModel::default() }
+            }
         }
     }
 

@@ -111,7 +111,7 @@ impl Interp {
         let entry = pick(s, self.sessions.len()).map(|i| self.sessions[i].clone());
         match kind % 8 {
             0 | 1 => {
-                let session = if kind % 8 == 0 { entry } else { None };
+                let session = if kind.is_multiple_of(8) { entry } else { None };
                 let got = self.tasks.spawned(id, session.as_ref().map(|e| e.real.clone()));
                 let (want, _) = self.task_model.spawned(id, session, None);
                 same_session(got.as_ref(), want.as_ref(), "spawned: handed back");

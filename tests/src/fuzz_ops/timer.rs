@@ -14,11 +14,13 @@ impl Interp {
     /// timer if it has a deadline and had not asked before.
     pub(super) fn expect_arm(&mut self, s: usize, what: &str) {
         let real = TIMERS.with(|t| t.borrow().len());
-        if self.uses_timers() && !self.scopes[s].armed && self.scopes[s].settled.is_none() {
-            if let Some(at) = self.scopes[s].deadline {
-                self.scopes[s].armed = true;
-                self.timers.push((at, s));
-            }
+        if self.uses_timers()
+            && !self.scopes[s].armed
+            && self.scopes[s].settled.is_none()
+            && let Some(at) = self.scopes[s].deadline
+        {
+            self.scopes[s].armed = true;
+            self.timers.push((at, s));
         }
         assert_eq!(real, self.timers.len(), "{what}: timers scheduled");
         if let Some(&(at, _)) = self.timers.last() {
