@@ -19,7 +19,23 @@
 //! - one [`ShardedStore`] (1 to 4 shards, from the first byte): bind, remove, get, gc, and its
 //!   [`ContextStore`] face (its id function names no unit);
 //! - a manual clock (per OS thread) for deadlines, [`Done`] futures polled with a no-op waker,
-//!   and [`AfterCancel`] callbacks that count their runs.
+//!   and [`AfterCancel`] callbacks that count their runs; with bit 2 of the first byte set, the
+//!   clock has a timer whose expiries operations fire (module `timer`);
+//! - large maps and contexts (thousands of `u16` keys: every index level, many compactions)
+//!   and a two-thread mode, where a second OS thread writes, reads and snapshots a map while
+//!   the main thread does too (module `big`);
+//! - user sessions ([`AnySession::custom`]), some of which panic on reads, and a key whose
+//!   `Eq` panics inside the library's lookups and index builds (module `custom`);
+//! - [`MetaInfo`](localsession_core::MetaInfo) values on contexts, and the backup functions
+//!   over the global store (module `meta`);
+//! - the global store through the free functions and a
+//!   [`SingleSlotStore`](localsession_core::SingleSlotStore) through the `_in` functions, with
+//!   enter guards dropped in any order (module `stores`); [`WithSession`](localsession_core::WithSession)
+//!   futures over both (module `future`); a [`TaskTable`] (module `tasks`).
+//!
+//! Panics the interpreter provokes carry a private payload: they are caught, and the panic hook
+//! the fuzz target installs (libFuzzer's, which aborts) never sees them. Any other panic is a
+//! finding. Runs in one process are serialized (the global store is process-wide).
 //!
 //! The model is sequential and says nothing about propagation: a cancel scope has a parent, an
 //! effective deadline (the minimum along its path) and, once *settled*, a cause. A scope is done
@@ -42,15 +58,28 @@ use core::fmt;
 use core::pin::Pin;
 use core::task::{Context as TaskContext, Waker};
 use core::time::Duration;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Once, PoisonError};
 
 use localsession_core::{
-    AfterCancel, AnySession, CancelHandle, Clock, Context, ContextError, ContextStore, Done, DynKey, Instant, Key,
-    LocalSlot, ManagerOptions, Session, SessionCtx, SessionExt, SessionMap, ShardedStore, with_current_in,
+    AfterCancel, AnySession, CancelHandle, Clock, Context, ContextError, ContextStore, Done, DynKey, Expiry, Instant,
+    Key, LocalSlot, ManagerOptions, Session, SessionCtx, SessionExt, SessionMap, ShardedStore, TaskTable,
+    with_current_in,
 };
+
+mod big;
+mod custom;
+mod future;
+mod meta;
+mod stores;
+mod tasks;
+mod timer;
+
+use custom::PANIC_CODES;
+use meta::MetaModel;
 
 /// Operations decoded from one input, at most.
 pub const MAX_OPS: usize = 256;
@@ -73,9 +102,11 @@ const STORE_IDS: u8 = 12;
 static TYPED: Key<u32> = Key::new("fuzz_typed");
 
 thread_local! {
-    /// The manual clock's time in milliseconds, per OS thread (so parallel replays do not
+    /// The manual clocks' time in milliseconds, per OS thread (so parallel replays do not
     /// share it).
     static NOW_MS: Cell<u64> = const { Cell::new(0) };
+    /// The timers [`TimerClock`] was asked for, in order: `(at, expiry)`.
+    static TIMERS: RefCell<Vec<(Duration, Expiry)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A manual clock without a timer: expiry is only observed lazily.
@@ -87,7 +118,59 @@ impl Clock for FuzzClock {
     }
 }
 
+/// The same manual time, with a timer: `schedule` records the expiry, and
+/// [`Op::FireTimers`] fires the due ones (as an adapter's timer would).
+struct TimerClock;
+
+impl Clock for TimerClock {
+    fn now(&self) -> Duration {
+        Duration::from_millis(NOW_MS.with(Cell::get))
+    }
+    fn schedule(&self, at: Duration, expiry: Expiry) {
+        TIMERS.with(|t| t.borrow_mut().push((at, expiry)));
+    }
+}
+
 static CLOCK: FuzzClock = FuzzClock;
+static TIMER_CLOCK: TimerClock = TimerClock;
+
+/// The payload of every panic the interpreter provokes on purpose (a user session's read, a
+/// key's `Eq`, a future's `poll`): the panic hook stays quiet for it, and only it is caught.
+#[derive(Debug)]
+struct FuzzPanic;
+
+/// Panics with [`FuzzPanic`].
+fn fuzz_panic() -> ! {
+    std::panic::panic_any(FuzzPanic)
+}
+
+/// Runs `f`; `Err(())` if it panicked with [`FuzzPanic`]. Any other panic (an assertion, a
+/// library bug) goes on unwinding.
+fn catch_fuzz<R>(f: impl FnOnce() -> R) -> Result<R, ()> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => Ok(r),
+        Err(payload) if payload.is::<FuzzPanic>() => Err(()),
+        Err(payload) => resume_unwind(payload),
+    }
+}
+
+/// Installs (once) a panic hook that ignores [`FuzzPanic`] and hands every other panic to the
+/// previous hook (libFuzzer's aborts: a provoked, caught panic must not count as a crash).
+fn quiet_fuzz_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !info.payload().is::<FuzzPanic>() {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// Serializes runs in one process (the corpus replay tests run in parallel): the global store,
+/// the store statics and the panic flags are process-wide.
+static RUN_LOCK: Mutex<()> = Mutex::new(());
 
 /// A user cancellation cause.
 #[derive(Debug)]
@@ -142,9 +225,33 @@ enum Op {
     DoneDrop { i: u8 },
     AfterCancel { target: u8 },
     StopCallback { i: u8 },
+    // Large maps and contexts (`big`).
+    BulkInsert { s: u8, count: u8, start: u8, salt: u8 },
+    BulkRemove { s: u8, count: u8, start: u8 },
+    TwoThreads { s: u8, n: u8, mode: u8 },
+    // User sessions and a key whose `Eq` panics (`custom`).
+    NewCustom { value: u8, panicky: bool },
+    CustomInvalidate { s: u8 },
+    PanicKeyWrite { s: u8, k: u8, value: u8, armed: bool },
+    PanicKeyRead { s: u8, k: u8 },
+    // Metainfo and backup (`meta`).
+    Meta { ctx: u8, kind: u8, k: u8, v: u8 },
+    Backup { ctx: u8 },
+    BackupQuery { kind: u8, ctx: u8, mode: u8 },
+    // The global store and a `SingleSlotStore` through the free functions and guards (`stores`).
+    Stores { store: u8, kind: u8, s: u8 },
+    // `WithSession` futures (`future`).
+    FutNew { s: u8, kind: u8 },
+    FutPoll { i: u8, action: u8, s: u8 },
+    FutDrop { i: u8 },
+    // The task table (`tasks`).
+    Task { kind: u8, id: u8, s: u8 },
+    TaskTerminateMany { n: u8, base: u8 },
+    // Timers of the timer clock (`timer`).
+    FireTimers { i: u8, how: u8 },
 }
 
-const OP_KINDS: u8 = 37;
+const OP_KINDS: u8 = 54;
 
 struct Input<'a> {
     data: &'a [u8],
@@ -213,15 +320,40 @@ fn decode_op(input: &mut Input<'_>) -> Option<Op> {
         33 => Op::DoneRepoll { i: b()? },
         34 => Op::DoneDrop { i: b()? },
         35 => Op::AfterCancel { target: b()? },
-        _ => Op::StopCallback { i: b()? },
+        36 => Op::StopCallback { i: b()? },
+        37 => Op::BulkInsert { s: b()?, count: b()?, start: b()?, salt: b()? },
+        38 => Op::BulkRemove { s: b()?, count: b()?, start: b()? },
+        39 => Op::TwoThreads { s: b()?, n: b()?, mode: b()? },
+        40 => {
+            let value = b()?;
+            Op::NewCustom { value, panicky: b()? % 2 == 1 }
+        }
+        41 => Op::CustomInvalidate { s: b()? },
+        42 => {
+            let (s, k, value) = (b()?, b()? % PANIC_CODES, b()?);
+            Op::PanicKeyWrite { s, k, value, armed: b()? % 2 == 1 }
+        }
+        43 => Op::PanicKeyRead { s: b()?, k: b()? % PANIC_CODES },
+        44 => Op::Meta { ctx: b()?, kind: b()?, k: b()?, v: b()? },
+        45 => Op::Backup { ctx: b()? },
+        46 => Op::BackupQuery { kind: b()?, ctx: b()?, mode: b()? },
+        47 => Op::Stores { store: b()?, kind: b()?, s: b()? },
+        48 => Op::FutNew { s: b()?, kind: b()? },
+        49 => Op::FutPoll { i: b()?, action: b()?, s: b()? },
+        50 => Op::FutDrop { i: b()? },
+        51 => Op::Task { kind: b()?, id: b()?, s: b()? },
+        52 => Op::TaskTerminateMany { n: b()?, base: b()? },
+        _ => Op::FireTimers { i: b()?, how: b()? },
     })
 }
 
-/// The shard count (1 to 4, from the first byte) and the operations `data` decodes to.
-fn decode(data: &[u8]) -> (usize, Vec<Op>) {
+/// The shard count (1 to 4, from the first byte's low bits), whether deadlines use the timer
+/// clock (its bit 2), and the operations `data` decodes to.
+fn decode(data: &[u8]) -> (usize, bool, Vec<Op>) {
     let mut input = Input { data };
-    let Some(first) = input.byte() else { return (1, Vec::new()) };
+    let Some(first) = input.byte() else { return (1, false, Vec::new()) };
     let shards = 1 + usize::from(first % 4);
+    let timers = first & 4 != 0;
     let mut ops = Vec::new();
     while ops.len() < MAX_OPS {
         match decode_op(&mut input) {
@@ -229,14 +361,14 @@ fn decode(data: &[u8]) -> (usize, Vec<Op>) {
             None => break,
         }
     }
-    (shards, ops)
+    (shards, timers, ops)
 }
 
 /// The decoded operations, one per line, for reporting a reproducer.
 #[must_use]
 pub fn describe(data: &[u8]) -> String {
-    let (shards, ops) = decode(data);
-    let mut out = format!("shards: {shards}\n");
+    let (shards, timers, ops) = decode(data);
+    let mut out = format!("shards: {shards}, timer clock: {timers}\n");
     for (i, op) in ops.iter().enumerate() {
         out.push_str(&format!("{i:3}: {op:?}\n"));
     }
@@ -246,13 +378,20 @@ pub fn describe(data: &[u8]) -> String {
 /// Decodes `data` into operations and runs them against the library and the model; panics on
 /// any disagreement.
 pub fn run(data: &[u8]) {
-    let (shards, ops) = decode(data);
+    quiet_fuzz_panics();
+    let _serial = RUN_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    let (shards, timers, ops) = decode(data);
     NOW_MS.with(|n| n.set(0));
-    let mut interp = Interp::new(shards);
+    drop(TIMERS.with(RefCell::take));
+    custom::disarm();
+    stores::reset();
+    let mut interp = Interp::new(shards, timers);
     for op in ops {
         interp.apply(op);
     }
     interp.finish();
+    stores::reset();
+    drop(TIMERS.with(RefCell::take));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -280,8 +419,12 @@ impl Val {
     }
 }
 
-/// Key code -> value (`TYPED_CODE` is the typed key, always a `u32`).
+/// Key code -> value (`TYPED_CODE` is the typed key, always a `u32`; codes from
+/// [`custom::PANIC_BASE`] are [`PanicKey`]s).
 type Values = BTreeMap<u8, Val>;
+
+/// The `u16` keys of large maps and contexts (`big`): key -> `u32` value.
+type BigValues = BTreeMap<u16, u32>;
 
 /// Why a scope is done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,18 +441,35 @@ struct ScopeModel {
     deadline: Option<u64>,
     settled: Option<Cause>,
     children: Vec<usize>,
+    /// The timer clock was asked for this scope's expiry (it asks once per scope).
+    armed: bool,
 }
 
 #[derive(Debug)]
 struct MapModel {
     scope: usize,
     values: Values,
+    big: BigValues,
 }
 
 #[derive(Debug, Clone)]
 enum SessionModel {
-    Ctx { scope: usize, values: Values },
-    Map { map: usize },
+    Ctx {
+        scope: usize,
+        values: Values,
+        big: Arc<BigValues>,
+        meta: MetaModel,
+    },
+    Map {
+        map: usize,
+    },
+    /// An [`AnySession::custom`] user session: valid until `CustomInvalidate` settles its
+    /// scope (which nothing else reaches); `panicky` ones panic on reads of odd codes.
+    Custom {
+        scope: usize,
+        values: Values,
+        panicky: bool,
+    },
 }
 
 /// A pooled session: the real handle, what it should show, and its identity class (entries
@@ -325,6 +485,7 @@ struct CtxEntry {
     real: Context,
     scope: Option<usize>,
     values: Values,
+    meta: MetaModel,
 }
 
 struct HandleEntry {
@@ -382,14 +543,25 @@ struct Interp {
     next_ident: u32,
     cause_a: ContextError,
     cause_b: ContextError,
+    /// The clock of every deadline of this run.
+    clock: &'static dyn Clock,
+    /// Timers the timer clock holds: `(at, scope)`, in the order of `TIMERS`.
+    timers: Vec<(u64, usize)>,
+    /// Keys the bulk operations may still write in this run (keeps each run fast).
+    bulk_budget: usize,
+    /// Two-thread batches run so far.
+    two_thread_runs: u8,
+    /// The global store and the second `SingleSlotStore` (`stores`).
+    stores: stores::StoresModel,
+    futures: Vec<future::FutEntry>,
+    tasks: TaskTable,
+    task_model: tasks::TaskModel,
+    /// The validity flag of each user session's scope.
+    custom_flags: HashMap<usize, Arc<AtomicBool>>,
 }
 
 fn pick(b: u8, len: usize) -> Option<usize> {
     (len > 0).then(|| usize::from(b) % len)
-}
-
-fn instant(ms: u64) -> Instant {
-    Instant::from_clock_time(&CLOCK, Duration::from_millis(ms))
 }
 
 fn noop_poll(fut: &mut Done) -> bool {
@@ -401,6 +573,8 @@ fn noop_poll(fut: &mut Done) -> bool {
 fn read_session(s: &AnySession, code: u8) -> (Option<u32>, Option<u64>) {
     if code == TYPED_CODE {
         (s.read_key(&TYPED, |v| v.copied()), None)
+    } else if let Some(k) = custom::panic_key(code) {
+        (s.read(&k, |v: Option<&u32>| v.copied()), s.read(&k, |v: Option<&u64>| v.copied()))
     } else {
         (s.read(&code, |v: Option<&u32>| v.copied()), s.read(&code, |v: Option<&u64>| v.copied()))
     }
@@ -410,6 +584,8 @@ fn read_session(s: &AnySession, code: u8) -> (Option<u32>, Option<u64>) {
 fn read_ctx(c: &Context, code: u8) -> (Option<u32>, Option<u64>) {
     if code == TYPED_CODE {
         (c.get(&TYPED).copied(), None)
+    } else if let Some(k) = custom::panic_key(code) {
+        (c.value::<u32, _>(&k).copied(), c.value::<u64, _>(&k).copied())
     } else {
         (c.value::<u32, _>(&code).copied(), c.value::<u64, _>(&code).copied())
     }
@@ -429,8 +605,13 @@ fn same_session(got: Option<&AnySession>, want: Option<&Entry>, what: &str) {
     }
 }
 
+/// Every key code a check reads: the `u8` keys, the typed key and the [`PanicKey`]s.
+fn all_codes() -> impl Iterator<Item = u8> {
+    (0..CODES).chain(custom::PANIC_BASE..custom::PANIC_BASE + PANIC_CODES)
+}
+
 impl Interp {
-    fn new(shards: usize) -> Interp {
+    fn new(shards: usize, timers: bool) -> Interp {
         let store = ShardedStore::new(ManagerOptions { shard_number: shards, ..Default::default() }, || None)
             .expect("1 to 4 shards are valid");
         Interp {
@@ -451,7 +632,30 @@ impl Interp {
             next_ident: 0,
             cause_a: ContextError::cause(FuzzCause(1)),
             cause_b: ContextError::cause(FuzzCause(2)),
+            clock: if timers { &TIMER_CLOCK } else { &CLOCK },
+            timers: Vec::new(),
+            bulk_budget: big::BULK_BUDGET,
+            two_thread_runs: 0,
+            stores: stores::StoresModel::default(),
+            futures: Vec::new(),
+            tasks: TaskTable::new(),
+            task_model: tasks::TaskModel::default(),
+            custom_flags: HashMap::new(),
         }
+    }
+
+    fn instant(&self, ms: u64) -> Instant {
+        Instant::from_clock_time(self.clock, Duration::from_millis(ms))
+    }
+
+    /// `s`'s read of `code`, or — when the model says the read panics (a panicky user
+    /// session) — a check that it does, and the model's answer.
+    fn read_model(&self, s: &AnySession, m: &SessionModel, code: u8) -> (Option<u32>, Option<u64>) {
+        if custom::read_panics(m, code) {
+            assert!(catch_fuzz(|| read_session(s, code)).is_err(), "read of code {code} of {m:?} did not panic");
+            return want(self.values_of(m), code);
+        }
+        read_session(s, code)
     }
 
     // --- scopes ---
@@ -468,7 +672,7 @@ impl Interp {
         if let Some(p) = parent {
             self.scopes[p].children.push(id);
         }
-        self.scopes.push(ScopeModel { deadline, settled, children: Vec::new() });
+        self.scopes.push(ScopeModel { deadline, settled, children: Vec::new(), armed: false });
         id
     }
 
@@ -532,15 +736,24 @@ impl Interp {
 
     fn scope_of(&self, m: &SessionModel) -> usize {
         match m {
-            SessionModel::Ctx { scope, .. } => *scope,
+            SessionModel::Ctx { scope, .. } | SessionModel::Custom { scope, .. } => *scope,
             SessionModel::Map { map } => self.maps[*map].scope,
         }
     }
 
     fn values_of<'a>(&'a self, m: &'a SessionModel) -> &'a Values {
         match m {
-            SessionModel::Ctx { values, .. } => values,
+            SessionModel::Ctx { values, .. } | SessionModel::Custom { values, .. } => values,
             SessionModel::Map { map } => &self.maps[*map].values,
+        }
+    }
+
+    /// The `u16` keys a session holds (none for user sessions).
+    fn big_of<'a>(&'a self, m: &'a SessionModel) -> Option<&'a BigValues> {
+        match m {
+            SessionModel::Ctx { big, .. } => Some(big),
+            SessionModel::Map { map } => Some(&self.maps[*map].big),
+            SessionModel::Custom { .. } => None,
         }
     }
 
@@ -567,6 +780,14 @@ impl Interp {
         }
     }
 
+    /// The metainfo of the context `base_ctx(b)` picks.
+    fn base_meta(&self, b: u8) -> MetaModel {
+        match pick(b, self.ctxs.len() + 1).and_then(|i| self.ctxs.get(i)) {
+            Some(c) => c.meta.clone(),
+            None => MetaModel::default(),
+        }
+    }
+
     // --- checks ---
 
     fn check_session(&self, e: &Entry, what: &str) {
@@ -577,18 +798,24 @@ impl Interp {
         let real_err = match (&e.real, &e.model) {
             (AnySession::Ctx(s), SessionModel::Ctx { .. }) => s.err(),
             (AnySession::Map(m), SessionModel::Map { .. }) => m.err(),
+            (AnySession::Custom(_), SessionModel::Custom { .. }) => e.real.err(),
             _ => panic!("{what}: session kind differs from the model: {:?} vs {:?}", e.real, e.model),
         };
         assert_eq!(real_err, want_err.map(|c| self.real_err(c)), "{what}: err of {:?}", e.model);
         let values = self.values_of(&e.model);
-        for code in 0..CODES {
-            assert_eq!(read_session(&e.real, code), want(values, code), "{what}: key {code} of {:?}", e.model);
+        for code in all_codes() {
+            let got = self.read_model(&e.real, &e.model, code);
+            assert_eq!(got, want(values, code), "{what}: key {code} of {:?}", e.model);
         }
         assert_eq!(e.real.read(&MISSING, |v: Option<&u32>| v.copied()), None, "{what}: missing key");
         assert_eq!(e.real.read(&1u16, |v: Option<&u32>| v.copied()), None, "{what}: u16 key read as a u8 key");
+        if let Some(big) = self.big_of(&e.model) {
+            big::check_big_sample(&e.real, big, what);
+        }
         if let AnySession::Map(m) = &e.real {
-            assert_eq!(m.len(), values.len(), "{what}: len of {:?}", e.model);
-            assert_eq!(m.is_empty(), values.is_empty(), "{what}: is_empty");
+            let len = values.len() + self.big_of(&e.model).map_or(0, BTreeMap::len);
+            assert_eq!(m.len(), len, "{what}: len of {:?}", e.model);
+            assert_eq!(m.is_empty(), len == 0, "{what}: is_empty");
         }
     }
 
@@ -607,11 +834,12 @@ impl Interp {
         let deadline = c.real.deadline().map(|d| d.since_origin());
         let want_deadline = c.scope.and_then(|s| self.scopes[s].deadline).map(Duration::from_millis);
         assert_eq!(deadline, want_deadline, "{what}: deadline");
-        for code in 0..CODES {
+        for code in all_codes() {
             assert_eq!(read_ctx(&c.real, code), want(&c.values, code), "{what}: key {code}");
         }
         assert_eq!(c.real.value::<u32, _>(&MISSING), None, "{what}: missing key");
         assert_eq!(c.real.value::<u32, _>(&1u16), None, "{what}: u16 key read as a u8 key");
+        meta::check_meta(&c.real, &c.meta, what);
     }
 
     fn check_callbacks(&self) {
@@ -652,18 +880,22 @@ impl Interp {
         match op {
             Op::NewCtx { over } => {
                 let (ctx, scope, values) = self.base_ctx(over);
+                let meta = self.base_meta(over);
                 let real = SessionCtx::new(&ctx);
                 let scope = self.open_scope(scope, None);
                 let ident = self.fresh_ident();
-                self.push_session(Entry { real: real.into(), model: SessionModel::Ctx { scope, values }, ident });
+                let model = SessionModel::Ctx { scope, values, big: Arc::default(), meta };
+                self.push_session(Entry { real: real.into(), model, ident });
             }
             Op::NewCtxDeadline { over, delta } => {
                 let (ctx, scope, values) = self.base_ctx(over);
+                let meta = self.base_meta(over);
                 let at = self.now + u64::from(delta);
-                let real = SessionCtx::with_deadline(&ctx, instant(at));
+                let real = SessionCtx::with_deadline(&ctx, self.instant(at));
                 let scope = self.open_scope(scope, Some(at));
                 let ident = self.fresh_ident();
-                self.push_session(Entry { real: real.into(), model: SessionModel::Ctx { scope, values }, ident });
+                let model = SessionModel::Ctx { scope, values, big: Arc::default(), meta };
+                self.push_session(Entry { real: real.into(), model, ident });
             }
             Op::NewMap { over } => {
                 let background = pick(over, self.ctxs.len() + 1).is_none_or(|i| i == self.ctxs.len());
@@ -678,7 +910,7 @@ impl Interp {
             }
             Op::NewMapDeadline { delta } => {
                 let at = self.now + u64::from(delta);
-                let real = SessionMap::with_deadline(instant(at));
+                let real = SessionMap::with_deadline(self.instant(at));
                 let scope = self.open_scope(None, Some(at));
                 self.new_map_entry(real, scope);
             }
@@ -692,13 +924,13 @@ impl Interp {
                 let Some(i) = pick(s, self.sessions.len()) else { return };
                 let e = self.sessions[i].clone();
                 match (&e.real, &e.model) {
-                    (AnySession::Ctx(real), SessionModel::Ctx { scope, values }) => {
+                    (AnySession::Ctx(real), SessionModel::Ctx { scope, values, big, meta }) => {
                         let forked = real.fork();
-                        let values = values.clone();
+                        let (values, big, meta) = (values.clone(), big.clone(), meta.clone());
                         let scope = self.open_scope(Some(*scope), None);
                         let ident = self.fresh_ident();
-                        let entry = Entry { real: forked.into(), model: SessionModel::Ctx { scope, values }, ident };
-                        self.push_session(entry);
+                        let model = SessionModel::Ctx { scope, values, big, meta };
+                        self.push_session(Entry { real: forked.into(), model, ident });
                     }
                     // A map has no fork: another handle to the same map.
                     _ => self.push_session(e),
@@ -711,10 +943,12 @@ impl Interp {
                     (real, true) => real.disable(),
                     (AnySession::Ctx(real), false) => real.disable(),
                     (AnySession::Map(real), false) => real.disable(),
-                    (AnySession::Custom(_), false) => unreachable!("no custom sessions here"),
+                    (AnySession::Custom(_), false) => e.real.disable(),
                 };
                 let scope = self.scope_of(&e.model);
-                let want = self.cancel(scope, Cause::Canceled);
+                // A user session cannot be disabled through `AnySession`.
+                let custom = matches!(e.model, SessionModel::Custom { .. });
+                let want = !custom && self.cancel(scope, Cause::Canceled);
                 assert_eq!(got, want, "disable() of session {i} (scope {scope})");
                 self.check_all_validity("after disable");
             }
@@ -734,14 +968,14 @@ impl Interp {
                 let got = if key == TYPED_CODE { map.remove_key(&TYPED) } else { map.remove(&key) };
                 let want = self.maps[m].values.remove(&key).is_some();
                 assert_eq!(got, want, "remove({key}) on map {m}");
-                assert_eq!(map.len(), self.maps[m].values.len(), "len after remove");
+                assert_eq!(map.len(), self.maps[m].values.len() + self.maps[m].big.len(), "len after remove");
             }
             Op::Get { s, key } => {
                 let Some(i) = pick(s, self.sessions.len()) else { return };
                 let e = &self.sessions[i];
                 let values = self.values_of(&e.model);
                 let want_v = want(values, key);
-                assert_eq!(read_session(&e.real, key), want_v, "get key {key} of {:?}", e.model);
+                assert_eq!(self.read_model(&e.real, &e.model, key), want_v, "get key {key} of {:?}", e.model);
                 match &e.real {
                     AnySession::Map(map) if key == TYPED_CODE => {
                         assert_eq!(map.get(&TYPED).map(|v| *v), want_v.0, "map.get(TYPED)");
@@ -757,23 +991,34 @@ impl Interp {
                     AnySession::Ctx(ctx) => {
                         assert_eq!(ctx.value::<u32, _>(&key).copied(), want_v.0, "ctx.value::<u32>({key})");
                     }
-                    AnySession::Custom(_) => unreachable!("no custom sessions here"),
+                    AnySession::Custom(_) => {
+                        if !custom::read_panics(&e.model, key) && key != TYPED_CODE {
+                            assert_eq!(e.real.value_cloned::<u32, _>(&key), want_v.0, "custom value_cloned({key})");
+                            assert_eq!(
+                                e.real.try_value_cloned::<u32, _>(&key).ok(),
+                                want_v.0,
+                                "custom try_value_cloned"
+                            );
+                        }
+                    }
                 }
             }
             Op::CtxWithCancel { over } => {
                 let (ctx, scope, values) = self.base_ctx(over);
+                let meta = self.base_meta(over);
                 let (real, handle) = ctx.with_cancel();
                 let scope = self.open_scope(scope, None);
                 self.push_handle(handle, scope);
-                self.push_ctx(CtxEntry { real, scope: Some(scope), values });
+                self.push_ctx(CtxEntry { real, scope: Some(scope), values, meta });
             }
             Op::CtxWithDeadline { over, delta } => {
                 let (ctx, scope, values) = self.base_ctx(over);
+                let meta = self.base_meta(over);
                 let at = self.now + u64::from(delta);
-                let (real, handle) = ctx.with_deadline(instant(at));
+                let (real, handle) = ctx.with_deadline(self.instant(at));
                 let scope = self.open_scope(scope, Some(at));
                 self.push_handle(handle, scope);
-                self.push_ctx(CtxEntry { real, scope: Some(scope), values });
+                self.push_ctx(CtxEntry { real, scope: Some(scope), values, meta });
             }
             Op::CtxWithValue { ctx, key, value, wide } => {
                 let Some(i) = pick(ctx, self.ctxs.len()) else { return };
@@ -789,13 +1034,18 @@ impl Interp {
                     values.insert(key, Val::U32(u32::from(value)));
                     c.real.with_value(key, u32::from(value))
                 };
-                let scope = c.scope;
-                self.push_ctx(CtxEntry { real, scope, values });
+                let (scope, meta) = (c.scope, c.meta.clone());
+                self.push_ctx(CtxEntry { real, scope, values, meta });
             }
             Op::CtxWithoutCancel { ctx } => {
                 let Some(i) = pick(ctx, self.ctxs.len()) else { return };
                 let c = &self.ctxs[i];
-                let entry = CtxEntry { real: c.real.without_cancel(), scope: None, values: c.values.clone() };
+                let entry = CtxEntry {
+                    real: c.real.without_cancel(),
+                    scope: None,
+                    values: c.values.clone(),
+                    meta: c.meta.clone(),
+                };
                 self.push_ctx(entry);
             }
             Op::Cancel { handle, cause } => {
@@ -822,14 +1072,22 @@ impl Interp {
             Op::Export { s } => {
                 let Some(i) = pick(s, self.sessions.len()) else { return };
                 let e = &self.sessions[i];
-                let real = match &e.real {
-                    AnySession::Ctx(s) => s.export(),
-                    AnySession::Map(m) => m.export(),
-                    AnySession::Custom(_) => unreachable!("no custom sessions here"),
+                let (real, meta) = match (&e.real, &e.model) {
+                    (AnySession::Ctx(s), SessionModel::Ctx { meta, .. }) => (s.export(), meta.clone()),
+                    // A map's base hides the context it was made in: no metainfo.
+                    (AnySession::Map(m), _) => (m.export(), MetaModel::default()),
+                    _ => {
+                        assert!(e.real.export().is_none(), "AnySession::export of a user session");
+                        return;
+                    }
                 };
                 assert!(e.real.export().is_some(), "AnySession::export of a built-in session");
-                let entry =
-                    CtxEntry { real, scope: Some(self.scope_of(&e.model)), values: self.values_of(&e.model).clone() };
+                let entry = CtxEntry {
+                    real,
+                    scope: Some(self.scope_of(&e.model)),
+                    values: self.values_of(&e.model).clone(),
+                    meta,
+                };
                 self.push_ctx(entry);
             }
             Op::CheckCtx { ctx } => {
@@ -929,6 +1187,23 @@ impl Interp {
                 }
             }
             Op::AfterCancel { target } => self.after_cancel(target),
+            Op::BulkInsert { s, count, start, salt } => self.bulk_insert(s, count, start, salt),
+            Op::BulkRemove { s, count, start } => self.bulk_remove(s, count, start),
+            Op::TwoThreads { s, n, mode } => self.two_threads(s, n, mode),
+            Op::NewCustom { value, panicky } => self.new_custom(value, panicky),
+            Op::CustomInvalidate { s } => self.custom_invalidate(s),
+            Op::PanicKeyWrite { s, k, value, armed } => self.panic_key_write(s, k, value, armed),
+            Op::PanicKeyRead { s, k } => self.panic_key_read(s, k),
+            Op::Meta { ctx, kind, k, v } => self.meta_op(ctx, kind, k, v),
+            Op::Backup { ctx } => self.backup(ctx),
+            Op::BackupQuery { kind, ctx, mode } => self.backup_query(kind, ctx, mode),
+            Op::Stores { store, kind, s } => self.store_op(store, kind, s),
+            Op::FutNew { s, kind } => self.fut_new(s, kind),
+            Op::FutPoll { i, action, s } => self.fut_poll(i, action, s),
+            Op::FutDrop { i } => self.fut_drop(i),
+            Op::Task { kind, id, s } => self.task_op(kind, id, s),
+            Op::TaskTerminateMany { n, base } => self.task_terminate_many(n, base),
+            Op::FireTimers { i, how } => self.fire_timers(i, how),
             Op::StopCallback { i } => {
                 let Some(i) = pick(i, self.callbacks.len()) else { return };
                 let cb = &mut self.callbacks[i];
@@ -951,7 +1226,7 @@ impl Interp {
 
     fn new_map_entry(&mut self, real: SessionMap, scope: usize) {
         let map = self.maps.len();
-        self.maps.push(MapModel { scope, values: Values::new() });
+        self.maps.push(MapModel { scope, values: Values::new(), big: BigValues::new() });
         let ident = self.fresh_ident();
         self.push_session(Entry { real: real.into(), model: SessionModel::Map { map }, ident });
     }
@@ -985,7 +1260,8 @@ impl Interp {
                     }
                     m.clone().into()
                 }
-                AnySession::Custom(_) => unreachable!("no custom sessions here"),
+                AnySession::Custom(_) if typed => e.real.with(&TYPED, u32::from(value)),
+                AnySession::Custom(_) => e.real.with_value(key, u32::from(value)),
             },
             (_, true) => e.real.with(&TYPED, u32::from(value)),
             (_, false) => e.real.with_value(key, u64::from(value) << 32),
@@ -997,12 +1273,24 @@ impl Interp {
     /// Models `real`, derived from `e` with `key` bound to `val`.
     fn derived(&mut self, e: &Entry, key: u8, val: Val, real: AnySession) -> Entry {
         match &e.model {
-            SessionModel::Ctx { scope, values } => {
+            SessionModel::Ctx { scope, values, big, meta } => {
                 assert!(real.as_ctx().is_some(), "with_value of a SessionCtx is not a SessionCtx");
                 assert!(!real.ptr_eq(&e.real), "with_value of a SessionCtx returned the same session");
                 let mut values = values.clone();
                 values.insert(key, val);
-                let model = SessionModel::Ctx { scope: *scope, values };
+                let model = SessionModel::Ctx { scope: *scope, values, big: big.clone(), meta: meta.clone() };
+                let ident = self.fresh_ident();
+                Entry { real, model, ident }
+            }
+            SessionModel::Custom { scope, values, panicky } => {
+                // The user session keeps `u8` keys with `u32` values and ignores the rest.
+                assert!(matches!(real, AnySession::Custom(_)), "with_value of a user session: {real:?}");
+                assert!(!real.ptr_eq(&e.real), "with_value of a user session returned the same session");
+                let mut values = values.clone();
+                if key < KEYS && matches!(val, Val::U32(_)) {
+                    values.insert(key, val);
+                }
+                let model = SessionModel::Custom { scope: *scope, values, panicky: *panicky };
                 let ident = self.fresh_ident();
                 Entry { real, model, ident }
             }
@@ -1025,6 +1313,12 @@ impl Interp {
 
     fn get_current(&self, thread: usize, key: u8) {
         let th = &self.threads[thread];
+        if th.current.as_ref().is_some_and(|e| custom::read_panics(&e.model, key)) {
+            // The read panics inside the slot's borrow: the slot must come out of it intact.
+            assert!(catch_fuzz(|| th.slot.with(|cur| cur.map(|c| read_session(c, key)))).is_err(), "no panic");
+            self.check_current(thread, "after a panic inside the slot's borrow");
+            return;
+        }
         th.slot.with(|cur| {
             same_session(cur, th.current.as_ref(), "current");
             let (Some(cur), Some(want_e)) = (cur, &th.current) else { return };
@@ -1053,7 +1347,8 @@ impl Interp {
                     if let (Some(cur), Some(m)) = (cur, &th.current) {
                         let values = self.values_of(&m.model);
                         for code in 0..CODES {
-                            assert_eq!(read_session(cur, code), want(values, code), "borrowed old session");
+                            let got = self.read_model(cur, &m.model, code);
+                            assert_eq!(got, want(values, code), "borrowed old session");
                         }
                     }
                     th.slot.with(|inner| same_session(inner, Some(&new), "nested read after replace"));
@@ -1074,10 +1369,12 @@ impl Interp {
                         drop(old);
                         let inner = inner.expect("checked above");
                         let values = self.values_of(&new.model);
-                        assert_eq!(read_session(inner, key), want(values, key), "inner borrow after replace");
+                        let got = self.read_model(inner, &new.model, key);
+                        assert_eq!(got, want(values, key), "inner borrow after replace");
                     });
                     if let (Some(outer), Some(m)) = (outer, &th.current) {
-                        assert_eq!(read_session(outer, key), want(self.values_of(&m.model), key), "outer borrow");
+                        let got = self.read_model(outer, &m.model, key);
+                        assert_eq!(got, want(self.values_of(&m.model), key), "outer borrow");
                     }
                     assert!(!th.slot.is_set(), "slot emptied inside the borrows");
                 });
@@ -1087,11 +1384,13 @@ impl Interp {
             2 => {
                 let th = &self.threads[thread];
                 let got = th.slot.with(|cur| cur.map(AnySession::disable));
-                let Some(m) = th.current.as_ref().map(|e| self.scope_of(&e.model)) else {
+                let Some(e) = th.current.as_ref() else {
                     assert_eq!(got, None, "disable of no current session");
                     return;
                 };
-                let want = self.cancel(m, Cause::Canceled);
+                let custom = matches!(e.model, SessionModel::Custom { .. });
+                let m = self.scope_of(&e.model);
+                let want = !custom && self.cancel(m, Cause::Canceled);
                 assert_eq!(got, Some(want), "disable() of the current session");
                 self.check_all_validity("after disabling the current session");
             }
@@ -1155,7 +1454,8 @@ impl Interp {
             let fut = match &e.real {
                 AnySession::Ctx(s) => s.done(),
                 AnySession::Map(m) => m.done(),
-                AnySession::Custom(_) => unreachable!("no custom sessions here"),
+                // A user session has no scope: its `done()` never resolves.
+                AnySession::Custom(_) => return Some((e.real.done(), None)),
             };
             Some((fut, Some(self.scope_of(&e.model))))
         } else {
@@ -1172,6 +1472,9 @@ impl Interp {
         if let Some(s) = scope.filter(|&s| self.scopes[s].settled.is_none() && self.expired(s)) {
             self.settle(s, Cause::Deadline);
         }
+        if let (false, Some(s)) = (got, scope) {
+            self.expect_arm(s, "a pending poll of done()");
+        }
         self.check_all_validity("after polling done()");
         got
     }
@@ -1183,7 +1486,11 @@ impl Interp {
         let (ctx, scope) = if target.is_multiple_of(2) {
             let Some(i) = pick(target / 2, self.sessions.len()) else { return };
             let e = &self.sessions[i];
-            (e.real.export().expect("a built-in session"), Some(self.scope_of(&e.model)))
+            let Some(ctx) = e.real.export() else {
+                assert!(matches!(e.model, SessionModel::Custom { .. }), "export of a built-in session");
+                return;
+            };
+            (ctx, Some(self.scope_of(&e.model)))
         } else {
             let Some(i) = pick(target / 2, self.ctxs.len()) else { return };
             (self.ctxs[i].real.clone(), self.ctxs[i].scope)
@@ -1199,9 +1506,14 @@ impl Interp {
             Some(_) => CallbackState::Registered,
         };
         self.callbacks.push(CallbackEntry { handle: Some(handle), runs, scope, state });
-        // Registering on an expired scope settles it (running the callback).
-        if let Some(s) = scope.filter(|&s| self.scopes[s].settled.is_none() && self.expired(s)) {
-            self.settle(s, Cause::Deadline);
+        // Registering on an expired scope settles it (running the callback); otherwise a
+        // registration asks the clock for the scope's timer.
+        if let Some(s) = scope.filter(|&s| self.scopes[s].settled.is_none()) {
+            if self.expired(s) {
+                self.settle(s, Cause::Deadline);
+            } else {
+                self.expect_arm(s, "after_cancel");
+            }
         }
         self.check_all_validity("after after_cancel");
     }
@@ -1230,10 +1542,15 @@ impl Interp {
         }
         assert_eq!(self.store.shard_lens(), lens, "shard_lens (id i lives in shard i % shards)");
         self.check_store("final");
+        self.check_stores("final");
+        self.check_tasks("final");
+        self.check_timers("final");
         for t in 0..THREADS {
             while !self.threads[t].guards.is_empty() {
                 self.exit(t);
             }
         }
+        self.finish_stores();
+        self.finish_futures();
     }
 }
