@@ -62,6 +62,7 @@ mod context;
 mod error;
 mod future;
 mod global;
+mod index;
 mod key;
 mod map;
 mod metainfo;
