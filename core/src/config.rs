@@ -1,5 +1,7 @@
-//! Session-manager configuration: [`ManagerOptions`] and a parser for the
-//! value format of Go's `CLOUDWEGO_SESSION_CONFIG_KEY` environment variable.
+//! Session-manager configuration: [`ManagerOptions`] and the `CLOUDWEGO_SESSION_CONFIG_KEY` format.
+//!
+//! [`ManagerOptions::parse_env`] parses the value format of Go's `CLOUDWEGO_SESSION_CONFIG_KEY`
+//! environment variable (its durations with the private parser of `config/duration.rs`).
 //!
 //! This module only parses strings; it never reads the environment (it is
 //! `no_std`). A `std` adapter reads the variable named by [`ENV_KEY`] and hands

@@ -1,4 +1,4 @@
-//! [`Context`]: the port of Go's `context.Context`.
+//! [`Context`]: the port of Go's `context.Context` (values, cancellation, deadlines).
 //!
 //! A context is two pointers: the newest node of an immutable chain of bindings and cancel
 //! scopes (see [`node`](crate::node)), and the nearest cancel scope in that chain (see

@@ -1,5 +1,7 @@
-//! Node storage and reference counting: the persistent chain under [`Context`](crate::Context),
-//! [`SessionCtx`](crate::SessionCtx) and [`SessionMap`](crate::SessionMap).
+//! Node storage and reference counting: the persistent chain under contexts, sessions and maps.
+//!
+//! [`Context`](crate::Context), [`SessionCtx`](crate::SessionCtx) and
+//! [`SessionMap`](crate::SessionMap) are all made of these nodes.
 //!
 //! # Layout
 //!

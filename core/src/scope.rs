@@ -1,4 +1,4 @@
-//! Cancel scopes: validity flags, the cancellation tree, `done()` and `after_cancel`.
+//! Cancel scopes: validity flags, the cancellation tree, `done()`, `after_cancel` and expiry.
 //!
 //! A scope is a node of the context chain (tag 0, so value lookups pass over it) that a
 //! [`Context`](crate::Context) points at directly, so checking validity never walks the values.
@@ -29,6 +29,14 @@
 //! - `done()` registers a waker under the lock after checking `state` under it, so a concurrent
 //!   cancel either sees the waker or the poll sees `CANCELLED`: no lost wake-up (loom model
 //!   `done_vs_cancel`).
+//!
+//! # Layering
+//!
+//! Scopes are built from [`node`](crate::node)s and read [`time`](crate::time); neither names
+//! this module back. Node reclamation reaches a scope through its vtable (`SCOPE_VTABLE`'s
+//! `detach` leaves the parent's list before the node is freed), and a clock's timer through the
+//! [`Expiry`] handle that `time` defines and this module implements (`fire`, `is_settled`,
+//! `settled`, `deadline`).
 
 use core::future::Future;
 use core::pin::Pin;

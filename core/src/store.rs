@@ -1,5 +1,9 @@
-//! Where "the current session" lives: [`ContextStore`], the process-wide default store, and the
-//! binding API ([`bind`], [`unbind`], [`current`], [`with_current`], [`enter`], [`scope`]).
+//! Where "the current session" lives: [`ContextStore`], the global store and the binding API.
+//!
+//! The binding API is [`bind`], [`unbind`], [`current`], [`with_current`], [`enter`] and
+//! [`scope`]; [`EpochHandle`] and [`EpochGuard`] are what a `no_std` store hands to
+//! `SessionMap` reads through [`ContextStore::pin_epoch`] (this module registers that as the
+//! epoch pin source of [`primitive`](crate::primitive) when a store is set).
 //!
 //! The core knows nothing about threads or tasks. An adapter (or your executor) implements
 //! [`ContextStore`] for its execution unit — a thread-local slot, a slot in a task struct, a map

@@ -1,5 +1,6 @@
-//! Go's duration syntax: the private parser and formatter behind the GC-interval field of
-//! `CLOUDWEGO_SESSION_CONFIG_KEY`, and [`DurationError`].
+//! Go's duration syntax: the private parser and formatter of the GC-interval field, and its error.
+//!
+//! Used for the GC-interval field of `CLOUDWEGO_SESSION_CONFIG_KEY`.
 //!
 //! [`parse_go_duration`] reads Go's `time.ParseDuration` syntax exactly (fractions are exact,
 //! not floating point); [`format_go_duration`] writes `time.Duration.String`'s format, which the
