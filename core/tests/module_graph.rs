@@ -280,10 +280,10 @@ fn find_cycle(graph: &Graph) -> Option<Vec<String>> {
     }
     let mut marks = BTreeMap::new();
     for node in graph.keys() {
-        if marks.get(node.as_str()).copied().unwrap_or(Mark::New) == Mark::New {
-            if let Some(cycle) = visit(node, graph, &mut marks, &mut Vec::new()) {
-                return Some(cycle);
-            }
+        if marks.get(node.as_str()).copied().unwrap_or(Mark::New) == Mark::New
+            && let Some(cycle) = visit(node, graph, &mut marks, &mut Vec::new())
+        {
+            return Some(cycle);
         }
     }
     None
