@@ -276,8 +276,8 @@ impl Table {
     /// `table` is a live table.
     #[inline]
     unsafe fn probe<N: ChainNode>(table: *const Entry, q: &KeyQuery<'_>) -> Option<N> {
-        // SAFETY: a live table has `mask + 1` slots after its head; its entries point to live
-        // nodes.
+        // SAFETY: a live table has `mask + 1` slots after its head; its non-null entries were
+        // made by `to_entry` from live nodes.
         unsafe {
             let mask = Self::mask(table);
             let slots = table.add(HEAD);
@@ -377,7 +377,8 @@ impl Table {
         // `tag` is the node's tag, passed in from the table entry being merged so that the node
         // itself is only read (a cache miss, at random) when another entry has the same tag.
         let mut insert = |slots: &mut [Entry], tag: u64, node: N| {
-            // SAFETY: `node` and every node already in the table are live nodes of this chain.
+            // SAFETY: `node` and every node already in the table are live nodes of this chain;
+            // the non-null entries were made by `to_entry`.
             unsafe {
                 let mut i = home(tag, mask);
                 loop {
@@ -399,7 +400,8 @@ impl Table {
             // SAFETY: `n` is a live node of this chain.
             insert(&mut slots, unsafe { n.tag() }, n);
         }
-        // SAFETY: the merged tables are live; each has `mask + 1` slots after its head.
+        // SAFETY: the merged tables are live; each has `mask + 1` slots after its head, whose
+        // non-null entries were made by `to_entry` from live nodes of this chain.
         unsafe {
             for &t in &merged {
                 let slots_of_t = t.add(HEAD);
@@ -447,7 +449,8 @@ impl Table {
         let mut slots: Vec<Entry> = alloc::vec![Entry::EMPTY; cap + HEAD];
         let (mut len, mut live) = (0usize, 0usize);
         for n in nodes {
-            // SAFETY: `n` and every node already in the table are live nodes of this chain.
+            // SAFETY: `n` and every node already in the table are live nodes of this chain; the
+            // non-null entries were made by `to_entry`.
             unsafe {
                 let tag = n.tag();
                 let mut i = home(tag, mask);

@@ -14,6 +14,14 @@
 //! opens a child scope: disabling the fork leaves the parent valid, disabling the parent reaches
 //! the fork. Unlike Go, which ignores the wrapped context, a session is also invalid once that
 //! context is cancelled or past its deadline.
+//!
+//! # Layering
+//!
+//! This module sits above [`map`](crate::map): [`AnySession`] holds a [`SessionMap`], so the
+//! `Session` impl of `SessionMap` is here too (over the map's erased read and insert), and the
+//! map never names the sessions. [`AnySession`]'s inherent methods are the fast paths for the
+//! built-in sessions (no dynamic dispatch); where there is none to take they delegate to
+//! [`SessionExt`] (`try_value_cloned`, `str_value`, and every method for a user session).
 
 use core::any::{Any, type_name};
 use core::fmt;
@@ -1015,8 +1023,7 @@ mod tests {
     #[test]
     fn nested_contexts_drop_iteratively() {
         extern crate std;
-        use crate::{AnySession, Context, Session, SessionCtx, SessionExt, SessionMap};
-        use alloc::sync::Arc;
+        use crate::{AnySession, Context, SessionCtx, SessionExt};
 
         let levels = if cfg!(miri) { 1_000 } else { 1_000_000 };
         let mut ctx = Context::background();
@@ -1031,19 +1038,11 @@ mod tests {
             // A value behind an `Arc` (the `dyn Session` path).
             any = SessionExt::with_value(&SessionCtx::new(&Context::background()), 0u8, any);
         }
-        // A session bound in a plain context; contexts in maps, typed and erased (the values a
-        // map shares).
+        // A session bound in a plain context (contexts in maps: `tests/model_map.rs`, which
+        // miri runs under Tree Borrows, as everything that pins crossbeam-epoch).
         let mut mixed = Context::background();
-        let mut in_map = SessionMap::new();
-        let mut in_map_dyn = SessionMap::new();
         for _ in 0..levels {
             mixed = Context::background().with_value(0u8, SessionCtx::new(&mixed));
-            let map = SessionMap::new();
-            map.insert(0u8, in_map.export());
-            in_map = map;
-            let map = SessionMap::new();
-            let _ = map.with_value_dyn(crate::DynKey::new(0u8), Arc::new(in_map_dyn.export()));
-            in_map_dyn = map;
         }
         std::thread::Builder::new()
             .stack_size(256 << 10)
@@ -1052,8 +1051,6 @@ mod tests {
                 drop(session);
                 drop(any);
                 drop(mixed);
-                drop(in_map);
-                drop(in_map_dyn);
             })
             .unwrap()
             .join()
