@@ -1,6 +1,7 @@
-//! Context backup (Kitex `WithContextBackup`): keep the request's context in the session so that
-//! code which lost it (a callee handed `Context::background()`, a spawned task) can recover its
-//! metainfo.
+//! Context backup (Kitex `WithContextBackup`): recovering a lost context's metainfo from the session.
+//!
+//! The request's context is kept in the session, so that code which lost it (a callee handed
+//! `Context::background()`, a spawned task) can recover its metainfo.
 //!
 //! A server backs each request's context up with [`backup_ctx`] when the request starts and
 //! [`clear_ctx`] when it ends; a client about to send an RPC with context `cur` calls

@@ -1,4 +1,4 @@
-//! [`Context`]: the port of Go's `context.Context`.
+//! [`Context`]: the port of Go's `context.Context` (values, cancellation, deadlines).
 //!
 //! A context is two pointers: the newest node of an immutable chain of bindings and cancel
 //! scopes (see [`node`](crate::node)), and the nearest cancel scope in that chain (see
@@ -18,7 +18,7 @@
 //! | `ctx.Done()` | [`Context::done`], [`Context::is_done`] | |
 //! | `context.AfterFunc(ctx, f)` | [`Context::after_cancel`] | |
 
-use core::any::Any;
+use core::any::{Any, TypeId};
 use core::fmt;
 use core::hash::Hash;
 use core::time::Duration;
@@ -27,7 +27,10 @@ use alloc::boxed::Box;
 
 use crate::error::ContextError;
 use crate::key::{Key, KeyQuery, hashed_tag};
-use crate::node::{F_TYPED_INLINE, F_VALUE, InlineKey, InlineValue, NodePtr, NodeRef, TypedKey, lookup};
+use crate::node::{
+    ChainOwner, F_TYPED_INLINE, F_VALUE, InlineKey, InlineValue, NodePtr, NodeRef, TypedKey, lookup,
+    register_chain_owner,
+};
 use crate::scope::{AfterCancel, Done, ScopeNode, ScopePtr};
 use crate::time::{Instant, NoClockError, global_clock};
 
@@ -95,6 +98,24 @@ impl Context {
         self.top.take()
     }
 
+    /// Before a value of type `V` is bound in a node: if `V` is `Context`, makes sure node
+    /// reclamation recognises it as a value owning a chain (see
+    /// [`register_chain_owner`]). The test is on types, so for any other `V` this compiles to
+    /// nothing. Every place that binds a value of a generic type calls it (`with_value`, `with`,
+    /// `SessionMap::insert` and `set`).
+    #[inline]
+    pub(crate) fn note_value_type<V: Any>() {
+        if TypeId::of::<V>() == TypeId::of::<Context>() {
+            Context::register_chain_owner();
+        }
+    }
+
+    /// Registers `Context` with node reclamation as a value owning a chain (for values whose
+    /// type is erased: the `with_value_dyn` paths call it). After the first call, one load.
+    pub(crate) fn register_chain_owner() {
+        register_chain_owner(ChainOwner::Context, |value| value.downcast_mut::<Context>().and_then(Context::take_top));
+    }
+
     pub(crate) fn top(&self) -> Option<&NodeRef> {
         self.top.as_ref()
     }
@@ -136,6 +157,7 @@ impl Context {
         K: Eq + Hash + Any + Send + Sync,
         V: Any + Send + Sync,
     {
+        Context::note_value_type::<V>();
         let tag = hashed_tag(&key);
         let node = NodeRef::new_value(self.top.clone(), tag, F_VALUE, InlineKey(key), InlineValue(value));
         Context { top: Some(node), scope: self.scope }
@@ -152,6 +174,7 @@ impl Context {
     /// ```
     #[must_use]
     pub fn with<T: Any + Send + Sync>(&self, key: &'static Key<T>, value: T) -> Context {
+        Context::note_value_type::<T>();
         let node =
             NodeRef::new_value(self.top.clone(), key.tag(), F_VALUE | F_TYPED_INLINE, TypedKey, InlineValue(value));
         Context { top: Some(node), scope: self.scope }

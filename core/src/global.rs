@@ -1,4 +1,4 @@
-//! Process-wide registration of a `&'static` trait object, set at most once.
+//! Set-once, process-wide registration of a `&'static` value (the global store, the clocks).
 //!
 //! The three-state protocol of `log::set_logger` and tracing-core's `set_global_default`:
 //! `UNINIT -> INITIALIZING` by compare-and-swap (only one caller wins), the winner writes the

@@ -56,23 +56,36 @@ extern crate alloc;
 #[cfg(localsession_loom)]
 extern crate std;
 
-mod backup;
+// Modules bottom to top: each imports only modules of the groups above its own (checked by
+// `tests/module_graph.rs`; see docs/architecture.md, "Module layering").
 pub mod config;
-mod context;
 mod error;
-mod future;
 mod global;
 mod key;
+
+mod primitive;
+
+mod index;
+
+mod node;
+
+mod time;
+
+mod scope;
+
+mod context;
+
 mod map;
 mod metainfo;
-mod node;
-mod primitive;
-mod scope;
+
 mod session;
-mod sharded;
+
 mod store;
 mod task_table;
-mod time;
+
+mod backup;
+mod future;
+mod sharded;
 
 pub use backup::{backed_up_ctx, backup_ctx, clear_ctx, recover_ctx_on_demands};
 pub use config::{ConfigError, ConfigField, DurationError, ManagerOptions};

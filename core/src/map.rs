@@ -47,15 +47,14 @@ use crossbeam_utils::CachePadded;
 
 use crate::context::Context;
 use crate::error::ContextError;
+use crate::index::{for_each_binding, live_len};
 use crate::key::{DynKey, Key, KeyQuery, hashed_tag};
 use crate::node::{
-    F_NO_INDEX, F_TOMBSTONE, F_VALUE, InlineKey, NodePtr, NodeRef, SharedKey, SharedValue, Tombstone, TypedKey,
-    for_each_binding, live_len, lookup,
+    F_NO_INDEX, F_TOMBSTONE, F_VALUE, InlineKey, NodePtr, NodeRef, SharedKey, SharedValue, Tombstone, TypedKey, lookup,
 };
 use crate::primitive::epoch::{self, Guard};
 use crate::primitive::{AtomicPtr, AtomicUsize, Mutex, Ordering};
 use crate::scope::Done;
-use crate::session::{AnySession, Session};
 use crate::time::{Instant, NoClockError, global_clock};
 
 /// Writes after which a compaction is attempted, at least. Small under loom, so that the models
@@ -222,6 +221,7 @@ impl SessionMap {
         K: Eq + Hash + Any + Send + Sync + Clone,
         V: Any + Send + Sync,
     {
+        Context::note_value_type::<V>();
         let tag = hashed_tag(&key);
         let node = NodeRef::new_rebindable(None, tag, F_VALUE, InlineKey(key), SharedValue(Arc::new(value)));
         self.publish(node, |_| true);
@@ -238,6 +238,7 @@ impl SessionMap {
     /// assert_eq!(m.get(&N).as_deref(), Some(&5));
     /// ```
     pub fn set<T: Any + Send + Sync>(&self, key: &'static Key<T>, value: T) {
+        Context::note_value_type::<T>();
         let node = NodeRef::new_rebindable(None, key.tag(), F_VALUE, TypedKey, SharedValue(Arc::new(value)));
         self.publish(node, |_| true);
     }
@@ -692,6 +693,23 @@ impl SessionMap {
         self.shared.base.after_cancel(f)
     }
 
+    /// Calls `f` with the value bound to `q` (borrowed for the call, pinned): the map's
+    /// [`Session::get_with`](crate::Session::get_with).
+    pub(crate) fn get_erased(&self, q: &KeyQuery<'_>, f: &mut dyn FnMut(Option<&(dyn Any + Send + Sync)>)) {
+        // SAFETY: the node is alive while `guard` is (pinned).
+        self.find(q, |n, guard| f(n.map(|n| unsafe { n.value(guard) })));
+    }
+
+    /// Binds an erased key to a shared value: the map's
+    /// [`Session::with_value_dyn`](crate::Session::with_value_dyn).
+    pub(crate) fn insert_erased(&self, key: DynKey, value: Arc<dyn Any + Send + Sync>) {
+        let node = match key.key {
+            Some(k) => NodeRef::new_rebindable(None, key.tag, F_VALUE, SharedKey(k), SharedValue(value)),
+            None => NodeRef::new_rebindable(None, key.tag, F_VALUE, TypedKey, SharedValue(value)),
+        };
+        self.publish(node, |_| true);
+    }
+
     /// Whether both handles are the same map.
     ///
     /// # Examples
@@ -724,26 +742,6 @@ where
             map.insert(k, v);
         }
         map
-    }
-}
-
-impl Session for SessionMap {
-    fn is_valid(&self) -> bool {
-        SessionMap::is_valid(self)
-    }
-
-    fn get_with(&self, key: &KeyQuery<'_>, f: &mut dyn FnMut(Option<&(dyn Any + Send + Sync)>)) {
-        // SAFETY: the node is alive while `guard` is (pinned).
-        self.find(key, |n, guard| f(n.map(|n| unsafe { n.value(guard) })));
-    }
-
-    fn with_value_dyn(&self, key: DynKey, value: Arc<dyn Any + Send + Sync>) -> AnySession {
-        let node = match key.key {
-            Some(k) => NodeRef::new_rebindable(None, key.tag, F_VALUE, SharedKey(k), SharedValue(value)),
-            None => NodeRef::new_rebindable(None, key.tag, F_VALUE, TypedKey, SharedValue(value)),
-        };
-        self.publish(node, |_| true);
-        AnySession::Map(self.clone())
     }
 }
 

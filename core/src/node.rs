@@ -1,5 +1,7 @@
-//! Persistent, reference-counted nodes: the storage under [`Context`](crate::Context),
-//! [`SessionCtx`](crate::SessionCtx) and [`SessionMap`](crate::SessionMap).
+//! Node storage and reference counting: the persistent chain under contexts, sessions and maps.
+//!
+//! [`Context`](crate::Context), [`SessionCtx`](crate::SessionCtx) and
+//! [`SessionMap`](crate::SessionMap) are all made of these nodes.
 //!
 //! # Layout
 //!
@@ -11,7 +13,7 @@
 //! | field    | bytes | meaning |
 //! |----------|-------|---------|
 //! | `refs`   | 8 | strong count (there are no weak references) |
-//! | `vtable` | 8 | drop, key equality and value access for the concrete node type |
+//! | `vtable` | 8 | drop, detach, key equality and value access for the concrete node type |
 //! | `parent` | 8 | owning pointer to the parent node |
 //! | `tag`    | 8 | the key's tag (see [`key`](crate::key)); 0 for non-value nodes |
 //! | `table`  | 8 | the nearest index table at or below this node (or null) |
@@ -35,8 +37,8 @@
 //! - a key bound deep in the chain (or absent) costs one filter test and one table probe,
 //!   whatever the depth — this is what keeps a depth-64 read within 2x of a depth-1 read.
 //!
-//! Tables come in levels (see [`Table`]): a new table copies only the top level (at most 64
-//! keys) and merges a level into the next one down when it outgrows it, so building tables costs
+//! The tables themselves live in [`index`](crate::index). Tables come in levels (see
+//! [`Table`]): a new table copies only the top level (at most 64 keys) and merges a level into the next one down when it outgrows it, so building tables costs
 //! O(log n) per binding at any size, and a lookup that misses the top level probes at most
 //! `log8(keys / 64) + 1` tables. Building a table is the one case where `with_value` allocates
 //! twice; it happens at most once every [`SEGMENT`] bindings.
@@ -48,6 +50,19 @@
 //! parent *in a loop*, so a chain of 100 000 nodes drops without recursion. The counts use
 //! `core`'s atomics even under loom: the protocol is `Arc`'s, and modelling every count would
 //! drown the loom models of the protocols that are this crate's own.
+//!
+//! A value that is itself a context (or a session over one) would drop its chain recursively,
+//! one drop of a whole chain per nesting level. The modules that define such values register a
+//! [`TakeChain`] function here ([`register_chain_owner`]); reclamation moves the chain out of
+//! every value a registered function recognises and releases it in the same loop.
+//!
+//! # Layering
+//!
+//! This module names no module above it. Node kinds defined elsewhere hook into it through their
+//! [`VTable`]: a cancel scope's `detach` leaves its parent scope's list before the scope is freed
+//! ([`scope`](crate::scope) provides it). The values that own chains are recognised through the
+//! registered [`TakeChain`] functions, not by naming `Context` or the session types. The index
+//! tables sit below this module, generic over the node accessors they need.
 
 use core::any::Any;
 use core::mem::ManuallyDrop;
@@ -58,6 +73,7 @@ use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
+use crate::index::{ChainNode, Entry, Table, mix};
 use crate::key::{ErasedKey, KeyQuery};
 
 /// Value nodes per segment: a new index table is built every `SEGMENT` bindings.
@@ -116,6 +132,10 @@ pub(crate) struct VTable {
     pub(crate) shared: unsafe fn(NonNull<Header>) -> Option<Arc<dyn Any + Send + Sync>>,
     /// Re-binds the same key and value on another parent (`SessionMap` compaction).
     pub(crate) rebind: Option<RebindFn>,
+    /// Runs when the node's count reached zero, before its parent link is released and before
+    /// anything is freed: a cancel scope removes itself from its parent scope's list here (see
+    /// [`scope`](crate::scope)). Only shared references to the node may be formed.
+    pub(crate) detach: Option<unsafe fn(NonNull<Header>)>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -191,7 +211,10 @@ impl<V: Any + Send + Sync> ValueSlot for InlineValue<V> {
         &self.0
     }
     fn take_nested(&mut self, out: &mut Vec<NodeRef>) {
-        crate::session::take_nested_chain(&mut self.0, out);
+        // A value without drop glue owns no `NodeRef` (a compile-time constant).
+        if core::mem::needs_drop::<V>() {
+            take_nested_chain(&mut self.0, out);
+        }
     }
 }
 
@@ -210,7 +233,7 @@ impl ValueSlot for SharedValue {
     fn take_nested(&mut self, out: &mut Vec<NodeRef>) {
         // Only the last handle to the value drops it.
         if let Some(value) = Arc::get_mut(&mut self.0) {
-            crate::session::take_nested_chain(value, out);
+            take_nested_chain(value, out);
         }
     }
 }
@@ -241,6 +264,7 @@ impl<K: KeySlot, V: ValueSlot> ValueNode<K, V> {
         value: Self::value,
         shared: Self::shared,
         rebind: None,
+        detach: None,
     };
 
     /// # Safety
@@ -306,6 +330,55 @@ impl Drop for Header {
             // SAFETY: the table was built for this node and nothing else frees it; every node
             // that points at it is a descendant, and all of them are gone.
             unsafe { Table::free(self.table) };
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Values that own a chain
+// ---------------------------------------------------------------------------------------------
+
+/// Moves the chain out of a value that owns one (`None` for any other value). The value is
+/// about to be dropped.
+pub(crate) type TakeChain = fn(&mut (dyn Any + Send + Sync)) -> Option<NodeRef>;
+
+/// The kinds of values that own a chain of nodes, each registered by the module that defines
+/// it (this module cannot name those types: they sit above it).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ChainOwner {
+    /// `Context`, registered by [`context`](crate::context).
+    Context = 0,
+    /// `SessionCtx` and `AnySession::Ctx`, registered by [`session`](crate::session).
+    Session = 1,
+}
+
+/// One [`TakeChain`] per [`ChainOwner`], set once. `spin::Once` rather than the crate's
+/// `Global`: a second registrant waits until the first one's function is in place, so whoever
+/// registered can rely on it from then on.
+static CHAIN_OWNERS: [spin::Once<TakeChain>; 2] = [spin::Once::new(), spin::Once::new()];
+
+/// Registers how to take the chain out of `owner`'s values, so that [`drop_chain`] releases
+/// the chains of such values iteratively.
+///
+/// Each owner's module calls this before a value of its kind can be stored in a node: `context`
+/// when a `Context` is bound as a value, `session` when the first `SessionCtx` is made (no
+/// `SessionCtx` or `AnySession::Ctx` exists before that). The thread that drops the node got
+/// the value through whatever synchronized its hand-over, so it sees the registration. Missing
+/// one would only make that drop recursive, never unsound. After the first call, one `Acquire`
+/// load.
+#[inline]
+pub(crate) fn register_chain_owner(owner: ChainOwner, take: TakeChain) {
+    CHAIN_OWNERS[owner as usize].call_once(|| take);
+}
+
+/// If a registered [`ChainOwner`] recognises `value`, moves its chain into `out`, so that node
+/// reclamation releases nested contexts iteratively instead of recursing once per nesting
+/// level.
+fn take_nested_chain(value: &mut (dyn Any + Send + Sync), out: &mut Vec<NodeRef>) {
+    for owner in &CHAIN_OWNERS {
+        if let Some(top) = owner.get().and_then(|take| take(value)) {
+            out.push(top);
+            return;
         }
     }
 }
@@ -501,11 +574,11 @@ unsafe fn drop_chain(ptr: NonNull<Header>) {
     loop {
         while let Some(ptr) = next.take() {
             // SAFETY: nothing else owns the node. A cancel scope may still be listed in its
-            // parent scope; `detach` removes it (taking the parent's lock) before anything is
-            // freed, and only shared references are formed until then.
+            // parent scope; its vtable's `detach` removes it (taking the parent's lock) before
+            // anything is freed, and only shared references are formed until then.
             let parent = unsafe {
-                if (*ptr.as_ptr()).flags & F_SCOPE != 0 {
-                    crate::scope::detach(ptr);
+                if let Some(detach) = (*ptr.as_ptr()).vtable.detach {
+                    detach(ptr);
                 }
                 ptr::replace(ptr::addr_of_mut!((*ptr.as_ptr()).parent), None)
             };
@@ -702,7 +775,7 @@ impl NodePtr {
     /// # Safety
     /// The node is alive.
     #[inline]
-    unsafe fn matches(self, q: &KeyQuery<'_>) -> bool {
+    pub(crate) unsafe fn matches(self, q: &KeyQuery<'_>) -> bool {
         // SAFETY: forwarded. A non-zero tag means a value node, whose vtable has `key_eq`.
         unsafe {
             (*self.0.as_ptr()).tag == q.tag
@@ -739,6 +812,83 @@ impl NodePtr {
     }
 }
 
+// SAFETY: a table entry is the node's allocation pointer, and `from_entry` rebuilds the
+// `NodePtr` from it with the same provenance; every method below only reads the header or calls
+// the node's vtable, as the inherent methods do, under the caller's liveness guarantee.
+unsafe impl ChainNode for NodePtr {
+    #[inline]
+    fn to_entry(self) -> *const () {
+        self.0.as_ptr().cast_const().cast()
+    }
+
+    #[inline]
+    unsafe fn from_entry(entry: *const ()) -> NodePtr {
+        // SAFETY: non-null (the caller's guarantee); made from a `NodePtr` by `to_entry`.
+        NodePtr(unsafe { NonNull::new_unchecked(entry.cast::<Header>().cast_mut()) })
+    }
+
+    #[inline]
+    unsafe fn tag(self) -> u64 {
+        // SAFETY: forwarded.
+        unsafe { self.header() }.tag
+    }
+
+    #[inline]
+    unsafe fn is_value(self) -> bool {
+        // SAFETY: forwarded.
+        unsafe { self.header() }.is_value()
+    }
+
+    #[inline]
+    unsafe fn is_tombstone(self) -> bool {
+        // SAFETY: forwarded.
+        unsafe { self.header() }.is_tombstone()
+    }
+
+    #[inline]
+    unsafe fn is_barrier(self) -> bool {
+        // SAFETY: forwarded.
+        unsafe { self.header() }.flags & F_BARRIER != 0
+    }
+
+    #[inline]
+    unsafe fn table(self) -> *const Entry {
+        // SAFETY: forwarded.
+        unsafe { self.header() }.table
+    }
+
+    #[inline]
+    unsafe fn owns_table(self, table: *const Entry) -> bool {
+        // SAFETY: forwarded.
+        let h = unsafe { self.header() };
+        h.flags & F_OWNS_TABLE != 0 && h.table == table
+    }
+
+    #[inline]
+    unsafe fn parent(self) -> Option<NodePtr> {
+        // SAFETY: forwarded.
+        unsafe { NodePtr::parent(self) }
+    }
+
+    #[inline]
+    unsafe fn matches(self, q: &KeyQuery<'_>) -> bool {
+        // SAFETY: forwarded.
+        unsafe { NodePtr::matches(self, q) }
+    }
+
+    #[inline]
+    unsafe fn query<'a>(self) -> KeyQuery<'a> {
+        // SAFETY: forwarded.
+        unsafe { NodePtr::query(self) }
+    }
+
+    #[inline]
+    unsafe fn same_key(self, other: NodePtr) -> bool {
+        // SAFETY: forwarded.
+        unsafe { NodePtr::same_key(self, other) }
+    }
+}
+
 #[cold]
 fn abort_on_overflow() -> ! {
     // A panic while panicking aborts, also without `std::process::abort`.
@@ -750,11 +900,6 @@ fn abort_on_overflow() -> ! {
     }
     let _abort = Abort;
     panic!("localsession: node reference count overflow");
-}
-
-#[inline]
-fn mix(tag: u64) -> u64 {
-    tag.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 #[inline]
@@ -780,427 +925,6 @@ pub(crate) unsafe fn lookup(top: NodePtr, q: &KeyQuery<'_>) -> Option<NodePtr> {
             node = node.parent()?;
         }
         Table::find(node.header().table, q)
-    }
-}
-
-/// Calls `f` with the newest binding of every key at or below `top` and above `stop` (tombstones
-/// included), newest first. Allocates the set of keys seen; used by `SessionMap` compaction,
-/// `len` and metainfo iteration, never by reads.
-///
-/// Linear in the chain's length: the keys seen are a short list while there are few, then a
-/// hash set by key tag (an earlier linear scan made compaction, and so every insert into a large
-/// map, quadratic in its size).
-///
-/// # Safety
-/// `top` is alive while this runs.
-pub(crate) unsafe fn for_each_binding(top: NodePtr, stop: Option<NodePtr>, mut f: impl FnMut(NodePtr)) {
-    /// Distinct keys kept in a plain list before switching to the hash set.
-    const LINEAR: usize = 32;
-    let mut seen: Vec<NodePtr> = Vec::new();
-    let mut by_tag: Option<hashbrown::HashMap<u64, Vec<NodePtr>>> = None;
-    let mut node = Some(top);
-    // SAFETY: every node reached is an ancestor of `top`, so alive.
-    unsafe {
-        while let Some(n) = node {
-            if Some(n) == stop {
-                return;
-            }
-            if n.header().is_value() {
-                let tag = n.header().tag;
-                let fresh = match &mut by_tag {
-                    Some(set) => {
-                        let bucket = set.entry(tag).or_default();
-                        let fresh = !bucket.iter().any(|s| s.same_key(n));
-                        if fresh {
-                            bucket.push(n);
-                        }
-                        fresh
-                    }
-                    None => {
-                        let fresh = !seen.iter().any(|s| s.same_key(n));
-                        if fresh {
-                            seen.push(n);
-                            if seen.len() > LINEAR {
-                                let mut set: hashbrown::HashMap<u64, Vec<NodePtr>> = hashbrown::HashMap::new();
-                                for s in seen.drain(..) {
-                                    set.entry(s.header().tag).or_default().push(s);
-                                }
-                                by_tag = Some(set);
-                            }
-                        }
-                        fresh
-                    }
-                };
-                if fresh {
-                    f(n);
-                }
-            }
-            node = n.parent();
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Index tables
-// ---------------------------------------------------------------------------------------------
-
-/// A slot of an index table; the first [`HEAD`] slots of every table hold its header instead.
-#[derive(Clone, Copy)]
-pub(crate) struct Entry {
-    tag: u64,
-    node: *const Header,
-}
-
-impl Entry {
-    const EMPTY: Entry = Entry { tag: 0, node: ptr::null() };
-}
-
-/// Header slots at the start of a table: `[0].tag = mask << 32 | len`, `[0].node` = the next
-/// level down (a table, or null); `[1].tag = live << 8 | level`.
-const HEAD: usize = 2;
-/// Distinct keys the top level holds before it is merged into the level below.
-pub(crate) const LEVEL0: usize = 64;
-/// Each level holds this many times the keys of the level above it.
-const LEVEL_RATIO: usize = 8;
-
-/// A tag's home slot in a table of `mask + 1` slots: the *top* bits of its mixed hash, so that
-/// slot order is hash order at every table size. Merging a table into a larger one then writes
-/// the larger table front to back (one sequential pass per merged table) instead of at random.
-#[inline]
-fn home(tag: u64, mask: usize) -> usize {
-    // `mask + 1` is a power of two >= 16: shift by 64 - log2(mask + 1).
-    (mix(tag) >> (64 - mask.count_ones())) as usize
-}
-
-/// The most distinct keys a table of `level` holds before it is merged one level down.
-fn level_capacity(level: u32) -> usize {
-    LEVEL0.saturating_mul(LEVEL_RATIO.saturating_pow(level))
-}
-
-/// Index tables, in levels (a log-structured merge of persistent tables, the layout LSM trees
-/// use for the same reason: a persistent index that must not be copied whole on every update).
-///
-/// A table is `[head, head, slot 0, .., slot mask]` in one allocation: open addressing with
-/// linear probing at load factor <= 1/2, mapping key tags to the newest node binding the key.
-/// A table may sit on a *base*: the table of the next level down, holding older bindings, which
-/// the top table shadows. A lookup probes the top table, then each base in turn (at most
-/// `log8(keys / 64) + 1` tables, so 3 at 10^4 keys and 5 at 10^5).
-///
-/// Every [`SEGMENT`] bindings a node gets a new top table: the segment's keys, plus the old top
-/// table's entries if that was level 0. When level `l` would exceed [`level_capacity`]`(l)` keys
-/// it is merged into level `l + 1` (which may cascade). Each binding is thus copied O(1) times
-/// per level, `log8(n)` levels in all: a write costs O(log n) amortized instead of the O(n) of
-/// copying one flat table, and small contexts (<= 64 keys) keep the single table they always had.
-///
-/// Every table also records the number of *live* keys (newest binding not a tombstone) in it and
-/// its bases, so that `SessionMap::len` is O(1).
-///
-/// A table's base is owned by an ancestor of the node owning the table (it is the table of a
-/// node at or below that node's parent), so it outlives every table built on it.
-struct Table;
-
-impl Table {
-    /// # Safety
-    /// `table` is a live table.
-    #[inline]
-    unsafe fn mask(table: *const Entry) -> usize {
-        // SAFETY: forwarded; the first slot of a live table is its head.
-        unsafe { ((*table).tag >> 32) as usize }
-    }
-
-    /// Entries in this level.
-    ///
-    /// # Safety
-    /// `table` is a live table.
-    #[inline]
-    unsafe fn len(table: *const Entry) -> usize {
-        // SAFETY: forwarded.
-        unsafe { ((*table).tag & 0xffff_ffff) as usize }
-    }
-
-    /// The next level down, or null.
-    ///
-    /// # Safety
-    /// `table` is a live table.
-    #[inline]
-    unsafe fn base(table: *const Entry) -> *const Entry {
-        // SAFETY: forwarded.
-        unsafe { (*table).node.cast::<Entry>() }
-    }
-
-    /// # Safety
-    /// `table` is a live table.
-    #[inline]
-    unsafe fn level(table: *const Entry) -> u32 {
-        // SAFETY: forwarded; the second slot is the rest of the head.
-        unsafe { ((*table.add(1)).tag & 0xff) as u32 }
-    }
-
-    /// Live keys in this table and its bases; 0 for null.
-    ///
-    /// # Safety
-    /// `table` is null or a live table.
-    #[inline]
-    pub(crate) unsafe fn live(table: *const Entry) -> usize {
-        if table.is_null() {
-            return 0;
-        }
-        // SAFETY: forwarded.
-        unsafe { ((*table.add(1)).tag >> 8) as usize }
-    }
-
-    /// Probes one level.
-    ///
-    /// # Safety
-    /// `table` is a live table.
-    #[inline]
-    unsafe fn probe(table: *const Entry, q: &KeyQuery<'_>) -> Option<NodePtr> {
-        // SAFETY: a live table has `mask + 1` slots after its head; its entries point to live
-        // nodes.
-        unsafe {
-            let mask = Self::mask(table);
-            let slots = table.add(HEAD);
-            let mut i = home(q.tag, mask);
-            loop {
-                let e = *slots.add(i);
-                if e.node.is_null() {
-                    return None;
-                }
-                let node = NodePtr(NonNull::new_unchecked(e.node.cast_mut()));
-                if e.tag == q.tag && node.matches(q) {
-                    return Some(node);
-                }
-                i = (i + 1) & mask;
-            }
-        }
-    }
-
-    /// The newest binding of `q` in `table` or its bases.
-    ///
-    /// # Safety
-    /// `table` is null or a live table.
-    #[inline]
-    unsafe fn find(mut table: *const Entry, q: &KeyQuery<'_>) -> Option<NodePtr> {
-        // SAFETY: forwarded; a live table's base is live (see [`Table`]).
-        unsafe {
-            while !table.is_null() {
-                if let Some(node) = Self::probe(table, q) {
-                    return Some(node);
-                }
-                table = Self::base(table);
-            }
-        }
-        None
-    }
-
-    /// Builds the table for the fresh node `top`: the bindings of the last segment (from `top`
-    /// down to the node owning `below`), merged with as many levels of `below` as the level
-    /// capacities require.
-    ///
-    /// # Safety
-    /// `top` is a fresh node linked above a live chain; `below` is the table of its parent.
-    unsafe fn build(top: NodePtr, below: *const Entry, seg: usize) -> *const Entry {
-        // The segment's distinct keys, newest first, and the live count they make.
-        let mut fresh: Vec<NodePtr> = Vec::with_capacity(seg + 1);
-        // SAFETY: `below` is null or live.
-        let mut live = unsafe { Self::live(below) };
-        // SAFETY: `top` and the chain below it are alive while we build.
-        unsafe {
-            let mut node = Some(top);
-            while let Some(n) = node {
-                let h = n.header();
-                if h.is_value() && !fresh.iter().any(|f| f.same_key(n)) {
-                    fresh.push(n);
-                    let prev = Self::find(below, &n.query());
-                    let was = prev.is_some_and(|p| !p.header().is_tombstone());
-                    match (was, !h.is_tombstone()) {
-                        (false, true) => live += 1,
-                        (true, false) => live -= 1,
-                        _ => {}
-                    }
-                }
-                if (h.flags & F_OWNS_TABLE != 0 && h.table == below) || h.flags & F_BARRIER != 0 {
-                    break;
-                }
-                node = n.parent();
-            }
-        }
-        // Which levels of `below` merge into the new table, and the new table's level.
-        let mut merged: Vec<*const Entry> = Vec::new();
-        let mut size = fresh.len();
-        let mut level = 0u32;
-        let mut rest = below;
-        // SAFETY: `below` and its bases are live.
-        unsafe {
-            while !rest.is_null() {
-                let rest_level = Self::level(rest);
-                if rest_level > level {
-                    if size <= level_capacity(level) {
-                        break; // `rest` stays below as its own level
-                    }
-                    level += 1;
-                    continue;
-                }
-                merged.push(rest);
-                size += Self::len(rest);
-                level = level.max(rest_level);
-                while size > level_capacity(level) {
-                    level += 1;
-                }
-                rest = Self::base(rest);
-            }
-        }
-        let cap = (size * 2).next_power_of_two().max(16);
-        let mask = cap - 1;
-        let mut slots: Vec<Entry> = alloc::vec![Entry::EMPTY; cap + HEAD];
-        let mut len = 0usize;
-        // `tag` is the node's tag, passed in from the table entry being merged so that the node
-        // itself is only read (a cache miss, at random) when another entry has the same tag.
-        let mut insert = |slots: &mut [Entry], tag: u64, node: NodePtr| {
-            // SAFETY: `node` and every node already in the table are live nodes of this chain.
-            unsafe {
-                let mut i = home(tag, mask);
-                loop {
-                    let e = slots[i + HEAD];
-                    if e.node.is_null() {
-                        slots[i + HEAD] = Entry { tag, node: node.0.as_ptr() };
-                        len += 1;
-                        return;
-                    }
-                    let other = NodePtr(NonNull::new_unchecked(e.node.cast_mut()));
-                    if e.tag == tag && other.same_key(node) {
-                        return; // a newer binding of the same key is already in
-                    }
-                    i = (i + 1) & mask;
-                }
-            }
-        };
-        for &n in &fresh {
-            // SAFETY: `n` is a live node of this chain.
-            insert(&mut slots, unsafe { n.header() }.tag, n);
-        }
-        // SAFETY: the merged tables are live; each has `mask + 1` slots after its head.
-        unsafe {
-            for &t in &merged {
-                let slots_of_t = t.add(HEAD);
-                for i in 0..=Self::mask(t) {
-                    let e = *slots_of_t.add(i);
-                    if let Some(n) = NonNull::new(e.node.cast_mut()) {
-                        insert(&mut slots, e.tag, NodePtr(n));
-                    }
-                }
-            }
-        }
-        debug_assert!(mask <= u32::MAX as usize && len <= u32::MAX as usize && level < 256);
-        slots[0] = Entry { tag: ((mask as u64) << 32) | len as u64, node: rest.cast::<Header>() };
-        slots[1] = Entry { tag: ((live as u64) << 8) | u64::from(level), node: ptr::null() };
-        let boxed: Box<[Entry]> = slots.into_boxed_slice();
-        Box::into_raw(boxed).cast::<Entry>().cast_const()
-    }
-
-    /// One table of every binding from `top` down to the nearest barrier (or the chain's end),
-    /// with no base: see [`NodeRef::index_chain`].
-    ///
-    /// # Safety
-    /// `top` and the chain below it are alive while this runs.
-    unsafe fn build_bulk(top: NodePtr) -> *const Entry {
-        let mut nodes: Vec<NodePtr> = Vec::new();
-        // SAFETY: forwarded; every node reached is an ancestor of `top`.
-        unsafe {
-            let mut node = Some(top);
-            while let Some(n) = node {
-                let h = n.header();
-                if h.is_value() {
-                    nodes.push(n);
-                }
-                if h.flags & F_BARRIER != 0 {
-                    break;
-                }
-                node = n.parent();
-            }
-        }
-        let mut level = 0;
-        while nodes.len() > level_capacity(level) {
-            level += 1;
-        }
-        let cap = (nodes.len() * 2).next_power_of_two().max(16);
-        let mask = cap - 1;
-        let mut slots: Vec<Entry> = alloc::vec![Entry::EMPTY; cap + HEAD];
-        let (mut len, mut live) = (0usize, 0usize);
-        for n in nodes {
-            // SAFETY: `n` and every node already in the table are live nodes of this chain.
-            unsafe {
-                let tag = n.header().tag;
-                let mut i = home(tag, mask);
-                loop {
-                    let e = slots[i + HEAD];
-                    if e.node.is_null() {
-                        slots[i + HEAD] = Entry { tag, node: n.0.as_ptr() };
-                        len += 1;
-                        live += usize::from(!n.header().is_tombstone());
-                        break;
-                    }
-                    if e.tag == tag && NodePtr(NonNull::new_unchecked(e.node.cast_mut())).same_key(n) {
-                        break; // a newer binding of the same key is already in
-                    }
-                    i = (i + 1) & mask;
-                }
-            }
-        }
-        slots[0] = Entry { tag: ((mask as u64) << 32) | len as u64, node: ptr::null() };
-        slots[1] = Entry { tag: ((live as u64) << 8) | u64::from(level), node: ptr::null() };
-        let boxed: Box<[Entry]> = slots.into_boxed_slice();
-        Box::into_raw(boxed).cast::<Entry>().cast_const()
-    }
-
-    /// # Safety
-    /// `table` is a table built by [`Table::build`] that nothing uses any more.
-    unsafe fn free(table: *const Entry) {
-        // SAFETY: rebuilds the boxed slice `build` leaked: `mask + 1 + HEAD` entries. The base
-        // is not ours (an ancestor's table).
-        unsafe {
-            let slice = ptr::slice_from_raw_parts_mut(table.cast_mut(), Self::mask(table) + 1 + HEAD);
-            drop(Box::from_raw(slice));
-        }
-    }
-}
-
-/// The number of keys whose newest binding at or below `top` (and above `stop`) is not a
-/// tombstone: O(1) when `top` is indexed (the live count of its table, corrected for the at most
-/// [`SEGMENT`] bindings above that table), a walk otherwise.
-///
-/// # Safety
-/// `top` is alive while this runs; `stop` is null or an ancestor of `top` under which no table
-/// reaches (a barrier, such as a `SessionMap`'s base).
-pub(crate) unsafe fn live_len(top: NodePtr, stop: Option<NodePtr>) -> usize {
-    // SAFETY: forwarded; every node reached is `top` or an ancestor.
-    unsafe {
-        let table = top.header().table;
-        if table.is_null() {
-            let mut n = 0;
-            for_each_binding(top, stop, |b| n += usize::from(!b.header().is_tombstone()));
-            return n;
-        }
-        let mut live = Table::live(table);
-        let mut seen: Vec<NodePtr> = Vec::new();
-        let mut node = Some(top);
-        while let Some(n) = node {
-            let h = n.header();
-            if (h.flags & F_OWNS_TABLE != 0 && h.table == table) || Some(n) == stop {
-                break;
-            }
-            if h.is_value() && !seen.iter().any(|s| s.same_key(n)) {
-                seen.push(n);
-                let was = Table::find(table, &n.query()).is_some_and(|p| !p.header().is_tombstone());
-                match (was, !h.is_tombstone()) {
-                    (false, true) => live += 1,
-                    (true, false) => live -= 1,
-                    _ => {}
-                }
-            }
-            node = n.parent();
-        }
-        live
     }
 }
 
@@ -1318,37 +1042,5 @@ mod tests {
         assert!(panics >= 1, "no comparison panicked");
         drop(ctx);
         assert_eq!(DROPS.load(Ordering::SeqCst), depth as usize, "every value was dropped");
-    }
-
-    /// Regression: a context stored as a value in a context used to drop recursively, one
-    /// native stack frame group per nesting level.
-    #[test]
-    fn nested_contexts_drop_iteratively() {
-        extern crate std;
-        use crate::{AnySession, Context, SessionCtx, SessionExt};
-
-        let levels = if cfg!(miri) { 1_000 } else { 1_000_000 };
-        let mut ctx = Context::background();
-        for _ in 0..levels {
-            ctx = Context::background().with_value(0u8, ctx);
-        }
-        let levels = if cfg!(miri) { 300 } else { 100_000 };
-        let mut session = SessionCtx::new(&Context::background());
-        let mut any: AnySession = SessionCtx::new(&Context::background()).into();
-        for _ in 0..levels {
-            session = SessionCtx::new(&Context::background()).with_value(0u8, session);
-            // A value behind an `Arc` (the `dyn Session` path).
-            any = SessionExt::with_value(&SessionCtx::new(&Context::background()), 0u8, any);
-        }
-        std::thread::Builder::new()
-            .stack_size(256 << 10)
-            .spawn(move || {
-                drop(ctx);
-                drop(session);
-                drop(any);
-            })
-            .unwrap()
-            .join()
-            .unwrap();
     }
 }

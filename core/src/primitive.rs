@@ -1,13 +1,19 @@
-//! The one place that chooses between real and model-checked synchronization primitives.
+//! The loom/std switch: the atomics, cells, locks and epoch pinning the crate's protocols use.
 //!
 //! Follows crossbeam-epoch's `primitive` module: under `--cfg localsession_loom` every atomic,
 //! `UnsafeCell` and lock the crate's protocols use comes from `loom`, so the loom models in
 //! `tests/loom.rs` explore their interleavings; otherwise they are `core`'s atomics and `spin`'s
-//! lock. Nothing outside this module names `core::sync::atomic` directly.
+//! lock. (Two deliberate exceptions use `core`'s atomics directly, and say why: the set-once
+//! statics of [`global`](crate::global) and the node reference counts of
+//! [`node`](crate::node).)
 //!
 //! Crossbeam-epoch itself is switched with `--cfg crossbeam_loom` (and its `loom` feature, which
 //! this crate enables under the same cfg), so that epoch pinning is modelled too. The epoch entry
-//! points used by the crate live in [`epoch`].
+//! points used by the crate, and the crate's collector, live in [`epoch`].
+//!
+//! This module sits at the bottom of the crate's module graph: it imports nothing from the
+//! crate but the set-once cell of [`global`](crate::global) (see `docs/architecture.md`,
+//! "Module layering").
 
 #[cfg(localsession_loom)]
 pub(crate) use loom::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
@@ -109,18 +115,26 @@ impl<T> Mutex<T> {
     }
 }
 
-/// Epoch-based reclamation entry points (crossbeam-epoch).
+/// Epoch-based reclamation entry points (crossbeam-epoch): the crate's collector, and how a
+/// `SessionMap` read pins it.
 ///
 /// Which collector a reader pins depends on the build:
 /// - under loom, a per-model collector and a per-model-thread handle (crossbeam-epoch's own
 ///   `default.rs` does the same under loom);
 /// - with the `std` feature, crossbeam-epoch's default collector and its thread-local handle;
 /// - in `no_std`, a process-wide [`Collector`](crossbeam_epoch::Collector) owned by this crate
-///   ([`collector`]); the global [`ContextStore`](crate::ContextStore) can hand out a guard from
-///   a handle its execution unit registered ([`ContextStore::pin_epoch`](crate::ContextStore::pin_epoch)),
-///   and without one a handle is registered for the duration of the read.
+///   ([`collector`]). The execution unit may have a handle registered already: the global
+///   [`ContextStore`](crate::ContextStore) can hand out a guard pinned from it
+///   ([`ContextStore::pin_epoch`](crate::ContextStore::pin_epoch)). This module cannot name the
+///   store (the store sits above the sessions, which sit above this module), so the store module
+///   registers a *pin source* here ([`set_pin_source`]) before the store becomes visible;
+///   without a source, or when it has no guard, a handle is registered for the duration of the
+///   read.
 pub(crate) mod epoch {
-    pub(crate) use crossbeam_epoch::Guard;
+    pub(crate) use crossbeam_epoch::{Collector, Guard};
+
+    /// Asks the execution unit for a guard pinned in [`collector`] (see [`set_pin_source`]).
+    pub(crate) type PinSource = fn() -> Option<Guard>;
 
     #[cfg(localsession_loom)]
     loom::lazy_static! {
@@ -129,6 +143,40 @@ pub(crate) mod epoch {
     #[cfg(localsession_loom)]
     loom::thread_local! {
         static HANDLE: crossbeam_epoch::LocalHandle = COLLECTOR.register();
+    }
+
+    #[cfg(all(not(localsession_loom), not(feature = "std")))]
+    static PIN_SOURCE: crate::global::Global<PinSource> = crate::global::Global::new();
+
+    /// The collector `SessionMap` writers defer reclamation to and readers pin: crossbeam-epoch's
+    /// default collector with the `std` feature, otherwise one owned by this crate.
+    pub(crate) fn collector() -> &'static Collector {
+        #[cfg(feature = "std")]
+        {
+            crossbeam_epoch::default_collector()
+        }
+        #[cfg(not(feature = "std"))]
+        {
+            static COLLECTOR: spin::Once<Collector> = spin::Once::new();
+            COLLECTOR.call_once(Collector::new)
+        }
+    }
+
+    /// Registers where `no_std` reads get their guard from (the first registration wins; the
+    /// store module registers one function, so later calls change nothing). Every guard the
+    /// source returns must be pinned in [`collector`]: the store's source only returns the
+    /// inner guard of an `EpochGuard`, which can only be pinned from an `EpochHandle` of
+    /// [`collector`]. Does nothing where reads do not use a source (`std`, loom).
+    pub(crate) fn set_pin_source(source: &'static PinSource) {
+        #[cfg(all(not(localsession_loom), not(feature = "std")))]
+        {
+            // A failed `set` means a source is registered already (it is the same function).
+            let _ = PIN_SOURCE.set(source);
+        }
+        #[cfg(any(localsession_loom, feature = "std"))]
+        {
+            let _ = source;
+        }
     }
 
     /// Pins the current execution unit.
@@ -144,15 +192,13 @@ pub(crate) mod epoch {
         }
         #[cfg(all(not(localsession_loom), not(feature = "std")))]
         {
-            // An `EpochGuard` is always pinned in `collector()`, the collector writers defer
-            // to: a store cannot hand out a guard of another collector.
-            if let Some(guard) = crate::store::global_store().and_then(|s| s.pin_epoch()) {
-                return guard.into_inner();
+            if let Some(guard) = PIN_SOURCE.get().and_then(|source| source()) {
+                return guard;
             }
             // No handle available from the execution unit: register one for this read. The
             // handle is released when the guard is dropped (crossbeam keeps the participant
             // alive until then).
-            crate::store::collector().register().pin()
+            collector().register().pin()
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Cancel scopes: validity flags, the cancellation tree, `done()` and `after_cancel`.
+//! Cancel scopes: validity flags, the cancellation tree, `done()`, `after_cancel` and expiry.
 //!
 //! A scope is a node of the context chain (tag 0, so value lookups pass over it) that a
 //! [`Context`](crate::Context) points at directly, so checking validity never walks the values.
@@ -29,6 +29,14 @@
 //! - `done()` registers a waker under the lock after checking `state` under it, so a concurrent
 //!   cancel either sees the waker or the poll sees `CANCELLED`: no lost wake-up (loom model
 //!   `done_vs_cancel`).
+//!
+//! # Layering
+//!
+//! Scopes are built from [`node`](crate::node)s and read [`time`](crate::time); neither names
+//! this module back. Node reclamation reaches a scope through its vtable (`SCOPE_VTABLE`'s
+//! `detach` leaves the parent's list before the node is freed), and a clock's timer through the
+//! [`Expiry`] handle that `time` defines and this module implements (`fire`, `is_settled`,
+//! `settled`, `deadline`).
 
 use core::future::Future;
 use core::pin::Pin;
@@ -79,6 +87,7 @@ const SCOPE_VTABLE: VTable = VTable {
     value: |_| &UNIT,
     shared: |_| None,
     rebind: None,
+    detach: Some(detach),
 };
 
 enum Slot {
@@ -414,11 +423,12 @@ impl ScopeNode {
     }
 }
 
-/// Removes a scope whose count reached zero from its parent's list.
+/// Removes a scope whose count reached zero from its parent's list: the scope vtable's
+/// `detach`, which node reclamation calls before it releases the parent link.
 ///
 /// # Safety
 /// `node` is a scope node whose count reached zero and whose parent link is still held.
-pub(crate) unsafe fn detach(node: NonNull<Header>) {
+unsafe fn detach(node: NonNull<Header>) {
     // SAFETY: forwarded; only shared references are formed (the parent may be reading our count).
     let this = unsafe { node.cast::<ScopeNode>().as_ref() };
     if let Some(parent) = this.parent {
@@ -589,5 +599,135 @@ impl AfterCancel {
 impl fmt::Debug for AfterCancel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AfterCancel").field("registered", &(self.slot != NO_SLOT)).finish()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Expiry: what a clock's timer fires
+// ---------------------------------------------------------------------------------------------
+
+impl Expiry {
+    /// Cancels the scope with [`ContextError::DeadlineExceeded`](crate::ContextError) (and every
+    /// scope under it), waking its `done()` futures and running its `after_cancel` callbacks on
+    /// the calling thread. Does nothing if the scope was cancelled already.
+    ///
+    /// # Examples
+    /// ```
+    /// # use std::sync::Mutex;
+    /// # use core::time::Duration;
+    /// # use localsession_core::{Clock, Context, Expiry, Instant};
+    /// # struct Manual(Mutex<Vec<(Duration, Expiry)>>);
+    /// # impl Clock for Manual {
+    /// #     fn now(&self) -> Duration { Duration::ZERO }
+    /// #     fn schedule(&self, at: Duration, expiry: Expiry) { self.0.lock().unwrap().push((at, expiry)); }
+    /// # }
+    /// # static CLOCK: Manual = Manual(Mutex::new(Vec::new()));
+    /// // `CLOCK` reads 0 and queues the expiries it is handed, like the clock of the `Expiry` example.
+    ///
+    /// let deadline = Instant::from_clock_time(&CLOCK, Duration::from_secs(1));
+    /// let (ctx, _cancel) = Context::background().with_deadline(deadline);
+    /// let _waiter = ctx.after_cancel(|| {});
+    /// let (_, expiry) = CLOCK.0.lock().unwrap().pop().unwrap();
+    /// assert!(!ctx.is_done()); // the clock still reads 0
+    /// expiry.fire();
+    /// assert!(ctx.err().unwrap().is_deadline_exceeded());
+    /// ```
+    pub fn fire(self) {
+        // SAFETY: `scope` is a live scope node (only `ScopeNode::arm_timer` makes an `Expiry`).
+        let scope = unsafe { ScopeNode::from_node(&self.scope) };
+        scope.cancel(ContextError::DeadlineExceeded);
+    }
+
+    /// Whether the scope is already cancelled, so firing would do nothing.
+    ///
+    /// # Examples
+    /// ```
+    /// # use std::sync::Mutex;
+    /// # use core::time::Duration;
+    /// # use localsession_core::{Clock, Context, Expiry, Instant};
+    /// # struct Manual(Mutex<Vec<(Duration, Expiry)>>);
+    /// # impl Clock for Manual {
+    /// #     fn now(&self) -> Duration { Duration::ZERO }
+    /// #     fn schedule(&self, at: Duration, expiry: Expiry) { self.0.lock().unwrap().push((at, expiry)); }
+    /// # }
+    /// # static CLOCK: Manual = Manual(Mutex::new(Vec::new()));
+    /// // `CLOCK` reads 0 and queues the expiries it is handed, like the clock of the `Expiry` example.
+    ///
+    /// let deadline = Instant::from_clock_time(&CLOCK, Duration::from_secs(1));
+    /// let (ctx, cancel) = Context::background().with_deadline(deadline);
+    /// let _waiter = ctx.after_cancel(|| {});
+    /// let (_, expiry) = CLOCK.0.lock().unwrap().pop().unwrap();
+    /// assert!(!expiry.is_settled());
+    /// cancel.cancel(); // cancelled before its deadline
+    /// assert!(expiry.is_settled()); // a timer may drop it now
+    /// ```
+    #[must_use]
+    pub fn is_settled(&self) -> bool {
+        // SAFETY: as in `fire`.
+        unsafe { ScopeNode::from_node(&self.scope) }.is_cancelled()
+    }
+
+    /// A future that resolves when the scope is done (cancelled, or fired): a timer task can
+    /// race it against its sleep to release the scope early when it is cancelled before the
+    /// deadline.
+    ///
+    /// # Examples
+    /// ```
+    /// # use std::sync::Mutex;
+    /// # use core::time::Duration;
+    /// # use localsession_core::{Clock, Context, Expiry, Instant};
+    /// # struct Manual(Mutex<Vec<(Duration, Expiry)>>);
+    /// # impl Clock for Manual {
+    /// #     fn now(&self) -> Duration { Duration::ZERO }
+    /// #     fn schedule(&self, at: Duration, expiry: Expiry) { self.0.lock().unwrap().push((at, expiry)); }
+    /// # }
+    /// # static CLOCK: Manual = Manual(Mutex::new(Vec::new()));
+    /// // `CLOCK` reads 0 and queues the expiries it is handed, like the clock of the `Expiry` example.
+    ///
+    /// let deadline = Instant::from_clock_time(&CLOCK, Duration::from_secs(1));
+    /// let (ctx, cancel) = Context::background().with_deadline(deadline);
+    /// let _waiter = ctx.after_cancel(|| {});
+    /// let (_, expiry) = CLOCK.0.lock().unwrap().pop().unwrap();
+    /// let settled = expiry.settled();
+    /// cancel.cancel();
+    /// futures::executor::block_on(settled); // resolves before the deadline: stop the timer early
+    /// assert!(expiry.is_settled());
+    /// ```
+    pub fn settled(&self) -> Done {
+        Done::new(Some(self.scope.clone()))
+    }
+
+    /// The deadline this expiry is for.
+    ///
+    /// # Examples
+    /// ```
+    /// # use std::sync::Mutex;
+    /// # use core::time::Duration;
+    /// # use localsession_core::{Clock, Context, Expiry, Instant};
+    /// # struct Manual(Mutex<Vec<(Duration, Expiry)>>);
+    /// # impl Clock for Manual {
+    /// #     fn now(&self) -> Duration { Duration::ZERO }
+    /// #     fn schedule(&self, at: Duration, expiry: Expiry) { self.0.lock().unwrap().push((at, expiry)); }
+    /// # }
+    /// # static CLOCK: Manual = Manual(Mutex::new(Vec::new()));
+    /// // `CLOCK` reads 0 and queues the expiries it is handed, like the clock of the `Expiry` example.
+    ///
+    /// let deadline = Instant::from_clock_time(&CLOCK, Duration::from_secs(1));
+    /// let (ctx, _cancel) = Context::background().with_deadline(deadline);
+    /// let _waiter = ctx.after_cancel(|| {});
+    /// let (at, expiry) = CLOCK.0.lock().unwrap().pop().unwrap();
+    /// assert_eq!(expiry.deadline(), Some(deadline));
+    /// assert_eq!(at, deadline.since_origin());
+    /// ```
+    #[must_use]
+    pub fn deadline(&self) -> Option<Instant> {
+        // SAFETY: as in `fire`.
+        unsafe { ScopeNode::from_node(&self.scope) }.deadline()
+    }
+}
+
+impl fmt::Debug for Expiry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Expiry").field("deadline", &self.deadline()).finish()
     }
 }

@@ -14,6 +14,14 @@
 //! opens a child scope: disabling the fork leaves the parent valid, disabling the parent reaches
 //! the fork. Unlike Go, which ignores the wrapped context, a session is also invalid once that
 //! context is cancelled or past its deadline.
+//!
+//! # Layering
+//!
+//! This module sits above [`map`](crate::map): [`AnySession`] holds a [`SessionMap`], so the
+//! `Session` impl of `SessionMap` is here too (over the map's erased read and insert), and the
+//! map never names the sessions. [`AnySession`]'s inherent methods are the fast paths for the
+//! built-in sessions (no dynamic dispatch); where there is none to take they delegate to
+//! [`SessionExt`] (`try_value_cloned`, `str_value`, and every method for a user session).
 
 use core::any::{Any, type_name};
 use core::fmt;
@@ -29,10 +37,9 @@ use crate::context::Context;
 use crate::error::{ContextError, ReadError};
 use crate::key::{DynKey, Key, KeyQuery};
 use crate::map::SessionMap;
-use crate::node::{F_VALUE, NodeRef, SharedKey, SharedValue, TypedKey};
+use crate::node::{ChainOwner, F_VALUE, NodeRef, SharedKey, SharedValue, TypedKey, register_chain_owner};
 use crate::scope::Done;
 use crate::time::{Instant, NoClockError, global_clock};
-use alloc::vec::Vec;
 
 /// Go's `Session` interface: implicit request context that a store binds to an execution unit.
 ///
@@ -319,6 +326,7 @@ impl SessionCtx {
     /// ```
     #[must_use]
     pub fn new(ctx: &Context) -> SessionCtx {
+        register_session_chain_owner();
         SessionCtx { ctx: ctx.open_scope_ctx(None, false) }
     }
 
@@ -355,6 +363,7 @@ impl SessionCtx {
     /// ```
     #[must_use]
     pub fn with_deadline(ctx: &Context, deadline: Instant) -> SessionCtx {
+        register_session_chain_owner();
         SessionCtx { ctx: ctx.open_scope_ctx(Some(deadline), false) }
     }
 
@@ -569,6 +578,8 @@ impl Session for SessionCtx {
     }
 
     fn with_value_dyn(&self, key: DynKey, value: Arc<dyn Any + Send + Sync>) -> AnySession {
+        // The value's type is erased: it may be a `Context` (see `Context::note_value_type`).
+        Context::register_chain_owner();
         let parent = self.ctx.top().cloned();
         let node = match key.key {
             Some(k) => NodeRef::new_value(parent, key.tag, F_VALUE, SharedKey(k), SharedValue(value)),
@@ -966,18 +977,83 @@ impl fmt::Debug for AnySession {
     }
 }
 
-/// If `value` is a [`Context`], a [`SessionCtx`] or an [`AnySession::Ctx`], moves its chain into
-/// `out` (the value is about to be dropped), so that node reclamation releases nested contexts
-/// iteratively instead of recursing once per nesting level.
-pub(crate) fn take_nested_chain(value: &mut dyn Any, out: &mut Vec<NodeRef>) {
-    let top = if let Some(ctx) = value.downcast_mut::<Context>() {
-        ctx.take_top()
-    } else if let Some(s) = value.downcast_mut::<SessionCtx>() {
+impl Session for SessionMap {
+    fn is_valid(&self) -> bool {
+        SessionMap::is_valid(self)
+    }
+
+    fn get_with(&self, key: &KeyQuery<'_>, f: &mut dyn FnMut(Option<&(dyn Any + Send + Sync)>)) {
+        self.get_erased(key, f);
+    }
+
+    fn with_value_dyn(&self, key: DynKey, value: Arc<dyn Any + Send + Sync>) -> AnySession {
+        // The value's type is erased: it may be a `Context` (see `Context::note_value_type`).
+        Context::register_chain_owner();
+        self.insert_erased(key, value);
+        AnySession::Map(self.clone())
+    }
+}
+
+/// Registers [`SessionCtx`] and [`AnySession::Ctx`] with node reclamation as values owning a
+/// chain (see [`register_chain_owner`]), so that sessions nested as values in contexts or
+/// sessions drop iteratively. Called by the constructors that make a `SessionCtx` from nothing
+/// (`new`, `with_deadline`): every other `SessionCtx`, and every `AnySession::Ctx`, is derived
+/// from one of those, so no such value can reach a node before this ran. After the first call,
+/// one load.
+#[inline]
+fn register_session_chain_owner() {
+    register_chain_owner(ChainOwner::Session, take_session_chain);
+}
+
+/// The chain of a [`SessionCtx`] or an [`AnySession::Ctx`] about to be dropped.
+fn take_session_chain(value: &mut (dyn Any + Send + Sync)) -> Option<NodeRef> {
+    if let Some(s) = value.downcast_mut::<SessionCtx>() {
         s.ctx.take_top()
     } else if let Some(AnySession::Ctx(s)) = value.downcast_mut::<AnySession>() {
         s.ctx.take_top()
     } else {
         None
-    };
-    out.extend(top);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Regression: a context stored as a value in a context used to drop recursively, one
+    /// native stack frame group per nesting level.
+    #[test]
+    fn nested_contexts_drop_iteratively() {
+        extern crate std;
+        use crate::{AnySession, Context, SessionCtx, SessionExt};
+
+        let levels = if cfg!(miri) { 1_000 } else { 1_000_000 };
+        let mut ctx = Context::background();
+        for _ in 0..levels {
+            ctx = Context::background().with_value(0u8, ctx);
+        }
+        let levels = if cfg!(miri) { 300 } else { 100_000 };
+        let mut session = SessionCtx::new(&Context::background());
+        let mut any: AnySession = SessionCtx::new(&Context::background()).into();
+        for _ in 0..levels {
+            session = SessionCtx::new(&Context::background()).with_value(0u8, session);
+            // A value behind an `Arc` (the `dyn Session` path).
+            any = SessionExt::with_value(&SessionCtx::new(&Context::background()), 0u8, any);
+        }
+        // A session bound in a plain context (contexts in maps: `tests/model_map.rs`, which
+        // miri runs under Tree Borrows, as everything that pins crossbeam-epoch).
+        let mut mixed = Context::background();
+        for _ in 0..levels {
+            mixed = Context::background().with_value(0u8, SessionCtx::new(&mixed));
+        }
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || {
+                drop(ctx);
+                drop(session);
+                drop(any);
+                drop(mixed);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
 }

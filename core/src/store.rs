@@ -1,5 +1,9 @@
-//! Where "the current session" lives: [`ContextStore`], the process-wide default store, and the
-//! binding API ([`bind`], [`unbind`], [`current`], [`with_current`], [`enter`], [`scope`]).
+//! Where "the current session" lives: [`ContextStore`], the global store and the binding API.
+//!
+//! The binding API is [`bind`], [`unbind`], [`current`], [`with_current`], [`enter`] and
+//! [`scope`]; [`EpochHandle`] and [`EpochGuard`] are what a `no_std` store hands to
+//! `SessionMap` reads through [`ContextStore::pin_epoch`] (this module registers that as the
+//! epoch pin source of [`primitive`](crate::primitive) when a store is set).
 //!
 //! The core knows nothing about threads or tasks. An adapter (or your executor) implements
 //! [`ContextStore`] for its execution unit — a thread-local slot, a slot in a task struct, a map
@@ -23,6 +27,7 @@ use core::ptr;
 use alloc::vec::Vec;
 
 use crate::global::Global;
+use crate::primitive::epoch::{self, PinSource, collector};
 use crate::session::AnySession;
 
 /// The slot of "the current session" for the running execution unit.
@@ -274,8 +279,16 @@ static GLOBAL_STORE: Global<dyn ContextStore> = Global::new();
 /// assert!(global_store().is_some());
 /// ```
 pub fn set_global_store(store: &'static dyn ContextStore) -> Result<(), SetGlobalStoreError> {
+    // Registered before the store becomes visible, so that no `no_std` map read made after
+    // `global_store()` returns the store misses its `pin_epoch`.
+    epoch::set_pin_source(&PIN_FROM_GLOBAL_STORE);
     GLOBAL_STORE.set(store).map_err(|()| SetGlobalStoreError(()))
 }
+
+/// How `no_std` `SessionMap` reads get an epoch guard from the registered store (see
+/// [`epoch::set_pin_source`]): the inner guard of the store's [`EpochGuard`], which is pinned in
+/// [`collector`] by construction.
+static PIN_FROM_GLOBAL_STORE: PinSource = || global_store().and_then(|s| s.pin_epoch()).map(EpochGuard::into_inner);
 
 /// The registered default store.
 ///
@@ -310,20 +323,6 @@ impl fmt::Display for SetGlobalStoreError {
 }
 
 impl core::error::Error for SetGlobalStoreError {}
-
-/// The collector `SessionMap` writers defer reclamation to and readers pin: crossbeam-epoch's
-/// default collector with the `std` feature, otherwise one owned by this crate.
-pub(crate) fn collector() -> &'static crossbeam_epoch::Collector {
-    #[cfg(feature = "std")]
-    {
-        crossbeam_epoch::default_collector()
-    }
-    #[cfg(not(feature = "std"))]
-    {
-        static COLLECTOR: spin::Once<crossbeam_epoch::Collector> = spin::Once::new();
-        COLLECTOR.call_once(crossbeam_epoch::Collector::new)
-    }
-}
 
 /// An execution unit's registration with the epoch collector that `SessionMap` reads pin (the
 /// crate's own: a handle of any other collector cannot be made). `no_std` executors register
@@ -391,7 +390,7 @@ impl fmt::Debug for EpochHandle {
 /// let guard = EpochGuard::pin(&handle);
 /// guard.flush(); // runs pending deferred reclamation, if the epoch allows
 /// ```
-pub struct EpochGuard(crossbeam_epoch::Guard);
+pub struct EpochGuard(epoch::Guard);
 
 impl EpochGuard {
     /// Pins `handle`.
@@ -423,8 +422,7 @@ impl EpochGuard {
     }
 
     /// The underlying crossbeam guard (pinned in [`collector`]).
-    #[cfg_attr(any(feature = "std", localsession_loom), allow(dead_code))]
-    pub(crate) fn into_inner(self) -> crossbeam_epoch::Guard {
+    pub(crate) fn into_inner(self) -> epoch::Guard {
         self.0
     }
 }

@@ -344,134 +344,13 @@ impl fmt::Debug for Instant {
 /// expiry.fire(); // the "timer" reached the deadline
 /// assert_eq!(rx.try_recv(), Ok("expired"));
 /// ```
+///
+/// The handle is defined here because [`Clock::schedule`] takes it; what firing does is the
+/// cancel scope's business, so its methods are implemented in [`scope`](crate::scope), next to
+/// the cancellation they run (this module does not name the scope module).
 pub struct Expiry {
+    /// A scope node (only the scope module makes an `Expiry`).
     pub(crate) scope: NodeRef,
-}
-
-impl Expiry {
-    /// Cancels the scope with [`ContextError::DeadlineExceeded`](crate::ContextError) (and every
-    /// scope under it), waking its `done()` futures and running its `after_cancel` callbacks on
-    /// the calling thread. Does nothing if the scope was cancelled already.
-    ///
-    /// # Examples
-    /// ```
-    /// # use std::sync::Mutex;
-    /// # use core::time::Duration;
-    /// # use localsession_core::{Clock, Context, Expiry, Instant};
-    /// # struct Manual(Mutex<Vec<(Duration, Expiry)>>);
-    /// # impl Clock for Manual {
-    /// #     fn now(&self) -> Duration { Duration::ZERO }
-    /// #     fn schedule(&self, at: Duration, expiry: Expiry) { self.0.lock().unwrap().push((at, expiry)); }
-    /// # }
-    /// # static CLOCK: Manual = Manual(Mutex::new(Vec::new()));
-    /// // `CLOCK` reads 0 and queues the expiries it is handed, like the clock of the `Expiry` example.
-    ///
-    /// let deadline = Instant::from_clock_time(&CLOCK, Duration::from_secs(1));
-    /// let (ctx, _cancel) = Context::background().with_deadline(deadline);
-    /// let _waiter = ctx.after_cancel(|| {});
-    /// let (_, expiry) = CLOCK.0.lock().unwrap().pop().unwrap();
-    /// assert!(!ctx.is_done()); // the clock still reads 0
-    /// expiry.fire();
-    /// assert!(ctx.err().unwrap().is_deadline_exceeded());
-    /// ```
-    pub fn fire(self) {
-        // SAFETY: `scope` is a live scope node (only `scope::arm_timer` makes an `Expiry`).
-        let scope = unsafe { crate::scope::ScopeNode::from_node(&self.scope) };
-        scope.cancel(crate::ContextError::DeadlineExceeded);
-    }
-
-    /// Whether the scope is already cancelled, so firing would do nothing.
-    ///
-    /// # Examples
-    /// ```
-    /// # use std::sync::Mutex;
-    /// # use core::time::Duration;
-    /// # use localsession_core::{Clock, Context, Expiry, Instant};
-    /// # struct Manual(Mutex<Vec<(Duration, Expiry)>>);
-    /// # impl Clock for Manual {
-    /// #     fn now(&self) -> Duration { Duration::ZERO }
-    /// #     fn schedule(&self, at: Duration, expiry: Expiry) { self.0.lock().unwrap().push((at, expiry)); }
-    /// # }
-    /// # static CLOCK: Manual = Manual(Mutex::new(Vec::new()));
-    /// // `CLOCK` reads 0 and queues the expiries it is handed, like the clock of the `Expiry` example.
-    ///
-    /// let deadline = Instant::from_clock_time(&CLOCK, Duration::from_secs(1));
-    /// let (ctx, cancel) = Context::background().with_deadline(deadline);
-    /// let _waiter = ctx.after_cancel(|| {});
-    /// let (_, expiry) = CLOCK.0.lock().unwrap().pop().unwrap();
-    /// assert!(!expiry.is_settled());
-    /// cancel.cancel(); // cancelled before its deadline
-    /// assert!(expiry.is_settled()); // a timer may drop it now
-    /// ```
-    #[must_use]
-    pub fn is_settled(&self) -> bool {
-        // SAFETY: as in `fire`.
-        unsafe { crate::scope::ScopeNode::from_node(&self.scope) }.is_cancelled()
-    }
-
-    /// A future that resolves when the scope is done (cancelled, or fired): a timer task can
-    /// race it against its sleep to release the scope early when it is cancelled before the
-    /// deadline.
-    ///
-    /// # Examples
-    /// ```
-    /// # use std::sync::Mutex;
-    /// # use core::time::Duration;
-    /// # use localsession_core::{Clock, Context, Expiry, Instant};
-    /// # struct Manual(Mutex<Vec<(Duration, Expiry)>>);
-    /// # impl Clock for Manual {
-    /// #     fn now(&self) -> Duration { Duration::ZERO }
-    /// #     fn schedule(&self, at: Duration, expiry: Expiry) { self.0.lock().unwrap().push((at, expiry)); }
-    /// # }
-    /// # static CLOCK: Manual = Manual(Mutex::new(Vec::new()));
-    /// // `CLOCK` reads 0 and queues the expiries it is handed, like the clock of the `Expiry` example.
-    ///
-    /// let deadline = Instant::from_clock_time(&CLOCK, Duration::from_secs(1));
-    /// let (ctx, cancel) = Context::background().with_deadline(deadline);
-    /// let _waiter = ctx.after_cancel(|| {});
-    /// let (_, expiry) = CLOCK.0.lock().unwrap().pop().unwrap();
-    /// let settled = expiry.settled();
-    /// cancel.cancel();
-    /// futures::executor::block_on(settled); // resolves before the deadline: stop the timer early
-    /// assert!(expiry.is_settled());
-    /// ```
-    pub fn settled(&self) -> crate::Done {
-        crate::Done::new(Some(self.scope.clone()))
-    }
-
-    /// The deadline this expiry is for.
-    ///
-    /// # Examples
-    /// ```
-    /// # use std::sync::Mutex;
-    /// # use core::time::Duration;
-    /// # use localsession_core::{Clock, Context, Expiry, Instant};
-    /// # struct Manual(Mutex<Vec<(Duration, Expiry)>>);
-    /// # impl Clock for Manual {
-    /// #     fn now(&self) -> Duration { Duration::ZERO }
-    /// #     fn schedule(&self, at: Duration, expiry: Expiry) { self.0.lock().unwrap().push((at, expiry)); }
-    /// # }
-    /// # static CLOCK: Manual = Manual(Mutex::new(Vec::new()));
-    /// // `CLOCK` reads 0 and queues the expiries it is handed, like the clock of the `Expiry` example.
-    ///
-    /// let deadline = Instant::from_clock_time(&CLOCK, Duration::from_secs(1));
-    /// let (ctx, _cancel) = Context::background().with_deadline(deadline);
-    /// let _waiter = ctx.after_cancel(|| {});
-    /// let (at, expiry) = CLOCK.0.lock().unwrap().pop().unwrap();
-    /// assert_eq!(expiry.deadline(), Some(deadline));
-    /// assert_eq!(at, deadline.since_origin());
-    /// ```
-    #[must_use]
-    pub fn deadline(&self) -> Option<Instant> {
-        // SAFETY: as in `fire`.
-        unsafe { crate::scope::ScopeNode::from_node(&self.scope) }.deadline()
-    }
-}
-
-impl fmt::Debug for Expiry {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Expiry").field("deadline", &self.deadline()).finish()
-    }
 }
 
 static GLOBAL_CLOCK: Global<dyn Clock> = Global::new();

@@ -701,3 +701,30 @@ fn deep_contexts_with_many_keys_read_every_key() {
         }
     }
 }
+
+/// Contexts stored in maps (typed `insert`, erased `with_value_dyn`: the values a map shares)
+/// drop iteratively, however deep the nesting: node reclamation recognises them as values that
+/// own a chain.
+#[test]
+fn contexts_nested_in_maps_drop_iteratively() {
+    let levels = if cfg!(miri) { 100 } else { 100_000 };
+    let mut in_map = SessionMap::new();
+    let mut in_map_dyn = SessionMap::new();
+    for _ in 0..levels {
+        let map = SessionMap::new();
+        map.insert(0u8, in_map.export());
+        in_map = map;
+        let map = SessionMap::new();
+        let _ = map.with_value_dyn(DynKey::new(0u8), Arc::new(in_map_dyn.export()));
+        in_map_dyn = map;
+    }
+    std::thread::Builder::new()
+        .stack_size(256 << 10)
+        .spawn(move || {
+            drop(in_map);
+            drop(in_map_dyn);
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}

@@ -73,7 +73,7 @@ pub use localsession_std::{
 ///
 /// # Errors
 /// As [`localsession_std::init_default_manager`], and
-/// [`InitError::ForeignClock`](localsession_std::InitError::ForeignClock) if another clock was
+/// [`InitError::ForeignClock`] if another clock was
 /// registered before (then deadlines would not run on tokio's timer).
 ///
 /// # Examples

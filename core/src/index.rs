@@ -1,0 +1,526 @@
+//! Index tables: the levelled hash tables that let a lookup skip over a deep chain.
+//!
+//! Every `SEGMENT`-th value node of a chain (see [`node`](crate::node)) carries an index table:
+//! an open-addressing hash table of every distinct key at or below it (newest binding wins).
+//! [`Table`] explains the layout and its levels; [`find`](Table::find) is the table half of a
+//! lookup (the bloom-filter walk above the nearest table is the node half, `node::lookup`).
+//! This module also holds the other walks that need a chain's *distinct* bindings:
+//! [`for_each_binding`] (compaction, metainfo iteration) and [`live_len`] (`SessionMap::len`).
+//!
+//! # Layering
+//!
+//! The tables sit *below* the node storage: `node` builds a table when it links a node, and
+//! frees it with the node. So that this module does not name the node types back, everything
+//! here is generic over [`ChainNode`], the handful of header reads and key comparisons a table
+//! needs; `node::NodePtr` is its one implementation (so the generic code is compiled once, as
+//! the concrete code was).
+
+use core::ptr;
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+
+use crate::key::KeyQuery;
+
+/// What the tables need to know about a node of the chain they index: a non-owning pointer to
+/// a node, with the node's tag, flags, parent and key comparisons.
+///
+/// # Safety
+/// `to_entry` and `from_entry` round-trip (a table stores nodes as `*const ()` and gives them
+/// back through `from_entry`); `from_entry` is only called with a pointer `to_entry` made.
+/// Every method that reads the node may be called only while the node is alive, which the
+/// `unsafe` functions of this module require of their callers.
+pub(crate) unsafe trait ChainNode: Copy + Eq {
+    /// The pointer a table entry stores.
+    fn to_entry(self) -> *const ();
+
+    /// The node back from a table entry.
+    ///
+    /// # Safety
+    /// `entry` is non-null and was made by [`to_entry`](ChainNode::to_entry).
+    unsafe fn from_entry(entry: *const ()) -> Self;
+
+    /// The key's tag (0 for non-value nodes).
+    ///
+    /// # Safety
+    /// The node is alive.
+    unsafe fn tag(self) -> u64;
+
+    /// Whether the node binds a key (or removes one: a tombstone).
+    ///
+    /// # Safety
+    /// The node is alive.
+    unsafe fn is_value(self) -> bool;
+
+    /// Whether the binding removes its key.
+    ///
+    /// # Safety
+    /// The node is alive.
+    unsafe fn is_tombstone(self) -> bool;
+
+    /// Whether lookups from above stop at this node (a `SessionMap`'s base).
+    ///
+    /// # Safety
+    /// The node is alive.
+    unsafe fn is_barrier(self) -> bool;
+
+    /// The nearest index table at or below the node, or null.
+    ///
+    /// # Safety
+    /// The node is alive.
+    unsafe fn table(self) -> *const Entry;
+
+    /// Whether `table` was built for this node (and is freed with it).
+    ///
+    /// # Safety
+    /// The node is alive.
+    unsafe fn owns_table(self, table: *const Entry) -> bool;
+
+    /// The parent node, if any.
+    ///
+    /// # Safety
+    /// The node is alive.
+    unsafe fn parent(self) -> Option<Self>;
+
+    /// Whether this (value) node binds the key `q` asks for.
+    ///
+    /// # Safety
+    /// The node is alive.
+    unsafe fn matches(self, q: &KeyQuery<'_>) -> bool;
+
+    /// A query for the key this (value) node binds.
+    ///
+    /// # Safety
+    /// The node is a value node alive for `'a`.
+    unsafe fn query<'a>(self) -> KeyQuery<'a>;
+
+    /// Whether `self` and `other` bind the same key.
+    ///
+    /// # Safety
+    /// Both are live value nodes.
+    unsafe fn same_key(self, other: Self) -> bool;
+}
+
+/// Spreads a key tag over all 64 bits (Fibonacci hashing): the home slots of the tables take
+/// its top bits, and the nodes' bloom filters its top five.
+#[inline]
+pub(crate) fn mix(tag: u64) -> u64 {
+    tag.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Calls `f` with the newest binding of every key at or below `top` and above `stop` (tombstones
+/// included), newest first. Allocates the set of keys seen; used by `SessionMap` compaction,
+/// `len` and metainfo iteration, never by reads.
+///
+/// Linear in the chain's length: the keys seen are a short list while there are few, then a
+/// hash set by key tag (an earlier linear scan made compaction, and so every insert into a large
+/// map, quadratic in its size).
+///
+/// # Safety
+/// `top` is alive while this runs.
+pub(crate) unsafe fn for_each_binding<N: ChainNode>(top: N, stop: Option<N>, mut f: impl FnMut(N)) {
+    /// Distinct keys kept in a plain list before switching to the hash set.
+    const LINEAR: usize = 32;
+    let mut seen: Vec<N> = Vec::new();
+    let mut by_tag: Option<hashbrown::HashMap<u64, Vec<N>>> = None;
+    let mut node = Some(top);
+    // SAFETY: every node reached is an ancestor of `top`, so alive.
+    unsafe {
+        while let Some(n) = node {
+            if Some(n) == stop {
+                return;
+            }
+            if n.is_value() {
+                let tag = n.tag();
+                let fresh = match &mut by_tag {
+                    Some(set) => {
+                        let bucket = set.entry(tag).or_default();
+                        let fresh = !bucket.iter().any(|s| s.same_key(n));
+                        if fresh {
+                            bucket.push(n);
+                        }
+                        fresh
+                    }
+                    None => {
+                        let fresh = !seen.iter().any(|s| s.same_key(n));
+                        if fresh {
+                            seen.push(n);
+                            if seen.len() > LINEAR {
+                                let mut set: hashbrown::HashMap<u64, Vec<N>> = hashbrown::HashMap::new();
+                                for s in seen.drain(..) {
+                                    set.entry(s.tag()).or_default().push(s);
+                                }
+                                by_tag = Some(set);
+                            }
+                        }
+                        fresh
+                    }
+                };
+                if fresh {
+                    f(n);
+                }
+            }
+            node = n.parent();
+        }
+    }
+}
+
+/// A slot of an index table; the first [`HEAD`] slots of every table hold its header instead.
+#[derive(Clone, Copy)]
+pub(crate) struct Entry {
+    tag: u64,
+    node: *const (),
+}
+
+impl Entry {
+    const EMPTY: Entry = Entry { tag: 0, node: ptr::null() };
+}
+
+/// Header slots at the start of a table: `[0].tag = mask << 32 | len`, `[0].node` = the next
+/// level down (a table, or null); `[1].tag = live << 8 | level`.
+const HEAD: usize = 2;
+/// Distinct keys the top level holds before it is merged into the level below.
+pub(crate) const LEVEL0: usize = 64;
+/// Each level holds this many times the keys of the level above it.
+const LEVEL_RATIO: usize = 8;
+
+/// A tag's home slot in a table of `mask + 1` slots: the *top* bits of its mixed hash, so that
+/// slot order is hash order at every table size. Merging a table into a larger one then writes
+/// the larger table front to back (one sequential pass per merged table) instead of at random.
+#[inline]
+fn home(tag: u64, mask: usize) -> usize {
+    // `mask + 1` is a power of two >= 16: shift by 64 - log2(mask + 1).
+    (mix(tag) >> (64 - mask.count_ones())) as usize
+}
+
+/// The most distinct keys a table of `level` holds before it is merged one level down.
+fn level_capacity(level: u32) -> usize {
+    LEVEL0.saturating_mul(LEVEL_RATIO.saturating_pow(level))
+}
+
+/// Index tables, in levels (a log-structured merge of persistent tables, the layout LSM trees
+/// use for the same reason: a persistent index that must not be copied whole on every update).
+///
+/// A table is `[head, head, slot 0, .., slot mask]` in one allocation: open addressing with
+/// linear probing at load factor <= 1/2, mapping key tags to the newest node binding the key.
+/// A table may sit on a *base*: the table of the next level down, holding older bindings, which
+/// the top table shadows. A lookup probes the top table, then each base in turn (at most
+/// `log8(keys / 64) + 1` tables, so 3 at 10^4 keys and 5 at 10^5).
+///
+/// Every `SEGMENT` bindings a node gets a new top table: the segment's keys, plus the old top
+/// table's entries if that was level 0. When level `l` would exceed [`level_capacity`]`(l)` keys
+/// it is merged into level `l + 1` (which may cascade). Each binding is thus copied O(1) times
+/// per level, `log8(n)` levels in all: a write costs O(log n) amortized instead of the O(n) of
+/// copying one flat table, and small contexts (<= 64 keys) keep the single table they always had.
+///
+/// Every table also records the number of *live* keys (newest binding not a tombstone) in it and
+/// its bases, so that `SessionMap::len` is O(1).
+///
+/// A table's base is owned by an ancestor of the node owning the table (it is the table of a
+/// node at or below that node's parent), so it outlives every table built on it.
+pub(crate) struct Table;
+
+impl Table {
+    /// # Safety
+    /// `table` is a live table.
+    #[inline]
+    unsafe fn mask(table: *const Entry) -> usize {
+        // SAFETY: forwarded; the first slot of a live table is its head.
+        unsafe { ((*table).tag >> 32) as usize }
+    }
+
+    /// Entries in this level.
+    ///
+    /// # Safety
+    /// `table` is a live table.
+    #[inline]
+    unsafe fn len(table: *const Entry) -> usize {
+        // SAFETY: forwarded.
+        unsafe { ((*table).tag & 0xffff_ffff) as usize }
+    }
+
+    /// The next level down, or null.
+    ///
+    /// # Safety
+    /// `table` is a live table.
+    #[inline]
+    unsafe fn base(table: *const Entry) -> *const Entry {
+        // SAFETY: forwarded.
+        unsafe { (*table).node.cast::<Entry>() }
+    }
+
+    /// # Safety
+    /// `table` is a live table.
+    #[inline]
+    unsafe fn level(table: *const Entry) -> u32 {
+        // SAFETY: forwarded; the second slot is the rest of the head.
+        unsafe { ((*table.add(1)).tag & 0xff) as u32 }
+    }
+
+    /// Live keys in this table and its bases; 0 for null.
+    ///
+    /// # Safety
+    /// `table` is null or a live table.
+    #[inline]
+    pub(crate) unsafe fn live(table: *const Entry) -> usize {
+        if table.is_null() {
+            return 0;
+        }
+        // SAFETY: forwarded.
+        unsafe { ((*table.add(1)).tag >> 8) as usize }
+    }
+
+    /// Probes one level.
+    ///
+    /// # Safety
+    /// `table` is a live table.
+    #[inline]
+    unsafe fn probe<N: ChainNode>(table: *const Entry, q: &KeyQuery<'_>) -> Option<N> {
+        // SAFETY: a live table has `mask + 1` slots after its head; its non-null entries were
+        // made by `to_entry` from live nodes.
+        unsafe {
+            let mask = Self::mask(table);
+            let slots = table.add(HEAD);
+            let mut i = home(q.tag, mask);
+            loop {
+                let e = *slots.add(i);
+                if e.node.is_null() {
+                    return None;
+                }
+                let node = N::from_entry(e.node);
+                if e.tag == q.tag && node.matches(q) {
+                    return Some(node);
+                }
+                i = (i + 1) & mask;
+            }
+        }
+    }
+
+    /// The newest binding of `q` in `table` or its bases.
+    ///
+    /// # Safety
+    /// `table` is null or a live table.
+    #[inline]
+    pub(crate) unsafe fn find<N: ChainNode>(mut table: *const Entry, q: &KeyQuery<'_>) -> Option<N> {
+        // SAFETY: forwarded; a live table's base is live (see [`Table`]).
+        unsafe {
+            while !table.is_null() {
+                if let Some(node) = Self::probe(table, q) {
+                    return Some(node);
+                }
+                table = Self::base(table);
+            }
+        }
+        None
+    }
+
+    /// Builds the table for the fresh node `top`: the bindings of the last segment (from `top`
+    /// down to the node owning `below`), merged with as many levels of `below` as the level
+    /// capacities require.
+    ///
+    /// # Safety
+    /// `top` is a fresh node linked above a live chain; `below` is the table of its parent.
+    pub(crate) unsafe fn build<N: ChainNode>(top: N, below: *const Entry, seg: usize) -> *const Entry {
+        // The segment's distinct keys, newest first, and the live count they make.
+        let mut fresh: Vec<N> = Vec::with_capacity(seg + 1);
+        // SAFETY: `below` is null or live.
+        let mut live = unsafe { Self::live(below) };
+        // SAFETY: `top` and the chain below it are alive while we build.
+        unsafe {
+            let mut node = Some(top);
+            while let Some(n) = node {
+                if n.is_value() && !fresh.iter().any(|f| f.same_key(n)) {
+                    fresh.push(n);
+                    let prev: Option<N> = Self::find(below, &n.query());
+                    let was = prev.is_some_and(|p| !p.is_tombstone());
+                    match (was, !n.is_tombstone()) {
+                        (false, true) => live += 1,
+                        (true, false) => live -= 1,
+                        _ => {}
+                    }
+                }
+                if n.owns_table(below) || n.is_barrier() {
+                    break;
+                }
+                node = n.parent();
+            }
+        }
+        // Which levels of `below` merge into the new table, and the new table's level.
+        let mut merged: Vec<*const Entry> = Vec::new();
+        let mut size = fresh.len();
+        let mut level = 0u32;
+        let mut rest = below;
+        // SAFETY: `below` and its bases are live.
+        unsafe {
+            while !rest.is_null() {
+                let rest_level = Self::level(rest);
+                if rest_level > level {
+                    if size <= level_capacity(level) {
+                        break; // `rest` stays below as its own level
+                    }
+                    level += 1;
+                    continue;
+                }
+                merged.push(rest);
+                size += Self::len(rest);
+                level = level.max(rest_level);
+                while size > level_capacity(level) {
+                    level += 1;
+                }
+                rest = Self::base(rest);
+            }
+        }
+        let cap = (size * 2).next_power_of_two().max(16);
+        let mask = cap - 1;
+        let mut slots: Vec<Entry> = alloc::vec![Entry::EMPTY; cap + HEAD];
+        let mut len = 0usize;
+        // `tag` is the node's tag, passed in from the table entry being merged so that the node
+        // itself is only read (a cache miss, at random) when another entry has the same tag.
+        let mut insert = |slots: &mut [Entry], tag: u64, node: N| {
+            // SAFETY: `node` and every node already in the table are live nodes of this chain;
+            // the non-null entries were made by `to_entry`.
+            unsafe {
+                let mut i = home(tag, mask);
+                loop {
+                    let e = slots[i + HEAD];
+                    if e.node.is_null() {
+                        slots[i + HEAD] = Entry { tag, node: node.to_entry() };
+                        len += 1;
+                        return;
+                    }
+                    let other = N::from_entry(e.node);
+                    if e.tag == tag && other.same_key(node) {
+                        return; // a newer binding of the same key is already in
+                    }
+                    i = (i + 1) & mask;
+                }
+            }
+        };
+        for &n in &fresh {
+            // SAFETY: `n` is a live node of this chain.
+            insert(&mut slots, unsafe { n.tag() }, n);
+        }
+        // SAFETY: the merged tables are live; each has `mask + 1` slots after its head, whose
+        // non-null entries were made by `to_entry` from live nodes of this chain.
+        unsafe {
+            for &t in &merged {
+                let slots_of_t = t.add(HEAD);
+                for i in 0..=Self::mask(t) {
+                    let e = *slots_of_t.add(i);
+                    if !e.node.is_null() {
+                        insert(&mut slots, e.tag, N::from_entry(e.node));
+                    }
+                }
+            }
+        }
+        debug_assert!(mask <= u32::MAX as usize && len <= u32::MAX as usize && level < 256);
+        slots[0] = Entry { tag: ((mask as u64) << 32) | len as u64, node: rest.cast::<()>() };
+        slots[1] = Entry { tag: ((live as u64) << 8) | u64::from(level), node: ptr::null() };
+        let boxed: Box<[Entry]> = slots.into_boxed_slice();
+        Box::into_raw(boxed).cast::<Entry>().cast_const()
+    }
+
+    /// One table of every binding from `top` down to the nearest barrier (or the chain's end),
+    /// with no base: see `NodeRef::index_chain`.
+    ///
+    /// # Safety
+    /// `top` and the chain below it are alive while this runs.
+    pub(crate) unsafe fn build_bulk<N: ChainNode>(top: N) -> *const Entry {
+        let mut nodes: Vec<N> = Vec::new();
+        // SAFETY: forwarded; every node reached is an ancestor of `top`.
+        unsafe {
+            let mut node = Some(top);
+            while let Some(n) = node {
+                if n.is_value() {
+                    nodes.push(n);
+                }
+                if n.is_barrier() {
+                    break;
+                }
+                node = n.parent();
+            }
+        }
+        let mut level = 0;
+        while nodes.len() > level_capacity(level) {
+            level += 1;
+        }
+        let cap = (nodes.len() * 2).next_power_of_two().max(16);
+        let mask = cap - 1;
+        let mut slots: Vec<Entry> = alloc::vec![Entry::EMPTY; cap + HEAD];
+        let (mut len, mut live) = (0usize, 0usize);
+        for n in nodes {
+            // SAFETY: `n` and every node already in the table are live nodes of this chain; the
+            // non-null entries were made by `to_entry`.
+            unsafe {
+                let tag = n.tag();
+                let mut i = home(tag, mask);
+                loop {
+                    let e = slots[i + HEAD];
+                    if e.node.is_null() {
+                        slots[i + HEAD] = Entry { tag, node: n.to_entry() };
+                        len += 1;
+                        live += usize::from(!n.is_tombstone());
+                        break;
+                    }
+                    if e.tag == tag && N::from_entry(e.node).same_key(n) {
+                        break; // a newer binding of the same key is already in
+                    }
+                    i = (i + 1) & mask;
+                }
+            }
+        }
+        slots[0] = Entry { tag: ((mask as u64) << 32) | len as u64, node: ptr::null() };
+        slots[1] = Entry { tag: ((live as u64) << 8) | u64::from(level), node: ptr::null() };
+        let boxed: Box<[Entry]> = slots.into_boxed_slice();
+        Box::into_raw(boxed).cast::<Entry>().cast_const()
+    }
+
+    /// # Safety
+    /// `table` is a table built by [`Table::build`] that nothing uses any more.
+    pub(crate) unsafe fn free(table: *const Entry) {
+        // SAFETY: rebuilds the boxed slice `build` leaked: `mask + 1 + HEAD` entries. The base
+        // is not ours (an ancestor's table).
+        unsafe {
+            let slice = ptr::slice_from_raw_parts_mut(table.cast_mut(), Self::mask(table) + 1 + HEAD);
+            drop(Box::from_raw(slice));
+        }
+    }
+}
+
+/// The number of keys whose newest binding at or below `top` (and above `stop`) is not a
+/// tombstone: O(1) when `top` is indexed (the live count of its table, corrected for the at most
+/// `SEGMENT` bindings above that table), a walk otherwise.
+///
+/// # Safety
+/// `top` is alive while this runs; `stop` is null or an ancestor of `top` under which no table
+/// reaches (a barrier, such as a `SessionMap`'s base).
+pub(crate) unsafe fn live_len<N: ChainNode>(top: N, stop: Option<N>) -> usize {
+    // SAFETY: forwarded; every node reached is `top` or an ancestor.
+    unsafe {
+        let table = top.table();
+        if table.is_null() {
+            let mut n = 0;
+            for_each_binding(top, stop, |b: N| n += usize::from(!b.is_tombstone()));
+            return n;
+        }
+        let mut live = Table::live(table);
+        let mut seen: Vec<N> = Vec::new();
+        let mut node = Some(top);
+        while let Some(n) = node {
+            if n.owns_table(table) || Some(n) == stop {
+                break;
+            }
+            if n.is_value() && !seen.iter().any(|s| s.same_key(n)) {
+                seen.push(n);
+                let was = Table::find::<N>(table, &n.query()).is_some_and(|p| !p.is_tombstone());
+                match (was, !n.is_tombstone()) {
+                    (false, true) => live += 1,
+                    (true, false) => live -= 1,
+                    _ => {}
+                }
+            }
+            node = n.parent();
+        }
+        live
+    }
+}
