@@ -4,7 +4,7 @@
 #![cfg(all(feature = "tracing", feature = "opentelemetry"))]
 #![allow(missing_docs)]
 
-use std::sync::{Mutex, Once};
+use std::sync::Once;
 
 use localsession_core::{Context, SessionCtx};
 use localsession_rayon::{ParallelIteratorExt, ScopeExt};
@@ -12,26 +12,16 @@ use localsession_std::{OTEL_CONTEXT, scope, set_carry_otel_context, set_carry_sp
 use opentelemetry::Context as OtelContext;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use rayon::prelude::*;
-use tracing::span::{Attributes, Id};
-use tracing::{Subscriber, info_span};
-use tracing_subscriber::layer::{Context as LayerContext, Layer, SubscriberExt};
-use tracing_subscriber::registry::LookupSpan;
+use tracing::info_span;
 
-static PARENTS: Mutex<Vec<(&'static str, Option<&'static str>)>> = Mutex::new(Vec::new());
-
-struct Capture;
-
-impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
-    fn on_new_span(&self, _attrs: &Attributes<'_>, id: &Id, ctx: LayerContext<'_, S>) {
-        let span = ctx.span(id).unwrap();
-        PARENTS.lock().unwrap().push((span.name(), span.parent().map(|p| p.name())));
-    }
-}
+#[path = "../../std-adapter/tests/support/span_parents.rs"]
+mod support;
+use support::{PARENTS, install_capture};
 
 fn init() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Capture)).unwrap();
+        install_capture();
         set_carry_spans(true);
         set_carry_otel_context(true);
     });

@@ -4,7 +4,7 @@
 #![cfg(feature = "tracing")]
 #![allow(missing_docs)]
 
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Mutex, Once};
 
 use localsession_core::{Context, Key, SessionCtx, SessionMap};
 use localsession_std::{
@@ -135,18 +135,9 @@ fn spans_record_the_session_fields_where_they_are_created() {
     assert!(created("fields_none").fields.is_none());
 }
 
-#[derive(Clone, Default)]
-struct Lines(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Lines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+#[path = "support/span_parents.rs"]
+mod support;
+use support::Lines;
 
 #[test]
 fn log_lines_carry_the_session_fields_on_events_and_spans() {

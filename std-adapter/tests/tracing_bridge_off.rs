@@ -3,28 +3,16 @@
 #![cfg(feature = "tracing")]
 #![allow(missing_docs)]
 
-use std::sync::Mutex;
-
 use localsession_std::{carries_spans, go, in_current_session};
-use tracing::span::{Attributes, Id};
-use tracing::{Subscriber, info_span};
-use tracing_subscriber::layer::{Context as LayerContext, Layer, SubscriberExt};
-use tracing_subscriber::registry::LookupSpan;
+use tracing::info_span;
 
-static PARENTS: Mutex<Vec<(&'static str, Option<&'static str>)>> = Mutex::new(Vec::new());
-
-struct Capture;
-
-impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
-    fn on_new_span(&self, _attrs: &Attributes<'_>, id: &Id, ctx: LayerContext<'_, S>) {
-        let span = ctx.span(id).unwrap();
-        PARENTS.lock().unwrap().push((span.name(), span.parent().map(|p| p.name())));
-    }
-}
+#[path = "support/span_parents.rs"]
+mod support;
+use support::{PARENTS, install_capture};
 
 #[test]
 fn without_the_switch_spawns_do_not_enter_the_spawners_span() {
-    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Capture)).unwrap();
+    install_capture();
     assert!(!carries_spans());
     info_span!("off_request").in_scope(|| {
         go(|| drop(info_span!("off_go"))).join().unwrap();

@@ -21,30 +21,19 @@ use tokio::runtime::Runtime;
 use tokio::task::yield_now;
 #[cfg(tokio_unstable)]
 use tracing::Instrument;
-use tracing::span::{Attributes, Id};
-use tracing::{Subscriber, info_span};
+use tracing::info_span;
 
 /// Keeps the provider alive: dropping the last handle shuts it down (nothing is exported).
 static PROVIDERS: Mutex<Vec<SdkTracerProvider>> = Mutex::new(Vec::new());
-use tracing_subscriber::layer::{Context as LayerContext, Layer, SubscriberExt};
-use tracing_subscriber::registry::LookupSpan;
 
-/// (span name, parent name) of every span created in the process.
-static PARENTS: Mutex<Vec<(&'static str, Option<&'static str>)>> = Mutex::new(Vec::new());
-
-struct Capture;
-
-impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
-    fn on_new_span(&self, _attrs: &Attributes<'_>, id: &Id, ctx: LayerContext<'_, S>) {
-        let span = ctx.span(id).unwrap();
-        PARENTS.lock().unwrap().push((span.name(), span.parent().map(|p| p.name())));
-    }
-}
+#[path = "../../std-adapter/tests/support/span_parents.rs"]
+mod support;
+use support::{PARENTS, install_capture};
 
 fn init() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Capture)).unwrap();
+        install_capture();
         set_carry_spans(true);
         set_carry_otel_context(true);
     });
@@ -313,6 +302,8 @@ fn concurrent_requests_never_see_each_others_span_or_context() {
 #[cfg(tokio_unstable)]
 #[test]
 fn a_panicking_subscriber_does_not_unwind_into_tokio() {
+    use tracing::{Subscriber, span::Id};
+    use tracing_subscriber::layer::{Context as LayerContext, Layer, SubscriberExt};
     struct PanicsOnWorkers;
     impl<S: Subscriber> Layer<S> for PanicsOnWorkers {
         fn on_enter(&self, _id: &Id, _ctx: LayerContext<'_, S>) {

@@ -4,20 +4,9 @@
 #![cfg(all(feature = "tracing", feature = "opentelemetry"))]
 #![allow(missing_docs)]
 
-use std::sync::{Arc, Mutex};
-
-#[derive(Clone, Default)]
-struct Lines(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Lines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+#[path = "../../std-adapter/tests/support/span_parents.rs"]
+mod support;
+use support::Lines;
 
 #[test]
 fn readme_tracing() {
