@@ -370,35 +370,10 @@ impl Table {
                 rest = Self::base(rest);
             }
         }
-        let cap = (size * 2).next_power_of_two().max(16);
-        let mask = cap - 1;
-        let mut slots: Vec<Entry> = alloc::vec![Entry::EMPTY; cap + HEAD];
-        let mut len = 0usize;
-        // `tag` is the node's tag, passed in from the table entry being merged so that the node
-        // itself is only read (a cache miss, at random) when another entry has the same tag.
-        let mut insert = |slots: &mut [Entry], tag: u64, node: N| {
-            // SAFETY: `node` and every node already in the table are live nodes of this chain;
-            // the non-null entries were made by `to_entry`.
-            unsafe {
-                let mut i = home(tag, mask);
-                loop {
-                    let e = slots[i + HEAD];
-                    if e.node.is_null() {
-                        slots[i + HEAD] = Entry { tag, node: node.to_entry() };
-                        len += 1;
-                        return;
-                    }
-                    let other = N::from_entry(e.node);
-                    if e.tag == tag && other.same_key(node) {
-                        return; // a newer binding of the same key is already in
-                    }
-                    i = (i + 1) & mask;
-                }
-            }
-        };
+        let mut table = Filling::with_capacity(size);
         for &n in &fresh {
             // SAFETY: `n` is a live node of this chain.
-            insert(&mut slots, unsafe { n.tag() }, n);
+            unsafe { table.insert(n.tag(), n) };
         }
         // SAFETY: the merged tables are live; each has `mask + 1` slots after its head, whose
         // non-null entries were made by `to_entry` from live nodes of this chain.
@@ -408,16 +383,14 @@ impl Table {
                 for i in 0..=Self::mask(t) {
                     let e = *slots_of_t.add(i);
                     if !e.node.is_null() {
-                        insert(&mut slots, e.tag, N::from_entry(e.node));
+                        // The tag comes from the entry, so that the node itself is only read (a
+                        // cache miss, at random) when another entry has the same tag.
+                        table.insert(e.tag, N::from_entry(e.node));
                     }
                 }
             }
         }
-        debug_assert!(mask <= u32::MAX as usize && len <= u32::MAX as usize && level < 256);
-        slots[0] = Entry { tag: ((mask as u64) << 32) | len as u64, node: rest.cast::<()>() };
-        slots[1] = Entry { tag: ((live as u64) << 8) | u64::from(level), node: ptr::null() };
-        let boxed: Box<[Entry]> = slots.into_boxed_slice();
-        Box::into_raw(boxed).cast::<Entry>().cast_const()
+        table.finish(rest, live, level)
     }
 
     /// One table of every binding from `top` down to the nearest barrier (or the chain's end),
@@ -444,35 +417,16 @@ impl Table {
         while nodes.len() > level_capacity(level) {
             level += 1;
         }
-        let cap = (nodes.len() * 2).next_power_of_two().max(16);
-        let mask = cap - 1;
-        let mut slots: Vec<Entry> = alloc::vec![Entry::EMPTY; cap + HEAD];
-        let (mut len, mut live) = (0usize, 0usize);
+        let mut table = Filling::with_capacity(nodes.len());
+        let mut live = 0usize;
         for n in nodes {
-            // SAFETY: `n` and every node already in the table are live nodes of this chain; the
-            // non-null entries were made by `to_entry`.
-            unsafe {
-                let tag = n.tag();
-                let mut i = home(tag, mask);
-                loop {
-                    let e = slots[i + HEAD];
-                    if e.node.is_null() {
-                        slots[i + HEAD] = Entry { tag, node: n.to_entry() };
-                        len += 1;
-                        live += usize::from(!n.is_tombstone());
-                        break;
-                    }
-                    if e.tag == tag && N::from_entry(e.node).same_key(n) {
-                        break; // a newer binding of the same key is already in
-                    }
-                    i = (i + 1) & mask;
-                }
+            // SAFETY: `n` is a live node of this chain.
+            if unsafe { table.insert(n.tag(), n) } {
+                // SAFETY: as above.
+                live += usize::from(!unsafe { n.is_tombstone() });
             }
         }
-        slots[0] = Entry { tag: ((mask as u64) << 32) | len as u64, node: ptr::null() };
-        slots[1] = Entry { tag: ((live as u64) << 8) | u64::from(level), node: ptr::null() };
-        let boxed: Box<[Entry]> = slots.into_boxed_slice();
-        Box::into_raw(boxed).cast::<Entry>().cast_const()
+        table.finish(ptr::null(), live, level)
     }
 
     /// # Safety
@@ -484,6 +438,56 @@ impl Table {
             let slice = ptr::slice_from_raw_parts_mut(table.cast_mut(), Self::mask(table) + 1 + HEAD);
             drop(Box::from_raw(slice));
         }
+    }
+}
+
+/// A table being filled: open addressing with linear probing at load factor <= 1/2, newest
+/// binding first (later inserts of a key already in are skipped). Shared by [`Table::build`] and
+/// [`Table::build_bulk`].
+struct Filling {
+    slots: Vec<Entry>,
+    mask: usize,
+    len: usize,
+}
+
+impl Filling {
+    /// Room for `keys` distinct keys.
+    fn with_capacity(keys: usize) -> Filling {
+        let cap = (keys * 2).next_power_of_two().max(16);
+        Filling { slots: alloc::vec![Entry::EMPTY; cap + HEAD], mask: cap - 1, len: 0 }
+    }
+
+    /// Inserts `node` (whose tag is `tag`) unless a binding of the same key is already in;
+    /// returns whether it was inserted.
+    ///
+    /// # Safety
+    /// `node` and every node already in the table are live nodes of one chain; `tag` is
+    /// `node`'s tag.
+    unsafe fn insert<N: ChainNode>(&mut self, tag: u64, node: N) -> bool {
+        let mut i = home(tag, self.mask);
+        loop {
+            let e = self.slots[i + HEAD];
+            if e.node.is_null() {
+                self.slots[i + HEAD] = Entry { tag, node: node.to_entry() };
+                self.len += 1;
+                return true;
+            }
+            // SAFETY: non-null entries were made by `to_entry` from live nodes (the caller's
+            // guarantee), and so is `node`.
+            if e.tag == tag && unsafe { N::from_entry(e.node).same_key(node) } {
+                return false; // a newer binding of the same key is already in
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    /// Writes the head (`base`: the next level down, or null) and leaks the table.
+    fn finish(mut self, base: *const Entry, live: usize, level: u32) -> *const Entry {
+        debug_assert!(self.mask <= u32::MAX as usize && self.len <= u32::MAX as usize && level < 256);
+        self.slots[0] = Entry { tag: ((self.mask as u64) << 32) | self.len as u64, node: base.cast::<()>() };
+        self.slots[1] = Entry { tag: ((live as u64) << 8) | u64::from(level), node: ptr::null() };
+        let boxed: Box<[Entry]> = self.slots.into_boxed_slice();
+        Box::into_raw(boxed).cast::<Entry>().cast_const()
     }
 }
 
