@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUSTFLAGS="--cfg tokio_unstable" CARGO_TARGET_DIR=target/bench-unstable \
-    cargo bench -p localsession-tests --bench sessions "$@"
+    cargo bench -p localsession-benches --bench sessions "$@"

@@ -1,7 +1,7 @@
 //! localsession against its peers, side by side in one run (P1–P8, P9: bridges, P10: rayon; targets and
 //! results in `docs/performance.md`).
 //!
-//! `cargo bench -p localsession-tests --bench sessions` measures every figure with criterion and
+//! `cargo bench -p localsession-benches --bench sessions` measures every figure with criterion and
 //! then prints a table: operation, ours, peer, ratio, target, met. The implicit tokio mode
 //! (P6 implicit) needs `RUSTFLAGS="--cfg tokio_unstable"`; `tests/benches/report.sh` runs the
 //! whole suite that way. No figure here is asserted: machines are shared and noisy.
