@@ -122,7 +122,7 @@ where
 ///
 /// scope(SessionCtx::new(&Context::background()), || {
 ///     let bound_inside = localsession_async_std::block_on(async {
-///         bind(SessionMap::new()); // sticks to the future...
+///         bind(SessionMap::new()).unwrap(); // sticks to the future...
 ///         current().unwrap().as_map().is_some()
 ///     });
 ///     assert!(bound_inside);

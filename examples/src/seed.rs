@@ -91,7 +91,7 @@ pub fn run(kind: Kind, mut println: impl FnMut(&str)) {
     let start = session.with_value(key, v);
 
     // set current session
-    bind(start.clone());
+    bind(start.clone()).unwrap();
     println(&format!(
         "g0: bound start = session.with_value(\"a\", \"b\") on the main thread: a = {:?}",
         get(&get_cur_session(), key)
@@ -171,7 +171,7 @@ pub fn run(kind: Kind, mut println: impl FnMut(&str)) {
             );
         });
 
-        bind(next.clone());
+        bind(next.clone()).unwrap();
         let val2 = get(&get_cur_session(), key2); // val2 exists
         assert_eq!(val2, Some(v2));
         before.push(format!("g1: bound next on its own thread: c = {val2:?}"));

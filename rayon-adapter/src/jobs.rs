@@ -29,7 +29,7 @@ use crate::install::Installed;
 ///     let (a, b) = localsession_rayon::join(
 ///         || {
 ///             let a = who();
-///             bind(SessionMap::new().with_value("who", "job")); // ends with this closure
+///             bind(SessionMap::new().with_value("who", "job")).unwrap(); // ends with this closure
 ///             a
 ///         },
 ///         who,
@@ -199,7 +199,7 @@ where
 ///
 /// let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
 /// let (tx, rx) = std::sync::mpsc::channel();
-/// localsession_rayon::spawn_in(&pool, || bind(SessionMap::new())); // a leaked bind...
+/// localsession_rayon::spawn_in(&pool, || bind(SessionMap::new()).unwrap()); // a leaked bind...
 /// pool.spawn(move || tx.send(current().is_none()).unwrap()); // ...that a later plain job never sees
 /// assert!(rx.recv().unwrap());
 /// ```

@@ -111,12 +111,12 @@ fn the_caller_keeps_its_binding_after_an_inline_join() {
             let (a, b) = localsession_rayon::join(
                 || {
                     let saw = !is_not(&caller);
-                    bind(session("a"));
+                    bind(session("a")).unwrap();
                     saw
                 },
                 || {
                     let saw = !is_not(&caller);
-                    bind(session("b"));
+                    bind(session("b")).unwrap();
                     saw
                 },
             );
@@ -127,11 +127,11 @@ fn the_caller_keeps_its_binding_after_an_inline_join() {
                 let result = catch_unwind(AssertUnwindSafe(|| {
                     localsession_rayon::join(
                         || {
-                            bind(session("a"));
+                            bind(session("a")).unwrap();
                             assert_ne!(panicking, "a", "closure a panics");
                         },
                         || {
-                            bind(session("b"));
+                            bind(session("b")).unwrap();
                             assert_ne!(panicking, "b", "closure b panics");
                         },
                     )
@@ -152,7 +152,7 @@ fn a_panicking_item_leaves_the_caller_and_the_workers_as_they_were() {
         scope(caller.clone(), || {
             let result = catch_unwind(AssertUnwindSafe(|| {
                 (0..10_000).into_par_iter().in_current_session().for_each(|i| {
-                    bind(session("item"));
+                    bind(session("item")).unwrap();
                     assert!(i != 5_000, "item 5000 panics");
                 })
             }));
@@ -172,21 +172,21 @@ fn no_binding_leaks_from_one_job_to_later_jobs() {
     for _ in 0..16 {
         let (tx, leak) = (tx.clone(), leak.clone());
         localsession_rayon::spawn_in(&pool, move || {
-            bind(leak);
+            bind(leak).unwrap();
             tx.send(()).unwrap();
         });
     }
     drop(tx);
     assert_eq!(rx.iter().count(), 16);
     localsession_rayon::install(&pool, || {
-        bind(leak.clone());
-        localsession_rayon::join(|| bind(leak.clone()), || bind(leak.clone()));
+        bind(leak.clone()).unwrap();
+        localsession_rayon::join(|| bind(leak.clone()).unwrap(), || bind(leak.clone()).unwrap());
         localsession_rayon::scope(|s| {
             for _ in 0..16 {
-                s.spawn_in_current_session(|_| bind(leak.clone()));
+                s.spawn_in_current_session(|_| bind(leak.clone()).unwrap());
             }
         });
-        (0..1000).into_par_iter().in_current_session().for_each(|_| bind(leak.clone()));
+        (0..1000).into_par_iter().in_current_session().for_each(|_| bind(leak.clone()).unwrap());
     });
     assert_eq!(later_jobs_that_see_a_session(&pool, 64), 0, "later plain jobs saw a leaked binding");
 }
@@ -197,7 +197,7 @@ fn without_the_wrappers_a_plain_job_leaks_into_later_jobs() {
     let pool = pool(1);
     let (tx, rx) = mpsc::channel();
     pool.spawn(move || {
-        bind(session("leak"));
+        bind(session("leak")).unwrap();
         tx.send(()).unwrap();
     });
     rx.recv().unwrap();

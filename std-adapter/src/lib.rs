@@ -41,7 +41,7 @@
 //!
 //! init_default_manager(default_manager_options()).unwrap();
 //! let session = SessionCtx::new(&Context::background()).with_value("user", 7u64);
-//! bind(session.clone());
+//! bind(session.clone()).unwrap();
 //! let child = go(|| current().unwrap().value_cloned::<u64, _>(&"user"));
 //! assert_eq!(child.join().unwrap(), Some(7));
 //! session.disable();
@@ -88,8 +88,8 @@ pub use trace_fields::{RecordedSessionFields, SessionFields, SessionFieldsFormat
 
 pub use localsession_core::config::ManagerOptions;
 pub use localsession_core::{
-    AnySession, Context, ContextError, EnterGuard, Key, MetaInfo, ReadError, Session, SessionCtx, SessionExt,
-    SessionMap, backed_up_ctx, clear_ctx, recover_ctx_on_demands,
+    AnySession, BindError, Context, ContextError, EnterGuard, Key, MetaInfo, ReadError, Session, SessionCtx,
+    SessionExt, SessionMap, backed_up_ctx, clear_ctx, recover_ctx_on_demands,
 };
 
 /// Backs `ctx` up as this thread's session (Kitex `BackupCtx`; see
@@ -108,7 +108,8 @@ pub use localsession_core::{
 /// ```
 pub fn backup_ctx(ctx: &Context) {
     ensure_registered();
-    bind(SessionCtx::new(ctx));
+    // During thread teardown there is no slot to back up into; the core function does the same.
+    drop(bind(SessionCtx::new(ctx)));
 }
 
 /// A clone of this thread's current session (Go `CurSession`).
@@ -140,25 +141,30 @@ pub fn with_current<R>(f: impl FnOnce(Option<&AnySession>) -> R) -> R {
     THREAD_STORE.with(f)
 }
 
-/// Binds `session` to this thread until [`unbind`] or another `bind` (Go `BindSession`).
-/// Registers the thread-local store as the process-wide default if no store is registered, so
-/// `localsession_core::current()` sees it too, and offers the std clock for `with_timeout` until
-/// an init registers one.
+/// Binds `session` to this thread until [`unbind`] or another `bind` (Go `BindSession`); the
+/// previous binding is dropped.
 ///
-/// During thread teardown (thread-local storage already destroyed) the session is dropped.
+/// The same function as [`localsession_core::bind`] — same signature, same effect — on the store
+/// this crate registers: if no store is registered yet, the thread-local store becomes the
+/// process-wide default (so `localsession_core::current()` sees the binding too) and the std
+/// clock is offered for `with_timeout` until an init registers one.
+///
+/// # Errors
+/// [`BindError`] with the session inside (nothing is dropped) during thread teardown, when the
+/// thread-local storage is already gone — the only time a thread cannot hold a binding.
 ///
 /// # Examples
 /// ```
 /// use localsession_core::{Context, SessionCtx};
 /// use localsession_std::{bind, current, unbind};
-/// bind(SessionCtx::new(&Context::background()));
+/// bind(SessionCtx::new(&Context::background())).unwrap();
 /// assert!(current().is_some());
 /// assert!(localsession_core::current().is_some()); // the core sees the same store
 /// unbind();
 /// ```
-pub fn bind(session: impl Into<AnySession>) {
+pub fn bind(session: impl Into<AnySession>) -> Result<(), BindError> {
     ensure_registered();
-    drop(THREAD_STORE.swap(Some(session.into())));
+    THREAD_STORE.swap(Some(session.into())).map(drop)
 }
 
 /// Removes this thread's binding and returns it (Go `UnbindSession`).

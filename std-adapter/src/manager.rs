@@ -126,7 +126,7 @@ pub fn ensure_default_manager(opts: ManagerOptions) -> Result<(), InitError> {
 /// use localsession_core::{Context, SessionCtx};
 /// use localsession_std::{bind, current, reset_default_manager, ManagerOptions};
 ///
-/// bind(SessionCtx::new(&Context::background()));
+/// bind(SessionCtx::new(&Context::background())).unwrap();
 /// reset_default_manager(ManagerOptions { shard_number: 10, ..Default::default() }).unwrap();
 /// assert!(current().is_none());
 /// assert_eq!(localsession_std::manager_options().unwrap().shard_number, 10);

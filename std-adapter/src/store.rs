@@ -344,7 +344,7 @@ impl ThreadStore {
     /// }
     ///
     /// let outer = THREAD_STORE.set_bind_sink(Some(BindSink { unit: 1, record }));
-    /// bind(SessionMap::new().with_value("k", 1u8));
+    /// bind(SessionMap::new().with_value("k", 1u8)).unwrap();
     /// assert!(RECORD.lock().unwrap().is_some()); // the record saw the bind
     /// THREAD_STORE.set_bind_sink(outer);
     /// unbind(); // no sink any more: the record keeps the task's binding

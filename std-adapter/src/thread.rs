@@ -137,7 +137,7 @@ where
 /// use localsession_core::{Context, SessionCtx};
 /// use localsession_std::{bind, current, go, unbind};
 ///
-/// bind(SessionCtx::new(&Context::background()).with_value("req", 1u32));
+/// bind(SessionCtx::new(&Context::background()).with_value("req", 1u32)).unwrap();
 /// let seen = go(|| current().and_then(|s| s.value_cloned::<u32, _>(&"req"))).join().unwrap();
 /// assert_eq!(seen, Some(1));
 /// unbind();
@@ -359,7 +359,7 @@ impl Default for Builder {
 /// use localsession_core::{Context, SessionCtx};
 /// use localsession_std::{bind, current, unbind, ScopeExt};
 ///
-/// bind(SessionCtx::new(&Context::background()).with_value("k", 1u8));
+/// bind(SessionCtx::new(&Context::background()).with_value("k", 1u8)).unwrap();
 /// let mut results = Vec::new();
 /// std::thread::scope(|scope| {
 ///     let a = scope.go(|| current().and_then(|s| s.value_cloned::<u8, _>(&"k")));

@@ -41,13 +41,13 @@ fn an_inline_with_session_job_restores_the_callers_binding() {
 
 #[test]
 fn a_panic_inside_an_inline_job_restores_the_callers_binding() {
-    bind(named("caller"));
+    bind(named("caller")).unwrap();
     let r = catch_unwind(AssertUnwindSafe(|| with_session(Some(named("job")), || panic!("job failed"))()));
     assert!(r.is_err());
     assert_eq!(who(), Some("caller"));
     let r = catch_unwind(AssertUnwindSafe(|| {
         in_current_session(|| {
-            bind(named("rebound inside"));
+            bind(named("rebound inside")).unwrap();
             panic!("job failed after binding")
         })()
     }));
@@ -60,7 +60,7 @@ fn a_panic_inside_an_inline_job_restores_the_callers_binding() {
 fn a_bind_inside_an_inline_job_ends_with_the_job() {
     scope(named("caller"), || {
         let inner = with_session(None, || {
-            bind(named("bound by the job"));
+            bind(named("bound by the job")).unwrap();
             who()
         })();
         assert_eq!(inner, Some("bound by the job"));
@@ -104,7 +104,7 @@ fn pool_threads_and_spawned_threads_end_empty() {
     // `go`/`go_session`: the fresh thread unbinds at the end, even what `f` bound itself.
     let h = scope(named("request"), || {
         go(|| {
-            bind(named("bound in thread"));
+            bind(named("bound in thread")).unwrap();
             who()
         })
     });

@@ -391,6 +391,28 @@ fn tokio_runtime(implicit: bool) -> tokio::runtime::Runtime {
     b.build().unwrap()
 }
 
+/// A runtime with the four task hooks implicit mode uses, each empty: what tokio's hook
+/// machinery costs by itself (the floor under P6 implicit).
+#[cfg(tokio_unstable)]
+fn tokio_runtime_noop_hooks() -> tokio::runtime::Runtime {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.worker_threads(2)
+        .enable_all()
+        .on_task_spawn(|m| {
+            black_box(m.id());
+        })
+        .on_before_task_poll(|m| {
+            black_box(m.id());
+        })
+        .on_after_task_poll(|m| {
+            black_box(m.id());
+        })
+        .on_task_terminate(|m| {
+            black_box(m.id());
+        });
+    b.build().unwrap()
+}
+
 /// Times `iters` spawn+join rounds from inside a worker task.
 fn spawn_join_rounds(rt: &tokio::runtime::Runtime, iters: u64, kind: SpawnKind) -> Duration {
     rt.block_on(async move {
@@ -440,6 +462,11 @@ fn p6_tokio_spawn(c: &mut Criterion) {
             b.iter_custom(|iters| spawn_join_rounds(&rt_implicit, iters, SpawnKind::Plain))
         });
         IMPLICIT_RT.with(|f| f.set(false));
+        drop(rt_implicit);
+        let rt_hooks = tokio_runtime_noop_hooks();
+        g.bench_function("plain_noop_hooks", |b| {
+            b.iter_custom(|iters| spawn_join_rounds(&rt_hooks, iters, SpawnKind::Plain))
+        });
     }
     drop(rt);
     g.finish();
@@ -865,6 +892,14 @@ fn report(memory: &[String], only: Option<&str>) {
             peer: m("p6_tokio_spawn", "plain"),
             target: "<= 1.15x",
             check: |o, p| p.is_some_and(|p| o <= 1.15 * p),
+        },
+        Row {
+            label: "P6 (floor) plain spawn+join, runtime with 4 empty task hooks",
+            ours: m("p6_tokio_spawn", "plain_noop_hooks"),
+            peer_label: "plain tokio::spawn",
+            peer: m("p6_tokio_spawn", "plain"),
+            target: "(information)",
+            check: |_, p| p.is_some(),
         },
         Row {
             label: "P7 go() + join",

@@ -64,11 +64,11 @@ fn deep_callees_read_the_bound_session_without_a_parameter() {
     assert_eq!(handler_level_1(), (None, None, None));
 
     let s = session_for(7);
-    bind(s.clone());
+    bind(s.clone()).unwrap();
     assert_eq!(handler_level_1(), (Some(7), Some(7), Some(7)));
 
     // Re-binding replaces the session for every callee.
-    bind(session_for(8));
+    bind(session_for(8)).unwrap();
     assert_eq!(handler_level_1(), (Some(8), Some(8), Some(8)));
 
     let unbound = unbind().expect("a session was bound");
@@ -80,14 +80,14 @@ fn deep_callees_read_the_bound_session_without_a_parameter() {
 #[test]
 fn bind_releases_the_replaced_session_and_unbind_hands_it_back() {
     let watch = DropWatch::new();
-    bind(SessionCtx::new(&Context::background()).with_value("probe", watch.probe()));
+    bind(SessionCtx::new(&Context::background()).with_value("probe", watch.probe())).unwrap();
     assert_eq!(watch.drops(), 0);
     // The slot held the only handle: replacing it releases the old session.
-    bind(session_for(1));
+    bind(session_for(1)).unwrap();
     assert_eq!(watch.drops(), 1, "the replaced session must be released by bind");
 
     let watch2 = DropWatch::new();
-    bind(SessionCtx::new(&Context::background()).with_value("probe", watch2.probe()));
+    bind(SessionCtx::new(&Context::background()).with_value("probe", watch2.probe())).unwrap();
     let taken = unbind().expect("bound");
     assert_eq!(watch2.drops(), 0, "unbind hands the session back, it does not drop it");
     drop(taken);
@@ -98,7 +98,7 @@ fn bind_releases_the_replaced_session_and_unbind_hands_it_back() {
 #[test]
 fn enter_guard_restores_the_previous_binding_on_drop_and_on_panic() {
     let outer = session_for(1);
-    bind(outer.clone());
+    bind(outer.clone()).unwrap();
     {
         let _guard = enter(session_for(2));
         assert_eq!(current_user(), Some(2));
@@ -188,7 +188,7 @@ fn a_panic_in_go_reaches_join_and_the_binding_is_released_during_unwinding() {
     // Same through `go` (inherited session): the caller keeps its binding, the child's is gone.
     let watch2 = DropWatch::new();
     let inherited = SessionCtx::new(&Context::background()).with(&USER, 10).with_value("probe", watch2.probe());
-    bind(inherited);
+    bind(inherited).unwrap();
     let err = go(|| {
         assert_eq!(current_user(), Some(10));
         panic!("boom inside inherited go");
@@ -208,7 +208,7 @@ fn go_unbinds_even_what_the_child_bound_itself() {
     let (tx, rx) = mpsc::channel::<()>();
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let h = go(move || {
-        bind(SessionCtx::new(&Context::background()).with_value("probe", probe));
+        bind(SessionCtx::new(&Context::background()).with_value("probe", probe)).unwrap();
         tx.send(()).unwrap();
         // Keep the thread alive until the test lets it end.
         done_rx.recv().unwrap();
@@ -223,7 +223,7 @@ fn go_unbinds_even_what_the_child_bound_itself() {
 #[test]
 fn go_inherits_go_session_and_builder_choose_the_session() {
     let parent = session_for(1);
-    bind(parent.clone());
+    bind(parent.clone()).unwrap();
 
     // go: the caller's session, the very same one.
     let same = go({
@@ -234,7 +234,7 @@ fn go_inherits_go_session_and_builder_choose_the_session() {
 
     // The child's re-binding stays in the child.
     go(|| {
-        bind(session_for(99));
+        bind(session_for(99)).unwrap();
         assert_eq!(current_user(), Some(99));
     })
     .join()
@@ -264,7 +264,7 @@ fn go_inherits_go_session_and_builder_choose_the_session() {
 #[test]
 fn scoped_threads_inherit_or_get_the_given_session() {
     let parent = session_for(1);
-    bind(parent.clone());
+    bind(parent.clone()).unwrap();
     let borrowed_local = String::from("stack data");
     let (a, b, c, d) = std::thread::scope(|sc| {
         let a = sc.go(|| (current_user(), borrowed_local.len()));
@@ -285,7 +285,7 @@ fn scoped_threads_inherit_or_get_the_given_session() {
 fn a_disabled_session_stays_visible_until_unbound() {
     let s = session_for(1);
     let derived = s.with_value("more", 1u8);
-    bind(derived.clone());
+    bind(derived.clone()).unwrap();
     assert!(current().unwrap().is_valid());
     assert!(s.disable(), "first disable");
     // Go parity: still bound and readable, but invalid.
@@ -301,7 +301,7 @@ fn a_disabled_session_stays_visible_until_unbound() {
 
     // A disabled SessionMap: the same.
     let m = SessionMap::new().with_value("k", 1u8);
-    bind(m.clone());
+    bind(m.clone()).unwrap();
     m.disable();
     assert!(current().is_some_and(|c| !c.is_valid() && c.value_cloned::<u8, _>(&"k") == Some(1)));
     unbind();
@@ -311,19 +311,19 @@ fn a_disabled_session_stays_visible_until_unbound() {
 fn binding_inside_with_current_keeps_the_borrowed_view_alive() {
     let watch = DropWatch::new();
     // The slot holds the only handle of the old session.
-    bind(SessionCtx::new(&Context::background()).with(&USER, 1).with_value("probe", watch.probe()));
+    bind(SessionCtx::new(&Context::background()).with(&USER, 1).with_value("probe", watch.probe())).unwrap();
     let seen = with_current(|old| {
         let old = old.expect("bound");
-        bind(session_for(2));
+        bind(session_for(2)).unwrap();
         // The slot changed, the borrow did not.
         assert_eq!(current_user(), Some(2));
         assert_eq!(old.get_cloned(&USER), Some(1), "the borrowed view still reads the old values");
         unbind();
         assert!(current().is_none());
-        bind(session_for(3));
+        bind(session_for(3)).unwrap();
         // Nested borrow while the outer one is out, and a replace inside it.
         let nested = with_current(|mid| {
-            bind(session_for(4));
+            bind(session_for(4)).unwrap();
             mid.and_then(|m| m.get_cloned(&USER))
         });
         assert_eq!(nested, Some(3));
@@ -342,7 +342,7 @@ fn values_of_one_thread_never_show_in_another() {
     let a = {
         let barrier = Arc::clone(&barrier);
         std::thread::spawn(move || {
-            bind(session_for(1));
+            bind(session_for(1)).unwrap();
             barrier.wait(); // A is bound
             barrier.wait(); // B has looked
             let mine = current_user();
@@ -356,7 +356,7 @@ fn values_of_one_thread_never_show_in_another() {
             barrier.wait(); // A is bound
             let seen = (current().is_none(), localsession_core::current().is_none());
             // B binds its own; A's must not change.
-            bind(session_for(2));
+            bind(session_for(2)).unwrap();
             let mine = current_user();
             barrier.wait();
             unbind();
@@ -372,7 +372,7 @@ fn values_of_one_thread_never_show_in_another() {
 #[test]
 fn core_current_sees_the_std_binding() {
     let s = session_for(5);
-    bind(s.clone());
+    bind(s.clone()).unwrap();
     // `bind` registered the thread store as the process-wide default (no init in this file).
     let store = localsession_core::global_store().expect("bind registers the thread store");
     assert!(
@@ -388,4 +388,98 @@ fn core_current_sees_the_std_binding() {
     // The core's scope too.
     assert_eq!(localsession_core::scope(session_for(6), current_user), Some(6));
     assert!(current().is_none());
+}
+
+/// One binding API: the std crate's `bind`, `unbind`, `current`, `with_current`, `enter`,
+/// `scope` and `backup_ctx` have the core's signatures (each pair coerces to one function-pointer
+/// type, so code can switch between them without edits) and act on the same store.
+#[test]
+fn the_std_and_core_binding_functions_are_one_api() {
+    use localsession_core::BindError;
+    type Bind = fn(SessionCtx) -> Result<(), BindError>;
+    type Current = fn() -> Option<AnySession>;
+    type Unbind = fn() -> Option<AnySession>;
+    type Enter = fn(SessionCtx) -> localsession_std::EnterGuard;
+    type Scope = fn(SessionCtx, fn() -> Option<u64>) -> Option<u64>;
+    type WithCurrent = fn(fn(Option<&AnySession>) -> bool) -> bool;
+    type Backup = fn(&Context);
+    let binds: [Bind; 2] = [localsession_core::bind, localsession_std::bind];
+    let currents: [Current; 2] = [localsession_core::current, localsession_std::current];
+    let unbinds: [Unbind; 2] = [localsession_core::unbind, localsession_std::unbind];
+    let enters: [Enter; 2] = [localsession_core::enter, localsession_std::enter];
+    let scopes: [Scope; 2] = [localsession_core::scope, localsession_std::scope];
+    let with_currents: [WithCurrent; 2] = [localsession_core::with_current, localsession_std::with_current];
+    let backups: [Backup; 2] = [localsession_core::backup_ctx, localsession_std::backup_ctx];
+
+    // Register the thread store (what any std function does first), then check every pairing:
+    // what one function of a pair binds, each `current` sees and each `unbind` takes.
+    localsession_std::bind(session_for(0)).unwrap();
+    assert!(unbind().is_some());
+    for (b, bind) in binds.iter().enumerate() {
+        for current in currents {
+            for unbind in unbinds {
+                let s = session_for(10 + b as u64);
+                bind(s.clone()).unwrap();
+                assert!(current().is_some_and(|c| c.ptr_eq(&as_any(&s))), "bind #{b}");
+                assert!(with_currents.iter().all(|w| w(|c| c.is_some())));
+                assert!(unbind().is_some_and(|c| c.ptr_eq(&as_any(&s))));
+                assert!(current().is_none());
+            }
+        }
+    }
+    for (e, enter) in enters.iter().enumerate() {
+        {
+            let _guard = enter(session_for(20 + e as u64));
+            assert!(currents.iter().all(|c| c().and_then(|s| s.get_cloned(&USER)) == Some(20 + e as u64)));
+        }
+        assert!(currents.iter().all(|c| c().is_none()));
+    }
+    for scope in scopes {
+        assert_eq!(scope(session_for(30), current_user), Some(30));
+    }
+    for backup in backups {
+        backup(&Context::background());
+        assert!(localsession_std::backed_up_ctx().is_some() && localsession_core::backed_up_ctx().is_some());
+        localsession_std::clear_ctx();
+        assert!(current().is_none());
+    }
+}
+
+/// The one case where the std `bind` fails: the thread's storage is gone (a thread-local
+/// destructor that binds, running after the store's slot was destroyed). The error names the
+/// reason and hands the session back: nothing is dropped silently.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_bind_during_thread_teardown_returns_the_session() {
+    struct BindsOnDrop(mpsc::Sender<Result<(), String>>);
+    impl Drop for BindsOnDrop {
+        fn drop(&mut self) {
+            let s = session_for(77);
+            let outcome = match bind(s.clone()) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    let back = e.to_string();
+                    let session = e.into_session().expect("the session comes back");
+                    assert!(session.ptr_eq(&as_any(&s)));
+                    Err(back)
+                }
+            };
+            let _ = self.0.send(outcome);
+        }
+    }
+    thread_local! {
+        static LATE: std::cell::RefCell<Option<BindsOnDrop>> = const { std::cell::RefCell::new(None) };
+    }
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        // Registered first, so destroyed after the store's slot (destructors run in reverse
+        // order of registration on Linux).
+        LATE.with(|l| *l.borrow_mut() = Some(BindsOnDrop(tx)));
+        bind(session_for(1)).unwrap();
+    })
+    .join()
+    .unwrap();
+    let outcome = rx.recv().expect("the destructor ran");
+    let reason = outcome.expect_err("the store's slot was already destroyed");
+    assert!(reason.contains("torn down"), "{reason}");
 }

@@ -24,7 +24,7 @@ fn using_the_std_adapter_provides_a_clock_that_an_init_can_still_replace() {
     assert!(SessionMap::with_timeout(Duration::from_secs(1)).is_err());
 
     // The first use of the std adapter offers its clock.
-    bind(SessionCtx::new(&Context::background()));
+    bind(SessionCtx::new(&Context::background())).unwrap();
     unbind();
     let clock = global_clock().expect("the std adapter's clock after its first bind");
     assert!(std::ptr::addr_eq(clock as *const dyn Clock, &STD_CLOCK as *const dyn Clock));

@@ -53,7 +53,7 @@ fn a_malformed_variable_is_a_clear_error_and_initializes_nothing() {
     assert!(std::error::Error::source(&InitError::Env(e)).is_some());
 
     // Nothing was registered either way: binding still works on the thread store.
-    bind(SessionCtx::new(&Context::background()));
+    bind(SessionCtx::new(&Context::background())).unwrap();
     assert!(current().is_some());
 
     // With the variable removed, init succeeds (the failures did not leave it half-initialized).

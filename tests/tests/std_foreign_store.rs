@@ -32,7 +32,7 @@ fn a_foreign_global_store_is_reported_and_std_functions_stay_thread_local() {
 
     // The std functions act on the thread-local store...
     let mine = AnySession::from(SessionCtx::new(&Context::background()).with_value("who", "std"));
-    bind(mine.clone());
+    bind(mine.clone()).unwrap();
     assert!(current().is_some_and(|c| c.ptr_eq(&mine)));
     assert_eq!(go(|| current().and_then(|c| c.value_cloned::<&str, _>(&"who"))).join().unwrap(), Some("std"));
     // ...and the core's accessors on the registered (foreign) store, which stays empty.

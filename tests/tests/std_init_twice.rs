@@ -43,7 +43,7 @@ impl Worker {
         let (tell, answer) = mpsc::channel::<Option<bool>>();
         let handle = std::thread::spawn(move || {
             let mine = AnySession::from(SessionCtx::new(&Context::background()).with_value("worker", n));
-            bind(mine.clone());
+            bind(mine.clone()).unwrap();
             let report = || current().map(|c| c.ptr_eq(&mine));
             loop {
                 let answer = match asks.recv() {
@@ -107,7 +107,7 @@ fn init_once_then_reset_replaces_options_and_unbinds_everywhere() {
     for w in &workers {
         assert_eq!(w.current_is_own(), Some(true));
     }
-    bind(SessionCtx::new(&Context::background()));
+    bind(SessionCtx::new(&Context::background())).unwrap();
     assert!(current().is_some());
 
     // An invalid reset is an error and changes nothing: options, bindings.
@@ -141,7 +141,7 @@ fn init_once_then_reset_replaces_options_and_unbinds_everywhere() {
     }
     // Binding works as before after a reset.
     let after = AnySession::from(SessionCtx::new(&Context::background()));
-    bind(after.clone());
+    bind(after.clone()).unwrap();
     assert!(current().is_some_and(|c| c.ptr_eq(&after)));
     // The manager stays initialized: init is still an error.
     assert_eq!(init_default_manager(reset), Err(InitError::AlreadyInitialized));

@@ -38,7 +38,7 @@ fn one_cycle(t: usize, c: usize, watch: &DropWatch, probes: &AtomicUsize) {
     } else {
         SessionMap::new().with(&N, c).with_value("probe", watch.probe()).into()
     };
-    bind(s.clone());
+    bind(s.clone()).unwrap();
     // A scoped rebind on top, restored on drop.
     {
         let _guard = enter(s.with(&N, c + 1));
@@ -63,7 +63,7 @@ fn one_cycle(t: usize, c: usize, watch: &DropWatch, probes: &AtomicUsize) {
     }
     if c.is_multiple_of(7) {
         // Replaced by another bind before the unbind.
-        bind(SessionCtx::new(&Context::background()));
+        bind(SessionCtx::new(&Context::background())).unwrap();
     }
     let nested = scope(SessionMap::new(), || current().is_some());
     assert!(nested);
@@ -102,12 +102,12 @@ fn no_session_outlives_its_binding() {
         .map(|t| std::thread::spawn(move || bind(SessionCtx::new(&Context::background()).with(&N, t))))
         .collect();
     for h in leftovers {
-        h.join().unwrap();
+        h.join().unwrap().unwrap();
     }
     assert_eq!(live_sessions(), Some(0), "bindings of ended threads are released");
 
     // And the counter does count: this thread's binding shows until unbound.
-    bind(SessionMap::new());
+    bind(SessionMap::new()).unwrap();
     assert_eq!(live_sessions(), Some(1));
     unbind();
     assert_eq!(live_sessions(), Some(0));

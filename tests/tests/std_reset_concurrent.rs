@@ -44,7 +44,7 @@ fn reset_races_bind_and_current_without_torn_reads() {
                 while !stop.load(Ordering::Relaxed) {
                     // A fresh session each round, so a stale or foreign one cannot pass for it.
                     let mine = AnySession::from(SessionCtx::new(&Context::background()).with(&OWNER, i));
-                    bind(mine.clone());
+                    bind(mine.clone()).unwrap();
                     binds += 1;
                     for _ in 0..8 {
                         match current() {
@@ -68,7 +68,7 @@ fn reset_races_bind_and_current_without_torn_reads() {
                 // The last reset happened after this thread's last bind.
                 assert!(current().is_none(), "thread {i}: binding survived the final reset");
                 let last = AnySession::from(SessionCtx::new(&Context::background()).with(&OWNER, i));
-                bind(last.clone());
+                bind(last.clone()).unwrap();
                 assert!(current().is_some_and(|c| c.ptr_eq(&last)), "thread {i}: the bind after the reset sticks");
                 binds
             })

@@ -34,7 +34,7 @@ fn reported_bug_a_guard_opened_before_a_reset_must_not_restore_a_pre_reset_bindi
     let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
     let (reset_tx, reset_rx) = std::sync::mpsc::channel::<()>();
     let worker = std::thread::spawn(move || {
-        bind(session(1));
+        bind(session(1)).unwrap();
         let inside = scope(session(2), || {
             entered_tx.send(()).unwrap();
             reset_rx.recv().unwrap();
@@ -47,7 +47,7 @@ fn reported_bug_a_guard_opened_before_a_reset_must_not_restore_a_pre_reset_bindi
     reset_tx.send(()).unwrap();
 
     // The same on this thread, with `enter`.
-    bind(session(1));
+    bind(session(1)).unwrap();
     let guard = enter(session(2));
     reset_default_manager(options()).unwrap();
     assert!(current().is_none(), "documented: the reset unbinds everything");

@@ -94,7 +94,7 @@
 //! let rt = localsession_tokio::enable_implicit_sessions(builder.enable_all()).build().unwrap();
 //! let seen = rt.block_on(async {
 //!     let task = tokio::spawn(async {
-//!         bind(SessionMap::new().with_value("k", 1u8));
+//!         bind(SessionMap::new().with_value("k", 1u8)).unwrap();
 //!         tokio::spawn(async { current().unwrap().value_cloned::<u8, _>(&"k") }).await.unwrap()
 //!     });
 //!     let seen = task.await.unwrap();

@@ -62,9 +62,10 @@ pub use runtime::{ImplicitUnavailableError, apply_manager_options, runtime_build
 /// The everyday API of the core and the std adapter, so that a tokio application needs only
 /// this crate (`localsession_std` and `localsession_core` hold the rest).
 pub use localsession_std::{
-    AnySession, Context, ContextError, EnterGuard, InitError, Key, ManagerOptions, MetaInfo, ReadError, Session,
-    SessionCtx, SessionExt, SessionMap, backed_up_ctx, backup_ctx, bind, clear_ctx, current, default_manager_options,
-    ensure_default_manager, enter, go, go_session, scope, suppress_flow, unbind, with_current, without_flow,
+    AnySession, BindError, Context, ContextError, EnterGuard, InitError, Key, ManagerOptions, MetaInfo, ReadError,
+    Session, SessionCtx, SessionExt, SessionMap, backed_up_ctx, backup_ctx, bind, clear_ctx, current,
+    default_manager_options, ensure_default_manager, enter, go, go_session, scope, suppress_flow, unbind, with_current,
+    without_flow,
 };
 
 /// Registers [`TOKIO_CLOCK`] as the process-wide clock (so `with_timeout` deadlines fire on

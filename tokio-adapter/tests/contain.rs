@@ -46,7 +46,7 @@ fn a_bind_inside_a_plain_task_is_seen_by_no_other_unit() {
                 handles.push(tokio::spawn(async move {
                     let binder = i % 2 == 0;
                     if binder {
-                        bind(req_session(i));
+                        bind(req_session(i)).unwrap();
                         // Within the poll that bound it, the task sees its binding.
                         if current_req() == Some(i) {
                             seen_own.fetch_add(1, Ordering::Relaxed);
@@ -83,7 +83,7 @@ fn scopes_inside_a_plain_task_restore_the_tasks_own_binding() {
     for (name, rt) in runtimes() {
         let out = rt.block_on(async {
             tokio::spawn(async {
-                bind(req_session(1));
+                bind(req_session(1)).unwrap();
                 // A scope and a session-carrying future, polled within this poll.
                 let in_scope = scope(req_session(2), current_req);
                 let in_future = async { current_req() }.with_session(req_session(3)).now_or_never();
@@ -102,7 +102,7 @@ fn scopes_inside_a_plain_task_restore_the_tasks_own_binding() {
 fn the_threads_own_binding_stays_visible_outside_tasks() {
     let _serial = serial();
     let rt = Builder::new_current_thread().enable_all().build().unwrap();
-    bind(req_session(7));
+    bind(req_session(7)).unwrap();
     // The block_on future is not a task: it sees the thread's binding.
     assert_eq!(rt.block_on(async { current_req() }), Some(7));
     assert_eq!(current_req(), Some(7));

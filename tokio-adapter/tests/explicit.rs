@@ -109,7 +109,7 @@ async fn with_value_in_a_child_never_changes_the_parent() {
             let child = localsession_tokio::spawn(async {
                 // The seed's pattern: derive from the current session and bind the result.
                 let derived = current().unwrap().with_value("c", "d").with_value("a", "changed");
-                bind(derived);
+                bind(derived).unwrap();
                 hop().await;
                 let s = current().unwrap();
                 assert_eq!(s.value_cloned::<&str, _>(&"a"), Some("changed"));
@@ -413,7 +413,7 @@ fn sessionless_spawn_blocking_does_not_see_a_binding_left_by_a_plain_job() {
     let rt = one_blocking_thread_runtime();
     rt.block_on(async {
         // User code on a plain blocking job binds and forgets to unbind.
-        tokio::task::spawn_blocking(|| bind(req_session(40))).await.unwrap();
+        tokio::task::spawn_blocking(|| bind(req_session(40))).await.unwrap().unwrap();
         let seen = localsession_tokio::spawn_blocking(current_req).await.unwrap();
         assert_eq!(seen, None, "the sessionless spawner's job saw another job's session");
     });
@@ -474,7 +474,7 @@ async fn bind_inside_a_task_sticks_to_it_and_does_not_leak() {
         tokio::spawn(
             async {
                 assert_eq!(current_req(), Some(60));
-                bind(req_session(61));
+                bind(req_session(61)).unwrap();
                 for _ in 0..10 {
                     hop().await;
                     assert_eq!(current_req(), Some(61), "a bind inside the task did not stick across an await");
@@ -488,7 +488,7 @@ async fn bind_inside_a_task_sticks_to_it_and_does_not_leak() {
                 hop().await;
                 assert_eq!(current_req(), None, "an unbind inside the task did not stick");
                 // The task ends with a binding of its own: it must go with the task.
-                bind(req_session(62));
+                bind(req_session(62)).unwrap();
                 hop().await;
                 current_req()
             }

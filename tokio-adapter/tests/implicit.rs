@@ -116,7 +116,7 @@ fn with_value_in_a_child_never_changes_the_parent() {
         let parent = scope(req_session(7).with_value("a", "b"), || {
             tokio::spawn(async {
                 let child = tokio::spawn(async {
-                    bind(current().unwrap().with_value("c", "d").with_value("a", "changed"));
+                    bind(current().unwrap().with_value("c", "d").with_value("a", "changed")).unwrap();
                     hop().await;
                     let s = current().unwrap();
                     assert_eq!(s.value_cloned::<&str, _>(&"a"), Some("changed"));
@@ -356,7 +356,7 @@ fn bind_inside_a_plain_task_sticks_to_it_and_does_not_leak() {
             .collect();
         let binder = tokio::spawn(async {
             assert_eq!(current_req(), None);
-            bind(req_session(61));
+            bind(req_session(61)).unwrap();
             for _ in 0..10 {
                 hop().await;
                 assert_eq!(current_req(), Some(61), "a bind inside the task did not stick across an await");

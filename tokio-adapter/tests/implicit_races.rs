@@ -132,7 +132,7 @@ fn polls_see_their_own_latest_binding(workers: usize) {
                         stale.fetch_add(1, Ordering::Relaxed);
                     }
                     let n = t * polls + p;
-                    bind(marked(n));
+                    bind(marked(n)).unwrap();
                     expect = Some(n);
                     WakeMidPoll(false).await;
                 }
@@ -198,7 +198,7 @@ fn completing_elsewhere_leaves_no_entry(workers: usize) {
         let mut batch = Vec::with_capacity(1000);
         for t in 0..tasks {
             batch.push(tokio::spawn(async move {
-                bind(marked(t));
+                bind(marked(t)).unwrap();
                 WakeMidPoll(false).await;
                 assert_eq!(current_mark(), Some(t));
             }));
@@ -251,7 +251,7 @@ fn nested_polls_keep_the_outer_tasks_bindings() {
         let rt = runtime(workers);
         let seen = rt.block_on(async {
             tokio::spawn(async {
-                bind(marked(1));
+                bind(marked(1)).unwrap();
                 let inner_seen = tokio::task::block_in_place(|| {
                     let mut inner = Builder::new_current_thread();
                     ImplicitSessions::new().install(inner.enable_all());
@@ -260,7 +260,7 @@ fn nested_polls_keep_the_outer_tasks_bindings() {
                     inner.block_on(async {
                         tokio::spawn(async {
                             let inherited = current_mark();
-                            bind(marked(99)); // the inner task's own binding stays with it
+                            bind(marked(99)).unwrap(); // the inner task's own binding stays with it
                             tokio::task::yield_now().await;
                             (inherited, current_mark())
                         })
@@ -269,7 +269,7 @@ fn nested_polls_keep_the_outer_tasks_bindings() {
                     })
                 });
                 let outer_after_inner = current_mark();
-                bind(marked(2)); // a later bind of the outer task must stick
+                bind(marked(2)).unwrap(); // a later bind of the outer task must stick
                 WakeMidPoll(false).await;
                 tokio::time::sleep(Duration::from_millis(1)).await;
                 (inner_seen, outer_after_inner, current_mark())
@@ -309,7 +309,7 @@ fn a_panicking_session_drop_never_takes_the_runtime_down() {
             // 1. The task ends with the value bound: its last reference goes with the task's
             //    entry. Caught and counted; the JoinHandle resolves.
             let h = tokio::spawn(async {
-                bind(SessionCtx::new(&Context::background()).with(&PANICKY, PanicOnDrop));
+                bind(SessionCtx::new(&Context::background()).with(&PANICKY, PanicOnDrop)).unwrap();
                 WakeMidPoll(false).await;
                 7
             });
@@ -321,9 +321,9 @@ fn a_panicking_session_drop_never_takes_the_runtime_down() {
             //    held a clone; then the last drop is that hook's, caught and counted.
             let caught = hook_drop_panics();
             let h = tokio::spawn(async {
-                bind(SessionCtx::new(&Context::background()).with(&PANICKY, PanicOnDrop));
+                bind(SessionCtx::new(&Context::background()).with(&PANICKY, PanicOnDrop)).unwrap();
                 WakeMidPoll(false).await;
-                bind(marked(5));
+                bind(marked(5)).unwrap();
             });
             match h.await {
                 Err(e) => assert!(e.is_panic()),
@@ -338,7 +338,7 @@ fn a_panicking_session_drop_never_takes_the_runtime_down() {
 
             // 3. Aborted while holding it.
             let h = tokio::spawn(async {
-                bind(SessionCtx::new(&Context::background()).with(&PANICKY, PanicOnDrop));
+                bind(SessionCtx::new(&Context::background()).with(&PANICKY, PanicOnDrop)).unwrap();
                 std::future::pending::<()>().await;
             });
             tokio::task::yield_now().await;
@@ -349,7 +349,7 @@ fn a_panicking_session_drop_never_takes_the_runtime_down() {
             let mut hs = Vec::new();
             for i in 0..64u64 {
                 hs.push(tokio::spawn(async move {
-                    bind(marked(i));
+                    bind(marked(i)).unwrap();
                     WakeMidPoll(false).await;
                     current_mark()
                 }));

@@ -237,7 +237,7 @@ fn implicit_runtime() -> tokio::runtime::Runtime {
 fn implicit_mode_session_free_spawns_inherit_nothing() {
     implicit_runtime().block_on(async {
         let outer = tokio::spawn(async {
-            localsession_std::bind(SessionMap::new().with_value("tenant", "acme"));
+            localsession_std::bind(SessionMap::new().with_value("tenant", "acme")).unwrap();
             let inherited = tokio::spawn(async { current().is_some() });
             let detached = localsession_tokio::spawn_without_session(async {
                 tokio::task::yield_now().await;
@@ -261,7 +261,7 @@ fn implicit_mode_session_free_spawns_inherit_nothing() {
 fn implicit_mode_inline_with_session_keeps_the_tasks_session() {
     implicit_runtime().block_on(async {
         let task = tokio::spawn(async {
-            localsession_std::bind(SessionMap::new().with_value("tenant", "acme"));
+            localsession_std::bind(SessionMap::new().with_value("tenant", "acme")).unwrap();
             let inside = localsession_std::with_session(None, || current().is_none())();
             tokio::task::yield_now().await;
             (inside, current().and_then(|s| s.value_cloned::<&str, _>(&"tenant")))
