@@ -462,14 +462,54 @@ fn p6_tokio_spawn(c: &mut Criterion) {
             b.iter_custom(|iters| spawn_join_rounds(&rt_implicit, iters, SpawnKind::Plain))
         });
         IMPLICIT_RT.with(|f| f.set(false));
-        drop(rt_implicit);
         let rt_hooks = tokio_runtime_noop_hooks();
         g.bench_function("plain_noop_hooks", |b| {
             b.iter_custom(|iters| spawn_join_rounds(&rt_hooks, iters, SpawnKind::Plain))
         });
+        g.finish();
+        // The same four interleaved (one batch of each per round, medians over the rounds), as
+        // for P9: load that changes during the run hits every variant alike. Printed only; the
+        // table keeps criterion's figures.
+        if group_selected("p6") {
+            let (batches, batch) = (31, 20_000u64);
+            let variants: [(&str, &tokio::runtime::Runtime, SpawnKind, bool); 4] = [
+                ("plain", &rt, SpawnKind::Plain, false),
+                ("explicit", &rt, SpawnKind::Explicit, false),
+                ("implicit", &rt_implicit, SpawnKind::Plain, true),
+                ("plain_noop_hooks", &rt_hooks, SpawnKind::Plain, false),
+            ];
+            let mut samples = vec![Vec::with_capacity(batches); variants.len()];
+            for _ in 0..batches {
+                for (i, (_, runtime, kind, implicit)) in variants.iter().enumerate() {
+                    IMPLICIT_RT.with(|f| f.set(*implicit));
+                    samples[i].push(spawn_join_rounds(runtime, batch, *kind).as_nanos() as f64 / batch as f64);
+                }
+            }
+            IMPLICIT_RT.with(|f| f.set(false));
+            println!("P6 interleaved ({batches} rounds of {batch} spawn+join per variant; medians):");
+            let medians: Vec<f64> = samples
+                .iter_mut()
+                .map(|v| {
+                    v.sort_by(f64::total_cmp);
+                    v[v.len() / 2]
+                })
+                .collect();
+            for ((id, ..), median) in variants.iter().zip(&medians) {
+                println!("P6 interleaved {id:<24} {median:>8.1} ns  {:.2}x plain", median / medians[0]);
+            }
+            println!("P6 interleaved implicit / empty hooks: {:.2}x", medians[2] / medians[3]);
+        }
     }
-    drop(rt);
+    #[cfg(not(tokio_unstable))]
     g.finish();
+}
+
+/// Whether this run has no benchmark filter or one that mentions `prefix` (e.g. `p6`): the
+/// extra, printed-only measurements of a group (interleaved rounds) run only then.
+#[cfg(tokio_unstable)]
+fn group_selected(prefix: &str) -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    bench_filter(&args).is_none_or(|filter| filter.contains(prefix))
 }
 
 #[cfg(tokio_unstable)]
@@ -555,6 +595,11 @@ fn p9_bridges(c: &mut Criterion) {
         g.bench_function(id, |b| b.iter_custom(|iters| rounds(iters, by_hand)));
     }
     g.finish();
+    if !group_selected("p9") {
+        set_carry_spans(false);
+        set_carry_otel_context(false);
+        return;
+    }
     // The same variants interleaved (one batch of each per round, medians over the rounds), so
     // that load changing during the run (these machines are shared) hits every variant alike.
     // Printed here; criterion's sequential figures go to the table.

@@ -2,7 +2,6 @@
 //! with their response (completion, error, or drop), `ClientBackup` refuses an ended session,
 //! and long-lived work (`spawn_without_session`, `NoSessionExecutor`, the `Buffer::pair` pattern)
 //! carries no session.
-#![allow(missing_docs)]
 
 use std::convert::Infallible;
 use std::sync::Arc;

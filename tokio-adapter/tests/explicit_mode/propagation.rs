@@ -1,6 +1,5 @@
 //! Propagators: the W3C specs' own examples (Trace Context, Baggage), hostile headers over real
 //! HTTP (a `400` naming the header, never a panic), and inject-then-extract round trips.
-#![allow(missing_docs)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -1,9 +1,6 @@
 //! Explicit inheritance on tokio: the spawn helpers, `JoinSetExt` and `FutureExt`, on
 //! multi-thread runtimes where tasks hop between workers. Runs with and without
 //! `--cfg tokio_unstable` (these runtimes have no implicit hooks).
-#![allow(missing_docs)]
-
-mod common;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{
+use crate::common::{
     DropCounted, OnDrop, REQ, assert_no_worker_holds_a_session, current_req, eventually, hop, req_session, within,
 };
 use localsession_core::{ContextError, SessionMap};

@@ -1,7 +1,6 @@
 //! End to end over real HTTP on 127.0.0.1: a request's persistent metainfo reaches service A,
 //! whose handler calls service B from a spawned task without passing any context; B sees the
 //! metainfo (Kitex `WithContextBackup` on both sides).
-#![allow(missing_docs)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
