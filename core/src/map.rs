@@ -50,7 +50,8 @@ use crate::error::ContextError;
 use crate::index::{for_each_binding, live_len};
 use crate::key::{DynKey, Key, KeyQuery, hashed_tag};
 use crate::node::{
-    F_NO_INDEX, F_TOMBSTONE, F_VALUE, InlineKey, NodePtr, NodeRef, SharedKey, SharedValue, Tombstone, TypedKey, lookup,
+    F_NO_INDEX, F_TOMBSTONE, F_VALUE, InlineKey, NodePtr, NodeRef, PlainSharedValue, SharedKey, SharedValue, Tombstone,
+    TypedKey, lookup,
 };
 use crate::primitive::epoch::{self, Guard};
 use crate::primitive::{AtomicPtr, AtomicUsize, Mutex, Ordering};
@@ -223,7 +224,12 @@ impl SessionMap {
     {
         Context::note_value_type::<V>();
         let tag = hashed_tag(&key);
-        let node = NodeRef::new_rebindable(None, tag, F_VALUE, InlineKey(key), SharedValue(Arc::new(value)));
+        let node = if core::mem::needs_drop::<V>() {
+            NodeRef::new_rebindable(None, tag, F_VALUE, InlineKey(key), SharedValue(Arc::new(value)))
+        } else {
+            // No drop glue: the value cannot own a chain (see `PlainSharedValue`).
+            NodeRef::new_rebindable(None, tag, F_VALUE, InlineKey(key), PlainSharedValue(Arc::new(value)))
+        };
         self.publish(node, |_| true);
     }
 
@@ -239,7 +245,11 @@ impl SessionMap {
     /// ```
     pub fn set<T: Any + Send + Sync>(&self, key: &'static Key<T>, value: T) {
         Context::note_value_type::<T>();
-        let node = NodeRef::new_rebindable(None, key.tag(), F_VALUE, TypedKey, SharedValue(Arc::new(value)));
+        let node = if core::mem::needs_drop::<T>() {
+            NodeRef::new_rebindable(None, key.tag(), F_VALUE, TypedKey, SharedValue(Arc::new(value)))
+        } else {
+            NodeRef::new_rebindable(None, key.tag(), F_VALUE, TypedKey, PlainSharedValue(Arc::new(value)))
+        };
         self.publish(node, |_| true);
     }
 
