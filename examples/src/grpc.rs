@@ -5,7 +5,7 @@
 //! script are needed.
 //!
 //! Used by `examples/two_services.rs` and by the gRPC end-to-end test of `localsession-tests`
-//! (`tests/tests/grpc_e2e.rs`).
+//! (`tests/tests/interop/grpc_e2e.rs`).
 //!
 //! # Examples
 //! ```

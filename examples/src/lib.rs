@@ -2,7 +2,7 @@
 //!
 //! [`seed`] is the seed program of Go's `cloudwego/localsession` README, ported to Rust with
 //! deterministic, explained output. `examples/seed.rs` prints it
-//! (`cargo run -p localsession-examples --example seed`); `tests/tests/seed.rs` in the
+//! (`cargo run -p localsession-examples --example seed`); `tests/tests/interop/seed.rs` in the
 //! `localsession-tests` package asserts its transcript for both session kinds.
 //!
 //! [`grpc`] (feature `grpc`) is a gRPC service and client written by hand over tonic (no

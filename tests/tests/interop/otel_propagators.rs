@@ -14,7 +14,6 @@
 //! Baggage member order: the SDK writes its entries in hash-map order, ours in key order; W3C
 //! baggage is unordered, so members are compared as sorted lists (each member byte for byte),
 //! and one-member baggage is compared whole.
-#![allow(missing_docs)]
 
 use std::collections::HashMap;
 

@@ -1,7 +1,6 @@
 //! The seed program (`localsession-examples`) as a test, with `SessionCtx` and with `SessionMap`:
 //! every assertion of the Go program holds in every thread, and the transcript is exactly the same
 //! on every run (the threads report to g0, which prints in thread order).
-#![allow(missing_docs)]
 
 use localsession_examples::seed::{Kind, run};
 

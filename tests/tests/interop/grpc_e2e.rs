@@ -4,7 +4,6 @@
 //! task without passing any context; hostile metadata is answered `INVALID_ARGUMENT` naming the
 //! header. The service is hand-written over `tonic::server::Grpc` with a UTF-8 string codec
 //! (`localsession_examples::grpc`; no protoc).
-#![allow(missing_docs)]
 
 use std::future::Future;
 use std::net::SocketAddr;
