@@ -11,17 +11,18 @@
 #   2. cargo test --workspace --all-features --doc every documentation example (the README's
 #                                                  Rust examples are doctests of
 #                                                  localsession-examples); same build
-#   3. cargo test -p localsession-core --lib       the core without `std`: SessionMap reads take
-#      --test model_map --test model_sharded       the no_std epoch path (the only code the `std`
-#                                                  feature changes); same target directory
 #
-# Cold, on 2 cores: 111 s (2026-11-30, idle machine; `CARGO_TARGET_DIR=/tmp/cold ./test.sh -q`).
+# Cold, on 2 cores: 112-115 s (2026-11-30, idle VM; `CARGO_TARGET_DIR=/tmp/coldN ./test.sh -q`).
 # Examples are not built here: .ci/run's README-commands stage runs every one of them and clippy
-# checks them. One assertion needs a build *without* --cfg tokio_unstable (`runtime_builder`
-# refusing implicit mode with an error naming the flag, tokio-adapter/tests/implicit_env.rs): a
-# second build of tokio would double this script's cold time, so .ci/run's "stable-only" stage
-# runs it (`cargo test -p localsession-tokio --test implicit_env`). The stable build of
-# everything else is checked by .ci/run's clippy and doc stages.
+# checks them. Two other configurations need builds of their own, which would double this
+# script's cold time, so .ci/run runs them in their own stages:
+# - without --cfg tokio_unstable, one assertion (`runtime_builder` refusing implicit mode with an
+#   error naming the flag, tokio-adapter/tests/implicit_env.rs): stage "stable-only test",
+#   `cargo test -p localsession-tokio --test implicit_env`; the stable build of everything else is
+#   checked by the clippy and doc stages;
+# - the core without `std` (SessionMap reads take the no_std epoch path, the only code the
+#   feature changes): stage "no_std (thumbv7em, tests without std)", `cargo test -p localsession-core --lib --test model_map
+#   --test model_sharded` (and the miri stage runs those tests without `std` as well).
 #
 # Arguments are passed to every `cargo test` (e.g. `./test.sh -q`). Stops at the first failing
 # step.
@@ -43,13 +44,10 @@ unstable() {
     RUSTFLAGS="--cfg tokio_unstable" RUSTDOCFLAGS="--cfg tokio_unstable" CARGO_TARGET_DIR="$base/unstable" "$@"
 }
 
-step "1/3 cargo test --workspace --exclude localsession-benches --all-features --lib --bins --tests (--cfg tokio_unstable, target dir $base/unstable)"
+step "1/2 cargo test --workspace --exclude localsession-benches --all-features --lib --bins --tests (--cfg tokio_unstable, target dir $base/unstable)"
 unstable cargo test --workspace --exclude localsession-benches --all-features --lib --bins --tests "$@"
 
-step "2/3 cargo test --workspace --exclude localsession-benches --all-features --doc"
+step "2/2 cargo test --workspace --exclude localsession-benches --all-features --doc"
 unstable cargo test --workspace --exclude localsession-benches --all-features --doc "$@"
-
-step "3/3 cargo test -p localsession-core --lib --test model_map --test model_sharded (no std)"
-unstable cargo test -p localsession-core --lib --test model_map --test model_sharded "$@"
 
 echo "::: test.sh: all tests passed in $((SECONDS - start))s" >&2
