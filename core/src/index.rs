@@ -311,17 +311,9 @@ impl Table {
     /// # Safety
     /// `table` is null or a live table.
     #[inline]
-    pub(crate) unsafe fn find<N: ChainNode>(mut table: *const Entry, q: &KeyQuery<'_>) -> Option<N> {
-        // SAFETY: forwarded; a live table's base is live (see [`Table`]).
-        unsafe {
-            while !table.is_null() {
-                if let Some(node) = Self::probe(table, q) {
-                    return Some(node);
-                }
-                table = Self::base(table);
-            }
-        }
-        None
+    pub(crate) unsafe fn find<N: ChainNode>(table: *const Entry, q: &KeyQuery<'_>) -> Option<N> {
+        // SAFETY: forwarded (the unused depth count compiles away).
+        unsafe { Self::find_with_depth(table, q).0 }
     }
 
     /// [`find`](Table::find), also returning the depth of the level that held the binding (0 for
