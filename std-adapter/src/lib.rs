@@ -107,8 +107,8 @@ pub use localsession_core::{
 /// clear_ctx();
 /// ```
 pub fn backup_ctx(ctx: &Context) {
-    ensure_registered();
-    // During thread teardown there is no slot to back up into; the core function does the same.
+    // `bind` registers the store. During thread teardown there is no slot to back up into; the
+    // core function drops the backup then too.
     drop(bind(SessionCtx::new(ctx)));
 }
 
