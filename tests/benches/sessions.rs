@@ -487,13 +487,7 @@ fn p6_tokio_spawn(c: &mut Criterion) {
             }
             IMPLICIT_RT.with(|f| f.set(false));
             println!("P6 interleaved ({batches} rounds of {batch} spawn+join per variant; medians):");
-            let medians: Vec<f64> = samples
-                .iter_mut()
-                .map(|v| {
-                    v.sort_by(f64::total_cmp);
-                    v[v.len() / 2]
-                })
-                .collect();
+            let medians = medians_of(&mut samples);
             for ((id, ..), median) in variants.iter().zip(&medians) {
                 println!("P6 interleaved {id:<24} {median:>8.1} ns  {:.2}x plain", median / medians[0]);
             }
@@ -502,6 +496,18 @@ fn p6_tokio_spawn(c: &mut Criterion) {
     }
     #[cfg(not(tokio_unstable))]
     g.finish();
+}
+
+/// The median of each variant's samples (interleaved rounds of P6 and P9).
+#[cfg(tokio_unstable)]
+fn medians_of(samples: &mut [Vec<f64>]) -> Vec<f64> {
+    samples
+        .iter_mut()
+        .map(|v| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        })
+        .collect()
 }
 
 /// Whether this run has no benchmark filter or one that mentions `prefix` (e.g. `p6`): the
@@ -620,13 +626,7 @@ fn p9_bridges(c: &mut Criterion) {
             samples[i].push(rounds(batch, *by_hand).as_nanos() as f64 / batch as f64);
         }
     }
-    let medians: Vec<f64> = samples
-        .iter_mut()
-        .map(|v| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        })
-        .collect();
+    let medians = medians_of(&mut samples);
     println!("P9 interleaved ({batches} rounds of {batch} spawn+join per variant; medians):");
     for ((id, ..), median) in variants.iter().zip(&medians) {
         println!("P9 interleaved {id:<24} {median:>8.1} ns  {:.2}x off", median / medians[0]);
