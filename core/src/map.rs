@@ -50,8 +50,7 @@ use crate::error::ContextError;
 use crate::index::{for_each_binding, live_len};
 use crate::key::{DynKey, Key, KeyQuery, hashed_tag};
 use crate::node::{
-    F_NO_INDEX, F_TOMBSTONE, F_VALUE, InlineKey, NodePtr, NodeRef, PlainSharedValue, SharedKey, SharedValue, Tombstone,
-    TypedKey, lookup,
+    F_NO_INDEX, F_TOMBSTONE, F_VALUE, InlineKey, NodePtr, NodeRef, SharedKey, SharedValue, Tombstone, TypedKey, lookup,
 };
 use crate::primitive::epoch::{self, Guard};
 use crate::primitive::{AtomicPtr, AtomicUsize, Mutex, Ordering};
@@ -225,10 +224,10 @@ impl SessionMap {
         Context::note_value_type::<V>();
         let tag = hashed_tag(&key);
         let node = if core::mem::needs_drop::<V>() {
-            NodeRef::new_rebindable(None, tag, F_VALUE, InlineKey(key), SharedValue(Arc::new(value)))
+            NodeRef::new_rebindable(None, tag, F_VALUE, InlineKey(key), SharedValue::<true>(Arc::new(value)))
         } else {
-            // No drop glue: the value cannot own a chain (see `PlainSharedValue`).
-            NodeRef::new_rebindable(None, tag, F_VALUE, InlineKey(key), PlainSharedValue(Arc::new(value)))
+            // No drop glue: the value cannot own a chain (see `SharedValue`).
+            NodeRef::new_rebindable(None, tag, F_VALUE, InlineKey(key), SharedValue::<false>(Arc::new(value)))
         };
         self.publish(node, |_| true);
     }
@@ -246,9 +245,9 @@ impl SessionMap {
     pub fn set<T: Any + Send + Sync>(&self, key: &'static Key<T>, value: T) {
         Context::note_value_type::<T>();
         let node = if core::mem::needs_drop::<T>() {
-            NodeRef::new_rebindable(None, key.tag(), F_VALUE, TypedKey, SharedValue(Arc::new(value)))
+            NodeRef::new_rebindable(None, key.tag(), F_VALUE, TypedKey, SharedValue::<true>(Arc::new(value)))
         } else {
-            NodeRef::new_rebindable(None, key.tag(), F_VALUE, TypedKey, PlainSharedValue(Arc::new(value)))
+            NodeRef::new_rebindable(None, key.tag(), F_VALUE, TypedKey, SharedValue::<false>(Arc::new(value)))
         };
         self.publish(node, |_| true);
     }
@@ -714,8 +713,8 @@ impl SessionMap {
     /// [`Session::with_value_dyn`](crate::Session::with_value_dyn).
     pub(crate) fn insert_erased(&self, key: DynKey, value: Arc<dyn Any + Send + Sync>) {
         let node = match key.key {
-            Some(k) => NodeRef::new_rebindable(None, key.tag, F_VALUE, SharedKey(k), SharedValue(value)),
-            None => NodeRef::new_rebindable(None, key.tag, F_VALUE, TypedKey, SharedValue(value)),
+            Some(k) => NodeRef::new_rebindable(None, key.tag, F_VALUE, SharedKey(k), SharedValue::<true>(value)),
+            None => NodeRef::new_rebindable(None, key.tag, F_VALUE, TypedKey, SharedValue::<true>(value)),
         };
         self.publish(node, |_| true);
     }

@@ -219,11 +219,14 @@ impl<V: Any + Send + Sync> ValueSlot for InlineValue<V> {
 }
 
 /// The value behind a shared pointer (`SessionMap`, which hands out owned handles and re-binds
-/// values when it compacts).
+/// values when it compacts). `MAY_OWN_CHAIN` is `false` for value types without drop glue
+/// (`u64`, `&'static str`, ...): such a value cannot own a chain, so reclaiming its node skips
+/// [`take_nested`](ValueSlot::take_nested)'s checks (a compare-and-swap on the `Arc`'s weak
+/// count, then one type check per registered chain owner), 5% of a small `SessionMap`'s inserts.
 #[derive(Clone)]
-pub(crate) struct SharedValue(pub(crate) Arc<dyn Any + Send + Sync>);
+pub(crate) struct SharedValue<const MAY_OWN_CHAIN: bool>(pub(crate) Arc<dyn Any + Send + Sync>);
 
-impl ValueSlot for SharedValue {
+impl<const MAY_OWN_CHAIN: bool> ValueSlot for SharedValue<MAY_OWN_CHAIN> {
     fn as_any(&self) -> &(dyn Any + Send + Sync) {
         &*self.0
     }
@@ -232,25 +235,9 @@ impl ValueSlot for SharedValue {
     }
     fn take_nested(&mut self, out: &mut Vec<NodeRef>) {
         // Only the last handle to the value drops it.
-        if let Some(value) = Arc::get_mut(&mut self.0) {
+        if MAY_OWN_CHAIN && let Some(value) = Arc::get_mut(&mut self.0) {
             take_nested_chain(value, out);
         }
-    }
-}
-
-/// A shared value of a type without drop glue (`u64`, `&'static str`, ...): such a value cannot
-/// own a chain, so reclaiming its node skips [`SharedValue::take_nested`]'s checks (a
-/// compare-and-swap on the `Arc`'s weak count, then one type check per registered chain owner),
-/// 5% of a small `SessionMap`'s inserts.
-#[derive(Clone)]
-pub(crate) struct PlainSharedValue(pub(crate) Arc<dyn Any + Send + Sync>);
-
-impl ValueSlot for PlainSharedValue {
-    fn as_any(&self) -> &(dyn Any + Send + Sync) {
-        &*self.0
-    }
-    fn shared(&self) -> Option<Arc<dyn Any + Send + Sync>> {
-        Some(Arc::clone(&self.0))
     }
 }
 
