@@ -78,6 +78,8 @@ use crate::key::{ErasedKey, KeyQuery};
 
 /// Value nodes per segment: a new index table is built every `SEGMENT` bindings.
 pub(crate) const SEGMENT: u16 = 8;
+// A table build keeps a segment's keys on the stack (`index::Few`).
+const _: () = assert!(SEGMENT as usize <= crate::index::SEGMENT_KEYS);
 
 /// The node binds a key to a value.
 pub(crate) const F_VALUE: u16 = 1;
@@ -643,7 +645,7 @@ unsafe fn link(ptr: NonNull<Header>, parent: Option<NodeRef>) {
         (*h).seg = seg.saturating_add(1);
         if (*h).seg >= SEGMENT && (*h).flags & F_NO_INDEX == 0 {
             // The chain below the fresh node is alive: the node owns its parent.
-            (*h).table = Table::build(NodePtr(ptr), table, (*h).seg as usize);
+            (*h).table = Table::build(NodePtr(ptr), table);
             (*h).flags |= F_OWNS_TABLE;
             (*h).bloom = 0;
             (*h).seg = 0;

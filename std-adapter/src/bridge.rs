@@ -169,6 +169,26 @@ impl Bridges {
         }
     }
 
+    /// Whether either bridge is switched on ([`carries_spans`](crate::carries_spans),
+    /// [`carries_otel_context`](crate::carries_otel_context)); always `false` without the
+    /// `tracing` and `opentelemetry` features. Lets a hot path skip capturing and entering when
+    /// there is nothing to carry (two relaxed loads).
+    ///
+    /// # Examples
+    /// ```
+    /// assert!(!localsession_std::Bridges::switched_on()); // both bridges start off
+    /// ```
+    #[inline]
+    #[must_use]
+    pub fn switched_on() -> bool {
+        let on = false;
+        #[cfg(feature = "tracing")]
+        let on = on || crate::carries_spans();
+        #[cfg(feature = "opentelemetry")]
+        let on = on || crate::carries_otel_context();
+        on
+    }
+
     /// Captures, for a unit about to be created here with `session`: the current span (span
     /// bridge on, a span entered, the flow not suppressed) and `session`'s
     /// [`OTEL_CONTEXT`](crate::OTEL_CONTEXT) (context bridge on).

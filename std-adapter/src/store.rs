@@ -258,7 +258,7 @@ impl ThreadStore {
         let (owner, parked) = SLOT.try_with(|t| exchange_in(t, session, rule)).ok()?;
         if parked {
             // Dropped here, outside the thread-local access (a drop may use the store).
-            drop(take_leftovers());
+            drop_leftovers();
         }
         Some(owner)
     }
@@ -398,6 +398,14 @@ pub struct UnitScope {
     outer_sink: Option<BindSink>,
 }
 
+/// Drops the sessions the last exchange parked: out of line, so that the exchange itself
+/// carries no drop code (and the register saves it needs).
+#[cold]
+#[inline(never)]
+fn drop_leftovers() {
+    drop(take_leftovers());
+}
+
 /// Takes the sessions the last exchange parked (see `ThreadSlot::leftover_recorded`).
 #[cold]
 fn take_leftovers() -> (Option<AnySession>, Option<AnySession>) {
@@ -414,8 +422,34 @@ fn mark_bound(session: &Option<AnySession>) {
 /// Exchanges `t`'s slot with `*session`, records the change in the unit's sink, and sets the
 /// binding's owner tag by `rule`. Returns the previous owner tag and whether sessions were
 /// parked for [`take_leftovers`].
+///
+/// The common case — no sink set (every `WithSession` poll, and a hooked task's own poll
+/// swap, which suspends its sink first) and a slot of the current generation — is the inline
+/// fast path: a swap and the owner tag. Everything else takes [`exchange_slow`]; keeping
+/// its calls (sink, parking, task probe) out of line spares every exchange the register
+/// saves they need (a third of an exchange's instructions).
 #[inline]
 fn exchange_in(t: &ThreadSlot, session: &mut Option<AnySession>, rule: Owner) -> (u64, bool) {
+    // Acquire: as in `exchange_slow`.
+    if t.generation.get() != GENERATION.load(Ordering::Acquire) || t.sink.get().is_some() {
+        return exchange_slow(t, session, rule);
+    }
+    crate::live::on_bind(session.is_some());
+    t.slot.swap(session);
+    crate::live::on_unbind(session.is_some());
+    let owner = match rule {
+        // No sink manages the unit: a sticky binding belongs to the running task.
+        Owner::Sticky => running_task(),
+        Owner::Scope => 0,
+        Owner::Restore(token) => token,
+    };
+    (t.owner.replace(owner), false)
+}
+
+/// [`exchange_in`] with a sink to record in or a stale slot to clear.
+#[cold]
+#[inline(never)]
+fn exchange_slow(t: &ThreadSlot, session: &mut Option<AnySession>, rule: Owner) -> (u64, bool) {
     let generation = GENERATION.load(Ordering::Acquire);
     let stale = t.generation.get() != generation;
     t.generation.set(generation);

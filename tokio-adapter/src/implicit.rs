@@ -142,8 +142,17 @@ thread_local! {
 
 /// Drops a session (or a span, an entered bridge) that left the table, where its `Drop` (user
 /// code) must not unwind into tokio.
+#[inline]
 fn drop_caught<T>(value: Option<T>) {
-    if value.is_some() && catch_unwind(AssertUnwindSafe(move || drop(value))).is_err() {
+    // Most calls get `None` (nothing left the table or the slot): decided here, inline.
+    if let Some(value) = value {
+        drop_caught_some(value);
+    }
+}
+
+#[inline(never)]
+fn drop_caught_some<T>(value: T) {
+    if catch_unwind(AssertUnwindSafe(move || drop(value))).is_err() {
         HOOK_DROP_PANICS.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -159,10 +168,14 @@ fn on_spawn(meta: &TaskMeta<'_>) {
     // the spawner's.
     let id = raw_id(meta.id());
     let inherited = catch_unwind(localsession_std::flow_session).unwrap_or(None);
-    // The span bridge (a relaxed load when off): the span lives in the task's entry, created
-    // and removed with it.
-    let span = catch_unwind(Bridges::current_span).unwrap_or_default();
-    let attachment: Option<TaskAttachment> = if span.is_empty() { None } else { Some(Arc::new(span)) };
+    // The span bridge (two relaxed loads when both bridges are off): the span lives in the
+    // task's entry, created and removed with it.
+    let attachment: Option<TaskAttachment> = if Bridges::switched_on() {
+        let span = catch_unwind(Bridges::current_span).unwrap_or_default();
+        if span.is_empty() { None } else { Some(Arc::new(span)) }
+    } else {
+        None
+    };
     let (session, attachment) = TABLE.spawned_with(id, inherited, attachment);
     drop_caught(session);
     drop_caught(attachment);
@@ -172,7 +185,12 @@ fn on_before_poll(meta: &TaskMeta<'_>) {
     let id = raw_id(meta.id());
     let (mut session, attachment) = TABLE.entry(id);
     // The context bridge reads the task's session as it is now (the task may have rebound).
-    let context = Bridges::session_context(session.as_ref());
+    // With both bridges off and no span kept, there is nothing to enter.
+    let context = if attachment.is_some() || Bridges::switched_on() {
+        Some(Bridges::session_context(session.as_ref()))
+    } else {
+        None
+    };
     // One thread-local access: the outer poll's sink (nested polls) is suspended, the task's
     // session installed, and its bindings recorded in its entry from now on.
     let Some((scope, stale)) = THREAD_STORE.enter_unit(&mut session, BindSink { unit: id, record }) else {
@@ -183,7 +201,10 @@ fn on_before_poll(meta: &TaskMeta<'_>) {
     };
     // A binding from before a `reset_default_manager`: not restored, dropped here, caught.
     drop_caught(stale);
-    let bridges = enter_bridges(attachment, context);
+    let bridges = match context {
+        Some(context) => enter_bridges(attachment, context),
+        None => Entered::default(),
+    };
     let frame = Frame { id, previous: session, scope, bridges };
     if let Err(frame) = push_frame(frame) {
         // The frame stack is gone (teardown) or busy: undo, so that the slot is not left

@@ -3,6 +3,7 @@
 //! [`localsession_std::register_task_probe`]).
 
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::task::Id;
 
@@ -32,8 +33,21 @@ fn running_task() -> u64 {
     tokio::task::try_id().map_or(0, raw_id)
 }
 
-/// Registers tokio's probe with the std store (once; cheap afterwards).
+/// Whether [`register`] has run (a relaxed flag: the spawn helpers call it on every spawn).
+static REGISTERED: AtomicBool = AtomicBool::new(false);
+
+/// Registers tokio's probe with the std store (once; one relaxed load afterwards).
 #[inline]
 pub(crate) fn register() {
+    if !REGISTERED.load(Ordering::Relaxed) {
+        register_once();
+    }
+}
+
+#[cold]
+fn register_once() {
+    // The first registration wins (`register_task_probe`); ours was made or lost here, and
+    // trying again would change nothing.
     let _ = localsession_std::register_task_probe(running_task);
+    REGISTERED.store(true, Ordering::Relaxed);
 }

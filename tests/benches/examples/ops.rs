@@ -1,0 +1,208 @@
+//! One hot-path operation of the benchmark suite, repeated: the program that
+//! `tests/benches/instructions.sh` runs under valgrind's callgrind to count *instructions per
+//! operation* — a figure that, unlike time on a shared 2-vCPU VM (±8–15% between identical
+//! runs), does not move with the load, so that a change of a few percent can be seen at all.
+//!
+//! `cargo run -p localsession-benches --release --example ops -- <scenario> <iterations>` runs a
+//! scenario (`list` prints them) and prints its wall-clock time per operation. The script runs
+//! each scenario twice, with `n` and `2n` iterations, and reports the difference divided by `n`:
+//! setup (building maps, starting runtimes) cancels out.
+//!
+//! Instructions are not time — a cache miss or a contended atomic costs far more than an add —
+//! so these figures complement the criterion suite (`sessions.rs`); they do not replace it. The
+//! tokio scenarios use a current-thread runtime: with worker threads, what the idle workers do
+//! while parking depends on timing, which callgrind (one thread at a time) distorts.
+#![allow(missing_docs)]
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use localsession_core::{Context, Key, SessionCtx, SessionMap};
+
+static USER: Key<u64> = Key::new("user");
+
+tokio::task_local! {
+    static TASK_VALUE: Arc<u64>;
+}
+
+/// The scenarios: name, what it measures.
+const SCENARIOS: &[(&str, &str)] = &[
+    ("p1_get", "with_current + typed get, depth 1 (std)"),
+    ("p1_current", "current() (a clone) + drop (std)"),
+    ("p3_with", "SessionCtx::with (typed key) + drop"),
+    ("p5_read_10", "SessionMap::read, hashed u64 key, 10 keys"),
+    ("p5_read_1000", "SessionMap::read, hashed u64 key, 1 000 keys"),
+    ("p5_rwlock_read_10", "peer: RwLock<HashMap<u64, Arc<u64>>> read, 10 keys"),
+    ("p5_rwlock_read_1000", "peer: RwLock<HashMap<u64, Arc<u64>>> read, 1 000 keys"),
+    ("p5_insert_10", "SessionMap::insert, rebinding one of 10 keys"),
+    ("p5_insert_1000", "SessionMap::insert, rebinding one of 1 000 keys"),
+    ("p5_rwlock_insert_10", "peer: RwLock<HashMap<u64, Arc<u64>>> insert, 10 keys"),
+    ("p5_rwlock_insert_1000", "peer: RwLock<HashMap<u64, Arc<u64>>> insert, 1 000 keys"),
+    ("p6_plain", "tokio::spawn + join (current-thread runtime)"),
+    ("p6_task_local_arc", "peer: tokio::spawn of TASK_VALUE.scope(arc.clone(), ..) + join"),
+    ("p6_explicit", "localsession_tokio::spawn + join, with a session"),
+    ("p6_implicit", "tokio::spawn + join on an implicit-mode runtime, with a session (tokio_unstable)"),
+];
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let scenario = args.next().unwrap_or_else(|| "list".to_owned());
+    let iterations: u64 = match args.next().map(|n| n.parse()) {
+        None => 100_000,
+        Some(Ok(n)) => n,
+        Some(Err(e)) => {
+            eprintln!("ops: the iteration count must be a positive integer ({e})");
+            std::process::exit(2);
+        }
+    };
+    if scenario == "list" {
+        for (name, what) in SCENARIOS {
+            println!("{name:<24} {what}");
+        }
+        return;
+    }
+    let start = Instant::now();
+    match scenario.as_str() {
+        "p1_get" => p1(iterations, false),
+        "p1_current" => p1(iterations, true),
+        "p3_with" => p3(iterations),
+        "p5_read_10" => map_read(10, iterations),
+        "p5_read_1000" => map_read(1000, iterations),
+        "p5_rwlock_read_10" => rwlock_read(10, iterations),
+        "p5_rwlock_read_1000" => rwlock_read(1000, iterations),
+        "p5_insert_10" => map_insert(10, iterations),
+        "p5_insert_1000" => map_insert(1000, iterations),
+        "p5_rwlock_insert_10" => rwlock_insert(10, iterations),
+        "p5_rwlock_insert_1000" => rwlock_insert(1000, iterations),
+        "p6_plain" | "p6_task_local_arc" | "p6_explicit" | "p6_implicit" => spawn_join(&scenario, iterations),
+        other => {
+            eprintln!("ops: unknown scenario `{other}` (run with `list` to see them)");
+            std::process::exit(2);
+        }
+    }
+    println!("{scenario}: {:.1} ns/op (wall clock)", start.elapsed().as_nanos() as f64 / iterations as f64);
+}
+
+/// A pseudo-random key below `n` (the same sequence for ours and the peer).
+fn keys(n: u64) -> impl FnMut() -> u64 {
+    let mut x = 0u64;
+    move || {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        (x >> 17) % n
+    }
+}
+
+fn p1(iterations: u64, clone: bool) {
+    localsession_std::bind(SessionCtx::new(&Context::background()).with(&USER, 5)).unwrap();
+    let mut acc = 0u64;
+    for _ in 0..iterations {
+        if clone {
+            let current = localsession_std::current();
+            acc += u64::from(current.is_some());
+            drop(black_box(current));
+        } else {
+            acc += localsession_std::with_current(|s| s.and_then(|s| s.read_key(&USER, |u| u.copied()))).unwrap_or(0);
+        }
+    }
+    black_box(acc);
+}
+
+fn p3(iterations: u64) {
+    let base = SessionCtx::new(&Context::background()).with(&USER, 5);
+    for i in 0..iterations {
+        drop(black_box(base.with(&USER, i)));
+    }
+}
+
+fn filled_map(n: u64) -> SessionMap {
+    let map = SessionMap::new();
+    for k in 0..n {
+        map.insert(k, k);
+    }
+    map
+}
+
+fn filled_rwlock(n: u64) -> RwLock<HashMap<u64, Arc<u64>>> {
+    RwLock::new((0..n).map(|k| (k, Arc::new(k))).collect())
+}
+
+fn map_read(n: u64, iterations: u64) {
+    let map = filled_map(n);
+    let mut key = keys(n);
+    let mut acc = 0u64;
+    for _ in 0..iterations {
+        acc = acc.wrapping_add(map.read(&key(), |v: Option<&u64>| v.copied().unwrap_or(0)));
+    }
+    black_box(acc);
+}
+
+fn rwlock_read(n: u64, iterations: u64) {
+    let map = filled_rwlock(n);
+    let mut key = keys(n);
+    let mut acc = 0u64;
+    for _ in 0..iterations {
+        acc = acc.wrapping_add(map.read().unwrap().get(&key()).map_or(0, |v| **v));
+    }
+    black_box(acc);
+}
+
+fn map_insert(n: u64, iterations: u64) {
+    let map = filled_map(n);
+    let mut key = keys(n);
+    for _ in 0..iterations {
+        let k = key();
+        map.insert(k, k);
+    }
+    black_box(map);
+}
+
+fn rwlock_insert(n: u64, iterations: u64) {
+    let map = filled_rwlock(n);
+    let mut key = keys(n);
+    for _ in 0..iterations {
+        let k = key();
+        map.write().unwrap().insert(k, Arc::new(k));
+    }
+    black_box(map);
+}
+
+fn spawn_join(scenario: &str, iterations: u64) {
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_all();
+    if scenario == "p6_implicit" {
+        #[cfg(tokio_unstable)]
+        localsession_tokio::enable_implicit_sessions(&mut builder);
+        #[cfg(not(tokio_unstable))]
+        {
+            eprintln!("ops: p6_implicit needs RUSTFLAGS=\"--cfg tokio_unstable\" (instructions.sh sets it)");
+            std::process::exit(2);
+        }
+    }
+    let rt = builder.build().unwrap();
+    let session = SessionCtx::new(&Context::background()).with(&USER, 5);
+    let arc = Arc::new(5u64);
+    let kind = scenario.to_owned();
+    let implicit = scenario == "p6_implicit";
+    rt.block_on(async move {
+        // The measuring task runs with a session, as in the criterion suite's P6.
+        let measure = async move {
+            for _ in 0..iterations {
+                match kind.as_str() {
+                    "p6_explicit" => localsession_tokio::spawn(async { black_box(1u64) }).await.unwrap(),
+                    "p6_task_local_arc" => {
+                        tokio::spawn(TASK_VALUE.scope(arc.clone(), async { black_box(1u64) })).await.unwrap()
+                    }
+                    _ => tokio::spawn(async { black_box(1u64) }).await.unwrap(),
+                };
+            }
+        };
+        if implicit {
+            // Inherited by a plain spawn, as implicit mode is used (and as P6 measures it).
+            localsession_std::scope(session, || tokio::spawn(measure)).await.unwrap();
+        } else {
+            localsession_tokio::spawn_with(session, measure).await.unwrap();
+        }
+    });
+}
