@@ -413,6 +413,89 @@ fn tokio_runtime_noop_hooks() -> tokio::runtime::Runtime {
     b.build().unwrap()
 }
 
+/// The least an implicit mode built on tokio's task hooks can do, as a floor under P6 implicit.
+/// The hooks pass only the task's id, so: the spawn hook stores a clone of the spawner's session
+/// in a table keyed by id (16 cache-padded spin-locked shards, as `TaskTable`), the before-poll
+/// hook clones it into a thread-local, the after-poll hook puts the thread's previous value back
+/// (dropping the clone) and the terminate hook removes the entry. Nothing else: no recording of
+/// a task's own binds, no flow suppression, no protection against panics in hooks, no bridges,
+/// no generations — so it is not a usable implicit mode, only the cost of the technique.
+#[cfg(tokio_unstable)]
+mod floor_hooks {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::hash::{BuildHasherDefault, Hash, Hasher};
+    use std::sync::LazyLock;
+
+    use crossbeam_utils::CachePadded;
+    use localsession_core::AnySession;
+    use tokio::runtime::{Builder, TaskMeta};
+
+    #[derive(Default)]
+    struct IdHasher(u64);
+    impl Hasher for IdHasher {
+        fn finish(&self) -> u64 {
+            self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for b in bytes {
+                self.0 = (self.0 << 8) | u64::from(*b);
+            }
+        }
+        fn write_u64(&mut self, n: u64) {
+            self.0 = n;
+        }
+    }
+
+    type Shard = CachePadded<spin::Mutex<HashMap<u64, Option<AnySession>, BuildHasherDefault<IdHasher>>>>;
+    static TABLE: LazyLock<[Shard; 16]> =
+        LazyLock::new(|| std::array::from_fn(|_| CachePadded::new(spin::Mutex::new(HashMap::default()))));
+
+    thread_local! {
+        static CURRENT: RefCell<Option<AnySession>> = const { RefCell::new(None) };
+        static SAVED: RefCell<Vec<Option<AnySession>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn shard(meta: &TaskMeta<'_>) -> (u64, &'static Shard) {
+        let mut h = IdHasher::default();
+        meta.id().hash(&mut h);
+        (h.0, &TABLE[(h.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize])
+    }
+
+    pub(super) fn install(b: &mut Builder) {
+        b.on_task_spawn(|m| {
+            let (id, shard) = shard(m);
+            // The spawner's session: the measuring task's, installed by its `WithSession`.
+            let session = localsession_std::current();
+            shard.lock().insert(id, session);
+        })
+        .on_before_task_poll(|m| {
+            let (id, shard) = shard(m);
+            let session = shard.lock().get(&id).cloned().flatten();
+            let previous = CURRENT.with(|c| c.replace(session));
+            SAVED.with(|s| s.borrow_mut().push(previous));
+        })
+        .on_after_task_poll(|_| {
+            let previous = SAVED.with(|s| s.borrow_mut().pop()).flatten();
+            drop(CURRENT.with(|c| c.replace(previous)));
+        })
+        .on_task_terminate(|m| {
+            let (id, shard) = shard(m);
+            let removed = shard.lock().remove(&id);
+            drop(removed);
+        });
+    }
+}
+
+/// A runtime with [`floor_hooks`] installed.
+#[cfg(tokio_unstable)]
+fn tokio_runtime_floor_hooks() -> tokio::runtime::Runtime {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.worker_threads(2).enable_all();
+    floor_hooks::install(&mut b);
+    b.build().unwrap()
+}
+
 /// Times `iters` spawn+join rounds from inside a worker task.
 fn spawn_join_rounds(rt: &tokio::runtime::Runtime, iters: u64, kind: SpawnKind) -> Duration {
     rt.block_on(async move {
@@ -466,17 +549,22 @@ fn p6_tokio_spawn(c: &mut Criterion) {
         g.bench_function("plain_noop_hooks", |b| {
             b.iter_custom(|iters| spawn_join_rounds(&rt_hooks, iters, SpawnKind::Plain))
         });
+        let rt_floor = tokio_runtime_floor_hooks();
+        g.bench_function("floor_table_hooks", |b| {
+            b.iter_custom(|iters| spawn_join_rounds(&rt_floor, iters, SpawnKind::Plain))
+        });
         g.finish();
         // The same four interleaved (one batch of each per round, medians over the rounds), as
         // for P9: load that changes during the run hits every variant alike. Printed only; the
         // table keeps criterion's figures.
         if group_selected("p6") {
             let (batches, batch) = (31, 20_000u64);
-            let variants: [(&str, &tokio::runtime::Runtime, SpawnKind, bool); 4] = [
+            let variants: [(&str, &tokio::runtime::Runtime, SpawnKind, bool); 5] = [
                 ("plain", &rt, SpawnKind::Plain, false),
                 ("explicit", &rt, SpawnKind::Explicit, false),
                 ("implicit", &rt_implicit, SpawnKind::Plain, true),
                 ("plain_noop_hooks", &rt_hooks, SpawnKind::Plain, false),
+                ("floor_table_hooks", &rt_floor, SpawnKind::Plain, false),
             ];
             let mut samples = vec![Vec::with_capacity(batches); variants.len()];
             for _ in 0..batches {
@@ -492,6 +580,7 @@ fn p6_tokio_spawn(c: &mut Criterion) {
                 println!("P6 interleaved {id:<24} {median:>8.1} ns  {:.2}x plain", median / medians[0]);
             }
             println!("P6 interleaved implicit / empty hooks: {:.2}x", medians[2] / medians[3]);
+            println!("P6 interleaved implicit / floor table hooks: {:.2}x", medians[2] / medians[4]);
         }
     }
     #[cfg(not(tokio_unstable))]
@@ -941,6 +1030,14 @@ fn report(memory: &[String], only: Option<&str>) {
         Row {
             label: "P6 (floor) plain spawn+join, runtime with 4 empty task hooks",
             ours: m("p6_tokio_spawn", "plain_noop_hooks"),
+            peer_label: "plain tokio::spawn",
+            peer: m("p6_tokio_spawn", "plain"),
+            target: "(information)",
+            check: |_, p| p.is_some(),
+        },
+        Row {
+            label: "P6 (floor) plain spawn+join, minimal table hooks carrying a session",
+            ours: m("p6_tokio_spawn", "floor_table_hooks"),
             peer_label: "plain tokio::spawn",
             peer: m("p6_tokio_spawn", "plain"),
             target: "(information)",
