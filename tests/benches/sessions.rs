@@ -108,6 +108,8 @@ fn raw_get(key: usize) -> u64 {
 
 tokio::task_local! {
     static TL: u64;
+    /// P6's `task_local` peer: a shared value carried into each spawned task by hand.
+    static TL_ARC: Arc<u64>;
 }
 
 #[derive(Clone, Copy)]
@@ -503,11 +505,16 @@ fn spawn_join_rounds(rt: &tokio::runtime::Runtime, iters: u64, kind: SpawnKind) 
         // `spawn_with` on the plain runtime, inherited by a plain spawn on the implicit one (how
         // each mode is used).
         let measure = async move {
+            // The `task_local` peer's shared value (cloned into each child, as a session is).
+            let shared = Arc::new(7u64);
             let start = Instant::now();
             for _ in 0..iters {
                 match kind {
                     SpawnKind::Plain => tokio::spawn(async { black_box(1u64) }).await.unwrap(),
                     SpawnKind::Explicit => localsession_tokio::spawn(async { black_box(1u64) }).await.unwrap(),
+                    SpawnKind::TaskLocal => {
+                        tokio::spawn(TL_ARC.scope(Arc::clone(&shared), async { black_box(1u64) })).await.unwrap()
+                    }
                 };
             }
             start.elapsed()
@@ -530,6 +537,8 @@ thread_local! {
 enum SpawnKind {
     Plain,
     Explicit,
+    /// The peer of explicit mode: each child wrapped by hand in `TL_ARC.scope(value.clone(), ..)`.
+    TaskLocal,
 }
 
 fn p6_tokio_spawn(c: &mut Criterion) {
@@ -537,6 +546,7 @@ fn p6_tokio_spawn(c: &mut Criterion) {
     let rt = tokio_runtime(false);
     g.bench_function("plain", |b| b.iter_custom(|iters| spawn_join_rounds(&rt, iters, SpawnKind::Plain)));
     g.bench_function("explicit", |b| b.iter_custom(|iters| spawn_join_rounds(&rt, iters, SpawnKind::Explicit)));
+    g.bench_function("task_local_arc", |b| b.iter_custom(|iters| spawn_join_rounds(&rt, iters, SpawnKind::TaskLocal)));
     #[cfg(tokio_unstable)]
     {
         let rt_implicit = tokio_runtime(true);
@@ -559,9 +569,10 @@ fn p6_tokio_spawn(c: &mut Criterion) {
         // table keeps criterion's figures.
         if group_selected("p6") {
             let (batches, batch) = (31, 20_000u64);
-            let variants: [(&str, &tokio::runtime::Runtime, SpawnKind, bool); 5] = [
+            let variants: [(&str, &tokio::runtime::Runtime, SpawnKind, bool); 6] = [
                 ("plain", &rt, SpawnKind::Plain, false),
                 ("explicit", &rt, SpawnKind::Explicit, false),
+                ("task_local_arc", &rt, SpawnKind::TaskLocal, false),
                 ("implicit", &rt_implicit, SpawnKind::Plain, true),
                 ("plain_noop_hooks", &rt_hooks, SpawnKind::Plain, false),
                 ("floor_table_hooks", &rt_floor, SpawnKind::Plain, false),
@@ -579,8 +590,9 @@ fn p6_tokio_spawn(c: &mut Criterion) {
             for ((id, ..), median) in variants.iter().zip(&medians) {
                 println!("P6 interleaved {id:<24} {median:>8.1} ns  {:.2}x plain", median / medians[0]);
             }
-            println!("P6 interleaved implicit / empty hooks: {:.2}x", medians[2] / medians[3]);
-            println!("P6 interleaved implicit / floor table hooks: {:.2}x", medians[2] / medians[4]);
+            println!("P6 interleaved explicit / task_local peer: {:.2}x", medians[1] / medians[2]);
+            println!("P6 interleaved implicit / empty hooks: {:.2}x", medians[3] / medians[4]);
+            println!("P6 interleaved implicit / floor table hooks: {:.2}x", medians[3] / medians[5]);
         }
     }
     #[cfg(not(tokio_unstable))]
@@ -1018,6 +1030,14 @@ fn report(memory: &[String], only: Option<&str>) {
             peer: m("p6_tokio_spawn", "plain"),
             target: "<= 1.10x",
             check: |o, p| p.is_some_and(|p| o <= 1.10 * p),
+        },
+        Row {
+            label: "P6 (peer) explicit vs task_local scope(arc.clone()) by hand",
+            ours: m("p6_tokio_spawn", "explicit"),
+            peer_label: "tokio task_local + Arc",
+            peer: m("p6_tokio_spawn", "task_local_arc"),
+            target: "(information)",
+            check: |_, p| p.is_some(),
         },
         Row {
             label: "P6 tokio spawn+join, implicit",
