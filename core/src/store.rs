@@ -848,6 +848,28 @@ impl LocalSlot {
         drop(dead);
     }
 
+    /// A clone of the slot's session. Unlike [`with`](LocalSlot::with) it links no reader
+    /// frame: a clone only increments a reference count and runs no user code, so nothing can
+    /// replace the slot while it is read.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{LocalSlot, SessionMap};
+    /// let slot = LocalSlot::new();
+    /// assert!(slot.cloned().is_none());
+    /// let map = SessionMap::new();
+    /// slot.replace(Some(map.clone().into()));
+    /// assert!(slot.cloned().unwrap().as_map().unwrap().ptr_eq(&map));
+    /// ```
+    #[inline]
+    #[must_use]
+    pub fn cloned(&self) -> Option<AnySession> {
+        // SAFETY: a momentary shared read, as in `is_set`. Cloning an `AnySession` increments a
+        // reference count (a node's, or an `Arc`'s — also for `Custom`) and calls no user
+        // code, so no `replace`/`swap` of this slot can run while the reference exists.
+        unsafe { (*self.current.get()).clone() }
+    }
+
     /// Whether a session is in the slot.
     ///
     /// # Examples

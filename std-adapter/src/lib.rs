@@ -121,7 +121,7 @@ pub fn backup_ctx(ctx: &Context) {
 #[inline]
 #[must_use]
 pub fn current() -> Option<AnySession> {
-    THREAD_STORE.with(|s| s.cloned())
+    THREAD_STORE.cloned()
 }
 
 /// Calls `f` with this thread's current session, borrowed: no clone, no lock, no atomic

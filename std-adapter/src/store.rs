@@ -142,9 +142,31 @@ impl ThreadStore {
             return f(None);
         }
         let mut f = Some(f);
-        let out = SLOT.try_with(|t| {
+        // The common case: a slot of the current generation that belongs to the thread.
+        let fast = SLOT.try_with(|t| {
             // Acquire: pairs with the reset's bump, ordering it before anything the resetting
             // thread did afterwards.
+            if t.generation.get() == GENERATION.load(Ordering::Acquire) && t.owner.get() == 0 {
+                Some(t.slot.with(f.take().expect("called once")))
+            } else {
+                None
+            }
+        });
+        match fast {
+            Ok(Some(r)) => r,
+            Ok(None) => self.with_checked(f.take().expect("not called on the slow path")),
+            // The thread is being torn down: nothing is bound any more.
+            Err(_) => (f.take().expect("not consumed on error"))(None),
+        }
+    }
+
+    /// [`with`](ThreadStore::with) for a stale slot (a reset happened since it was bound) or a
+    /// binding tagged with a task.
+    #[cold]
+    fn with_checked<R>(&self, f: impl FnOnce(Option<&AnySession>) -> R) -> R {
+        let mut f = Some(f);
+        let out = SLOT.try_with(|t| {
+            // Acquire: as in `with`.
             let generation = GENERATION.load(Ordering::Acquire);
             let mut stale = None;
             if t.generation.get() != generation {
@@ -169,6 +191,33 @@ impl ThreadStore {
             }
             // The thread is being torn down: nothing is bound any more.
             Err(_) => (f.take().expect("not consumed on error"))(None),
+        }
+    }
+
+    /// A clone of this thread's session (what [`current`](crate::current) returns), as
+    /// `self.with(|s| s.cloned())`. The common case — a slot of the current generation that
+    /// belongs to the thread — clones straight out of the slot ([`LocalSlot::cloned`]: no
+    /// reader frame, nothing moved through the thread-local access but the result); a stale or
+    /// task-owned slot takes the checked path of [`with`](ThreadStore::with).
+    #[inline]
+    pub(crate) fn cloned(&self) -> Option<AnySession> {
+        // Relaxed: as in `with`.
+        if !EVER_BOUND.load(Ordering::Relaxed) {
+            return None;
+        }
+        let fast = SLOT.try_with(|t| {
+            // Acquire: as in `with`.
+            if t.generation.get() == GENERATION.load(Ordering::Acquire) && t.owner.get() == 0 {
+                Ok(t.slot.cloned())
+            } else {
+                Err(())
+            }
+        });
+        match fast {
+            Ok(Ok(session)) => session,
+            Ok(Err(())) => self.with_checked(|s| s.cloned()),
+            // The thread is being torn down: nothing is bound any more.
+            Err(_) => None,
         }
     }
 
