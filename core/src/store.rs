@@ -973,6 +973,31 @@ impl fmt::Debug for SingleSlotStore {
 mod tests {
     use super::*;
 
+    /// `cloned` reads the slot without a reader frame: its clones stay valid after the slot is
+    /// replaced (also inside a reader) and after the original handle is dropped (miri checks the
+    /// raw read).
+    #[test]
+    fn cloned_hands_out_independent_handles() {
+        // A `SessionCtx`, not a `SessionMap`: the lib tests run under stacked borrows, which
+        // crossbeam-epoch (the map's reads) does not pass.
+        use crate::{Context, SessionCtx};
+        let slot = LocalSlot::new();
+        assert!(slot.cloned().is_none());
+        let session = SessionCtx::new(&Context::background()).with_value("k", 1u8);
+        slot.replace(Some(session.clone().into()));
+        let a = slot.cloned().expect("bound");
+        let b = slot.with(|_| {
+            let inner = slot.cloned();
+            drop(slot.replace(None)); // replaced while a reader is active
+            inner
+        });
+        assert!(slot.cloned().is_none());
+        drop(session);
+        assert_eq!(a.value_cloned::<u8, _>(&"k"), Some(1));
+        drop(a);
+        assert_eq!(b.expect("cloned before the replace").value_cloned::<u8, _>(&"k"), Some(1));
+    }
+
     /// Regression: every session replaced while any reader was active used to be kept alive
     /// until the outermost reader returned (10 000 replacements inside one `with`: 10 000 live
     /// sessions). Now only the sessions readers view are kept, one clone each.
