@@ -23,7 +23,9 @@ use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 macro_rules! spawn_bridged {
     ($spawn:expr, $session:expr, $future:expr) => {{
         let session: Option<AnySession> = $session;
-        let bridges = Bridges::capture(session.as_ref());
+        // Both bridges off (the default): nothing to capture, and no `Bridges` value to build,
+        // test and drop on every spawn (two relaxed loads instead).
+        let bridges = if Bridges::switched_on() { Bridges::capture(session.as_ref()) } else { Bridges::none() };
         let future = WithSession::new_in(&THREAD_STORE, $future, session);
         if bridges.is_empty() { $spawn(future) } else { $spawn(bridges.wrap(future)) }
     }};
