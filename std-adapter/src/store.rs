@@ -41,6 +41,22 @@ struct ThreadSlot {
     leftover_stale: Cell<Option<AnySession>>,
 }
 
+impl ThreadSlot {
+    /// Whether the slot was bound in the current generation (no reset since). Acquire: pairs
+    /// with the reset's bump, ordering it before anything the resetting thread did afterwards.
+    #[inline]
+    fn is_current(&self) -> bool {
+        self.generation.get() == GENERATION.load(Ordering::Acquire)
+    }
+
+    /// Whether a read can take the slot as it is: current generation, and the binding belongs
+    /// to the thread (no task tag to check against the running task).
+    #[inline]
+    fn readable_as_is(&self) -> bool {
+        self.is_current() && self.owner.get() == 0
+    }
+}
+
 impl Drop for ThreadSlot {
     fn drop(&mut self) {
         // The thread ends with a session bound: it is released with the slot.
@@ -143,15 +159,8 @@ impl ThreadStore {
         }
         let mut f = Some(f);
         // The common case: a slot of the current generation that belongs to the thread.
-        let fast = SLOT.try_with(|t| {
-            // Acquire: pairs with the reset's bump, ordering it before anything the resetting
-            // thread did afterwards.
-            if t.generation.get() == GENERATION.load(Ordering::Acquire) && t.owner.get() == 0 {
-                Some(t.slot.with(f.take().expect("called once")))
-            } else {
-                None
-            }
-        });
+        let fast = SLOT
+            .try_with(|t| if t.readable_as_is() { Some(t.slot.with(f.take().expect("called once"))) } else { None });
         match fast {
             Ok(Some(r)) => r,
             Ok(None) => self.with_checked(f.take().expect("not called on the slow path")),
@@ -205,14 +214,7 @@ impl ThreadStore {
         if !EVER_BOUND.load(Ordering::Relaxed) {
             return None;
         }
-        let fast = SLOT.try_with(|t| {
-            // Acquire: as in `with`.
-            if t.generation.get() == GENERATION.load(Ordering::Acquire) && t.owner.get() == 0 {
-                Ok(t.slot.cloned())
-            } else {
-                Err(())
-            }
-        });
+        let fast = SLOT.try_with(|t| if t.readable_as_is() { Ok(t.slot.cloned()) } else { Err(()) });
         match fast {
             Ok(Ok(session)) => session,
             Ok(Err(())) => self.with_checked(|s| s.cloned()),
@@ -479,8 +481,7 @@ fn mark_bound(session: &Option<AnySession>) {
 /// saves they need (a third of an exchange's instructions).
 #[inline]
 fn exchange_in(t: &ThreadSlot, session: &mut Option<AnySession>, rule: Owner) -> (u64, bool) {
-    // Acquire: as in `exchange_slow`.
-    if t.generation.get() != GENERATION.load(Ordering::Acquire) || t.sink.get().is_some() {
+    if !t.is_current() || t.sink.get().is_some() {
         return exchange_slow(t, session, rule);
     }
     crate::live::on_bind(session.is_some());
