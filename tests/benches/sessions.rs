@@ -319,6 +319,40 @@ impl RwLockMap {
     }
 }
 
+/// The least a read and a write cost in the shape `SessionMap` must keep (an atomic root, epoch
+/// reclamation, one allocation per write), with none of a map's work: a write pins, allocates one
+/// node holding the key and the value, swaps it in with one read-modify-write of the root and
+/// defers freeing the node it replaced; a read pins, loads the root and reads the node. One
+/// binding, not a map: the floor under P5's insert and read (the peer does a lock, a SipHash and
+/// a hash-table probe instead).
+struct EpochFloor(crossbeam_epoch::Atomic<(u64, u64)>);
+
+impl EpochFloor {
+    fn new() -> EpochFloor {
+        EpochFloor(crossbeam_epoch::Atomic::new((0, 0)))
+    }
+    fn insert(&self, k: u64, v: u64) {
+        let guard = crossbeam_epoch::pin();
+        let old = self.0.swap(crossbeam_epoch::Owned::new((k, v)), Ordering::AcqRel, &guard);
+        // SAFETY: `old` is unlinked by the swap; readers pinned before it may still hold it, and
+        // it is freed only after they have all unpinned.
+        unsafe { guard.defer_destroy(old) };
+    }
+    fn read(&self, k: u64) -> u64 {
+        let guard = crossbeam_epoch::pin();
+        // SAFETY: never null (made with a node, only ever swapped for another); alive while pinned.
+        let (key, value) = unsafe { *self.0.load(Ordering::Acquire, &guard).deref() };
+        if key == k { value } else { 0 }
+    }
+}
+
+impl Drop for EpochFloor {
+    fn drop(&mut self) {
+        // SAFETY: `&mut self`: no reader or writer is left; the last node is ours to free.
+        drop(unsafe { self.0.load(Ordering::Relaxed, crossbeam_epoch::unprotected()).into_owned() });
+    }
+}
+
 /// A cheap, repeatable key sequence over `0..n` (a multiplicative walk: consecutive keys land
 /// far apart, so a large map is not read in insertion order).
 fn next_key(i: &mut u64, n: u64) -> u64 {
@@ -351,6 +385,21 @@ fn p5_map_scale(c: &mut Criterion) {
                 twin.insert(k, k);
             })
         });
+        if n == 10 {
+            // Independent of the map's size: once.
+            let floor = EpochFloor::new();
+            g.bench_function("floor_epoch_insert", |b| {
+                let mut i = 0;
+                b.iter(|| {
+                    let k = next_key(&mut i, n);
+                    floor.insert(k, k);
+                })
+            });
+            g.bench_function("floor_epoch_read", |b| {
+                let mut i = 0;
+                b.iter(|| floor.read(next_key(&mut i, n)))
+            });
+        }
         g.bench_with_input(BenchmarkId::new("read", n), &n, |b, &n| {
             let mut i = 0;
             b.iter(|| {
@@ -982,6 +1031,22 @@ fn report(memory: &[String], only: Option<&str>) {
             peer: m("p5_map_scale", "rwlock_read/10"),
             target: "<= 0.6x peer",
             check: |o, p| p.is_some_and(|p| o <= 0.6 * p),
+        },
+        Row {
+            label: "P5 (floor) epoch-reclaimed root: pin, 1 allocation, swap, deferred free",
+            ours: m("p5_map_scale", "floor_epoch_insert"),
+            peer_label: "RwLock<HashMap> insert",
+            peer: m("p5_map_scale", "rwlock_insert/10"),
+            target: "(information)",
+            check: |_, p| p.is_some(),
+        },
+        Row {
+            label: "P5 (floor) epoch-reclaimed root: pin, load, read",
+            ours: m("p5_map_scale", "floor_epoch_read"),
+            peer_label: "RwLock<HashMap> read",
+            peer: m("p5_map_scale", "rwlock_read/10"),
+            target: "(information)",
+            check: |_, p| p.is_some(),
         },
         Row {
             label: "P5 insert, 1 000 keys",

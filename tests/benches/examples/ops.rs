@@ -40,6 +40,8 @@ const SCENARIOS: &[(&str, &str)] = &[
     ("p5_insert_1000", "SessionMap::insert, rebinding one of 1 000 keys"),
     ("p5_rwlock_insert_10", "peer: RwLock<HashMap<u64, Arc<u64>>> insert, 10 keys"),
     ("p5_rwlock_insert_1000", "peer: RwLock<HashMap<u64, Arc<u64>>> insert, 1 000 keys"),
+    ("p5_floor_read", "floor: epoch pin + root load + read (the shape SessionMap keeps, no map)"),
+    ("p5_floor_insert", "floor: epoch pin + one allocation + root swap + deferred free (no map)"),
     ("p6_plain", "tokio::spawn + join (current-thread runtime)"),
     ("p6_task_local_arc", "peer: tokio::spawn of TASK_VALUE.scope(arc.clone(), ..) + join"),
     ("p6_explicit", "localsession_tokio::spawn + join, with a session"),
@@ -76,6 +78,8 @@ fn main() {
         "p5_insert_1000" => map_insert(1000, iterations),
         "p5_rwlock_insert_10" => rwlock_insert(10, iterations),
         "p5_rwlock_insert_1000" => rwlock_insert(1000, iterations),
+        "p5_floor_read" => floor_read(iterations),
+        "p5_floor_insert" => floor_insert(iterations),
         "p6_plain" | "p6_task_local_arc" | "p6_explicit" | "p6_implicit" => spawn_join(&scenario, iterations),
         other => {
             eprintln!("ops: unknown scenario `{other}` (run with `list` to see them)");
@@ -166,6 +170,37 @@ fn rwlock_insert(n: u64, iterations: u64) {
         map.write().unwrap().insert(k, Arc::new(k));
     }
     black_box(map);
+}
+
+/// The floor under P5 (as `EpochFloor` in `sessions.rs`): one binding behind an epoch-reclaimed
+/// atomic root.
+fn floor_read(iterations: u64) {
+    let root = crossbeam_epoch::Atomic::new((3u64, 4u64));
+    let mut key = keys(10);
+    let mut acc = 0u64;
+    for _ in 0..iterations {
+        let guard = crossbeam_epoch::pin();
+        // SAFETY: never null; alive while pinned.
+        let (k, v) = unsafe { *root.load(std::sync::atomic::Ordering::Acquire, &guard).deref() };
+        acc = acc.wrapping_add(if k == key() { v } else { 0 });
+    }
+    black_box(acc);
+    // SAFETY: no other thread; the last node is ours to free.
+    drop(unsafe { root.load(std::sync::atomic::Ordering::Relaxed, crossbeam_epoch::unprotected()).into_owned() });
+}
+
+fn floor_insert(iterations: u64) {
+    let root = crossbeam_epoch::Atomic::new((0u64, 0u64));
+    let mut key = keys(10);
+    for _ in 0..iterations {
+        let k = key();
+        let guard = crossbeam_epoch::pin();
+        let old = root.swap(crossbeam_epoch::Owned::new((k, k)), std::sync::atomic::Ordering::AcqRel, &guard);
+        // SAFETY: unlinked by the swap; freed after every reader pinned before it unpinned.
+        unsafe { guard.defer_destroy(old) };
+    }
+    // SAFETY: no other thread; the last node is ours to free.
+    drop(unsafe { root.load(std::sync::atomic::Ordering::Relaxed, crossbeam_epoch::unprotected()).into_owned() });
 }
 
 fn spawn_join(scenario: &str, iterations: u64) {
