@@ -505,6 +505,8 @@ mod floor_hooks {
     thread_local! {
         static CURRENT: RefCell<Option<AnySession>> = const { RefCell::new(None) };
         static SAVED: RefCell<Vec<Option<AnySession>>> = const { RefCell::new(Vec::new()) };
+        static BORROWED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+        static SAVED_BORROWED: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
     }
 
     fn shard(meta: &TaskMeta<'_>) -> (u64, &'static Shard) {
@@ -513,24 +515,41 @@ mod floor_hooks {
         (h.0, &TABLE[(h.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize])
     }
 
-    pub(super) fn install(b: &mut Builder) {
+    /// `borrowed`: the before-poll hook only notes where the entry's session is (what a
+    /// worker slot that *borrows* the entry's session would do) instead of cloning it, and the
+    /// after-poll hook has nothing to drop: the floor of that design. The noted address is never
+    /// dereferenced (nothing in the benchmark reads the session), so no lifetime is asserted.
+    pub(super) fn install(b: &mut Builder, borrowed: bool) {
         b.on_task_spawn(|m| {
             let (id, shard) = shard(m);
             // The spawner's session: the measuring task's, installed by its `WithSession`.
             let session = localsession_std::current();
             shard.lock().insert(id, session);
-        })
-        .on_before_task_poll(|m| {
-            let (id, shard) = shard(m);
-            let session = shard.lock().get(&id).cloned().flatten();
-            let previous = CURRENT.with(|c| c.replace(session));
-            SAVED.with(|s| s.borrow_mut().push(previous));
-        })
-        .on_after_task_poll(|_| {
-            let previous = SAVED.with(|s| s.borrow_mut().pop()).flatten();
-            drop(CURRENT.with(|c| c.replace(previous)));
-        })
-        .on_task_terminate(|m| {
+        });
+        if borrowed {
+            b.on_before_task_poll(|m| {
+                let (id, shard) = shard(m);
+                let at = shard.lock().get(&id).and_then(|s| s.as_ref().map(|s| std::ptr::from_ref(s) as usize));
+                let previous = BORROWED.with(|c| c.replace(at.unwrap_or(0)));
+                SAVED_BORROWED.with(|s| s.borrow_mut().push(previous));
+            })
+            .on_after_task_poll(|_| {
+                let previous = SAVED_BORROWED.with(|s| s.borrow_mut().pop()).unwrap_or(0);
+                BORROWED.with(|c| c.set(previous));
+            });
+        } else {
+            b.on_before_task_poll(|m| {
+                let (id, shard) = shard(m);
+                let session = shard.lock().get(&id).cloned().flatten();
+                let previous = CURRENT.with(|c| c.replace(session));
+                SAVED.with(|s| s.borrow_mut().push(previous));
+            })
+            .on_after_task_poll(|_| {
+                let previous = SAVED.with(|s| s.borrow_mut().pop()).flatten();
+                drop(CURRENT.with(|c| c.replace(previous)));
+            });
+        }
+        b.on_task_terminate(|m| {
             let (id, shard) = shard(m);
             let removed = shard.lock().remove(&id);
             drop(removed);
@@ -540,10 +559,10 @@ mod floor_hooks {
 
 /// A runtime with [`floor_hooks`] installed.
 #[cfg(tokio_unstable)]
-fn tokio_runtime_floor_hooks() -> tokio::runtime::Runtime {
+fn tokio_runtime_floor_hooks(borrowed: bool) -> tokio::runtime::Runtime {
     let mut b = tokio::runtime::Builder::new_multi_thread();
     b.worker_threads(2).enable_all();
-    floor_hooks::install(&mut b);
+    floor_hooks::install(&mut b, borrowed);
     b.build().unwrap()
 }
 
@@ -608,9 +627,13 @@ fn p6_tokio_spawn(c: &mut Criterion) {
         g.bench_function("plain_noop_hooks", |b| {
             b.iter_custom(|iters| spawn_join_rounds(&rt_hooks, iters, SpawnKind::Plain))
         });
-        let rt_floor = tokio_runtime_floor_hooks();
+        let rt_floor = tokio_runtime_floor_hooks(false);
         g.bench_function("floor_table_hooks", |b| {
             b.iter_custom(|iters| spawn_join_rounds(&rt_floor, iters, SpawnKind::Plain))
+        });
+        let rt_floor_borrowed = tokio_runtime_floor_hooks(true);
+        g.bench_function("floor_table_hooks_borrowed", |b| {
+            b.iter_custom(|iters| spawn_join_rounds(&rt_floor_borrowed, iters, SpawnKind::Plain))
         });
         g.finish();
         // The same four interleaved (one batch of each per round, medians over the rounds), as
@@ -618,13 +641,14 @@ fn p6_tokio_spawn(c: &mut Criterion) {
         // table keeps criterion's figures.
         if group_selected("p6") {
             let (batches, batch) = (31, 20_000u64);
-            let variants: [(&str, &tokio::runtime::Runtime, SpawnKind, bool); 6] = [
+            let variants: [(&str, &tokio::runtime::Runtime, SpawnKind, bool); 7] = [
                 ("plain", &rt, SpawnKind::Plain, false),
                 ("explicit", &rt, SpawnKind::Explicit, false),
                 ("task_local_arc", &rt, SpawnKind::TaskLocal, false),
                 ("implicit", &rt_implicit, SpawnKind::Plain, true),
                 ("plain_noop_hooks", &rt_hooks, SpawnKind::Plain, false),
                 ("floor_table_hooks", &rt_floor, SpawnKind::Plain, false),
+                ("floor_table_hooks_borrowed", &rt_floor_borrowed, SpawnKind::Plain, false),
             ];
             let mut samples = vec![Vec::with_capacity(batches); variants.len()];
             for _ in 0..batches {
@@ -642,6 +666,7 @@ fn p6_tokio_spawn(c: &mut Criterion) {
             println!("P6 interleaved explicit / task_local peer: {:.2}x", medians[1] / medians[2]);
             println!("P6 interleaved implicit / empty hooks: {:.2}x", medians[3] / medians[4]);
             println!("P6 interleaved implicit / floor table hooks: {:.2}x", medians[3] / medians[5]);
+            println!("P6 interleaved floor borrowed / floor cloning: {:.2}x", medians[6] / medians[5]);
         }
     }
     #[cfg(not(tokio_unstable))]
