@@ -21,6 +21,10 @@ use std::time::Instant;
 
 use localsession_core::{Context, Key, SessionCtx, SessionMap};
 
+#[path = "../floors.rs"]
+mod floors;
+use floors::EpochFloor;
+
 static USER: Key<u64> = Key::new("user");
 
 tokio::task_local! {
@@ -46,6 +50,8 @@ const SCENARIOS: &[(&str, &str)] = &[
     ("p6_task_local_arc", "peer: tokio::spawn of TASK_VALUE.scope(arc.clone(), ..) + join"),
     ("p6_explicit", "localsession_tokio::spawn + join, with a session"),
     ("p6_implicit", "tokio::spawn + join on an implicit-mode runtime, with a session (tokio_unstable)"),
+    ("p6_floor_cloning", "floor: tokio::spawn + join, minimal table hooks cloning the session per poll"),
+    ("p6_floor_borrowed", "floor: tokio::spawn + join, minimal table hooks borrowing the session per poll"),
 ];
 
 fn main() {
@@ -80,7 +86,9 @@ fn main() {
         "p5_rwlock_insert_1000" => rwlock_insert(1000, iterations),
         "p5_floor_read" => floor_read(iterations),
         "p5_floor_insert" => floor_insert(iterations),
-        "p6_plain" | "p6_task_local_arc" | "p6_explicit" | "p6_implicit" => spawn_join(&scenario, iterations),
+        "p6_plain" | "p6_task_local_arc" | "p6_explicit" | "p6_implicit" | "p6_floor_cloning" | "p6_floor_borrowed" => {
+            spawn_join(&scenario, iterations)
+        }
         other => {
             eprintln!("ops: unknown scenario `{other}` (run with `list` to see them)");
             std::process::exit(2);
@@ -172,46 +180,41 @@ fn rwlock_insert(n: u64, iterations: u64) {
     black_box(map);
 }
 
-/// The floor under P5 (as `EpochFloor` in `sessions.rs`): one binding behind an epoch-reclaimed
-/// atomic root.
+/// The floor under P5 (`EpochFloor`, shared with the criterion suite).
 fn floor_read(iterations: u64) {
-    let root = crossbeam_epoch::Atomic::new((3u64, 4u64));
+    let floor = EpochFloor::new();
+    floor.insert(3, 4);
     let mut key = keys(10);
     let mut acc = 0u64;
     for _ in 0..iterations {
-        let guard = crossbeam_epoch::pin();
-        // SAFETY: never null; alive while pinned.
-        let (k, v) = unsafe { *root.load(std::sync::atomic::Ordering::Acquire, &guard).deref() };
-        acc = acc.wrapping_add(if k == key() { v } else { 0 });
+        acc = acc.wrapping_add(floor.read(key()));
     }
     black_box(acc);
-    // SAFETY: no other thread; the last node is ours to free.
-    drop(unsafe { root.load(std::sync::atomic::Ordering::Relaxed, crossbeam_epoch::unprotected()).into_owned() });
 }
 
 fn floor_insert(iterations: u64) {
-    let root = crossbeam_epoch::Atomic::new((0u64, 0u64));
+    let floor = EpochFloor::new();
     let mut key = keys(10);
     for _ in 0..iterations {
         let k = key();
-        let guard = crossbeam_epoch::pin();
-        let old = root.swap(crossbeam_epoch::Owned::new((k, k)), std::sync::atomic::Ordering::AcqRel, &guard);
-        // SAFETY: unlinked by the swap; freed after every reader pinned before it unpinned.
-        unsafe { guard.defer_destroy(old) };
+        floor.insert(k, k);
     }
-    // SAFETY: no other thread; the last node is ours to free.
-    drop(unsafe { root.load(std::sync::atomic::Ordering::Relaxed, crossbeam_epoch::unprotected()).into_owned() });
 }
 
 fn spawn_join(scenario: &str, iterations: u64) {
     let mut builder = tokio::runtime::Builder::new_current_thread();
     builder.enable_all();
-    if scenario == "p6_implicit" {
+    if matches!(scenario, "p6_implicit" | "p6_floor_cloning" | "p6_floor_borrowed") {
         #[cfg(tokio_unstable)]
-        localsession_tokio::enable_implicit_sessions(&mut builder);
+        match scenario {
+            "p6_implicit" => {
+                localsession_tokio::enable_implicit_sessions(&mut builder);
+            }
+            other => floors::floor_hooks::install(&mut builder, other == "p6_floor_borrowed"),
+        }
         #[cfg(not(tokio_unstable))]
         {
-            eprintln!("ops: p6_implicit needs RUSTFLAGS=\"--cfg tokio_unstable\" (instructions.sh sets it)");
+            eprintln!("ops: {scenario} needs RUSTFLAGS=\"--cfg tokio_unstable\" (instructions.sh sets it)");
             std::process::exit(2);
         }
     }
