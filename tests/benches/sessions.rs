@@ -303,6 +303,28 @@ fn p5_map(c: &mut Criterion) {
     g.bench_function("read_under_writer", |b| b.iter(|| map.read_key(black_box(&K), |v| v.copied().unwrap_or(0))));
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
+    // The same pair on the floor of the shape (`EpochFloor`: an epoch-reclaimed root, no map).
+    // Its writer also inserts into an unrelated map each time, so that it writes the floor at
+    // about the rate the map's writer above writes the map (a floor write alone is ~3x faster).
+    let floor = Arc::new(EpochFloor::new());
+    floor.insert(7, 7);
+    g.bench_function("floor_read", |b| b.iter(|| floor.read(black_box(7))));
+    stop.store(false, Ordering::Relaxed);
+    let writer = {
+        let (floor, stop) = (floor.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let pace = map_with_10_keys();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i = (i + 1) % 10;
+                floor.insert(7, i);
+                pace.insert(i, i);
+            }
+        })
+    };
+    g.bench_function("floor_read_under_writer", |b| b.iter(|| floor.read(black_box(7))));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
     g.finish();
 }
 
@@ -919,6 +941,14 @@ fn report(memory: &[String], only: Option<&str>) {
             peer: m("p5_session_map", "read"),
             target: "<= 1.5x",
             check: |o, p| p.is_some_and(|p| o <= 1.5 * p),
+        },
+        Row {
+            label: "P5 (floor) read under a concurrent writer, epoch-reclaimed root",
+            ours: m("p5_session_map", "floor_read_under_writer"),
+            peer_label: "floor read, no writer",
+            peer: m("p5_session_map", "floor_read"),
+            target: "(information)",
+            check: |_, p| p.is_some(),
         },
         Row {
             label: "P5 insert, 10 keys",
