@@ -47,16 +47,24 @@ impl Drop for EpochFloor {
 
 /// The least an implicit mode built on tokio's task hooks can do, as a floor under P6 implicit.
 /// The hooks pass only the task's id, so: the spawn hook stores a clone of the spawner's session
-/// in a table keyed by id (16 cache-padded spin-locked shards, as `TaskTable`), the before-poll
-/// hook clones it into a thread-local, the after-poll hook puts the thread's previous value back
-/// (dropping the clone) and the terminate hook removes the entry. Nothing else: no recording of
-/// a task's own binds, no flow suppression, no protection against panics in hooks, no bridges,
-/// no generations — so it is not a usable implicit mode, only the cost of the technique.
+/// (the one the polling thread runs with, else the thread's `localsession_std` binding) in a
+/// table keyed by id (16 cache-padded spin-locked shards, as `TaskTable`), the before-poll hook
+/// makes the entry's session the thread's, the after-poll hook puts the thread's previous one
+/// back, and the terminate hook removes the entry. Nothing else: no recording of a task's own
+/// binds, no flow suppression, no protection against panics in hooks, no bridges, no
+/// generations — so it is not a usable implicit mode, only the cost of the technique. Measured
+/// like implicit mode: the measuring task and every child inherit through the table.
+///
+/// Two variants of the per-poll step: *cloning* (the before-poll hook clones the entry's
+/// session, the after-poll hook drops the clone: what localsession does) and *borrowing* (the
+/// before-poll hook copies the entry's handle without touching its reference count, the
+/// after-poll hook forgets the copy: no reference-count traffic per poll).
 #[cfg(tokio_unstable)]
 pub(crate) mod floor_hooks {
     use std::cell::RefCell;
     use std::collections::HashMap;
     use std::hash::{BuildHasherDefault, Hash, Hasher};
+    use std::mem::ManuallyDrop;
     use std::sync::LazyLock;
 
     use crossbeam_utils::CachePadded;
@@ -84,10 +92,12 @@ pub(crate) mod floor_hooks {
         LazyLock::new(|| std::array::from_fn(|_| CachePadded::new(spin::Mutex::new(HashMap::default()))));
 
     thread_local! {
+        /// The session of the task being polled here (cloning variant).
         static CURRENT: RefCell<Option<AnySession>> = const { RefCell::new(None) };
         static SAVED: RefCell<Vec<Option<AnySession>>> = const { RefCell::new(Vec::new()) };
-        static BORROWED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-        static SAVED_BORROWED: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+        /// A copy of the handle of the polled task's entry (borrowing variant).
+        static BORROWED: RefCell<Option<ManuallyDrop<AnySession>>> = const { RefCell::new(None) };
+        static SAVED_BORROWED: RefCell<Vec<Option<ManuallyDrop<AnySession>>>> = const { RefCell::new(Vec::new()) };
     }
 
     fn shard(meta: &TaskMeta<'_>) -> (u64, &'static Shard) {
@@ -96,27 +106,38 @@ pub(crate) mod floor_hooks {
         (h.0, &TABLE[(h.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize])
     }
 
-    /// `borrowed`: the before-poll hook only notes where the entry's session is (what a
-    /// worker slot that *borrows* the entry's session would do) instead of cloning it, and the
-    /// after-poll hook has nothing to drop: the floor of that design. The noted address is never
-    /// dereferenced (nothing in the benchmark reads the session), so no lifetime is asserted.
+    /// The spawner's session: the polled task's, else the thread's binding (the first spawn,
+    /// from `block_on` inside `localsession_std::scope`).
+    fn spawner_session() -> Option<AnySession> {
+        CURRENT
+            .with(|c| c.borrow().clone())
+            .or_else(|| BORROWED.with(|b| b.borrow().as_deref().cloned()))
+            .or_else(localsession_std::current)
+    }
+
     pub(crate) fn install(b: &mut Builder, borrowed: bool) {
         b.on_task_spawn(|m| {
             let (id, shard) = shard(m);
-            // The spawner's session: the measuring task's, installed by its `WithSession`.
-            let session = localsession_std::current();
+            let session = spawner_session();
             shard.lock().insert(id, session);
         });
         if borrowed {
             b.on_before_task_poll(|m| {
                 let (id, shard) = shard(m);
-                let at = shard.lock().get(&id).and_then(|s| s.as_ref().map(|s| std::ptr::from_ref(s) as usize));
-                let previous = BORROWED.with(|c| c.replace(at.unwrap_or(0)));
+                // SAFETY: a bitwise copy of the entry's handle, never dropped (`ManuallyDrop`)
+                // and only cloned by the spawn hook during this task's poll, while the entry
+                // (removed by the terminate hook, which in this benchmark runs only at the end
+                // of a task's last poll, after its last spawn) still owns the reference.
+                let copy = shard
+                    .lock()
+                    .get(&id)
+                    .and_then(|s| s.as_ref().map(|s| ManuallyDrop::new(unsafe { std::ptr::read(s) })));
+                let previous = BORROWED.with(|c| c.replace(copy));
                 SAVED_BORROWED.with(|s| s.borrow_mut().push(previous));
             })
             .on_after_task_poll(|_| {
-                let previous = SAVED_BORROWED.with(|s| s.borrow_mut().pop()).unwrap_or(0);
-                BORROWED.with(|c| c.set(previous));
+                let previous = SAVED_BORROWED.with(|s| s.borrow_mut().pop()).flatten();
+                BORROWED.with(|c| c.replace(previous));
             });
         } else {
             b.on_before_task_poll(|m| {

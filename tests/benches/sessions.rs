@@ -498,7 +498,7 @@ fn spawn_join_rounds(rt: &tokio::runtime::Runtime, iters: u64, kind: SpawnKind) 
 }
 
 thread_local! {
-    /// Set while the implicit runtime is measured (the measuring task then inherits its session).
+    /// Set while the implicit runtime (or one of its floors) is measured: the measuring task then inherits its session.
     static IMPLICIT_RT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -528,6 +528,8 @@ fn p6_tokio_spawn(c: &mut Criterion) {
         g.bench_function("plain_noop_hooks", |b| {
             b.iter_custom(|iters| spawn_join_rounds(&rt_hooks, iters, SpawnKind::Plain))
         });
+        // The floors inherit like implicit mode: the measuring task too (`IMPLICIT_RT`).
+        IMPLICIT_RT.with(|f| f.set(true));
         let rt_floor = tokio_runtime_floor_hooks(false);
         g.bench_function("floor_table_hooks", |b| {
             b.iter_custom(|iters| spawn_join_rounds(&rt_floor, iters, SpawnKind::Plain))
@@ -536,6 +538,7 @@ fn p6_tokio_spawn(c: &mut Criterion) {
         g.bench_function("floor_table_hooks_borrowed", |b| {
             b.iter_custom(|iters| spawn_join_rounds(&rt_floor_borrowed, iters, SpawnKind::Plain))
         });
+        IMPLICIT_RT.with(|f| f.set(false));
         g.finish();
         // The same four interleaved (one batch of each per round, medians over the rounds), as
         // for P9: load that changes during the run hits every variant alike. Printed only; the
@@ -548,8 +551,8 @@ fn p6_tokio_spawn(c: &mut Criterion) {
                 ("task_local_arc", &rt, SpawnKind::TaskLocal, false),
                 ("implicit", &rt_implicit, SpawnKind::Plain, true),
                 ("plain_noop_hooks", &rt_hooks, SpawnKind::Plain, false),
-                ("floor_table_hooks", &rt_floor, SpawnKind::Plain, false),
-                ("floor_table_hooks_borrowed", &rt_floor_borrowed, SpawnKind::Plain, false),
+                ("floor_table_hooks", &rt_floor, SpawnKind::Plain, true),
+                ("floor_table_hooks_borrowed", &rt_floor_borrowed, SpawnKind::Plain, true),
             ];
             let mut samples = vec![Vec::with_capacity(batches); variants.len()];
             for _ in 0..batches {

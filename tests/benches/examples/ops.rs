@@ -202,7 +202,16 @@ fn floor_insert(iterations: u64) {
 }
 
 fn spawn_join(scenario: &str, iterations: u64) {
-    let mut builder = tokio::runtime::Builder::new_current_thread();
+    // `OPS_WORKERS=n`: a multi-thread runtime with n workers instead (for `perf record`; under
+    // callgrind, which runs one thread at a time, the workers' parking distorts the counts).
+    let mut builder = match std::env::var("OPS_WORKERS").ok().and_then(|n| n.parse::<usize>().ok()) {
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_current_thread(),
+    };
     builder.enable_all();
     if matches!(scenario, "p6_implicit" | "p6_floor_cloning" | "p6_floor_borrowed") {
         #[cfg(tokio_unstable)]
@@ -222,7 +231,8 @@ fn spawn_join(scenario: &str, iterations: u64) {
     let session = SessionCtx::new(&Context::background()).with(&USER, 5);
     let arc = Arc::new(5u64);
     let kind = scenario.to_owned();
-    let implicit = scenario == "p6_implicit";
+    // The floors inherit like implicit mode: the measuring task too.
+    let implicit = matches!(scenario, "p6_implicit" | "p6_floor_cloning" | "p6_floor_borrowed");
     rt.block_on(async move {
         // The measuring task runs with a session, as in the criterion suite's P6.
         let measure = async move {
