@@ -5,12 +5,6 @@
 
 use std::sync::atomic::Ordering;
 
-impl Default for EpochFloor {
-    fn default() -> Self {
-        EpochFloor::new()
-    }
-}
-
 /// The least a read and a write cost in the shape `SessionMap` must keep (an atomic root, epoch
 /// reclamation, one allocation per write), with none of a map's work: a write pins, allocates one
 /// node holding the key and the value, swaps it in with one read-modify-write of the root and
@@ -35,6 +29,12 @@ impl EpochFloor {
         // SAFETY: never null (made with a node, only ever swapped for another); alive while pinned.
         let (key, value) = unsafe { *self.0.load(Ordering::Acquire, &guard).deref() };
         if key == k { value } else { 0 }
+    }
+}
+
+impl Default for EpochFloor {
+    fn default() -> Self {
+        EpochFloor::new()
     }
 }
 
