@@ -655,15 +655,17 @@ fn p9_bridges(c: &mut Criterion) {
                 }
                 start.elapsed()
             };
-            let request = tracing::info_span!("request");
-            // By hand only where the bridge does not attach it already (no double attach).
-            let cx = if localsession_std::carries_otel_context() {
-                opentelemetry::Context::current()
+            let measure = measure.instrument(tracing::info_span!("request"));
+            // The session's context attached by hand only where the bridge does not attach it
+            // (an outer `with_context` under the bridge would attach a second context around
+            // every poll of the measuring task, which the bridge variants would pay alone).
+            if localsession_std::carries_otel_context() {
+                scope(session, || tokio::spawn(measure)).await.unwrap()
             } else {
-                session.get_cloned(&OTEL_CONTEXT).unwrap_or_default()
-            };
-            let measure = opentelemetry::context::FutureExt::with_context(measure.instrument(request), cx);
-            scope(session, || tokio::spawn(measure)).await.unwrap()
+                let cx = session.get_cloned(&OTEL_CONTEXT).unwrap_or_default();
+                let measure = opentelemetry::context::FutureExt::with_context(measure, cx);
+                scope(session, || tokio::spawn(measure)).await.unwrap()
+            }
         })
     };
     let mut g = c.benchmark_group("p9_bridges");

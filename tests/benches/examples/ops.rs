@@ -52,6 +52,12 @@ const SCENARIOS: &[(&str, &str)] = &[
     ("p6_implicit", "tokio::spawn + join on an implicit-mode runtime, with a session (tokio_unstable)"),
     ("p6_floor_cloning", "floor: tokio::spawn + join, minimal table hooks cloning the session per poll"),
     ("p6_floor_borrowed", "floor: tokio::spawn + join, minimal table hooks borrowing the session per poll"),
+    ("p9_off", "implicit spawn + join inside a span, session with an OTel context, bridges off"),
+    ("p9_spans", "the same, span bridge on"),
+    ("p9_otel", "the same, OpenTelemetry context bridge on"),
+    ("p9_both", "the same, both bridges on"),
+    ("p9_by_hand_span", "peer: bridges off, each child .in_current_span() by hand"),
+    ("p9_by_hand_otel", "peer: bridges off, each child .with_context(cx) by hand"),
 ];
 
 fn main() {
@@ -86,6 +92,9 @@ fn main() {
         "p5_rwlock_insert_1000" => rwlock_insert(1000, iterations),
         "p5_floor_read" => floor_read(iterations),
         "p5_floor_insert" => floor_insert(iterations),
+        "p9_off" | "p9_spans" | "p9_otel" | "p9_both" | "p9_by_hand_span" | "p9_by_hand_otel" => {
+            bridges(&scenario, iterations);
+        }
         "p6_plain" | "p6_task_local_arc" | "p6_explicit" | "p6_implicit" | "p6_floor_cloning" | "p6_floor_borrowed" => {
             spawn_join(&scenario, iterations)
         }
@@ -253,4 +262,67 @@ fn spawn_join(scenario: &str, iterations: u64) {
             localsession_tokio::spawn_with(session, measure).await.unwrap();
         }
     });
+}
+
+/// P9 (as `p9_bridges` in `sessions.rs`, on a current-thread runtime): implicit spawns from a
+/// measuring task that runs inside the span `request`, with a session holding an OpenTelemetry
+/// context, under a `tracing_subscriber` registry; the bridges switched by the scenario, or each
+/// child wrapped by hand (`.in_current_span()`, `.with_context(cx)`) with the bridges off.
+fn bridges(scenario: &str, iterations: u64) {
+    #[cfg(not(tokio_unstable))]
+    {
+        let _ = iterations;
+        eprintln!("ops: {scenario} needs RUSTFLAGS=\"--cfg tokio_unstable\" (instructions.sh sets it)");
+        std::process::exit(2);
+    }
+    #[cfg(tokio_unstable)]
+    {
+        use localsession_core::SessionExt;
+        use localsession_std::{OTEL_CONTEXT, set_carry_otel_context, set_carry_spans};
+        use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+        use tracing::Instrument;
+
+        let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+        set_carry_spans(matches!(scenario, "p9_spans" | "p9_both"));
+        set_carry_otel_context(matches!(scenario, "p9_otel" | "p9_both"));
+        let remote = SpanContext::new(
+            TraceId::from_bytes([1; 16]),
+            SpanId::from_bytes([2; 8]),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        let otel = opentelemetry::Context::new().with_remote_span_context(remote);
+        let session = SessionCtx::new(&Context::background()).with(&USER, 1).with(&OTEL_CONTEXT, otel);
+        let mut builder = tokio::runtime::Builder::new_current_thread();
+        builder.enable_all();
+        localsession_tokio::enable_implicit_sessions(&mut builder);
+        let rt = builder.build().unwrap();
+        let kind = scenario.to_owned();
+        rt.block_on(async move {
+            let measure = async move {
+                let cx = opentelemetry::Context::current();
+                for _ in 0..iterations {
+                    let child = async { black_box(1u64) };
+                    match kind.as_str() {
+                        "p9_by_hand_span" => tokio::spawn(child.in_current_span()).await.unwrap(),
+                        "p9_by_hand_otel" => {
+                            use opentelemetry::context::FutureExt as _;
+                            tokio::spawn(child.with_context(cx.clone())).await.unwrap()
+                        }
+                        _ => tokio::spawn(child).await.unwrap(),
+                    };
+                }
+            };
+            let measure = measure.instrument(tracing::info_span!("request"));
+            // The session's context attached by hand only where the bridge does not attach it.
+            if localsession_std::carries_otel_context() {
+                localsession_std::scope(session, || tokio::spawn(measure)).await.unwrap();
+            } else {
+                let cx = session.get_cloned(&OTEL_CONTEXT).unwrap_or_default();
+                let measure = opentelemetry::context::FutureExt::with_context(measure, cx);
+                localsession_std::scope(session, || tokio::spawn(measure)).await.unwrap();
+            }
+        });
+    }
 }
