@@ -1,7 +1,8 @@
-//! The floors of the benchmark suite: the least a technique costs with none of localsession's
-//! work, measured next to ours so that a target can be compared with what the technique allows.
-//! Included (`#[path]`) by the criterion benchmark (`sessions.rs`) and by the instruction-count
-//! program (`examples/ops.rs`), so that both measure the same code.
+//! What the criterion benchmark (`sessions.rs`) and the instruction-count program
+//! (`examples/ops.rs`) share, included by both with `#[path]` so that both measure the same
+//! code: the floors — the least a technique costs with none of localsession's work, measured next
+//! to ours so that a target can be compared with what the technique allows — and the
+//! OpenTelemetry context of P9's session.
 
 use std::sync::atomic::Ordering;
 
@@ -43,6 +44,21 @@ impl Drop for EpochFloor {
         // SAFETY: `&mut self`: no reader or writer is left; the last node is ours to free.
         drop(unsafe { self.0.load(Ordering::Relaxed, crossbeam_epoch::unprotected()).into_owned() });
     }
+}
+
+/// The OpenTelemetry context P9's session carries: a remote, sampled span context, as a request
+/// that arrived with a `traceparent` header has.
+#[cfg(tokio_unstable)]
+pub(crate) fn p9_remote_context() -> opentelemetry::Context {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+    let remote = SpanContext::new(
+        TraceId::from_bytes([1; 16]),
+        SpanId::from_bytes([2; 8]),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    opentelemetry::Context::new().with_remote_span_context(remote)
 }
 
 /// The least an implicit mode built on tokio's task hooks can do, as a floor under P6 implicit.

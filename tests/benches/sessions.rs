@@ -498,7 +498,8 @@ fn spawn_join_rounds(rt: &tokio::runtime::Runtime, iters: u64, kind: SpawnKind) 
 }
 
 thread_local! {
-    /// Set while the implicit runtime (or one of its floors) is measured: the measuring task then inherits its session.
+    /// Set while the implicit runtime (or one of its floors) is measured: the measuring task
+    /// then inherits its session.
     static IMPLICIT_RT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -540,7 +541,7 @@ fn p6_tokio_spawn(c: &mut Criterion) {
         });
         IMPLICIT_RT.with(|f| f.set(false));
         g.finish();
-        // The same four interleaved (one batch of each per round, medians over the rounds), as
+        // The same variants interleaved (one batch of each per round, medians over the rounds), as
         // for P9: load that changes during the run hits every variant alike. Printed only; the
         // table keeps criterion's figures.
         if group_selected("p6") {
@@ -617,19 +618,10 @@ enum ByHand {
 fn p9_bridges(c: &mut Criterion) {
     use localsession_core::SessionExt;
     use localsession_std::{OTEL_CONTEXT, set_carry_otel_context, set_carry_spans};
-    use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
     use tracing::Instrument;
 
     let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
-    let remote = SpanContext::new(
-        TraceId::from_bytes([1; 16]),
-        SpanId::from_bytes([2; 8]),
-        TraceFlags::SAMPLED,
-        true,
-        TraceState::default(),
-    );
-    let otel = opentelemetry::Context::new().with_remote_span_context(remote);
-    let session = SessionCtx::new(&Context::background()).with(&K, 1).with(&OTEL_CONTEXT, otel);
+    let session = SessionCtx::new(&Context::background()).with(&K, 1).with(&OTEL_CONTEXT, floors::p9_remote_context());
     // The measuring task runs inside the span `request` and with the session's context attached
     // (by the bridge when it is on, by hand otherwise): what the peers' `.in_current_span()` and
     // `Context::current()` pick up.
@@ -1062,6 +1054,14 @@ fn report(memory: &[String], only: Option<&str>) {
         Row {
             label: "P6 (floor) plain spawn+join, minimal table hooks carrying a session",
             ours: m("p6_tokio_spawn", "floor_table_hooks"),
+            peer_label: "plain tokio::spawn",
+            peer: m("p6_tokio_spawn", "plain"),
+            target: "(information)",
+            check: |_, p| p.is_some(),
+        },
+        Row {
+            label: "P6 (floor) the same, hooks borrowing the session instead of cloning it per poll",
+            ours: m("p6_tokio_spawn", "floor_table_hooks_borrowed"),
             peer_label: "plain tokio::spawn",
             peer: m("p6_tokio_spawn", "plain"),
             target: "(information)",

@@ -222,7 +222,9 @@ fn spawn_join(scenario: &str, iterations: u64) {
         None => tokio::runtime::Builder::new_current_thread(),
     };
     builder.enable_all();
-    if matches!(scenario, "p6_implicit" | "p6_floor_cloning" | "p6_floor_borrowed") {
+    // Implicit mode and its floors: every task, the measuring one too, inherits through hooks.
+    let inherits = matches!(scenario, "p6_implicit" | "p6_floor_cloning" | "p6_floor_borrowed");
+    if inherits {
         #[cfg(tokio_unstable)]
         match scenario {
             "p6_implicit" => {
@@ -240,8 +242,6 @@ fn spawn_join(scenario: &str, iterations: u64) {
     let session = SessionCtx::new(&Context::background()).with(&USER, 5);
     let arc = Arc::new(5u64);
     let kind = scenario.to_owned();
-    // The floors inherit like implicit mode: the measuring task too.
-    let implicit = matches!(scenario, "p6_implicit" | "p6_floor_cloning" | "p6_floor_borrowed");
     rt.block_on(async move {
         // The measuring task runs with a session, as in the criterion suite's P6.
         let measure = async move {
@@ -255,7 +255,7 @@ fn spawn_join(scenario: &str, iterations: u64) {
                 };
             }
         };
-        if implicit {
+        if inherits {
             // Inherited by a plain spawn, as implicit mode is used (and as P6 measures it).
             localsession_std::scope(session, || tokio::spawn(measure)).await.unwrap();
         } else {
@@ -279,21 +279,13 @@ fn bridges(scenario: &str, iterations: u64) {
     {
         use localsession_core::SessionExt;
         use localsession_std::{OTEL_CONTEXT, set_carry_otel_context, set_carry_spans};
-        use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
         use tracing::Instrument;
 
         let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
         set_carry_spans(matches!(scenario, "p9_spans" | "p9_both"));
         set_carry_otel_context(matches!(scenario, "p9_otel" | "p9_both"));
-        let remote = SpanContext::new(
-            TraceId::from_bytes([1; 16]),
-            SpanId::from_bytes([2; 8]),
-            TraceFlags::SAMPLED,
-            true,
-            TraceState::default(),
-        );
-        let otel = opentelemetry::Context::new().with_remote_span_context(remote);
-        let session = SessionCtx::new(&Context::background()).with(&USER, 1).with(&OTEL_CONTEXT, otel);
+        let session =
+            SessionCtx::new(&Context::background()).with(&USER, 1).with(&OTEL_CONTEXT, floors::p9_remote_context());
         let mut builder = tokio::runtime::Builder::new_current_thread();
         builder.enable_all();
         localsession_tokio::enable_implicit_sessions(&mut builder);
