@@ -28,7 +28,7 @@ use alloc::boxed::Box;
 use crate::error::ContextError;
 use crate::key::{Key, KeyQuery, hashed_tag};
 use crate::node::{
-    ChainOwner, F_TYPED_INLINE, F_VALUE, InlineKey, InlineValue, NodePtr, NodeRef, TypedKey, lookup,
+    ChainOwner, F_TYPED_INLINE, F_VALUE, InlineKey, InlineValue, NodePtr, NodeRef, TypedKey, lookup, lookup_by,
     register_chain_owner,
 };
 use crate::scope::{AfterCancel, Done, ScopeNode, ScopePtr};
@@ -193,7 +193,14 @@ impl Context {
     #[inline]
     #[must_use]
     pub fn value<V: Any, K: Eq + Hash + Any + Send + Sync>(&self, key: &K) -> Option<&V> {
-        self.value_any(key)?.downcast_ref::<V>()
+        let top = self.top.as_ref()?.ptr();
+        // SAFETY: `top` is alive as long as `self`, and so is every node found under it;
+        // `key_is` is only called with live value nodes (they have the key's tag). The key's
+        // type is known here: keys compare and the value is reached without indirect calls.
+        unsafe {
+            let node = lookup_by(top, hashed_tag(key), |n| n.key_is(key))?;
+            if node.header().is_tombstone() { None } else { node.value_as::<V, _>(self) }
+        }
     }
 
     /// The value bound to `key`, whatever its type.
@@ -569,6 +576,38 @@ mod tests {
 
     static K1: Key<u32> = Key::new("k1");
     static K2: Key<u32> = Key::new("k2");
+
+    /// Hashes exactly as the `u64` it wraps: its keys get the same tags as `u64` keys.
+    #[derive(PartialEq, Eq, Hash)]
+    struct Wrapped(u64);
+
+    /// `value` compares keys and reaches values by static type where the node stores them
+    /// inline (`NodePtr::key_is`, `NodePtr::value_as`) and through the node's vtable where they
+    /// are erased (a session's `with_value_dyn`); both must read as the erased path alone does.
+    #[test]
+    fn typed_reads_agree_with_the_erased_path() {
+        use crate::session::{SessionCtx, SessionExt};
+        assert_eq!(hashed_tag(&Wrapped(9)), hashed_tag(&9u64), "the test needs equal tags");
+        let ctx = Context::background().with_value(9u64, String::from("plain")).with_value(Wrapped(9), 7u32);
+        assert_eq!(ctx.value::<String, _>(&9u64).map(String::as_str), Some("plain"));
+        assert_eq!(ctx.value::<u32, _>(&Wrapped(9)), Some(&7));
+        assert_eq!(ctx.value::<u32, _>(&9u64), None, "the key's value is a String");
+        assert_eq!(ctx.value::<String, _>(&Wrapped(9)), None, "the key's value is a u32");
+        // Deep enough that the bindings sit in index tables.
+        let mut deep = ctx.clone();
+        for i in 0..40u32 {
+            deep = deep.with_value(i, i);
+        }
+        assert_eq!(deep.value::<u32, _>(&Wrapped(9)), Some(&7));
+        assert_eq!(deep.value::<u32, _>(&17u32), Some(&17));
+        // An erased binding (`SharedKey`, `Arc<dyn Any>`) of the same `u64` key shadows it.
+        let erased = SessionExt::with_value(&SessionCtx::new(&deep), 9u64, 11u32);
+        let ctx = erased.as_ctx().expect("a context session").context().clone();
+        assert_eq!(ctx.value::<u32, _>(&9u64), Some(&11));
+        assert_eq!(ctx.value::<String, _>(&9u64), None);
+        assert_eq!(ctx.value::<u32, _>(&Wrapped(9)), Some(&7));
+        assert_eq!(ctx.with_value(9u64, 12u32).value::<u32, _>(&9u64), Some(&12));
+    }
 
     #[test]
     fn typed_keys_are_distinct_by_identity() {

@@ -283,25 +283,25 @@ impl Table {
         unsafe { (Self::mask(table) + 1, Self::len(table)) }
     }
 
-    /// Probes one level.
+    /// Probes one level for a node whose tag is `tag` and that `matches`.
     ///
     /// # Safety
-    /// `table` is a live table.
+    /// `table` is a live table; `matches` may be called with any live node of the chain.
     #[inline]
-    unsafe fn probe<N: ChainNode>(table: *const Entry, q: &KeyQuery<'_>) -> Option<N> {
+    unsafe fn probe<N: ChainNode>(table: *const Entry, tag: u64, matches: &impl Fn(N) -> bool) -> Option<N> {
         // SAFETY: a live table has `mask + 1` slots after its head; its non-null entries were
         // made by `to_entry` from live nodes.
         unsafe {
             let mask = Self::mask(table);
             let slots = table.add(HEAD);
-            let mut i = home(q.tag, mask);
+            let mut i = home(tag, mask);
             loop {
                 let e = *slots.add(i);
                 if e.node.is_null() {
                     return None;
                 }
                 let node = N::from_entry(e.node);
-                if e.tag == q.tag && node.matches(q) {
+                if e.tag == tag && matches(node) {
                     return Some(node);
                 }
                 i = (i + 1) & mask;
@@ -315,22 +315,42 @@ impl Table {
     /// `table` is null or a live table.
     #[inline]
     pub(crate) unsafe fn find<N: ChainNode>(table: *const Entry, q: &KeyQuery<'_>) -> Option<N> {
-        // SAFETY: forwarded (the unused depth count compiles away).
-        unsafe { Self::find_with_depth(table, q).0 }
+        // SAFETY: forwarded; `matches` reads live nodes only.
+        unsafe { Self::find_by(table, q.tag, |n: N| n.matches(q)) }
     }
 
-    /// [`find`](Table::find), also returning the depth of the level that held the binding (0 for
-    /// `table` itself; `usize::MAX` if none did).
+    /// The newest binding in `table` or its bases of a key whose tag is `tag` and whose node
+    /// `matches` (which is only called with nodes of that tag): [`find`](Table::find) for a
+    /// caller that compares keys itself (a reader that knows its key type, `node::lookup_by`).
     ///
     /// # Safety
-    /// `table` is null or a live table.
+    /// `table` is null or a live table; `matches` may be called with any live node of the chain.
     #[inline]
-    unsafe fn find_with_depth<N: ChainNode>(mut table: *const Entry, q: &KeyQuery<'_>) -> (Option<N>, usize) {
+    pub(crate) unsafe fn find_by<N: ChainNode>(
+        table: *const Entry,
+        tag: u64,
+        matches: impl Fn(N) -> bool,
+    ) -> Option<N> {
+        // SAFETY: forwarded (the unused depth count compiles away).
+        unsafe { Self::find_with_depth(table, tag, &matches).0 }
+    }
+
+    /// [`find_by`](Table::find_by), also returning the depth of the level that held the binding
+    /// (0 for `table` itself; `usize::MAX` if none did).
+    ///
+    /// # Safety
+    /// `table` is null or a live table; `matches` may be called with any live node of the chain.
+    #[inline]
+    unsafe fn find_with_depth<N: ChainNode>(
+        mut table: *const Entry,
+        tag: u64,
+        matches: &impl Fn(N) -> bool,
+    ) -> (Option<N>, usize) {
         let mut depth = 0;
         // SAFETY: forwarded; a live table's base is live (see [`Table`]).
         unsafe {
             while !table.is_null() {
-                if let Some(node) = Self::probe(table, q) {
+                if let Some(node) = Self::probe(table, tag, matches) {
                     return (Some(node), depth);
                 }
                 table = Self::base(table);
@@ -361,7 +381,8 @@ impl Table {
             let mut node = Some(top);
             while let Some(n) = node {
                 if n.is_value() && !fresh.iter().any(|(f, _)| f.same_key(n)) {
-                    let (prev, depth) = Self::find_with_depth::<N>(below, &n.query());
+                    let q = n.query();
+                    let (prev, depth) = Self::find_with_depth::<N>(below, q.tag, &|p: N| p.matches(&q));
                     fresh.push((n, depth));
                     let was = prev.is_some_and(|p| !p.is_tombstone());
                     match (was, !n.is_tombstone()) {

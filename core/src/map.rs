@@ -51,6 +51,7 @@ use crate::index::{for_each_binding, live_len};
 use crate::key::{DynKey, Key, KeyQuery, hashed_tag};
 use crate::node::{
     F_NO_INDEX, F_TOMBSTONE, F_VALUE, InlineKey, NodePtr, NodeRef, SharedKey, SharedValue, Tombstone, TypedKey, lookup,
+    lookup_by,
 };
 use crate::primitive::epoch::{self, Guard};
 use crate::primitive::{AtomicPtr, AtomicUsize, Mutex, Ordering};
@@ -224,10 +225,10 @@ impl SessionMap {
         Context::note_value_type::<V>();
         let tag = hashed_tag(&key);
         let node = if core::mem::needs_drop::<V>() {
-            NodeRef::new_rebindable(None, tag, F_VALUE, InlineKey(key), SharedValue::<true>(Arc::new(value)))
+            NodeRef::new_rebindable(None, tag, F_VALUE, InlineKey(key), SharedValue::<true, _>(Arc::new(value)))
         } else {
             // No drop glue: the value cannot own a chain (see `SharedValue`).
-            NodeRef::new_rebindable(None, tag, F_VALUE, InlineKey(key), SharedValue::<false>(Arc::new(value)))
+            NodeRef::new_rebindable(None, tag, F_VALUE, InlineKey(key), SharedValue::<false, _>(Arc::new(value)))
         };
         self.publish(node, |_| true);
     }
@@ -245,9 +246,9 @@ impl SessionMap {
     pub fn set<T: Any + Send + Sync>(&self, key: &'static Key<T>, value: T) {
         Context::note_value_type::<T>();
         let node = if core::mem::needs_drop::<T>() {
-            NodeRef::new_rebindable(None, key.tag(), F_VALUE, TypedKey, SharedValue::<true>(Arc::new(value)))
+            NodeRef::new_rebindable(None, key.tag(), F_VALUE, TypedKey, SharedValue::<true, _>(Arc::new(value)))
         } else {
-            NodeRef::new_rebindable(None, key.tag(), F_VALUE, TypedKey, SharedValue::<false>(Arc::new(value)))
+            NodeRef::new_rebindable(None, key.tag(), F_VALUE, TypedKey, SharedValue::<false, _>(Arc::new(value)))
         };
         self.publish(node, |_| true);
     }
@@ -489,14 +490,29 @@ impl SessionMap {
         f(NodePtr(unsafe { NonNull::new_unchecked(head) }), &guard)
     }
 
-    /// Calls `f` with the node binding `q` (tombstones read as absent) and the guard that keeps
-    /// it alive.
-    fn find<R>(&self, q: &KeyQuery<'_>, f: impl FnOnce(Option<NodePtr>, &Guard) -> R) -> R {
+    /// Calls `f` with the node binding the key whose tag is `tag` and whose node `matches`
+    /// (tombstones read as absent), and the guard that keeps it alive. The readers below pass
+    /// [`NodePtr::key_is`] for a hashed key (its type is known here, so keys compare without an
+    /// indirect call) and nothing for a typed key (its tag is its identity).
+    #[inline]
+    fn find<R>(&self, tag: u64, matches: impl Fn(NodePtr) -> bool, f: impl FnOnce(Option<NodePtr>, &Guard) -> R) -> R {
         self.with_head(|head, guard| {
-            // SAFETY: pinned by `with_head`; the node found lives as long as the pin.
-            let node = unsafe { lookup(head, q) }.filter(|n| !unsafe { n.header() }.is_tombstone());
+            // SAFETY: pinned by `with_head`; the node found lives as long as the pin, and
+            // `matches` is only called with live nodes of the chain.
+            let node = unsafe { lookup_by(head, tag, matches) }.filter(|n| !unsafe { n.header() }.is_tombstone());
             f(node, guard)
         })
+    }
+
+    /// [`find`](SessionMap::find) for a hashed key.
+    #[inline]
+    fn find_key<K: Eq + Hash + Any + Send + Sync, R>(
+        &self,
+        key: &K,
+        f: impl FnOnce(Option<NodePtr>, &Guard) -> R,
+    ) -> R {
+        // SAFETY: `find` calls `matches` with live value nodes (they have the key's tag).
+        self.find(hashed_tag(key), |n| unsafe { n.key_is(key) }, f)
     }
 
     /// Calls `f` with the value bound to `key` if it is a `V`, borrowed for the call. Clones
@@ -511,7 +527,7 @@ impl SessionMap {
     #[inline]
     pub fn read<V: Any, K: Eq + Hash + Any + Send + Sync, R>(&self, key: &K, f: impl FnOnce(Option<&V>) -> R) -> R {
         // SAFETY: the node is alive while `guard` is (pinned).
-        self.find(&KeyQuery::new(key), |n, guard| f(n.and_then(|n| unsafe { n.value(guard) }.downcast_ref::<V>())))
+        self.find_key(key, |n, guard| f(n.and_then(|n| unsafe { n.value_as::<V, _>(guard) })))
     }
 
     /// Calls `f` with the value bound to a typed key, borrowed for the call.
@@ -526,7 +542,7 @@ impl SessionMap {
     #[inline]
     pub fn read_key<T: Any, R>(&self, key: &'static Key<T>, f: impl FnOnce(Option<&T>) -> R) -> R {
         // SAFETY: the node is alive while `guard` is (pinned).
-        self.find(&KeyQuery::typed(key), |n, guard| f(n.and_then(|n| unsafe { n.value(guard) }.downcast_ref::<T>())))
+        self.find(key.tag(), |_| true, |n, guard| f(n.and_then(|n| unsafe { n.value_as::<T, _>(guard) })))
     }
 
     /// An owned handle to the value bound to `key`, if it is a `V`.
@@ -541,7 +557,8 @@ impl SessionMap {
     /// ```
     #[must_use]
     pub fn value<V: Any + Send + Sync, K: Eq + Hash + Any + Send + Sync>(&self, key: &K) -> Option<Arc<V>> {
-        self.shared_value(&KeyQuery::new(key))
+        // SAFETY: the node is alive for the closure (pinned).
+        self.find_key(key, |n, _| n.and_then(|n| unsafe { n.shared_as::<V>() }))
     }
 
     /// An owned handle to the value bound to a typed key.
@@ -554,13 +571,8 @@ impl SessionMap {
     /// ```
     #[must_use]
     pub fn get<T: Any + Send + Sync>(&self, key: &'static Key<T>) -> Option<Arc<T>> {
-        self.shared_value(&KeyQuery::typed(key))
-    }
-
-    fn shared_value<V: Any + Send + Sync>(&self, q: &KeyQuery<'_>) -> Option<Arc<V>> {
         // SAFETY: the node is alive for the closure (pinned).
-        let any = self.find(q, |n, _| n.and_then(|n| unsafe { n.shared_value() }))?;
-        any.downcast::<V>().ok()
+        self.find(key.tag(), |_| true, |n, _| n.and_then(|n| unsafe { n.shared_as::<T>() }))
     }
 
     /// Whether `key` is bound.
@@ -573,7 +585,7 @@ impl SessionMap {
     /// ```
     #[must_use]
     pub fn contains<K: Eq + Hash + Any + Send + Sync>(&self, key: &K) -> bool {
-        self.find(&KeyQuery::new(key), |n, _| n.is_some())
+        self.find_key(key, |n, _| n.is_some())
     }
 
     /// The number of keys bound in the map itself (not counting the context it was opened
@@ -706,15 +718,16 @@ impl SessionMap {
     /// [`Session::get_with`](crate::Session::get_with).
     pub(crate) fn get_erased(&self, q: &KeyQuery<'_>, f: &mut dyn FnMut(Option<&(dyn Any + Send + Sync)>)) {
         // SAFETY: the node is alive while `guard` is (pinned).
-        self.find(q, |n, guard| f(n.map(|n| unsafe { n.value(guard) })));
+        // SAFETY: also, `matches` is only called with live nodes of the chain.
+        self.find(q.tag, |n| unsafe { n.matches(q) }, |n, guard| f(n.map(|n| unsafe { n.value(guard) })));
     }
 
     /// Binds an erased key to a shared value: the map's
     /// [`Session::with_value_dyn`](crate::Session::with_value_dyn).
     pub(crate) fn insert_erased(&self, key: DynKey, value: Arc<dyn Any + Send + Sync>) {
         let node = match key.key {
-            Some(k) => NodeRef::new_rebindable(None, key.tag, F_VALUE, SharedKey(k), SharedValue::<true>(value)),
-            None => NodeRef::new_rebindable(None, key.tag, F_VALUE, TypedKey, SharedValue::<true>(value)),
+            Some(k) => NodeRef::new_rebindable(None, key.tag, F_VALUE, SharedKey(k), SharedValue::<true, _>(value)),
+            None => NodeRef::new_rebindable(None, key.tag, F_VALUE, TypedKey, SharedValue::<true, _>(value)),
         };
         self.publish(node, |_| true);
     }
@@ -757,5 +770,74 @@ where
 impl fmt::Debug for SessionMap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SessionMap").field("valid", &self.is_valid()).field("len", &self.len()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::SessionExt;
+    use alloc::string::String;
+
+    /// Hashes exactly as the `u64` it wraps: its keys get the same tags as `u64` keys.
+    #[derive(PartialEq, Eq, Hash, Clone, Copy, Debug)]
+    struct Wrapped(u64);
+
+    /// The readers compare keys by static type when the node stores its key inline
+    /// ([`NodePtr::key_is`]) and reach the value through its typed `Arc` when it has one
+    /// ([`NodePtr::value_as`]); every other node goes through the erased path. Keys of two types
+    /// with equal tags, values of another type, and keys and values bound through the erased
+    /// (`dyn Session`) path must all read as they did through the erased path alone.
+    #[test]
+    fn typed_reads_agree_with_the_erased_path() {
+        assert_eq!(hashed_tag(&Wrapped(9)), hashed_tag(&9u64), "the test needs equal tags");
+        let m = SessionMap::new();
+        m.insert(9u64, String::from("plain"));
+        m.insert(Wrapped(9), 7u32);
+        assert_eq!(m.read(&9u64, |v: Option<&String>| v.cloned()).as_deref(), Some("plain"));
+        assert_eq!(m.read(&Wrapped(9), |v: Option<&u32>| v.copied()), Some(7));
+        // The right key with the wrong value type finds nothing, both ways.
+        assert!(m.read(&9u64, |v: Option<&u32>| v.is_none()));
+        assert!(m.value::<u32, _>(&9u64).is_none());
+        assert_eq!(m.value::<String, _>(&9u64).as_deref().map(String::as_str), Some("plain"));
+        assert_eq!(m.len(), 2);
+
+        // Bound through the erased path (a `SharedKey` node holding an `Arc<dyn Any>`): the
+        // typed readers fall back to the node's vtable and still see it, and it rebinds the
+        // inline `u64` key (one key, not two).
+        let _ = SessionExt::with_value(&m, 9u64, 11u32);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m.read(&9u64, |v: Option<&u32>| v.copied()), Some(11));
+        assert_eq!(m.value::<u32, _>(&9u64).as_deref(), Some(&11));
+        assert!(m.contains(&9u64) && m.contains(&Wrapped(9)));
+        assert_eq!(m.read(&Wrapped(9), |v: Option<&u32>| v.copied()), Some(7));
+        // And an inline binding over the erased one wins again.
+        m.insert(9u64, 12u32);
+        assert_eq!(m.value::<u32, _>(&9u64).as_deref(), Some(&12));
+        assert_eq!(m.len(), 2);
+
+        // Through enough writes that the keys sit in index tables and compacted chains.
+        for i in 0..300u64 {
+            m.insert(i % 5, i);
+        }
+        assert_eq!(m.read(&Wrapped(9), |v: Option<&u32>| v.copied()), Some(7));
+        assert_eq!(m.value::<u32, _>(&9u64).as_deref(), Some(&12));
+        assert_eq!(m.read(&3u64, |v: Option<&u64>| v.copied()), Some(298));
+        assert!(m.remove(&Wrapped(9)));
+        assert!(!m.contains(&Wrapped(9)) && m.contains(&9u64));
+        assert_eq!(m.len(), 6);
+    }
+
+    /// The typed-key readers take the typed `Arc` too.
+    #[test]
+    fn typed_key_reads_check_the_value_type() {
+        static N: Key<u32> = Key::new("n");
+        let m = SessionMap::new();
+        m.set(&N, 5);
+        assert_eq!(m.read_key(&N, |v| v.copied()), Some(5));
+        assert_eq!(m.get(&N).as_deref(), Some(&5));
+        let handle = m.get(&N).unwrap();
+        m.set(&N, 6);
+        assert_eq!((*handle, *m.get(&N).unwrap()), (5, 6), "a handle keeps the value it was given");
     }
 }

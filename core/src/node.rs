@@ -64,8 +64,8 @@
 //! registered [`TakeChain`] functions, not by naming `Context` or the session types. The index
 //! tables sit below this module, generic over the node accessors they need.
 
-use core::any::Any;
-use core::mem::ManuallyDrop;
+use core::any::{Any, TypeId};
+use core::mem::{ManuallyDrop, offset_of};
 use core::ptr::{self, NonNull};
 use core::sync::atomic::{AtomicUsize, Ordering, fence};
 
@@ -138,6 +138,18 @@ pub(crate) struct VTable {
     /// anything is freed: a cancel scope removes itself from its parent scope's list here (see
     /// [`scope`](crate::scope)). Only shared references to the node may be formed.
     pub(crate) detach: Option<unsafe fn(NonNull<Header>)>,
+    /// For a key stored inline ([`InlineKey<K>`]): `K`'s type and the key's offset in the node,
+    /// so that a reader that knows its key type compares keys without an indirect call
+    /// ([`NodePtr::key_is`]). `None` for every other node (erased, typed or no key).
+    pub(crate) inline_key: Option<(TypeId, usize)>,
+    /// For a value stored as a typed shared handle ([`SharedValue`] over a sized `V`): `V`'s type
+    /// and the offset of the node's `Arc<V>`, so that a reader that knows the value type reaches
+    /// the value without an indirect call ([`NodePtr::shared_ref`]). `None` for every other
+    /// node (inline, erased or no value).
+    pub(crate) shared_value: Option<(TypeId, usize)>,
+    /// For a value stored inline ([`InlineValue<V>`], a context's): `V`'s type and the value's
+    /// offset in the node, as `shared_value` is for an `Arc<V>`. `None` for every other node.
+    pub(crate) inline_value: Option<(TypeId, usize)>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -146,6 +158,9 @@ pub(crate) struct VTable {
 
 /// How a value node stores its key.
 pub(crate) trait KeySlot: Send + Sync + 'static {
+    /// The key's type if the slot stores a key of one static type inline (see
+    /// [`VTable::inline_key`]). The slot must then be `#[repr(transparent)]` over that key.
+    const INLINE_TYPE: Option<TypeId> = None;
     fn eq_any(&self, key: &(dyn Any + Send + Sync)) -> bool;
     fn as_any(&self) -> Option<&(dyn Any + Send + Sync)>;
 }
@@ -164,11 +179,14 @@ impl KeySlot for TypedKey {
     }
 }
 
-/// A hashed key stored inline.
+/// A hashed key stored inline. Transparent, so that the key is at the slot's offset (see
+/// [`VTable::inline_key`]).
 #[derive(Clone)]
+#[repr(transparent)]
 pub(crate) struct InlineKey<K>(pub(crate) K);
 
 impl<K: Eq + Any + Send + Sync> KeySlot for InlineKey<K> {
+    const INLINE_TYPE: Option<TypeId> = Some(TypeId::of::<K>());
     #[inline]
     fn eq_any(&self, key: &(dyn Any + Send + Sync)) -> bool {
         key.downcast_ref::<K>().is_some_and(|k| *k == self.0)
@@ -193,6 +211,12 @@ impl KeySlot for SharedKey {
 
 /// How a value node stores its value.
 pub(crate) trait ValueSlot: Send + Sync + 'static {
+    /// The value's type if the slot is an `Arc` of one static, sized type (see
+    /// [`VTable::shared_value`]). The slot must then be `#[repr(transparent)]` over that `Arc`.
+    const SHARED_TYPE: Option<TypeId> = None;
+    /// The value's type if the slot stores a value of one static type inline (see
+    /// [`VTable::inline_value`]). The slot must then be `#[repr(transparent)]` over that value.
+    const INLINE_TYPE: Option<TypeId> = None;
     fn as_any(&self) -> &(dyn Any + Send + Sync);
     /// Moves the chain of a value that is a context (or a session over one) into `out`, for the
     /// caller to release iteratively: nested contexts would otherwise drop recursively.
@@ -204,10 +228,13 @@ pub(crate) trait ValueSlot: Send + Sync + 'static {
     }
 }
 
-/// The value stored inline (contexts and `SessionCtx`).
+/// The value stored inline (contexts and `SessionCtx`). Transparent, so that the value is at the
+/// slot's offset (see [`VTable::inline_value`]).
+#[repr(transparent)]
 pub(crate) struct InlineValue<V>(pub(crate) V);
 
 impl<V: Any + Send + Sync> ValueSlot for InlineValue<V> {
+    const INLINE_TYPE: Option<TypeId> = Some(TypeId::of::<V>());
     #[inline]
     fn as_any(&self) -> &(dyn Any + Send + Sync) {
         &self.0
@@ -221,24 +248,76 @@ impl<V: Any + Send + Sync> ValueSlot for InlineValue<V> {
 }
 
 /// The value behind a shared pointer (`SessionMap`, which hands out owned handles and re-binds
-/// values when it compacts). `MAY_OWN_CHAIN` is `false` for value types without drop glue
-/// (`u64`, `&'static str`, ...): such a value cannot own a chain, so reclaiming its node skips
-/// [`take_nested`](ValueSlot::take_nested)'s checks (a compare-and-swap on the `Arc`'s weak
-/// count, then one type check per registered chain owner), 5% of a small `SessionMap`'s inserts.
-#[derive(Clone)]
-pub(crate) struct SharedValue<const MAY_OWN_CHAIN: bool>(pub(crate) Arc<dyn Any + Send + Sync>);
+/// values when it compacts): `Arc<V>` for a value of a static type `V`, or `Arc<dyn Any + Send +
+/// Sync>` for one bound through the erased (`dyn Session`) path. `MAY_OWN_CHAIN` is `false` for
+/// value types without drop glue (`u64`, `&'static str`, ...): such a value cannot own a chain,
+/// so reclaiming its node skips [`take_nested`](ValueSlot::take_nested)'s checks (a
+/// compare-and-swap on the `Arc`'s weak count, then one type check per registered chain owner),
+/// 5% of a small `SessionMap`'s inserts.
+///
+/// A typed `Arc<V>` (rather than the `Arc<dyn Any>` every value was stored as before) lets a
+/// reader that asks for a `V` find it through [`VTable::shared_value`] with no indirect call.
+#[repr(transparent)]
+pub(crate) struct SharedValue<const MAY_OWN_CHAIN: bool, V: ?Sized + Shareable>(pub(crate) Arc<V>);
 
-impl<const MAY_OWN_CHAIN: bool> ValueSlot for SharedValue<MAY_OWN_CHAIN> {
+impl<const MAY_OWN_CHAIN: bool, V: ?Sized + Shareable> Clone for SharedValue<MAY_OWN_CHAIN, V> {
+    fn clone(&self) -> Self {
+        SharedValue(Arc::clone(&self.0))
+    }
+}
+
+/// What [`SharedValue`] may hold: any sized `Any + Send + Sync` type, or such a value already
+/// erased to `dyn Any + Send + Sync`. The methods are named apart from every `as_any` of this
+/// crate: the trait is implemented for *every* sized `Any + Send + Sync` type, an `Arc` of a
+/// trait object included, so a method named like another trait's would win method resolution on
+/// such a receiver before auto-deref reached the intended one (a `same_key` bug that the
+/// `SessionMap` model test caught while this was written).
+pub(crate) trait Shareable: Send + Sync + 'static {
+    /// `Some(TypeId::of::<Self>())` for a sized type, `None` for the erased one.
+    const TYPE: Option<TypeId>;
+    fn erase(&self) -> &(dyn Any + Send + Sync);
+    fn erase_mut(&mut self) -> &mut (dyn Any + Send + Sync);
+    fn erase_arc(this: &Arc<Self>) -> Arc<dyn Any + Send + Sync>;
+}
+
+impl<T: Any + Send + Sync> Shareable for T {
+    const TYPE: Option<TypeId> = Some(TypeId::of::<T>());
+    fn erase(&self) -> &(dyn Any + Send + Sync) {
+        self
+    }
+    fn erase_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
+        self
+    }
+    fn erase_arc(this: &Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        Arc::clone(this) as Arc<dyn Any + Send + Sync>
+    }
+}
+
+impl Shareable for dyn Any + Send + Sync {
+    const TYPE: Option<TypeId> = None;
+    fn erase(&self) -> &(dyn Any + Send + Sync) {
+        self
+    }
+    fn erase_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
+        self
+    }
+    fn erase_arc(this: &Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        Arc::clone(this)
+    }
+}
+
+impl<const MAY_OWN_CHAIN: bool, V: ?Sized + Shareable> ValueSlot for SharedValue<MAY_OWN_CHAIN, V> {
+    const SHARED_TYPE: Option<TypeId> = V::TYPE;
     fn as_any(&self) -> &(dyn Any + Send + Sync) {
-        &*self.0
+        V::erase(&*self.0)
     }
     fn shared(&self) -> Option<Arc<dyn Any + Send + Sync>> {
-        Some(Arc::clone(&self.0))
+        Some(V::erase_arc(&self.0))
     }
     fn take_nested(&mut self, out: &mut Vec<NodeRef>) {
         // Only the last handle to the value drops it.
         if MAY_OWN_CHAIN && let Some(value) = Arc::get_mut(&mut self.0) {
-            take_nested_chain(value, out);
+            take_nested_chain(V::erase_mut(value), out);
         }
     }
 }
@@ -270,6 +349,18 @@ impl<K: KeySlot, V: ValueSlot> ValueNode<K, V> {
         shared: Self::shared,
         rebind: None,
         detach: None,
+        inline_key: match K::INLINE_TYPE {
+            Some(t) => Some((t, offset_of!(Self, key))),
+            None => None,
+        },
+        shared_value: match V::SHARED_TYPE {
+            Some(t) => Some((t, offset_of!(Self, value))),
+            None => None,
+        },
+        inline_value: match V::INLINE_TYPE {
+            Some(t) => Some((t, offset_of!(Self, value))),
+            None => None,
+        },
     };
 
     /// # Safety
@@ -775,6 +866,76 @@ impl NodePtr {
         unsafe { &(*node).value.0 }
     }
 
+    /// Whether this value node binds `key` (its tag already compared): for a key stored inline
+    /// as a `K`, a type check and `K::eq` with no indirect call; for an erased key, the node's
+    /// `key_eq`, as [`matches`](NodePtr::matches) does. `KeyQuery::new(key)` and `matches`
+    /// agree with this on every node.
+    ///
+    /// # Safety
+    /// The node is a live value node.
+    #[inline]
+    pub(crate) unsafe fn key_is<K: Eq + Any + Send + Sync>(self, key: &K) -> bool {
+        // SAFETY: the vtable is the node's own; `inline_key` is `Some` only for a
+        // `ValueNode<InlineKey<K'>, _>` (`K'`'s type id and the offset of its `key` field, which
+        // is a transparent `InlineKey<K'>`), so equal type ids make the bytes at that offset a
+        // live `K`, in the allocation `self` has provenance over.
+        unsafe {
+            let vtable = (*self.0.as_ptr()).vtable;
+            match vtable.inline_key {
+                Some((t, offset)) => {
+                    t == TypeId::of::<K>() && *self.0.as_ptr().cast::<u8>().add(offset).cast::<K>() == *key
+                }
+                None => (vtable.key_eq)(self.0, key),
+            }
+        }
+    }
+
+    /// The node's value if it is a `V`, borrowed for as long as `_owner` — what keeps the node
+    /// alive — is borrowed. For a value stored inline as a `V` (a context's) or as an `Arc<V>` (a
+    /// `SessionMap`'s), a type check and a load with no indirect call; otherwise
+    /// [`value`](NodePtr::value) and a downcast.
+    ///
+    /// # Safety
+    /// The node is a value node that `_owner` keeps alive while it is borrowed.
+    #[inline]
+    pub(crate) unsafe fn value_as<V: Any, O: ?Sized>(self, owner: &O) -> Option<&V> {
+        // SAFETY: `shared_value` is `Some` only for a `ValueNode<_, SharedValue<_, V'>>` (`V'`
+        // sized; its type id and the offset of its `value` field, a transparent `Arc<V'>`), and
+        // `inline_value` only for a `ValueNode<_, InlineValue<V'>>` (the offset of its `value`
+        // field, a transparent `V'`), so equal type ids make the bytes at that offset a live
+        // `Arc<V>` or `V`, in the allocation `self` has provenance over, living as long as the
+        // node. Otherwise forwarded.
+        unsafe {
+            let vtable = (*self.0.as_ptr()).vtable;
+            let at = |offset: usize| self.0.as_ptr().cast::<u8>().add(offset);
+            if let Some((t, offset)) = vtable.shared_value {
+                (t == TypeId::of::<V>()).then(|| &**at(offset).cast::<Arc<V>>())
+            } else if let Some((t, offset)) = vtable.inline_value {
+                (t == TypeId::of::<V>()).then(|| &*at(offset).cast::<V>())
+            } else {
+                self.value(owner).downcast_ref::<V>()
+            }
+        }
+    }
+
+    /// The node's value as an owned `Arc<V>`, if it is stored as a shared handle to a `V`
+    /// ([`shared_value`](NodePtr::shared_value) and a downcast, with no indirect call for a
+    /// value stored as an `Arc<V>`).
+    ///
+    /// # Safety
+    /// The node is a live value node.
+    #[inline]
+    pub(crate) unsafe fn shared_as<V: Any + Send + Sync>(self) -> Option<Arc<V>> {
+        // SAFETY: as in `value_as`.
+        unsafe {
+            match (*self.0.as_ptr()).vtable.shared_value {
+                Some((t, offset)) => (t == TypeId::of::<V>())
+                    .then(|| Arc::clone(&*self.0.as_ptr().cast::<u8>().add(offset).cast::<Arc<V>>())),
+                None => self.shared_value()?.downcast::<V>().ok(),
+            }
+        }
+    }
+
     /// Whether this node binds the key `q` asks for.
     ///
     /// # Safety
@@ -918,18 +1079,31 @@ fn bloom_bit(tag: u64) -> u32 {
 /// `top` is alive; the result lives as long as `top` does.
 #[inline]
 pub(crate) unsafe fn lookup(top: NodePtr, q: &KeyQuery<'_>) -> Option<NodePtr> {
-    let bit = bloom_bit(q.tag);
+    // SAFETY: forwarded; `matches` reads live nodes only.
+    unsafe { lookup_by(top, q.tag, |n| n.matches(q)) }
+}
+
+/// Finds the newest node at or below `top` whose tag is `tag` and that `matches` (a tombstone
+/// included): [`lookup`] for a caller that compares keys itself, without the indirect calls of
+/// [`NodePtr::matches`] ([`NodePtr::key_is`]). `matches` is only called with nodes of that tag.
+///
+/// # Safety
+/// `top` is alive; the result lives as long as `top` does; `matches` may be called with any
+/// live node of the chain.
+#[inline]
+pub(crate) unsafe fn lookup_by(top: NodePtr, tag: u64, matches: impl Fn(NodePtr) -> bool) -> Option<NodePtr> {
+    let bit = bloom_bit(tag);
     let mut node = top;
     // SAFETY: every node reached is `top` or an ancestor, alive as long as `top`. `table` is
     // null or the table of a node at or below `node`; its entries point to nodes at or below that.
     unsafe {
         while node.header().bloom & bit != 0 {
-            if node.matches(q) {
+            if node.header().tag == tag && matches(node) {
                 return Some(node);
             }
             node = node.parent()?;
         }
-        Table::find(node.header().table, q)
+        Table::find_by(node.header().table, tag, matches)
     }
 }
 

@@ -88,6 +88,9 @@ const SCOPE_VTABLE: VTable = VTable {
     shared: |_| None,
     rebind: None,
     detach: Some(detach),
+    inline_key: None,
+    shared_value: None,
+    inline_value: None,
 };
 
 enum Slot {

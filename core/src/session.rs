@@ -582,8 +582,8 @@ impl Session for SessionCtx {
         Context::register_chain_owner();
         let parent = self.ctx.top().cloned();
         let node = match key.key {
-            Some(k) => NodeRef::new_value(parent, key.tag, F_VALUE, SharedKey(k), SharedValue::<true>(value)),
-            None => NodeRef::new_value(parent, key.tag, F_VALUE, TypedKey, SharedValue::<true>(value)),
+            Some(k) => NodeRef::new_value(parent, key.tag, F_VALUE, SharedKey(k), SharedValue::<true, _>(value)),
+            None => NodeRef::new_value(parent, key.tag, F_VALUE, TypedKey, SharedValue::<true, _>(value)),
         };
         // SAFETY: `node` is linked above our own head, so our scope is in its chain.
         let ctx = unsafe { Context::from_parts(Some(node), self.ctx.scope_ptr()) };

@@ -36,6 +36,8 @@ const SCENARIOS: &[(&str, &str)] = &[
     ("p1_get", "with_current + typed get, depth 1 (std)"),
     ("p1_current", "current() (a clone) + drop (std)"),
     ("p3_with", "SessionCtx::with (typed key) + drop"),
+    ("p4_any_key_1", "Context::value, hashed &str key, depth 1"),
+    ("p4_any_key_64", "Context::value, hashed &str key bound deepest, depth 64"),
     ("p5_read_10", "SessionMap::read, hashed u64 key, 10 keys"),
     ("p5_read_1000", "SessionMap::read, hashed u64 key, 1 000 keys"),
     ("p5_rwlock_read_10", "peer: RwLock<HashMap<u64, Arc<u64>>> read, 10 keys"),
@@ -82,6 +84,8 @@ fn main() {
         "p1_get" => p1(iterations, false),
         "p1_current" => p1(iterations, true),
         "p3_with" => p3(iterations),
+        "p4_any_key_1" => p4_any_key(1, iterations),
+        "p4_any_key_64" => p4_any_key(64, iterations),
         "p5_read_10" => map_read(10, iterations),
         "p5_read_1000" => map_read(1000, iterations),
         "p5_rwlock_read_10" => rwlock_read(10, iterations),
@@ -135,6 +139,19 @@ fn p3(iterations: u64) {
     for i in 0..iterations {
         drop(black_box(base.with(&USER, i)));
     }
+}
+
+/// The criterion suite's `p4_get_depth/localsession_any_key`: the key bound deepest.
+fn p4_any_key(depth: u32, iterations: u64) {
+    let mut ctx = Context::background().with_value("k", 7u64);
+    for i in 1..depth {
+        ctx = ctx.with_value(i, 1u64);
+    }
+    let mut acc = 0u64;
+    for _ in 0..iterations {
+        acc += ctx.value::<u64, _>(black_box(&"k")).copied().unwrap_or(0);
+    }
+    black_box(acc);
 }
 
 fn filled_map(n: u64) -> SessionMap {
