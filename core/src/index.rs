@@ -2,7 +2,7 @@
 //!
 //! Every `SEGMENT`-th value node of a chain (see [`node`](crate::node)) carries an index table:
 //! an open-addressing hash table of every distinct key at or below it (newest binding wins).
-//! [`Table`] explains the layout and its levels; [`find`](Table::find) is the table half of a
+//! [`Table`] explains the layout and its levels; [`find_by`](Table::find_by) is the table half of a
 //! lookup (the bloom-filter walk above the nearest table is the node half, `node::lookup`).
 //! This module also holds the other walks that need a chain's *distinct* bindings:
 //! [`for_each_binding`] (compaction, metainfo iteration) and [`live_len`] (`SessionMap::len`).
@@ -19,8 +19,6 @@ use core::ptr;
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-
-use crate::key::KeyQuery;
 
 /// What the tables need to know about a node of the chain they index: a non-owning pointer to
 /// a node, with the node's tag, flags, parent and key comparisons.
@@ -82,18 +80,6 @@ pub(crate) unsafe trait ChainNode: Copy + Eq {
     /// The node is alive.
     unsafe fn parent(self) -> Option<Self>;
 
-    /// Whether this (value) node binds the key `q` asks for.
-    ///
-    /// # Safety
-    /// The node is alive.
-    unsafe fn matches(self, q: &KeyQuery<'_>) -> bool;
-
-    /// A query for the key this (value) node binds.
-    ///
-    /// # Safety
-    /// The node is a value node alive for `'a`.
-    unsafe fn query<'a>(self) -> KeyQuery<'a>;
-
     /// Whether `self` and `other` bind the same key.
     ///
     /// # Safety
@@ -121,7 +107,9 @@ pub(crate) fn mix(tag: u64) -> u64 {
 pub(crate) unsafe fn for_each_binding<N: ChainNode>(top: N, stop: Option<N>, mut f: impl FnMut(N)) {
     /// Distinct keys kept in a plain list before switching to the hash set.
     const LINEAR: usize = 32;
-    let mut seen: Vec<N> = Vec::new();
+    // Sized for the whole linear phase at once: growing it 4 -> 8 -> 16 -> 32 was three
+    // allocations and copies per compaction of a small map (4% of its inserts' instructions).
+    let mut seen: Vec<N> = Vec::with_capacity(LINEAR + 1);
     let mut by_tag: Option<hashbrown::HashMap<u64, Vec<N>>> = None;
     let mut node = Some(top);
     // SAFETY: every node reached is an ancestor of `top`, so alive.
@@ -309,19 +297,10 @@ impl Table {
         }
     }
 
-    /// The newest binding of `q` in `table` or its bases.
-    ///
-    /// # Safety
-    /// `table` is null or a live table.
-    #[inline]
-    pub(crate) unsafe fn find<N: ChainNode>(table: *const Entry, q: &KeyQuery<'_>) -> Option<N> {
-        // SAFETY: forwarded; `matches` reads live nodes only.
-        unsafe { Self::find_by(table, q.tag, |n: N| n.matches(q)) }
-    }
-
     /// The newest binding in `table` or its bases of a key whose tag is `tag` and whose node
-    /// `matches` (which is only called with nodes of that tag): [`find`](Table::find) for a
-    /// caller that compares keys itself (a reader that knows its key type, `node::lookup_by`).
+    /// `matches` (which is only called with nodes of that tag): the table half of every
+    /// lookup (`node::lookup_by`; the caller compares keys: a reader that knows its key type
+    /// does so without indirect calls).
     ///
     /// # Safety
     /// `table` is null or a live table; `matches` may be called with any live node of the chain.
@@ -380,9 +359,8 @@ impl Table {
         unsafe {
             let mut node = Some(top);
             while let Some(n) = node {
-                if n.is_value() && !fresh.iter().any(|(f, _)| f.same_key(n)) {
-                    let q = n.query();
-                    let (prev, depth) = Self::find_with_depth::<N>(below, q.tag, &|p: N| p.matches(&q));
+                if n.is_value() && !fresh.any(|(f, _)| f.same_key(n)) {
+                    let (prev, depth) = Self::find_with_depth::<N>(below, n.tag(), &|p: N| p.same_key(n));
                     fresh.push((n, depth));
                     let was = prev.is_some_and(|p| !p.is_tombstone());
                     match (was, !n.is_tombstone()) {
@@ -529,6 +507,19 @@ impl<T: Copy, const C: usize> Few<T, C> {
         self.len
     }
 
+    /// Whether `f` holds for any item. A plain loop over the inline part: the `iter` chain
+    /// below, once the compiler stopped inlining it into `Table::build` (when `same_key` grew
+    /// its inline-key fast path), cost more than the comparisons it saved.
+    #[inline]
+    fn any(&self, mut f: impl FnMut(T) -> bool) -> bool {
+        for item in self.inline[..self.len.min(C)].iter().flatten() {
+            if f(*item) {
+                return true;
+            }
+        }
+        self.spill.iter().any(|item| f(*item))
+    }
+
     /// The items in the order pushed.
     fn iter(&self) -> impl Iterator<Item = T> + '_ {
         self.inline.iter().flatten().copied().chain(self.spill.iter().copied())
@@ -610,7 +601,7 @@ pub(crate) unsafe fn live_len<N: ChainNode>(top: N, stop: Option<N>) -> usize {
             }
             if n.is_value() && !seen.iter().any(|s| s.same_key(n)) {
                 seen.push(n);
-                let was = Table::find::<N>(table, &n.query()).is_some_and(|p| !p.is_tombstone());
+                let was = Table::find_by::<N>(table, n.tag(), |p| p.same_key(n)).is_some_and(|p| !p.is_tombstone());
                 match (was, !n.is_tombstone()) {
                     (false, true) => live += 1,
                     (true, false) => live -= 1,

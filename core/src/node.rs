@@ -126,6 +126,11 @@ pub(crate) struct VTable {
     pub(crate) drop_and_free: unsafe fn(NonNull<Header>, &mut Vec<NodeRef>),
     /// Whether the node's (hashed) key equals `key`.
     pub(crate) key_eq: unsafe fn(NonNull<Header>, &(dyn Any + Send + Sync)) -> bool,
+    /// Whether the node's inline key equals the key at the pointer, which the caller has checked
+    /// to be a key of the same type (the other node's, through [`inline_key`](VTable::inline_key)):
+    /// [`NodePtr::same_key`] for two inline keys, with one indirect call instead of three.
+    /// Only called on nodes whose `inline_key` is `Some`.
+    pub(crate) key_eq_same_type: unsafe fn(NonNull<Header>, *const ()) -> bool,
     /// The node's hashed key, if it has one.
     pub(crate) key_any: unsafe fn(NonNull<Header>) -> Option<*const (dyn Any + Send + Sync)>,
     /// The node's value.
@@ -163,6 +168,15 @@ pub(crate) trait KeySlot: Send + Sync + 'static {
     const INLINE_TYPE: Option<TypeId> = None;
     fn eq_any(&self, key: &(dyn Any + Send + Sync)) -> bool;
     fn as_any(&self) -> Option<&(dyn Any + Send + Sync)>;
+    /// Whether the key equals the one at `other`.
+    ///
+    /// # Safety
+    /// Only for a slot with an [`INLINE_TYPE`](KeySlot::INLINE_TYPE): `other` points to a live
+    /// key of that type.
+    unsafe fn eq_same_type(&self, other: *const ()) -> bool {
+        let _ = other;
+        false
+    }
 }
 
 /// A typed key: the tag is the key's address, nothing is stored.
@@ -187,6 +201,11 @@ pub(crate) struct InlineKey<K>(pub(crate) K);
 
 impl<K: Eq + Any + Send + Sync> KeySlot for InlineKey<K> {
     const INLINE_TYPE: Option<TypeId> = Some(TypeId::of::<K>());
+    #[inline]
+    unsafe fn eq_same_type(&self, other: *const ()) -> bool {
+        // SAFETY: the caller's guarantee: `other` is a live `K`.
+        self.0 == *unsafe { &*other.cast::<K>() }
+    }
     #[inline]
     fn eq_any(&self, key: &(dyn Any + Send + Sync)) -> bool {
         key.downcast_ref::<K>().is_some_and(|k| *k == self.0)
@@ -344,6 +363,7 @@ impl<K: KeySlot, V: ValueSlot> ValueNode<K, V> {
     const VTABLE: VTable = VTable {
         drop_and_free: Self::drop_and_free,
         key_eq: Self::key_eq,
+        key_eq_same_type: Self::key_eq_same_type,
         key_any: Self::key_any,
         value: Self::value,
         shared: Self::shared,
@@ -377,6 +397,14 @@ impl<K: KeySlot, V: ValueSlot> ValueNode<K, V> {
     unsafe fn key_eq(node: NonNull<Header>, key: &(dyn Any + Send + Sync)) -> bool {
         // SAFETY: the caller guarantees the type and liveness; `key` is immutable.
         unsafe { (*node.cast::<Self>().as_ptr()).key.eq_any(key) }
+    }
+
+    /// # Safety
+    /// `node` is a live `ValueNode<K, V>` with an inline key; `other` points to a live key of
+    /// the same type.
+    unsafe fn key_eq_same_type(node: NonNull<Header>, other: *const ()) -> bool {
+        // SAFETY: forwarded from the caller.
+        unsafe { (*node.cast::<Self>().as_ptr()).key.eq_same_type(other) }
     }
 
     /// # Safety
@@ -952,28 +980,39 @@ impl NodePtr {
         }
     }
 
-    /// A query for the key this (value) node binds.
-    ///
-    /// # Safety
-    /// The node is a value node alive for `'a`.
-    #[inline]
-    unsafe fn query<'a>(self) -> KeyQuery<'a> {
-        // SAFETY: forwarded.
-        unsafe { KeyQuery { tag: (*self.0.as_ptr()).tag, key: self.key_any() } }
-    }
-
     /// Whether `self` and `other` bind the same key.
     ///
     /// # Safety
     /// Both are live value nodes.
     unsafe fn same_key(self, other: NodePtr) -> bool {
+        // SAFETY: forwarded. Two inline keys of one type: `other`'s `inline_key` offset locates
+        // a live key of the type `self`'s `key_eq_same_type` compares with (see `key_is`).
+        unsafe {
+            let (a, b) = ((*self.0.as_ptr()).vtable, (*other.0.as_ptr()).vtable);
+            if (*self.0.as_ptr()).tag != (*other.0.as_ptr()).tag {
+                return false;
+            }
+            if let (Some((ta, _)), Some((tb, offset))) = (a.inline_key, b.inline_key) {
+                return ta == tb && (a.key_eq_same_type)(self.0, other.0.as_ptr().cast::<u8>().add(offset).cast());
+            }
+            self.same_key_erased(other)
+        }
+    }
+
+    /// [`same_key`](NodePtr::same_key) when either key is not inline (tags already equal):
+    /// through the nodes' vtables. Out of line, so that the inline-key case stays small enough
+    /// to inline into the table builds' loops.
+    ///
+    /// # Safety
+    /// Both are live value nodes.
+    #[inline(never)]
+    unsafe fn same_key_erased(self, other: NodePtr) -> bool {
         // SAFETY: forwarded.
         unsafe {
-            (*self.0.as_ptr()).tag == (*other.0.as_ptr()).tag
-                && match other.key_any() {
-                    None => true,
-                    Some(key) => ((*self.0.as_ptr()).vtable.key_eq)(self.0, key),
-                }
+            match other.key_any() {
+                None => true,
+                Some(key) => ((*self.0.as_ptr()).vtable.key_eq)(self.0, key),
+            }
         }
     }
 }
@@ -1034,18 +1073,6 @@ unsafe impl ChainNode for NodePtr {
     unsafe fn parent(self) -> Option<NodePtr> {
         // SAFETY: forwarded.
         unsafe { NodePtr::parent(self) }
-    }
-
-    #[inline]
-    unsafe fn matches(self, q: &KeyQuery<'_>) -> bool {
-        // SAFETY: forwarded.
-        unsafe { NodePtr::matches(self, q) }
-    }
-
-    #[inline]
-    unsafe fn query<'a>(self) -> KeyQuery<'a> {
-        // SAFETY: forwarded.
-        unsafe { NodePtr::query(self) }
     }
 
     #[inline]

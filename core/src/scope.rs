@@ -83,6 +83,7 @@ static UNIT: () = ();
 const SCOPE_VTABLE: VTable = VTable {
     drop_and_free: ScopeNode::drop_and_free,
     key_eq: |_, _| false,
+    key_eq_same_type: |_, _| false,
     key_any: |_| None,
     value: |_| &UNIT,
     shared: |_| None,
