@@ -37,6 +37,14 @@
 //! - a key bound deep in the chain (or absent) costs one filter test and one table probe,
 //!   whatever the depth — this is what keeps a depth-64 read within 2x of a depth-1 read.
 //!
+//! A reader that knows its key and value types (`Context::value`, `SessionMap::read` and
+//! friends) compares keys and reaches the value with no indirect call: the node's [`VTable`]
+//! records the `TypeId` and offset of a key stored inline and of a value stored inline or as an
+//! `Arc<V>` ([`NodePtr::key_is`], [`NodePtr::value_as`]), constants of the node type; only nodes
+//! whose key or value is erased (bound through `Session::with_value_dyn`) go through the vtable's
+//! functions. Table builds compare two inline keys of one type the same way
+//! ([`ChainNode::same_key`](crate::index::ChainNode::same_key)).
+//!
 //! The tables themselves live in [`index`](crate::index). Tables come in levels (see
 //! [`Table`]): a new table copies only the top level (at most 64 keys) and merges a level into the next one down when it outgrows it, so building tables costs
 //! O(log n) per binding at any size, and a lookup that misses the top level probes at most

@@ -36,6 +36,8 @@ const SCENARIOS: &[(&str, &str)] = &[
     ("p1_get", "with_current + typed get, depth 1 (std)"),
     ("p1_current", "current() (a clone) + drop (std)"),
     ("p3_with", "SessionCtx::with (typed key) + drop"),
+    ("p4_get_1", "SessionCtx::get, typed key, depth 1"),
+    ("p4_get_64", "SessionCtx::get, typed key bound deepest, depth 64"),
     ("p4_any_key_1", "Context::value, hashed &str key, depth 1"),
     ("p4_any_key_64", "Context::value, hashed &str key bound deepest, depth 64"),
     ("p5_read_10", "SessionMap::read, hashed u64 key, 10 keys"),
@@ -84,6 +86,8 @@ fn main() {
         "p1_get" => p1(iterations, false),
         "p1_current" => p1(iterations, true),
         "p3_with" => p3(iterations),
+        "p4_get_1" => p4_get(1, iterations),
+        "p4_get_64" => p4_get(64, iterations),
         "p4_any_key_1" => p4_any_key(1, iterations),
         "p4_any_key_64" => p4_any_key(64, iterations),
         "p5_read_10" => map_read(10, iterations),
@@ -139,6 +143,21 @@ fn p3(iterations: u64) {
     for i in 0..iterations {
         drop(black_box(base.with(&USER, i)));
     }
+}
+
+/// The criterion suite's `p4_get_depth/localsession`: the key bound deepest, 63 other typed
+/// keys above it.
+fn p4_get(depth: usize, iterations: u64) {
+    static FILLER: [Key<u64>; 63] = [const { Key::new("filler") }; 63];
+    let mut s = SessionCtx::new(&Context::background()).with(&USER, 7);
+    for key in FILLER.iter().take(depth - 1) {
+        s = s.with(key, 1);
+    }
+    let mut acc = 0u64;
+    for _ in 0..iterations {
+        acc += s.get(black_box(&USER)).copied().unwrap_or(0);
+    }
+    black_box(acc);
 }
 
 /// The criterion suite's `p4_get_depth/localsession_any_key`: the key bound deepest.
