@@ -38,6 +38,12 @@
 //! - In the final poll, the terminate hook takes the task's session out of the worker's slot
 //!   too, so the after-poll hook has nothing left to drop.
 //! - Thread-local access uses `try_with`: hooks that run during thread teardown do nothing.
+//! - Hooks of your own ([`ImplicitSessions`]) are user code run inside ours: each is called
+//!   inside `catch_unwind`, this crate's half of the hook completes (the task's session is
+//!   uninstalled after a poll, its entry released at termination), and then the panic is
+//!   resumed, so tokio sees it as it would without this crate (it catches a terminate hook's
+//!   panic, and a poll hook's leaves `block_on` on a current-thread runtime, whose thread lives
+//!   on with its own session).
 //! - A task's own `bind` drops the session it replaces in the task's context (inside the
 //!   poll): a panicking `Drop` there is an ordinary task panic that the `JoinHandle` reports —
 //!   unless the late after-poll hook of the task's previous poll, on another worker, still
@@ -108,7 +114,7 @@
 
 use std::cell::RefCell;
 use std::fmt;
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 use std::time::Duration;
@@ -381,7 +387,9 @@ impl ImplicitSessions {
         ImplicitSessions::default()
     }
 
-    /// Your `on_task_spawn` hook, run after this crate's.
+    /// Your `on_task_spawn` hook, run after this crate's. If it panics, `tokio::spawn` panics
+    /// as it would without this crate; the task, already registered with the runtime, ends at
+    /// the runtime's shutdown, and this crate's terminate hook releases its entry then.
     ///
     /// # Examples
     /// ```
@@ -398,6 +406,8 @@ impl ImplicitSessions {
     }
 
     /// Your `on_before_task_poll` hook, run after this crate's (the task's session is current).
+    /// If it panics, this crate uninstalls the task's session before the panic goes on, so the
+    /// thread it leaves (a current-thread runtime's `block_on` caller) keeps its own session.
     ///
     /// # Examples
     /// ```
@@ -412,6 +422,7 @@ impl ImplicitSessions {
     }
 
     /// Your `on_after_task_poll` hook, run before this crate's (the task's session is current).
+    /// If it panics, this crate's hook still runs, then the panic goes on.
     ///
     /// # Examples
     /// ```
@@ -425,7 +436,8 @@ impl ImplicitSessions {
         self
     }
 
-    /// Your `on_task_terminate` hook, run before this crate's.
+    /// Your `on_task_terminate` hook, run before this crate's. If it panics, this crate's hook
+    /// still runs (the task's entry is released), then the panic goes on (tokio catches it).
     ///
     /// # Examples
     /// ```
@@ -492,24 +504,35 @@ impl ImplicitSessions {
                     f(meta);
                 }
             })
+            // The user's hooks run inside ours (so that they see the task's session) and may
+            // panic. tokio does not catch a poll hook's panic (it leaves `block_on` on a
+            // current-thread runtime, whose thread lives on) and catches a terminate hook's:
+            // either way our half must still run, or the thread keeps the task's session
+            // installed, or the task's entry stays in the table for good. So the user's hook is
+            // caught, ours completes, and the panic is resumed for tokio to handle as it would.
             .on_before_task_poll(move |meta| {
                 on_before_poll(meta);
-                if let Some(f) = &before_poll {
-                    f(meta);
+                if let Some(f) = &before_poll
+                    && let Err(panic) = catch_unwind(AssertUnwindSafe(|| f(meta)))
+                {
+                    on_after_poll(meta);
+                    resume_unwind(panic);
                 }
             })
             .on_after_task_poll(move |meta| {
-                if let Some(f) = &after_poll {
-                    f(meta);
-                }
+                let user = after_poll.as_ref().map(|f| catch_unwind(AssertUnwindSafe(|| f(meta))));
                 on_after_poll(meta);
+                if let Some(Err(panic)) = user {
+                    resume_unwind(panic);
+                }
             })
             .on_task_terminate(move |meta| {
                 let _ = &alive;
-                if let Some(f) = &terminate {
-                    f(meta);
-                }
+                let user = terminate.as_ref().map(|f| catch_unwind(AssertUnwindSafe(|| f(meta))));
                 on_terminate(meta);
+                if let Some(Err(panic)) = user {
+                    resume_unwind(panic);
+                }
             })
     }
 }

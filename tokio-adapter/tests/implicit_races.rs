@@ -402,3 +402,138 @@ fn user_hooks_compose_with_implicit_sessions() {
     }
     assert!(saw_session.load(Ordering::SeqCst) >= 1, "the user's before-poll hook runs after the session is installed");
 }
+
+/// Keeps the panics these tests provoke in users' hooks (hundreds, on worker threads) out of
+/// the test output; every other panic is reported as before.
+fn quiet_user_hook_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info.payload().downcast_ref::<&str>().copied().unwrap_or("");
+            if !msg.starts_with("a user's") {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// A user's terminate hook that panics: tokio catches it (`Harness::complete`), and the
+/// composed hook used to skip this crate's terminate hook with it, so the task's entry and its
+/// session stayed in the table for good. Now the user's hook is caught, ours runs, and the
+/// panic is resumed for tokio to catch as before. At 2 and 4 workers, tasks with and without a
+/// session of their own.
+fn a_panicking_user_terminate_hook_leaks_nothing(workers: usize) {
+    let _serial = serial();
+    quiet_user_hook_panics();
+    let (tasks_before, sessions_before) = (implicit_tasks(), implicit_task_sessions());
+    let terminated = Arc::new(AtomicUsize::new(0));
+    let seen = terminated.clone();
+    let mut builder = Builder::new_multi_thread();
+    builder.worker_threads(workers).enable_all();
+    ImplicitSessions::new()
+        .on_task_terminate(move |_| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            panic!("a user's terminate hook panics");
+        })
+        .install(&mut builder);
+    let rt = builder.build().unwrap();
+    let marks = rt.block_on(async {
+        let mut handles = Vec::new();
+        for i in 0..200u64 {
+            handles.push(localsession_std::scope(marked(i), || {
+                tokio::spawn(async move {
+                    if i.is_multiple_of(2) {
+                        bind(marked(1000 + i)).unwrap();
+                    }
+                    tokio::task::yield_now().await;
+                    current_mark()
+                })
+            }));
+        }
+        let mut marks = Vec::new();
+        for h in handles {
+            marks.push(h.await.unwrap());
+        }
+        marks
+    });
+    drop(rt);
+    for (i, m) in marks.into_iter().enumerate() {
+        let i = i as u64;
+        assert_eq!(m, Some(if i.is_multiple_of(2) { 1000 + i } else { i }), "task {i} saw another session");
+    }
+    assert!(terminated.load(Ordering::SeqCst) >= 200, "the user's terminate hook ran for every task");
+    assert_released(tasks_before, sessions_before);
+}
+
+#[test]
+fn a_panicking_user_terminate_hook_leaks_nothing_2_workers() {
+    a_panicking_user_terminate_hook_leaks_nothing(2);
+}
+
+#[test]
+fn a_panicking_user_terminate_hook_leaks_nothing_4_workers() {
+    a_panicking_user_terminate_hook_leaks_nothing(4);
+}
+
+/// A user's before-poll or after-poll hook that panics on a current-thread runtime: the panic
+/// leaves `block_on` on the caller's thread, which lives on. The composed hooks used to leave
+/// the polled task's session installed on that thread (our before-poll hook had installed it,
+/// our after-poll hook never ran): the caller then read another request's session, and its
+/// next `bind` went to the dead task's entry. Now this crate's after-poll hook runs before the
+/// panic is resumed.
+fn a_panicking_user_poll_hook_leaves_the_thread_as_it_was(after: bool) {
+    let _serial = serial();
+    quiet_user_hook_panics();
+    let armed = Arc::new(AtomicBool::new(true));
+    let hook = {
+        let armed = armed.clone();
+        move |_: &tokio::runtime::TaskMeta<'_>| {
+            // Only in the task that carries the other request's session (mark 2).
+            if current_mark() == Some(2) && armed.swap(false, Ordering::SeqCst) {
+                panic!("a user's poll hook panics");
+            }
+        }
+    };
+    let mut builder = Builder::new_current_thread();
+    builder.enable_all();
+    let hooks = ImplicitSessions::new();
+    let hooks = if after { hooks.on_after_task_poll(hook) } else { hooks.on_before_task_poll(hook) };
+    hooks.install(&mut builder);
+    let rt = builder.build().unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            bind(marked(1)).unwrap();
+            let escaped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                rt.block_on(async {
+                    // Pending once, so that the first poll is not the task's last (a last poll
+                    // ends the task's entry before the after-poll hook runs).
+                    let task = async {
+                        tokio::task::yield_now().await;
+                        current_mark()
+                    };
+                    let _ = localsession_std::scope(marked(2), || tokio::spawn(task)).await;
+                })
+            }));
+            assert!(escaped.is_err(), "the user's hook panicked out of block_on");
+            assert_eq!(current_mark(), Some(1), "the caller's thread reads its own session again");
+            // And its bindings are its own: a bind lands in the thread, not in a task's entry.
+            bind(marked(3)).unwrap();
+            assert_eq!(current_mark(), Some(3));
+            localsession_std::unbind();
+        })
+        .join()
+        .unwrap();
+    });
+    drop(rt);
+}
+
+#[test]
+fn a_panicking_user_before_poll_hook_leaves_the_thread_as_it_was() {
+    a_panicking_user_poll_hook_leaves_the_thread_as_it_was(false);
+}
+
+#[test]
+fn a_panicking_user_after_poll_hook_leaves_the_thread_as_it_was() {
+    a_panicking_user_poll_hook_leaves_the_thread_as_it_was(true);
+}
