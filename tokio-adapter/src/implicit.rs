@@ -421,7 +421,9 @@ impl ImplicitSessions {
         self
     }
 
-    /// Your `on_after_task_poll` hook, run before this crate's (the task's session is current).
+    /// Your `on_after_task_poll` hook, run before this crate's (the task's session is current,
+    /// except after the task's final poll: tokio ran the terminate hook inside that poll, and it
+    /// took the session out).
     /// If it panics, this crate's hook still runs, then the panic goes on.
     ///
     /// # Examples
