@@ -157,7 +157,7 @@ pub(crate) struct VTable {
     pub(crate) inline_key: Option<(TypeId, usize)>,
     /// For a value stored as a typed shared handle ([`SharedValue`] over a sized `V`): `V`'s type
     /// and the offset of the node's `Arc<V>`, so that a reader that knows the value type reaches
-    /// the value without an indirect call ([`NodePtr::shared_ref`]). `None` for every other
+    /// the value without an indirect call ([`NodePtr::value_as`], [`NodePtr::shared_as`]). `None` for every other
     /// node (inline, erased or no value).
     pub(crate) shared_value: Option<(TypeId, usize)>,
     /// For a value stored inline ([`InlineValue<V>`], a context's): `V`'s type and the value's
@@ -902,6 +902,17 @@ impl NodePtr {
         unsafe { &(*node).value.0 }
     }
 
+    /// The field at `offset` bytes into the node, as a `*const T`, with the provenance of the
+    /// whole allocation (the offsets come from the node's [`VTable`]).
+    ///
+    /// # Safety
+    /// The node is alive and a `T` lives at `offset` in it.
+    #[inline]
+    unsafe fn field_at<T>(self, offset: usize) -> *const T {
+        // SAFETY: forwarded; `offset` is within the node's allocation.
+        unsafe { self.0.as_ptr().cast::<u8>().add(offset).cast::<T>() }
+    }
+
     /// Whether this value node binds `key` (its tag already compared): for a key stored inline
     /// as a `K`, a type check and `K::eq` with no indirect call; for an erased key, the node's
     /// `key_eq`, as [`matches`](NodePtr::matches) does. `KeyQuery::new(key)` and `matches`
@@ -918,9 +929,7 @@ impl NodePtr {
         unsafe {
             let vtable = (*self.0.as_ptr()).vtable;
             match vtable.inline_key {
-                Some((t, offset)) => {
-                    t == TypeId::of::<K>() && *self.0.as_ptr().cast::<u8>().add(offset).cast::<K>() == *key
-                }
+                Some((t, offset)) => t == TypeId::of::<K>() && *self.field_at::<K>(offset) == *key,
                 None => (vtable.key_eq)(self.0, key),
             }
         }
@@ -943,11 +952,10 @@ impl NodePtr {
         // node. Otherwise forwarded.
         unsafe {
             let vtable = (*self.0.as_ptr()).vtable;
-            let at = |offset: usize| self.0.as_ptr().cast::<u8>().add(offset);
             if let Some((t, offset)) = vtable.shared_value {
-                (t == TypeId::of::<V>()).then(|| &**at(offset).cast::<Arc<V>>())
+                (t == TypeId::of::<V>()).then(|| &**self.field_at::<Arc<V>>(offset))
             } else if let Some((t, offset)) = vtable.inline_value {
-                (t == TypeId::of::<V>()).then(|| &*at(offset).cast::<V>())
+                (t == TypeId::of::<V>()).then(|| &*self.field_at::<V>(offset))
             } else {
                 self.value(owner).downcast_ref::<V>()
             }
@@ -965,8 +973,7 @@ impl NodePtr {
         // SAFETY: as in `value_as`.
         unsafe {
             match (*self.0.as_ptr()).vtable.shared_value {
-                Some((t, offset)) => (t == TypeId::of::<V>())
-                    .then(|| Arc::clone(&*self.0.as_ptr().cast::<u8>().add(offset).cast::<Arc<V>>())),
+                Some((t, offset)) => (t == TypeId::of::<V>()).then(|| Arc::clone(&*self.field_at::<Arc<V>>(offset))),
                 None => self.shared_value()?.downcast::<V>().ok(),
             }
         }
@@ -996,12 +1003,12 @@ impl NodePtr {
         // SAFETY: forwarded. Two inline keys of one type: `other`'s `inline_key` offset locates
         // a live key of the type `self`'s `key_eq_same_type` compares with (see `key_is`).
         unsafe {
-            let (a, b) = ((*self.0.as_ptr()).vtable, (*other.0.as_ptr()).vtable);
             if (*self.0.as_ptr()).tag != (*other.0.as_ptr()).tag {
                 return false;
             }
+            let (a, b) = ((*self.0.as_ptr()).vtable, (*other.0.as_ptr()).vtable);
             if let (Some((ta, _)), Some((tb, offset))) = (a.inline_key, b.inline_key) {
-                return ta == tb && (a.key_eq_same_type)(self.0, other.0.as_ptr().cast::<u8>().add(offset).cast());
+                return ta == tb && (a.key_eq_same_type)(self.0, other.field_at::<()>(offset));
             }
             self.same_key_erased(other)
         }

@@ -1,10 +1,25 @@
 //! What the criterion benchmark (`sessions.rs`) and the instruction-count program
 //! (`examples/ops.rs`) share, included by both with `#[path]` so that both measure the same
 //! code: the floors — the least a technique costs with none of localsession's work, measured next
-//! to ours so that a target can be compared with what the technique allows — and the
-//! OpenTelemetry context of P9's session.
+//! to ours so that a target can be compared with what the technique allows — the OpenTelemetry
+//! context of P9's session, and P4's session of a given depth.
 
 use std::sync::atomic::Ordering;
+
+use localsession_core::{Context, Key, SessionCtx};
+
+/// Typed keys to bind above the key under test (P3, P4).
+pub(crate) static FILLER: [Key<u64>; 64] = [const { Key::new("filler") }; 64];
+
+/// A session context of `depth` typed bindings with `key` bound first (deepest, value 7) and
+/// [`FILLER`] keys above it: P4's `get` at depth.
+pub(crate) fn session_of_depth(key: &'static Key<u64>, depth: usize) -> SessionCtx {
+    let mut s = SessionCtx::new(&Context::background()).with(key, 7);
+    for filler in FILLER.iter().take(depth - 1) {
+        s = s.with(filler, 1);
+    }
+    s
+}
 
 /// The least a read and a write cost in the shape `SessionMap` must keep (an atomic root, epoch
 /// reclamation, one allocation per write), with none of a map's work: a write pins, allocates one

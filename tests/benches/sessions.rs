@@ -21,9 +21,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion};
-use floors::EpochFloor;
 #[cfg(tokio_unstable)]
 use floors::floor_hooks;
+use floors::{EpochFloor, FILLER};
 use localsession_core::{Context, Key, SessionCtx, SessionMap};
 use localsession_std::{current, enter, go, scope, with_current};
 
@@ -82,7 +82,6 @@ fn rss_kib() -> Option<u64> {
 // ---------------------------------------------------------------------------------------------
 
 static K: Key<u64> = Key::new("k");
-static FILLER: [Key<u64>; 64] = [const { Key::new("filler") }; 64];
 
 /// The floor: a raw thread-local pointer to a hand-written list, walked the same way.
 struct RawNode {
@@ -123,11 +122,7 @@ struct OtelValue(u64);
 
 /// A session context of `depth` typed bindings with `K` bound first (deepest).
 fn session_of_depth(depth: usize) -> SessionCtx {
-    let mut s = SessionCtx::new(&Context::background()).with(&K, 7);
-    for key in FILLER.iter().take(depth - 1) {
-        s = s.with(key, 1);
-    }
-    s
+    floors::session_of_depth(&K, depth)
 }
 
 // ---------------------------------------------------------------------------------------------

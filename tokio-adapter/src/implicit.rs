@@ -514,25 +514,23 @@ impl ImplicitSessions {
             // caught, ours completes, and the panic is resumed for tokio to handle as it would.
             .on_before_task_poll(move |meta| {
                 on_before_poll(meta);
-                if let Some(f) = &before_poll
-                    && let Err(panic) = catch_unwind(AssertUnwindSafe(|| f(meta)))
-                {
+                if let Some(panic) = call_caught(before_poll.as_ref(), meta) {
                     on_after_poll(meta);
                     resume_unwind(panic);
                 }
             })
             .on_after_task_poll(move |meta| {
-                let user = after_poll.as_ref().map(|f| catch_unwind(AssertUnwindSafe(|| f(meta))));
+                let panic = call_caught(after_poll.as_ref(), meta);
                 on_after_poll(meta);
-                if let Some(Err(panic)) = user {
+                if let Some(panic) = panic {
                     resume_unwind(panic);
                 }
             })
             .on_task_terminate(move |meta| {
                 let _ = &alive;
-                let user = terminate.as_ref().map(|f| catch_unwind(AssertUnwindSafe(|| f(meta))));
+                let panic = call_caught(terminate.as_ref(), meta);
                 on_terminate(meta);
-                if let Some(Err(panic)) = user {
+                if let Some(panic) = panic {
                     resume_unwind(panic);
                 }
             })
@@ -549,6 +547,12 @@ impl fmt::Debug for ImplicitSessions {
             .field("sweep_every", &self.sweep_every)
             .finish()
     }
+}
+
+/// Calls a user's hook (if any) inside `catch_unwind`; returns its panic, for the caller to
+/// resume once this crate's half of the hook has run.
+fn call_caught(hook: Option<&Hook>, meta: &TaskMeta<'_>) -> Option<Box<dyn std::any::Any + Send>> {
+    catch_unwind(AssertUnwindSafe(|| hook.map(|f| f(meta)))).err()
 }
 
 fn sweeper(alive: &Weak<()>, interval: Duration) {

@@ -148,11 +148,7 @@ fn p3(iterations: u64) {
 /// The criterion suite's `p4_get_depth/localsession`: the key bound deepest, 63 other typed
 /// keys above it.
 fn p4_get(depth: usize, iterations: u64) {
-    static FILLER: [Key<u64>; 63] = [const { Key::new("filler") }; 63];
-    let mut s = SessionCtx::new(&Context::background()).with(&USER, 7);
-    for key in FILLER.iter().take(depth - 1) {
-        s = s.with(key, 1);
-    }
+    let s = floors::session_of_depth(&USER, depth);
     let mut acc = 0u64;
     for _ in 0..iterations {
         acc += s.get(black_box(&USER)).copied().unwrap_or(0);
