@@ -36,6 +36,8 @@ const SCENARIOS: &[(&str, &str)] = &[
     ("p1_get", "with_current + typed get, depth 1 (std)"),
     ("p1_current", "current() (a clone) + drop (std)"),
     ("p3_with", "SessionCtx::with (typed key) + drop"),
+    ("p3_with_batch", "SessionCtx::with, 10 000 kept then dropped (criterion's large-drop form), no thread started"),
+    ("p3_with_batch_threaded", "the same after the process has started (and joined) one thread"),
     ("p4_get_1", "SessionCtx::get, typed key, depth 1"),
     ("p4_get_64", "SessionCtx::get, typed key bound deepest, depth 64"),
     ("p4_any_key_1", "Context::value, hashed &str key, depth 1"),
@@ -86,6 +88,14 @@ fn main() {
         "p1_get" => p1(iterations, false),
         "p1_current" => p1(iterations, true),
         "p3_with" => p3(iterations),
+        "p3_with_batch" => p3_batch(iterations),
+        "p3_with_batch_threaded" => {
+            // glibc's malloc takes its arena lock on every allocation the thread cache cannot
+            // serve once the process has ever had a second thread; the criterion suite has one
+            // by P3 (P1's runtime), as every server process has.
+            std::thread::spawn(|| ()).join().unwrap();
+            p3_batch(iterations)
+        }
         "p4_get_1" => p4_get(1, iterations),
         "p4_get_64" => p4_get(64, iterations),
         "p4_any_key_1" => p4_any_key(1, iterations),
@@ -143,6 +153,22 @@ fn p3(iterations: u64) {
     for i in 0..iterations {
         drop(black_box(base.with(&USER, i)));
     }
+}
+
+/// The criterion suite's `p3_with_value/localsession` (`iter_with_large_drop`): derived sessions
+/// kept in batches of 10 000 and dropped after each batch, so that allocations outrun the thread's
+/// malloc cache as in the suite. The wall time printed includes the drops.
+fn p3_batch(iterations: u64) {
+    const BATCH: u64 = 10_000;
+    let base = SessionCtx::new(&Context::background()).with(&USER, 5);
+    let mut kept = Vec::with_capacity(BATCH as usize);
+    for i in 0..iterations {
+        kept.push(base.with(&USER, i));
+        if kept.len() as u64 == BATCH {
+            kept.clear();
+        }
+    }
+    black_box(kept);
 }
 
 /// The criterion suite's `p4_get_depth/localsession`: the key bound deepest, 63 other typed
