@@ -94,6 +94,9 @@ pub use error::{ContextError, ReadError};
 pub use future::{FutureExt, WithSession};
 pub use key::{DynKey, Key, KeyQuery};
 pub use map::SessionMap;
+#[cfg(localsession_loom)]
+#[doc(hidden)]
+pub use map::loom_collect;
 pub use metainfo::MetaInfo;
 pub use scope::{AfterCancel, Done};
 pub use session::{AnySession, Session, SessionCtx, SessionExt};

@@ -21,14 +21,15 @@
 //!   Only then can a reader still be walking a chain that nothing references any more, so the
 //!   root's reference to the old head goes to a per-map *graveyard*, and a `Guard::defer`red
 //!   function marks that grave *ripe* once every reader pinned at that time has unpinned; the
-//!   next writer frees the ripe graves. Crossbeam runs deferred functions on whichever thread
-//!   happens to collect — typically a reader of any map, inside its `pin` — so the deferred
+//!   next writer moves the ripe graves to the map's *dying* list, and every write frees a few
+//!   nodes of that list (see [`SessionMap::free_graves`] for why not all at once). Crossbeam
+//!   runs deferred functions on whichever thread happens to collect — typically a reader of any map, inside its `pin` — so the deferred
 //!   function owns nothing but two reference-counted flags: it never holds the map itself nor
 //!   any user value, so no user `Drop` code (and no map's last release) ever runs inside epoch
 //!   reclamation, and readers never pay for freeing a chain. A compaction that loses its CAS
 //!   race drops its private chain and leaves the work to a later writer. An idle map keeps its
-//!   last graves until it is written to or dropped; dropping the map frees them all (no reader
-//!   of a map can outlive the map).
+//!   last graves and dying nodes until it is written to or dropped; dropping the map frees them
+//!   all (no reader of a map can outlive the map).
 //!
 //! Values are stored behind an `Arc`, so reads can hand out owned handles ([`SessionMap::value`])
 //! as well as borrows ([`SessionMap::read`]), and compaction can re-bind a value without copying
@@ -50,13 +51,26 @@ use crate::error::ContextError;
 use crate::index::{for_each_binding, live_len};
 use crate::key::{DynKey, Key, KeyQuery, hashed_tag};
 use crate::node::{
-    F_NO_INDEX, F_TOMBSTONE, F_VALUE, InlineKey, NodePtr, NodeRef, SharedKey, SharedValue, Tombstone, TypedKey, lookup,
-    lookup_by,
+    Dying, F_NO_INDEX, F_TOMBSTONE, F_VALUE, InlineKey, NodePtr, NodeRef, SharedKey, SharedValue, Tombstone, TypedKey,
+    lookup, lookup_by,
 };
 use crate::primitive::epoch::{self, Guard};
 use crate::primitive::{AtomicPtr, AtomicUsize, Mutex, Ordering};
 use crate::scope::Done;
 use crate::time::{Instant, NoClockError, global_clock};
+
+/// Nodes of old chains each write frees (see [`SessionMap::free_graves`]): more than the at most
+/// 1.5 nodes per write that writes and compactions make, so the dying list never grows without
+/// bound. 1 under loom, so that the models leave nodes for later writes and the map's drop.
+#[cfg(not(localsession_loom))]
+const FREE_PER_WRITE: usize = 2;
+#[cfg(localsession_loom)]
+const FREE_PER_WRITE: usize = 1;
+
+/// The longest old chain freed a few nodes per write; a longer one is freed at once, while the
+/// compaction that replaced it has just walked it into the cache (see
+/// [`SessionMap::free_graves`]).
+const INCREMENTAL_CHAIN: usize = 256;
 
 /// Writes after which a compaction is attempted, at least. Small under loom, so that the models
 /// explore compaction racing with writers and readers.
@@ -104,9 +118,14 @@ struct MapShared {
     writes: CachePadded<AtomicUsize>,
     /// Live keys after the last compaction (a heuristic; relaxed).
     live: AtomicUsize,
-    /// Old chains replaced by a compaction, each freed by the first writer that finds its grace
-    /// period over (see [`SessionMap::compact`]).
+    /// Old chains replaced by a compaction, each moved to `dying` by the first writer that finds
+    /// its grace period over (see [`SessionMap::compact`]).
     graveyard: Mutex<Vec<Grave>>,
+    /// Nodes of ripe graves whose last reference is gone, freed a few per write. Only ever
+    /// `try_lock`ed: the holder runs values' `Drop` (user code, which may write to this map).
+    dying: Mutex<Dying>,
+    /// Whether `dying` may hold nodes (a hint that spares writers the lock; written under it).
+    dying_hint: AtomicUsize,
     /// Whether a grave may have ripened (a hint that spares writers the lock). Shared with the
     /// deferred functions, which must not own the map.
     graves: Arc<AtomicUsize>,
@@ -117,6 +136,9 @@ struct Grave {
     /// Set (by a deferred function, on any thread) once no reader can still walk `chain`.
     ripe: Arc<AtomicUsize>,
     chain: NodeRef,
+    /// About how many nodes `chain` has above the base (the writes since the compaction before
+    /// and the live keys it left).
+    len: usize,
 }
 
 impl Drop for MapShared {
@@ -202,6 +224,8 @@ impl SessionMap {
                 writes: CachePadded::new(AtomicUsize::new(0)),
                 live: AtomicUsize::new(0),
                 graveyard: Mutex::new(Vec::new()),
+                dying: Mutex::new(Dying::new()),
+                dying_hint: AtomicUsize::new(0),
                 graves: Arc::new(AtomicUsize::new(0)),
             }),
         }
@@ -395,17 +419,35 @@ impl SessionMap {
         true
     }
 
-    /// Frees the old chains whose grace period is over (on the writer's thread, off the
-    /// readers' path).
+    /// Frees [`FREE_PER_WRITE`] nodes of the old chains whose grace period is over (on the
+    /// writer's thread, off the readers' path), after moving newly ripe graves to the dying list.
+    ///
+    /// A few nodes per write, not a whole chain at once: a chain is dozens of nodes and replaced
+    /// values, and freeing them in a row overflows the allocator's per-thread cache, so those
+    /// frees and the next writes' allocations went to the shared heap — under glibc's arena lock
+    /// once the process has had a second thread (an insert into a 10-key map cost 150 ns in a
+    /// single-threaded process and 199 ns after one thread had been started; `ops p5_insert_10`
+    /// with and without `OPS_THREADED`, `docs/performance.md`, stop 23). Freed a few per write, a
+    /// writer's frees match its allocations. A chain longer than [`INCREMENTAL_CHAIN`] is still
+    /// freed at once: spread over later writes, its nodes had left the CPU cache that the
+    /// compaction's walk had just filled (+45% per insert at 1 000 keys).
+    ///
+    /// The dying list is only `try_lock`ed: a writer that finds it taken (by another writer, or
+    /// by this thread — a value's `Drop` that writes to the map) leaves the freeing to the holder
+    /// and later writes, so user code never runs under a lock anybody waits for.
     fn free_graves(&self) {
-        // SeqCst on the hint and the ripe flags: the deferred function sets `ripe` then the
-        // hint, and we clear the hint then read `ripe`, so a grave that ripens concurrently is
-        // either seen here or leaves the hint set for the next writer.
-        if self.shared.graves.load(Ordering::SeqCst) == 0 {
+        // SeqCst on the ripe hint and flags: the deferred function sets `ripe` then the hint,
+        // and we clear the hint then read `ripe`, so a grave that ripens concurrently is either
+        // seen here or leaves the hint set for the next writer.
+        let ripe = self.shared.graves.load(Ordering::SeqCst) != 0;
+        // Relaxed: a stale "empty" only leaves the freeing to a later write.
+        if !ripe && self.shared.dying_hint.load(Ordering::Relaxed) == 0 {
             return;
         }
+        let Some(mut dying) = self.shared.dying.try_lock() else { return };
         let mut dead: Vec<NodeRef> = Vec::new();
-        {
+        if ripe {
+            // The hint is cleared only by a writer that can take the graves now.
             let mut yard = self.shared.graveyard.lock();
             self.shared.graves.store(0, Ordering::SeqCst);
             let mut i = 0;
@@ -413,13 +455,29 @@ impl SessionMap {
                 // SeqCst (so Acquire): the readers' last uses of the chain happen before the
                 // deferred function's store, hence before we free it.
                 if yard[i].ripe.load(Ordering::SeqCst) != 0 {
-                    dead.push(yard.swap_remove(i).chain);
+                    let grave = yard.swap_remove(i);
+                    if grave.len <= INCREMENTAL_CHAIN {
+                        // Releasing the root's old reference runs no user code (nothing is
+                        // freed yet).
+                        dying.push(grave.chain);
+                    } else {
+                        dead.push(grave.chain);
+                    }
                 } else {
                     i += 1;
                 }
             }
         }
-        // Freed here, outside the lock (values' drops are user code).
+        // Set before freeing: if a value's `Drop` panics out of here, later writes still know
+        // that nodes are left.
+        if !dying.is_empty() {
+            self.shared.dying_hint.store(1, Ordering::Relaxed);
+        }
+        // Values' `Drop` runs here: under the dying list's lock alone, which nobody waits for.
+        dying.free_some(FREE_PER_WRITE);
+        self.shared.dying_hint.store(usize::from(!dying.is_empty()), Ordering::Relaxed);
+        drop(dying);
+        // Long chains: freed here, outside the locks (values' drops are user code).
         drop(dead);
     }
 
@@ -430,6 +488,7 @@ impl SessionMap {
         // SAFETY: non-null; alive while pinned.
         let head_ptr = NodePtr(unsafe { NonNull::new_unchecked(head) });
         let base = self.shared.base.top().expect("a map's base has a head");
+        let chain_len = self.shared.writes.load(Ordering::Relaxed) + self.shared.live.load(Ordering::Relaxed);
         // Sized for the live keys of the last compaction plus a few: one allocation, no regrowth.
         let mut live: Vec<NodePtr> = Vec::with_capacity(self.shared.live.load(Ordering::Relaxed) + 8);
         // SAFETY: pinned, so the chain is alive.
@@ -469,7 +528,7 @@ impl SessionMap {
             // no map and no user value: nothing it drops runs user code, so a reader's `pin`
             // never runs (or unwinds from) a value's `Drop`, and never frees a chain.
             let ripe = Arc::new(AtomicUsize::new(0));
-            self.shared.graveyard.lock().push(Grave { ripe: Arc::clone(&ripe), chain: old });
+            self.shared.graveyard.lock().push(Grave { ripe: Arc::clone(&ripe), chain: old, len: chain_len });
             let hint = Arc::clone(&self.shared.graves);
             guard.defer(move || {
                 // SeqCst: see `free_graves`.
@@ -771,5 +830,15 @@ where
 impl fmt::Debug for SessionMap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SessionMap").field("valid", &self.is_valid()).field("len", &self.len()).finish()
+    }
+}
+
+/// Loom models only: pins and flushes the epoch a few times, so that deferred functions run and
+/// a compaction's grave ripens inside a model (`core/tests/loom.rs`).
+#[cfg(localsession_loom)]
+#[doc(hidden)]
+pub fn loom_collect() {
+    for _ in 0..3 {
+        epoch::pin().flush();
     }
 }

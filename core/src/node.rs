@@ -740,6 +740,88 @@ fn release(node: NodeRef) -> Option<NonNull<Header>> {
     Some(node.0)
 }
 
+/// Nodes whose last reference is gone, freed a few at a time: a `SessionMap`'s old chains after
+/// compaction (see `SessionMap::free_graves`). Freeing a whole chain at once — one free per node
+/// and per replaced value, dozens in a row — overflows the allocator's per-thread cache (glibc
+/// keeps 7 chunks per size), and every free past it, and every allocation of the writes after
+/// it, goes to the shared heap (under a lock, once the process has had a second thread). Freed a
+/// few per write instead, a writer's frees match its allocations and stay in that cache.
+///
+/// Freeing is [`drop_chain`]'s walk, cut into steps: a step frees one node and queues its parent
+/// (and any chain a value of it held) if that was the last reference. What a step queues is
+/// queued *before* the node's contents are dropped, so a panicking value `Drop` loses nothing:
+/// the rest of the chain stays queued for the next step instead of being dropped during the
+/// unwind. Dropping the list frees everything still queued; if a value's `Drop` panics then,
+/// what is still queued is leaked rather than dropped during that unwind (where a second panic
+/// would abort the process).
+pub(crate) struct Dying {
+    /// Nodes whose reference count has reached zero, not yet freed.
+    pending: Vec<NonNull<Header>>,
+    /// References to chains that freed values held (a `Context` stored in a map), not yet
+    /// released. Not dropped by unwinding (see the type's docs); released by `free_some`, and its
+    /// buffer freed at the end of `drop`.
+    nested: ManuallyDrop<Vec<NodeRef>>,
+}
+
+// SAFETY: the queued nodes are owned by the list alone (their count reached zero), and nodes
+// hold only `Send + Sync` keys and values (they are shared across threads while alive).
+unsafe impl Send for Dying {}
+
+impl Dying {
+    pub(crate) const fn new() -> Dying {
+        Dying { pending: Vec::new(), nested: ManuallyDrop::new(Vec::new()) }
+    }
+
+    /// Queues `node` for freeing if this was its last reference.
+    pub(crate) fn push(&mut self, node: NodeRef) {
+        if let Some(last) = release(node) {
+            self.pending.push(last);
+        }
+    }
+
+    /// Whether nothing is queued.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pending.is_empty() && self.nested.is_empty()
+    }
+
+    /// Frees up to `budget` nodes (runs their keys' and values' `Drop`, user code).
+    pub(crate) fn free_some(&mut self, mut budget: usize) {
+        while budget > 0 {
+            if let Some(chain) = self.nested.pop() {
+                self.push(chain);
+                continue;
+            }
+            let Some(ptr) = self.pending.pop() else { return };
+            budget -= 1;
+            // SAFETY: the node's count reached zero and only this list has it. As in
+            // `drop_chain`: a cancel scope is detached before anything is freed.
+            let parent = unsafe {
+                if let Some(detach) = (*ptr.as_ptr()).vtable.detach {
+                    detach(ptr);
+                }
+                ptr::replace(ptr::addr_of_mut!((*ptr.as_ptr()).parent), None)
+            };
+            // Queued before the contents run user code (see the type's docs).
+            if let Some(parent) = parent {
+                self.push(parent);
+            }
+            // SAFETY: the node is unreachable; its vtable knows how it was allocated. Nested
+            // chains go to `self.nested`, kept if a later field's drop unwinds.
+            unsafe { ((*ptr.as_ptr()).vtable.drop_and_free)(ptr, &mut self.nested) };
+        }
+    }
+}
+
+impl Drop for Dying {
+    fn drop(&mut self) {
+        while !self.is_empty() {
+            self.free_some(usize::MAX);
+        }
+        // SAFETY: `nested` is empty and never used again (this is the list's drop).
+        unsafe { ManuallyDrop::drop(&mut self.nested) };
+    }
+}
+
 /// Sets a fresh node's parent and its lookup fields (segment, bloom filter, index table).
 ///
 /// # Safety

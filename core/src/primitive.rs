@@ -74,7 +74,9 @@ impl<T> UnsafeCell<T> {
     }
 }
 
-/// A mutual-exclusion lock for short critical sections that never run user code.
+/// A mutual-exclusion lock for short critical sections that never run user code — or, taken
+/// only with [`try_lock`](Mutex::try_lock), for a section that may run user code but that
+/// nobody ever waits for (a reentrant attempt fails instead of deadlocking).
 ///
 /// `spin::Mutex` normally (the core has no OS to park on); `loom::sync::Mutex` under loom, which
 /// loom can schedule around (a spinning lock would never yield to loom's scheduler).
@@ -111,6 +113,23 @@ impl<T> Mutex<T> {
         #[cfg(not(localsession_loom))]
         {
             self.0.lock()
+        }
+    }
+
+    /// The lock if it is free now; `None` if anybody (this thread included) holds it.
+    #[inline]
+    pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+        #[cfg(localsession_loom)]
+        {
+            match self.0.try_lock() {
+                Ok(guard) => Some(guard),
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
+        }
+        #[cfg(not(localsession_loom))]
+        {
+            self.0.try_lock()
         }
     }
 }

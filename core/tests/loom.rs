@@ -157,6 +157,51 @@ fn map_concurrent_writers() {
     });
 }
 
+/// Old chains freed a few nodes per write (`SessionMap::free_graves`'s dying list) while two
+/// writers race and a reader holds a borrow. Before the threads start, the epoch is flushed so
+/// that two compactions' graves ripen inside the model; then both writers race to move them to
+/// the dying list and free a node each (one per write under loom), contending for its
+/// `try_lock`, while a compaction may add a grave. A value is never dropped while a reader
+/// borrows it, and every value is dropped exactly once by the time the map is gone.
+#[test]
+fn map_dying_list_vs_writers_and_reader() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static CREATED: StdAtomicUsize = StdAtomicUsize::new(0);
+    static DROPPED: StdAtomicUsize = StdAtomicUsize::new(0);
+    struct Tracked(AtomicBool);
+    impl Tracked {
+        fn new() -> Tracked {
+            CREATED.fetch_add(1, Ordering::Relaxed);
+            Tracked(AtomicBool::new(true))
+        }
+    }
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            assert!(self.0.swap(false, Ordering::Relaxed), "dropped twice");
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    model(|| {
+        CREATED.store(0, Ordering::Relaxed);
+        DROPPED.store(0, Ordering::Relaxed);
+        let map = SessionMap::new();
+        // Two compactions (after writes 2 and 6: the threshold is max(2, 2 x live keys) under
+        // loom), then enough epoch flushes for both graves to ripen: the threads' writes find
+        // them, move them to the dying list and free one node each.
+        for i in 0..6u8 {
+            map.insert(i % 2, Tracked::new());
+        }
+        localsession_core::loom_collect();
+        let m = map.clone();
+        let writer = thread::spawn(move || m.insert(0u8, Tracked::new()));
+        map.read(&1u8, |v: Option<&Tracked>| assert!(v.is_some_and(|t| t.0.load(Ordering::Relaxed))));
+        map.insert(1u8, Tracked::new());
+        writer.join().unwrap();
+        drop(map);
+        assert_eq!(DROPPED.load(Ordering::Relaxed), CREATED.load(Ordering::Relaxed));
+    });
+}
+
 /// `remove` racing with `insert` of the same key: the result is one of the two orders.
 #[test]
 fn map_remove_vs_insert() {

@@ -6,7 +6,9 @@
 //! `cargo run -p localsession-benches --release --example ops -- <scenario> <iterations>` runs a
 //! scenario (`list` prints them) and prints its wall-clock time per operation. The script runs
 //! each scenario twice, with `n` and `2n` iterations, and reports the difference divided by `n`:
-//! setup (building maps, starting runtimes) cancels out.
+//! setup (building maps, starting runtimes) cancels out. `OPS_THREADED=1` starts and joins one
+//! thread first, as the criterion suite has by P3: glibc's `malloc` then locks its arena on every
+//! allocation its thread cache cannot serve (see `docs/performance.md`, stop 23).
 //!
 //! Instructions are not time — a cache miss or a contended atomic costs far more than an add —
 //! so these figures complement the criterion suite (`sessions.rs`); they do not replace it. The
@@ -47,6 +49,7 @@ const SCENARIOS: &[(&str, &str)] = &[
     ("p5_rwlock_read_10", "peer: RwLock<HashMap<u64, Arc<u64>>> read, 10 keys"),
     ("p5_rwlock_read_1000", "peer: RwLock<HashMap<u64, Arc<u64>>> read, 1 000 keys"),
     ("p5_insert_10", "SessionMap::insert, rebinding one of 10 keys"),
+    ("p5_insert_100", "SessionMap::insert, rebinding one of 100 keys"),
     ("p5_insert_1000", "SessionMap::insert, rebinding one of 1 000 keys"),
     ("p5_rwlock_insert_10", "peer: RwLock<HashMap<u64, Arc<u64>>> insert, 10 keys"),
     ("p5_rwlock_insert_1000", "peer: RwLock<HashMap<u64, Arc<u64>>> insert, 1 000 keys"),
@@ -83,6 +86,11 @@ fn main() {
         }
         return;
     }
+    if std::env::var_os("OPS_THREADED").is_some() {
+        // As in the criterion suite (and any server) from P1 on: the process has had a second
+        // thread, so glibc's malloc locks its arena on every allocation its thread cache misses.
+        std::thread::spawn(|| ()).join().unwrap();
+    }
     let start = Instant::now();
     match scenario.as_str() {
         "p1_get" => p1(iterations, false),
@@ -105,6 +113,7 @@ fn main() {
         "p5_rwlock_read_10" => rwlock_read(10, iterations),
         "p5_rwlock_read_1000" => rwlock_read(1000, iterations),
         "p5_insert_10" => map_insert(10, iterations),
+        "p5_insert_100" => map_insert(100, iterations),
         "p5_insert_1000" => map_insert(1000, iterations),
         "p5_rwlock_insert_10" => rwlock_insert(10, iterations),
         "p5_rwlock_insert_1000" => rwlock_insert(1000, iterations),
