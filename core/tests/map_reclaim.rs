@@ -1,0 +1,195 @@
+//! How a `SessionMap` frees the bindings its writes replaced: a few old nodes per write, or a
+//! long chain at once, on the writing thread (see `SessionMap::free_graves`). In a test binary
+//! of its own: whether old chains can be freed depends on the epoch, which other tests' threads
+//! pinning in parallel (the model tests) would hold back.
+//!
+//! Run under miri by `.ci/run` (Tree Borrows, with and without `std`), with small counts.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use localsession_core::{EpochGuard, EpochHandle, SessionMap};
+
+/// Lets the epoch advance (each collection advances it one step at most).
+fn flush_epoch() {
+    for _ in 0..8 {
+        EpochGuard::pin(&EpochHandle::register()).flush();
+    }
+}
+
+/// One test at a time (and the collector's pending deferred functions run when it ends): a
+/// test's writers pinning in parallel with another's hold the epoch back, and the bounds below
+/// assume one writer.
+struct Quiesce(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
+
+impl Quiesce {
+    fn start() -> Quiesce {
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        Quiesce(ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+}
+
+impl Drop for Quiesce {
+    fn drop(&mut self) {
+        flush_epoch();
+    }
+}
+
+/// Values that count their creations and drops (one pair of counters per test).
+struct Counted {
+    dropped: &'static std::sync::atomic::AtomicUsize,
+}
+
+impl Counted {
+    fn new(created: &'static std::sync::atomic::AtomicUsize, dropped: &'static std::sync::atomic::AtomicUsize) -> Self {
+        created.fetch_add(1, Ordering::SeqCst);
+        Counted { dropped }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.dropped.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Writes (`write(i)`) until at most `bound` values are `alive()`, or gives up; returns how many
+/// are alive. Old chains wait for the epoch: this lets it advance between rounds of writes.
+/// With fewer nodes freed per write than writes make, the backlog would only grow.
+fn settle(bound: usize, alive: impl Fn() -> usize, mut write: impl FnMut(u32)) -> usize {
+    for round in 0..if cfg!(miri) { 4 } else { 400 } {
+        if alive() <= bound {
+            break;
+        }
+        flush_epoch();
+        for i in 0..64 {
+            write(round * 64 + i);
+        }
+    }
+    alive()
+}
+
+/// Values a write replaced are dropped while the map is still being written — a few old nodes
+/// per write, or a long chain at once — not only when the map goes: the number alive stays
+/// bounded by the live keys plus about two chains' worth, at 10, 100 and 1 000 keys; and once the
+/// map is dropped every value has been dropped exactly once.
+#[test]
+fn replaced_values_are_freed_while_the_map_is_written() {
+    use std::sync::atomic::AtomicUsize;
+    static CREATED: AtomicUsize = AtomicUsize::new(0);
+    static DROPPED: AtomicUsize = AtomicUsize::new(0);
+    let _quiesce = Quiesce::start();
+    let sizes: &[u32] = if cfg!(miri) { &[10] } else { &[10, 100, 1000] };
+    for &keys in sizes {
+        let writes = if cfg!(miri) { 400 } else { 40 * keys.max(500) };
+        let map = SessionMap::new();
+        for i in 0..writes {
+            map.insert(i % keys, Counted::new(&CREATED, &DROPPED));
+        }
+        // A chain since the last compaction holds at most max(64, 2 * keys) + keys bindings.
+        let chain = 64.max(2 * keys as usize) + keys as usize;
+        let alive = settle(
+            keys as usize + 3 * chain,
+            || CREATED.load(Ordering::SeqCst) - DROPPED.load(Ordering::SeqCst),
+            |i| map.insert(i % keys, Counted::new(&CREATED, &DROPPED)),
+        );
+        assert!(
+            alive <= keys as usize + 3 * chain,
+            "{keys} keys, {writes} writes: {alive} values alive (bound {})",
+            keys as usize + 3 * chain
+        );
+        drop(map);
+        assert_eq!(DROPPED.load(Ordering::SeqCst), CREATED.load(Ordering::SeqCst), "{keys} keys");
+    }
+}
+
+/// A value whose `Drop` writes to the map it was bound in — run while that map frees old nodes,
+/// inside a write — neither deadlocks (the freeing writer holds no lock anybody waits for) nor
+/// loses a value.
+#[test]
+fn a_value_whose_drop_writes_to_its_own_map_does_not_deadlock() {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+    static CREATED: AtomicUsize = AtomicUsize::new(0);
+    static DROPPED: AtomicUsize = AtomicUsize::new(0);
+    static SINK: Mutex<Option<SessionMap>> = Mutex::new(None);
+    struct WritesOnDrop(#[allow(dead_code)] Counted);
+    impl Drop for WritesOnDrop {
+        fn drop(&mut self) {
+            let map = SINK.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(map) = map {
+                map.insert("written by a drop", DROPPED.load(Ordering::SeqCst));
+            }
+        }
+    }
+    let _quiesce = Quiesce::start();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let map = SessionMap::new();
+        *SINK.lock().unwrap() = Some(map.clone());
+        let writes = if cfg!(miri) { 300 } else { 20_000 };
+        for i in 0..writes {
+            if i % 64 == 0 {
+                // Let compactions' graves ripen.
+                flush_epoch();
+            }
+            map.insert(i % 10, WritesOnDrop(Counted::new(&CREATED, &DROPPED)));
+        }
+        let written = map.value::<usize, _>(&"written by a drop").is_some();
+        SINK.lock().unwrap().take();
+        drop(map);
+        done_tx.send(written).unwrap();
+    });
+    let written = done_rx
+        .recv_timeout(std::time::Duration::from_secs(if cfg!(miri) { 3600 } else { 120 }))
+        .expect("the writes finished (a deadlock would hang here)");
+    assert!(written, "replaced values were dropped (and wrote) while the map was written");
+    assert_eq!(DROPPED.load(Ordering::SeqCst), CREATED.load(Ordering::SeqCst));
+}
+
+/// A value whose `Drop` panics while a write frees old nodes: the panic reaches that write's
+/// caller, later writes go on, and no other value is lost — each is dropped exactly once by the
+/// time the map is gone.
+#[test]
+fn a_panicking_value_drop_during_freeing_loses_nothing() {
+    use std::sync::atomic::AtomicUsize;
+    static CREATED: AtomicUsize = AtomicUsize::new(0);
+    static DROPPED: AtomicUsize = AtomicUsize::new(0);
+    static ARMED: AtomicBool = AtomicBool::new(false);
+    struct Bomb(#[allow(dead_code)] Counted);
+    impl Drop for Bomb {
+        fn drop(&mut self) {
+            if ARMED.swap(false, Ordering::SeqCst) {
+                panic!("a value's Drop panics");
+            }
+        }
+    }
+    let _quiesce = Quiesce::start();
+    let map = SessionMap::new();
+    let writes = if cfg!(miri) { 400 } else { 5_000 };
+    let mut panics = 0;
+    for i in 0..writes {
+        if i == writes / 4 {
+            ARMED.store(true, Ordering::SeqCst);
+        }
+        if i % 64 == 0 {
+            // Let compactions' graves ripen.
+            flush_epoch();
+        }
+        let write = std::panic::AssertUnwindSafe(|| map.insert(i % 10, Bomb(Counted::new(&CREATED, &DROPPED))));
+        if std::panic::catch_unwind(write).is_err() {
+            panics += 1;
+        }
+    }
+    // Disarmed before asserting: a failed assertion must not make the map's drop panic again.
+    let exploded = !ARMED.swap(false, Ordering::SeqCst);
+    assert!(exploded && panics == 1, "the one panicking Drop reached one write's caller ({panics} panics)");
+    assert_eq!(map.len(), 10);
+    let alive = settle(
+        300,
+        || CREATED.load(Ordering::SeqCst) - DROPPED.load(Ordering::SeqCst),
+        |i| map.insert(i % 10, Bomb(Counted::new(&CREATED, &DROPPED))),
+    );
+    assert!(alive <= 300, "old nodes are still freed after the panic ({alive} values alive)");
+    drop(map);
+    assert_eq!(DROPPED.load(Ordering::SeqCst), CREATED.load(Ordering::SeqCst));
+}
