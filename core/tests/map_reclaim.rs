@@ -193,3 +193,57 @@ fn a_panicking_value_drop_during_freeing_loses_nothing() {
     drop(map);
     assert_eq!(DROPPED.load(Ordering::SeqCst), CREATED.load(Ordering::SeqCst));
 }
+
+/// Four writers and two readers on one map, freeing old chains as they go: a reader never sees a
+/// value whose `Drop` has run (it borrows values while writers free old nodes), and once the map
+/// is gone every value has been dropped exactly once.
+#[test]
+fn four_writers_and_two_readers_free_nothing_twice_or_early() {
+    use std::sync::atomic::AtomicUsize;
+    static CREATED: AtomicUsize = AtomicUsize::new(0);
+    static DROPPED: AtomicUsize = AtomicUsize::new(0);
+    struct Live(AtomicBool, #[allow(dead_code)] Counted);
+    impl Drop for Live {
+        fn drop(&mut self) {
+            assert!(self.0.swap(false, Ordering::SeqCst), "dropped twice");
+        }
+    }
+    let _quiesce = Quiesce::start();
+    let map = SessionMap::new();
+    let writes = if cfg!(miri) { 40 } else { 20_000 };
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2u32)
+        .map(|r| {
+            let (map, stop) = (map.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = r;
+                while !stop.load(Ordering::SeqCst) {
+                    map.read(&(i % 10), |v: Option<&Live>| {
+                        assert!(v.is_none_or(|v| v.0.load(Ordering::SeqCst)), "a reader saw a dropped value");
+                    });
+                    i = i.wrapping_add(1);
+                }
+            })
+        })
+        .collect();
+    let writers: Vec<_> = (0..4u32)
+        .map(|w| {
+            let map = map.clone();
+            std::thread::spawn(move || {
+                for i in 0..writes {
+                    map.insert((w + i) % 10, Live(AtomicBool::new(true), Counted::new(&CREATED, &DROPPED)));
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    for reader in readers {
+        reader.join().unwrap();
+    }
+    assert_eq!(map.len(), 10);
+    drop(map);
+    assert_eq!(DROPPED.load(Ordering::SeqCst), CREATED.load(Ordering::SeqCst));
+}
