@@ -70,7 +70,7 @@ fn settle(bound: usize, alive: impl Fn() -> usize, mut write: impl FnMut(u32)) -
 
 /// Values a write replaced are dropped while the map is still being written — a few old nodes
 /// per write, or a long chain at once — not only when the map goes: the number alive stays
-/// bounded by the live keys plus about two chains' worth, at 10, 100 and 1 000 keys; and once the
+/// bounded by the live keys plus three chains' worth, at 10, 100 and 1 000 keys; and once the
 /// map is dropped every value has been dropped exactly once.
 #[test]
 fn replaced_values_are_freed_while_the_map_is_written() {
