@@ -23,10 +23,11 @@
 //!   function marks that grave *ripe* once every reader pinned at that time has unpinned; the
 //!   next writer moves the ripe graves to the map's *dying* list, and every write frees a few
 //!   nodes of that list (see [`SessionMap::free_graves`] for why not all at once). Crossbeam
-//!   runs deferred functions on whichever thread happens to collect — typically a reader of any map, inside its `pin` — so the deferred
-//!   function owns nothing but two reference-counted flags: it never holds the map itself nor
-//!   any user value, so no user `Drop` code (and no map's last release) ever runs inside epoch
-//!   reclamation, and readers never pay for freeing a chain. A compaction that loses its CAS
+//!   runs deferred functions on whichever thread happens to collect — typically a reader of any
+//!   map, inside its `pin` — so the deferred function owns nothing but two reference-counted
+//!   flags: it never holds the map itself nor any user value, so no user `Drop` code (and no
+//!   map's last release) ever runs inside epoch reclamation, and readers never pay for freeing
+//!   a chain. A compaction that loses its CAS
 //!   race drops its private chain and leaves the work to a later writer. An idle map keeps its
 //!   last graves and dying nodes until it is written to or dropped; dropping the map frees them
 //!   all (no reader of a map can outlive the map).

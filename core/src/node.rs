@@ -705,15 +705,8 @@ unsafe fn drop_chain(ptr: NonNull<Header>) {
     let mut next = Some(ptr);
     loop {
         while let Some(ptr) = next.take() {
-            // SAFETY: nothing else owns the node. A cancel scope may still be listed in its
-            // parent scope; its vtable's `detach` removes it (taking the parent's lock) before
-            // anything is freed, and only shared references are formed until then.
-            let parent = unsafe {
-                if let Some(detach) = (*ptr.as_ptr()).vtable.detach {
-                    detach(ptr);
-                }
-                ptr::replace(ptr::addr_of_mut!((*ptr.as_ptr()).parent), None)
-            };
+            // SAFETY: the count reached zero (the caller's guarantee, then `release`'s).
+            let parent = unsafe { unlink(ptr) };
             // SAFETY: the node is unreachable now; its vtable knows how it was allocated.
             unsafe { ((*ptr.as_ptr()).vtable.drop_and_free)(ptr, &mut nested) };
             if let Some(parent) = parent {
@@ -724,6 +717,23 @@ unsafe fn drop_chain(ptr: NonNull<Header>) {
             Some(chain) => next = release(chain),
             None => return,
         }
+    }
+}
+
+/// The first step of freeing a node: detaches a cancel scope from its parent scope and moves the
+/// parent reference out, for the caller to release. Shared by [`drop_chain`] and [`Dying`].
+///
+/// # Safety
+/// `ptr`'s reference count has reached zero and the caller alone has it.
+unsafe fn unlink(ptr: NonNull<Header>) -> Option<NodeRef> {
+    // SAFETY: nothing else owns the node. A cancel scope may still be listed in its parent
+    // scope; its vtable's `detach` removes it (taking the parent's lock) before anything is
+    // freed, and only shared references are formed until then.
+    unsafe {
+        if let Some(detach) = (*ptr.as_ptr()).vtable.detach {
+            detach(ptr);
+        }
+        ptr::replace(ptr::addr_of_mut!((*ptr.as_ptr()).parent), None)
     }
 }
 
@@ -793,14 +803,8 @@ impl Dying {
             }
             let Some(ptr) = self.pending.pop() else { return };
             budget -= 1;
-            // SAFETY: the node's count reached zero and only this list has it. As in
-            // `drop_chain`: a cancel scope is detached before anything is freed.
-            let parent = unsafe {
-                if let Some(detach) = (*ptr.as_ptr()).vtable.detach {
-                    detach(ptr);
-                }
-                ptr::replace(ptr::addr_of_mut!((*ptr.as_ptr()).parent), None)
-            };
+            // SAFETY: the node's count reached zero and only this list has it.
+            let parent = unsafe { unlink(ptr) };
             // Queued before the contents run user code (see the type's docs).
             if let Some(parent) = parent {
                 self.push(parent);
