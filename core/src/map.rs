@@ -68,10 +68,14 @@ const FREE_PER_WRITE: usize = 2;
 #[cfg(localsession_loom)]
 const FREE_PER_WRITE: usize = 1;
 
-/// The longest old chain freed a few nodes per write; a longer one is freed at once, while the
-/// compaction that replaced it has just walked it into the cache (see
-/// [`SessionMap::free_graves`]).
+/// While more than this many old nodes wait to be freed, a write frees [`FREE_BATCH`] of them
+/// instead of [`FREE_PER_WRITE`] (see [`SessionMap::free_graves`]).
 const INCREMENTAL_CHAIN: usize = 256;
+
+/// Old nodes one write frees while more than [`INCREMENTAL_CHAIN`] wait: enough to free a
+/// compaction's old chain while its walk has just brought it into the cache, few enough to
+/// bound the pause of any one write (a 10^5-key map's old chain is 3·10^5 nodes).
+const FREE_BATCH: usize = 1024;
 
 /// Writes after which a compaction is attempted, at least. Small under loom, so that the models
 /// explore compaction racing with writers and readers.
@@ -429,9 +433,13 @@ impl SessionMap {
     /// once the process has had a second thread (an insert into a 10-key map cost 150 ns in a
     /// single-threaded process and 199 ns after one thread had been started; `ops p5_insert_10`
     /// with and without `OPS_THREADED`, `docs/performance.md`, stop 23). Freed a few per write, a
-    /// writer's frees match its allocations. A chain longer than [`INCREMENTAL_CHAIN`] is still
-    /// freed at once: spread over later writes, its nodes had left the CPU cache that the
-    /// compaction's walk had just filled (+45% per insert at 1 000 keys).
+    /// writer's frees match its allocations. A long chain is not spread that thin: freed two
+    /// nodes per write, its nodes had left the CPU cache that the compaction's walk had just
+    /// filled (+45% per insert at 1 000 keys). So while more than
+    /// [`INCREMENTAL_CHAIN`] nodes wait, a write frees [`FREE_BATCH`] of them: a chain of a few
+    /// thousand nodes goes in the next few writes, still warm, and no write frees more than a
+    /// batch (freeing a 10^5-key map's old chain at once, 3·10^5 nodes and values, paused one
+    /// write for milliseconds).
     ///
     /// The dying list is only `try_lock`ed: a writer that finds it taken (by another writer, or
     /// by this thread — a value's `Drop` that writes to the map) leaves the freeing to the holder
@@ -446,7 +454,6 @@ impl SessionMap {
             return;
         }
         let Some(mut dying) = self.shared.dying.try_lock() else { return };
-        let mut dead: Vec<NodeRef> = Vec::new();
         if ripe {
             // The hint is cleared only by a writer that can take the graves now.
             let mut yard = self.shared.graveyard.lock();
@@ -457,13 +464,9 @@ impl SessionMap {
                 // deferred function's store, hence before we free it.
                 if yard[i].ripe.load(Ordering::SeqCst) != 0 {
                     let grave = yard.swap_remove(i);
-                    if grave.len <= INCREMENTAL_CHAIN {
-                        // Releasing the root's old reference runs no user code (nothing is
-                        // freed yet).
-                        dying.push(grave.chain);
-                    } else {
-                        dead.push(grave.chain);
-                    }
+                    // Releasing the root's old reference runs no user code (nothing is freed
+                    // yet).
+                    dying.push_chain(grave.chain, grave.len);
                 } else {
                     i += 1;
                 }
@@ -475,11 +478,9 @@ impl SessionMap {
             self.shared.dying_hint.store(1, Ordering::Relaxed);
         }
         // Values' `Drop` runs here: under the dying list's lock alone, which nobody waits for.
-        dying.free_some(FREE_PER_WRITE);
+        let budget = if dying.backlog() > INCREMENTAL_CHAIN { FREE_BATCH } else { FREE_PER_WRITE };
+        dying.free_some(budget);
         self.shared.dying_hint.store(usize::from(!dying.is_empty()), Ordering::Relaxed);
-        drop(dying);
-        // Long chains: freed here, outside the locks (values' drops are user code).
-        drop(dead);
     }
 
     /// Rebuilds the live bindings into a fresh chain over the base and swaps it in.

@@ -767,6 +767,10 @@ fn release(node: NodeRef) -> Option<NonNull<Header>> {
 pub(crate) struct Dying {
     /// Nodes whose reference count has reached zero, not yet freed.
     pending: Vec<NonNull<Header>>,
+    /// About how many nodes are still to free: the lengths of the chains pushed with
+    /// [`push_chain`](Dying::push_chain), less the nodes freed since (an estimate: a chain's
+    /// nodes still shared with a snapshot are not freed, and nested chains are not counted).
+    backlog: usize,
     /// References to chains that freed values held (a `Context` stored in a map), not yet
     /// released. Not dropped by unwinding (see the type's docs); released by `free_some`, and its
     /// buffer freed at the end of `drop`.
@@ -779,7 +783,19 @@ unsafe impl Send for Dying {}
 
 impl Dying {
     pub(crate) const fn new() -> Dying {
-        Dying { pending: Vec::new(), nested: ManuallyDrop::new(Vec::new()) }
+        Dying { pending: Vec::new(), backlog: 0, nested: ManuallyDrop::new(Vec::new()) }
+    }
+
+    /// Queues a chain of about `len` nodes (see [`push`](Dying::push)) and counts it in the
+    /// [`backlog`](Dying::backlog).
+    pub(crate) fn push_chain(&mut self, chain: NodeRef, len: usize) {
+        self.backlog = self.backlog.saturating_add(len);
+        self.push(chain);
+    }
+
+    /// About how many nodes are still to free (0 once nothing is queued).
+    pub(crate) fn backlog(&self) -> usize {
+        self.backlog
     }
 
     /// Queues `node` for freeing if this was its last reference.
@@ -801,8 +817,12 @@ impl Dying {
                 self.push(chain);
                 continue;
             }
-            let Some(ptr) = self.pending.pop() else { return };
+            let Some(ptr) = self.pending.pop() else {
+                self.backlog = 0;
+                return;
+            };
             budget -= 1;
+            self.backlog = self.backlog.saturating_sub(1);
             // SAFETY: the node's count reached zero and only this list has it.
             let parent = unsafe { unlink(ptr) };
             // Queued before the contents run user code (see the type's docs).

@@ -102,6 +102,45 @@ fn replaced_values_are_freed_while_the_map_is_written() {
     }
 }
 
+/// No single write frees a whole long chain: the old chain a compaction of a large map leaves
+/// (three nodes per key) is freed over several writes, at most 1 024 nodes — so at most 1 024
+/// values dropped — by any one write, instead of every node of it in the first write after its
+/// grace period (at 10^5 keys, 3·10^5 frees: a pause of milliseconds inside one `insert`). The
+/// values are still all freed while the map is written.
+#[test]
+fn no_write_frees_more_than_a_batch_of_a_long_chain() {
+    use std::sync::atomic::AtomicUsize;
+    static CREATED: AtomicUsize = AtomicUsize::new(0);
+    static DROPPED: AtomicUsize = AtomicUsize::new(0);
+    const BATCH: usize = 1024;
+    let _quiesce = Quiesce::start();
+    let keys: u32 = if cfg!(miri) { 200 } else { 4000 };
+    let map = SessionMap::new();
+    let mut most = 0usize;
+    let mut freed_during_writes = 0usize;
+    // Enough writes for several compactions (one every 2 * keys writes) and their graves.
+    for i in 0..12 * keys {
+        if i % 64 == 0 {
+            flush_epoch();
+        }
+        let before = DROPPED.load(Ordering::SeqCst);
+        map.insert(i % keys, Counted::new(&CREATED, &DROPPED));
+        let freed = DROPPED.load(Ordering::SeqCst) - before;
+        most = most.max(freed);
+        freed_during_writes += freed;
+    }
+    assert!(most <= BATCH, "one insert dropped {most} values (at most {BATCH} expected)");
+    // Most replaced values went while the map was written (10 * keys of them were replaced
+    // before the last two compactions).
+    assert!(
+        freed_during_writes >= 8 * keys as usize,
+        "{freed_during_writes} of {} replaced values dropped during the writes",
+        11 * keys
+    );
+    drop(map);
+    assert_eq!(DROPPED.load(Ordering::SeqCst), CREATED.load(Ordering::SeqCst));
+}
+
 /// A value whose `Drop` writes to the map it was bound in — run while that map frees old nodes,
 /// inside a write — neither deadlocks (the freeing writer holds no lock anybody waits for) nor
 /// loses a value.

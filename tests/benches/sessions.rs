@@ -415,6 +415,21 @@ fn p5_map_scale(c: &mut Criterion) {
             b.iter(|| map.read_key(black_box(&K), |v| v.copied().unwrap_or(0)))
         });
         g.bench_with_input(BenchmarkId::new("len", n), &n, |b, _| b.iter(|| map.len()));
+        // A persistent hash trie (rpds's HAMT, 32-way, `Arc` nodes): the layout issue 15 names
+        // for the large-map case. Every write copies its path (`insert`, not `insert_mut`), as
+        // a map whose readers may still hold the previous root must.
+        let mut trie = (0..n).fold(rpds::HashTrieMapSync::new_sync(), |t, k| t.insert(k, Arc::new(k)));
+        g.bench_with_input(BenchmarkId::new("trie_insert", n), &n, |b, &n| {
+            let mut i = 0;
+            b.iter(|| {
+                let k = next_key(&mut i, n);
+                trie = trie.insert(k, Arc::new(k));
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("trie_read", n), &n, |b, &n| {
+            let mut i = 0;
+            b.iter(|| trie.get(&next_key(&mut i, n)).map_or(0, |v| **v))
+        });
     }
     g.finish();
 }
@@ -1005,6 +1020,22 @@ fn report(memory: &[String], only: Option<&str>) {
             peer: m("p5_map_scale", "rwlock_read/100000"),
             target: "<= 50 ns",
             check: |o, _| o <= 50.0,
+        },
+        Row {
+            label: "P5 (layout) persistent hash trie (rpds) insert, 100 000 keys",
+            ours: m("p5_map_scale", "trie_insert/100000"),
+            peer_label: "RwLock<HashMap> insert",
+            peer: m("p5_map_scale", "rwlock_insert/100000"),
+            target: "(information)",
+            check: |_, p| p.is_some(),
+        },
+        Row {
+            label: "P5 (layout) persistent hash trie (rpds) read, 100 000 keys",
+            ours: m("p5_map_scale", "trie_read/100000"),
+            peer_label: "RwLock<HashMap> read",
+            peer: m("p5_map_scale", "rwlock_read/100000"),
+            target: "(information)",
+            check: |_, p| p.is_some(),
         },
         Row {
             label: "P5 len(), 100 000 keys",

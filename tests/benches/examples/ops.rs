@@ -48,11 +48,17 @@ const SCENARIOS: &[(&str, &str)] = &[
     ("p5_read_1000", "SessionMap::read, hashed u64 key, 1 000 keys"),
     ("p5_rwlock_read_10", "peer: RwLock<HashMap<u64, Arc<u64>>> read, 10 keys"),
     ("p5_rwlock_read_1000", "peer: RwLock<HashMap<u64, Arc<u64>>> read, 1 000 keys"),
+    ("p5_read_100000", "SessionMap::read, hashed u64 key, 100 000 keys"),
+    ("p5_rwlock_read_100000", "peer: RwLock<HashMap<u64, Arc<u64>>> read, 100 000 keys"),
     ("p5_insert_10", "SessionMap::insert, rebinding one of 10 keys"),
     ("p5_insert_100", "SessionMap::insert, rebinding one of 100 keys"),
     ("p5_insert_1000", "SessionMap::insert, rebinding one of 1 000 keys"),
     ("p5_rwlock_insert_10", "peer: RwLock<HashMap<u64, Arc<u64>>> insert, 10 keys"),
     ("p5_rwlock_insert_1000", "peer: RwLock<HashMap<u64, Arc<u64>>> insert, 1 000 keys"),
+    ("p5_insert_100000", "SessionMap::insert, rebinding one of 100 000 keys"),
+    ("p5_rwlock_insert_100000", "peer: RwLock<HashMap<u64, Arc<u64>>> insert, 100 000 keys"),
+    ("p5_trie_read_100000", "layout: persistent hash trie (rpds) read, 100 000 keys"),
+    ("p5_trie_insert_100000", "layout: persistent hash trie (rpds) insert (path copy), 100 000 keys"),
     ("p5_floor_read", "floor: epoch pin + root load + read (the shape SessionMap keeps, no map)"),
     ("p5_floor_insert", "floor: epoch pin + one allocation + root swap + deferred free (no map)"),
     ("p6_plain", "tokio::spawn + join (current-thread runtime)"),
@@ -112,11 +118,17 @@ fn main() {
         "p5_read_1000" => map_read(1000, iterations),
         "p5_rwlock_read_10" => rwlock_read(10, iterations),
         "p5_rwlock_read_1000" => rwlock_read(1000, iterations),
+        "p5_read_100000" => map_read(100_000, iterations),
+        "p5_rwlock_read_100000" => rwlock_read(100_000, iterations),
         "p5_insert_10" => map_insert(10, iterations),
         "p5_insert_100" => map_insert(100, iterations),
         "p5_insert_1000" => map_insert(1000, iterations),
         "p5_rwlock_insert_10" => rwlock_insert(10, iterations),
         "p5_rwlock_insert_1000" => rwlock_insert(1000, iterations),
+        "p5_insert_100000" => map_insert(100_000, iterations),
+        "p5_rwlock_insert_100000" => rwlock_insert(100_000, iterations),
+        "p5_trie_read_100000" => trie_read(100_000, iterations),
+        "p5_trie_insert_100000" => trie_insert(100_000, iterations),
         "p5_floor_read" => floor_read(iterations),
         "p5_floor_insert" => floor_insert(iterations),
         "p9_off" | "p9_spans" | "p9_otel" | "p9_both" | "p9_by_hand_span" | "p9_by_hand_otel" => {
@@ -254,6 +266,31 @@ fn rwlock_insert(n: u64, iterations: u64) {
         map.write().unwrap().insert(k, Arc::new(k));
     }
     black_box(map);
+}
+
+fn filled_trie(n: u64) -> rpds::HashTrieMapSync<u64, Arc<u64>> {
+    (0..n).fold(rpds::HashTrieMapSync::new_sync(), |t, k| t.insert(k, Arc::new(k)))
+}
+
+fn trie_read(n: u64, iterations: u64) {
+    let trie = filled_trie(n);
+    let mut key = keys(n);
+    let mut acc = 0u64;
+    for _ in 0..iterations {
+        acc = acc.wrapping_add(trie.get(&key()).map_or(0, |v| **v));
+    }
+    black_box(acc);
+}
+
+fn trie_insert(n: u64, iterations: u64) {
+    let mut trie = filled_trie(n);
+    let mut key = keys(n);
+    for _ in 0..iterations {
+        let k = key();
+        // Path copy, as a map whose readers may hold the previous root must.
+        trie = trie.insert(k, Arc::new(k));
+    }
+    black_box(trie);
 }
 
 /// The floor under P5 (`EpochFloor`, shared with the criterion suite).
