@@ -320,6 +320,24 @@ fn p5_map(c: &mut Criterion) {
     g.bench_function("floor_read_under_writer", |b| b.iter(|| floor.read(black_box(7))));
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
+    // The peer (Go's design: a read-write lock) quiet and under a writer that writes
+    // continuously, as the map's writer above does.
+    let twin = Arc::new(RwLockMap::with_keys(10));
+    g.bench_function("rwlock_read", |b| b.iter(|| twin.read(black_box(&7))));
+    stop.store(false, Ordering::Relaxed);
+    let writer = {
+        let (twin, stop) = (twin.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i = (i + 1) % 10;
+                twin.insert(i, i);
+            }
+        })
+    };
+    g.bench_function("rwlock_read_under_writer", |b| b.iter(|| twin.read(black_box(&7))));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
     g.finish();
 }
 
@@ -954,6 +972,14 @@ fn report(memory: &[String], only: Option<&str>) {
             ours: m("p5_session_map", "floor_read_under_writer"),
             peer_label: "floor read, no writer",
             peer: m("p5_session_map", "floor_read"),
+            target: "(information)",
+            check: |_, p| p.is_some(),
+        },
+        Row {
+            label: "P5 (peer) RwLock<HashMap> read under a concurrent writer",
+            ours: m("p5_session_map", "rwlock_read_under_writer"),
+            peer_label: "RwLock<HashMap> read, no writer",
+            peer: m("p5_session_map", "rwlock_read"),
             target: "(information)",
             check: |_, p| p.is_some(),
         },

@@ -57,6 +57,10 @@ const SCENARIOS: &[(&str, &str)] = &[
     ("p5_rwlock_insert_1000", "peer: RwLock<HashMap<u64, Arc<u64>>> insert, 1 000 keys"),
     ("p5_insert_100000", "SessionMap::insert, rebinding one of 100 000 keys"),
     ("p5_rwlock_insert_100000", "peer: RwLock<HashMap<u64, Arc<u64>>> insert, 100 000 keys"),
+    (
+        "p5_insert_pauses_100000",
+        "SessionMap::insert at 100 000 keys: prints the slowest inserts (the pauses freeing old chains)",
+    ),
     ("p5_trie_read_100000", "layout: persistent hash trie (rpds) read, 100 000 keys"),
     ("p5_trie_insert_100000", "layout: persistent hash trie (rpds) insert (path copy), 100 000 keys"),
     ("p5_floor_read", "floor: epoch pin + root load + read (the shape SessionMap keeps, no map)"),
@@ -127,6 +131,7 @@ fn main() {
         "p5_rwlock_insert_1000" => rwlock_insert(1000, iterations),
         "p5_insert_100000" => map_insert(100_000, iterations),
         "p5_rwlock_insert_100000" => rwlock_insert(100_000, iterations),
+        "p5_insert_pauses_100000" => map_insert_pauses(100_000, iterations),
         "p5_trie_read_100000" => trie_read(100_000, iterations),
         "p5_trie_insert_100000" => trie_insert(100_000, iterations),
         "p5_floor_read" => floor_read(iterations),
@@ -266,6 +271,30 @@ fn rwlock_insert(n: u64, iterations: u64) {
         map.write().unwrap().insert(k, Arc::new(k));
     }
     black_box(map);
+}
+
+/// Times every insert and prints the slowest ones: the amortized figure hides a write that frees
+/// a whole old chain.
+fn map_insert_pauses(n: u64, iterations: u64) {
+    let map = filled_map(n);
+    let mut key = keys(n);
+    let mut times: Vec<u64> = Vec::with_capacity(iterations as usize);
+    for _ in 0..iterations {
+        let k = key();
+        let start = Instant::now();
+        map.insert(k, k);
+        times.push(start.elapsed().as_nanos() as u64);
+    }
+    black_box(map);
+    times.sort_unstable();
+    let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
+    eprintln!(
+        "inserts at {n} keys: median {} ns, 99.9% {} ns, 99.99% {} ns, max {} ns",
+        at(0.5),
+        at(0.999),
+        at(0.9999),
+        times.last().copied().unwrap_or(0)
+    );
 }
 
 fn filled_trie(n: u64) -> rpds::HashTrieMapSync<u64, Arc<u64>> {
