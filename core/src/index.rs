@@ -110,7 +110,12 @@ pub(crate) unsafe fn for_each_binding<N: ChainNode>(top: N, stop: Option<N>, mut
     // Sized for the whole linear phase at once: growing it 4 -> 8 -> 16 -> 32 was three
     // allocations and copies per compaction of a small map (4% of its inserts' instructions).
     let mut seen: Vec<N> = Vec::with_capacity(LINEAR + 1);
-    let mut by_tag: Option<hashbrown::HashMap<u64, Vec<N>>> = None;
+    // Past the linear phase: the first key seen with each tag, and in `collided` the keys whose
+    // tag an earlier, different key already had (two keys with one tag: rare, unless a key
+    // type's `Hash` is degenerate). One entry per key, no allocation per key (a `Vec` per tag
+    // was 10^5 allocations in each compaction of a 10^5-key map).
+    let mut by_tag: Option<hashbrown::HashMap<u64, N>> = None;
+    let mut collided: Vec<N> = Vec::new();
     let mut node = Some(top);
     // SAFETY: every node reached is an ancestor of `top`, so alive.
     unsafe {
@@ -121,22 +126,32 @@ pub(crate) unsafe fn for_each_binding<N: ChainNode>(top: N, stop: Option<N>, mut
             if n.is_value() {
                 let tag = n.tag();
                 let fresh = match &mut by_tag {
-                    Some(set) => {
-                        let bucket = set.entry(tag).or_default();
-                        let fresh = !bucket.iter().any(|s| s.same_key(n));
-                        if fresh {
-                            bucket.push(n);
+                    Some(set) => match set.entry(tag) {
+                        hashbrown::hash_map::Entry::Vacant(slot) => {
+                            slot.insert(n);
+                            true
                         }
-                        fresh
-                    }
+                        hashbrown::hash_map::Entry::Occupied(first) => {
+                            let fresh =
+                                !first.get().same_key(n) && !collided.iter().any(|&s| s.tag() == tag && s.same_key(n));
+                            if fresh {
+                                collided.push(n);
+                            }
+                            fresh
+                        }
+                    },
                     None => {
                         let fresh = !seen.iter().any(|s| s.same_key(n));
                         if fresh {
                             seen.push(n);
                             if seen.len() > LINEAR {
-                                let mut set: hashbrown::HashMap<u64, Vec<N>> = hashbrown::HashMap::new();
+                                let mut set: hashbrown::HashMap<u64, N> = hashbrown::HashMap::new();
                                 for s in seen.drain(..) {
-                                    set.entry(s.tag()).or_default().push(s);
+                                    if let hashbrown::hash_map::Entry::Vacant(slot) = set.entry(s.tag()) {
+                                        slot.insert(s);
+                                    } else {
+                                        collided.push(s);
+                                    }
                                 }
                                 by_tag = Some(set);
                             }

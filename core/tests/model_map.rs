@@ -790,3 +790,35 @@ fn typed_key_reads_check_the_value_type() {
     m.set(&N, 6);
     assert_eq!((*handle, *m.get(&N).unwrap()), (5, 6), "a handle keeps the value it was given");
 }
+
+/// Keys whose `Hash` is degenerate (every key hashes alike, so every binding has the same tag)
+/// stay distinct keys through index tables, compaction (which de-duplicates bindings by tag
+/// first, then by key) and `len()`: more keys than compaction's short list holds (32), each
+/// re-bound many times, some removed.
+#[test]
+fn keys_that_hash_alike_stay_distinct_through_compaction() {
+    #[derive(Clone, PartialEq, Eq, Debug)]
+    struct SameHash(u32);
+    impl std::hash::Hash for SameHash {
+        fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
+    }
+    let _quiesce = Quiesce;
+    let keys = if cfg!(miri) { 40 } else { 100 };
+    let m = SessionMap::new();
+    let mut model = BTreeMap::new();
+    for round in 0..if cfg!(miri) { 3 } else { 6 } {
+        for k in 0..keys {
+            m.insert(SameHash(k), k * 10 + round);
+            model.insert(k, k * 10 + round);
+        }
+        // Mixed with keys of another type, hashed normally.
+        m.insert(u64::from(round), round);
+        for k in (round..keys).step_by(7) {
+            assert_eq!(m.remove(&SameHash(k)), model.remove(&k).is_some(), "remove({k}) in round {round}");
+        }
+        assert_eq!(m.len(), model.len() + round as usize + 1, "len() after round {round}");
+        for k in 0..keys {
+            assert_eq!(m.read(&SameHash(k), |v: Option<&u32>| v.copied()), model.get(&k).copied(), "key {k}");
+        }
+    }
+}

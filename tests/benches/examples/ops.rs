@@ -286,6 +286,11 @@ fn map_insert_pauses(n: u64, iterations: u64) {
         times.push(start.elapsed().as_nanos() as u64);
     }
     black_box(map);
+    let mut longest: Vec<(u64, usize)> = times.iter().enumerate().map(|(i, &t)| (t, i)).collect();
+    longest.sort_unstable_by(|a, b| b.cmp(a));
+    longest.truncate(8);
+    let longest: Vec<String> = longest.iter().map(|(t, i)| format!("{} us at #{i}", t / 1000)).collect();
+    eprintln!("longest: {}", longest.join(", "));
     times.sort_unstable();
     let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
     eprintln!(
