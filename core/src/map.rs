@@ -104,13 +104,20 @@ const FREE_PER_WRITE: usize = 2;
 const FREE_PER_WRITE: usize = 1;
 
 /// While more than this many old nodes wait to be freed, a write frees [`FREE_BATCH`] of them
-/// instead of [`FREE_PER_WRITE`] (see [`SessionMap::free_graves`]).
+/// instead of [`FREE_PER_WRITE`] (see [`SessionMap::free_graves`]). 2 under loom, whose models'
+/// chains are a few nodes long, so that they free in batches too.
+#[cfg(not(localsession_loom))]
 const INCREMENTAL_CHAIN: usize = 256;
+#[cfg(localsession_loom)]
+const INCREMENTAL_CHAIN: usize = 2;
 
 /// Old nodes one write frees while more than [`INCREMENTAL_CHAIN`] wait: enough to free a
 /// compaction's old chain while its walk has just brought it into the cache, few enough to
-/// bound the pause of any one write (a 10^5-key map's old chain is 3·10^5 nodes).
+/// bound the pause of any one write (a 10^5-key map's old chain is 3·10^5 nodes). 2 under loom.
+#[cfg(not(localsession_loom))]
 const FREE_BATCH: usize = 1024;
+#[cfg(localsession_loom)]
+const FREE_BATCH: usize = 2;
 
 /// Writes after which a compaction is attempted, at least. Small under loom, so that the models
 /// explore compaction racing with writers and readers.
