@@ -38,8 +38,8 @@
 //!
 //! # Large maps
 //!
-//! Past 64 keys, lookups go through levelled index tables (`index::Table`: a log-structured
-//! merge of persistent hash tables) and `len()` is O(1). At 10^5 keys this layout does not reach
+//! Lookups below the newest few nodes go through index tables, which past 64 keys form levels
+//! (`index::Table`: a log-structured merge of persistent hash tables); `len()` is O(1). At 10^5 keys this layout does not reach
 //! the speed of Go's design (a read-write lock over a hash map), measured side by side in the
 //! criterion suite (`tests/benches/report.sh -- p5_`, 2026-12-01, release, this project's 2-vCPU
 //! machine): insert 1 072 ns against 105 ns, read of any key 195 ns against 51.5 ns. Why, from
