@@ -39,11 +39,12 @@
 //! # Large maps
 //!
 //! Lookups below the newest few nodes go through index tables, which past 64 keys form levels
-//! (`index::Table`: a log-structured merge of persistent hash tables); `len()` is O(1). At 10^5 keys this layout does not reach
-//! the speed of Go's design (a read-write lock over a hash map), measured side by side in the
-//! criterion suite (`tests/benches/report.sh -- p5_`, 2026-12-01, release, this project's 2-vCPU
-//! machine): insert 1 072 ns against 105 ns, read of any key 195 ns against 51.5 ns. Why, from
-//! profiles (`perf record` on `ops p5_read_100000` / `p5_insert_100000`):
+//! (`index::Table`: a log-structured merge of persistent hash tables); `len()` is O(1). At 10^5
+//! keys this layout does not reach the speed of Go's design (a read-write lock over a hash map),
+//! measured side by side in the criterion suite (`tests/benches/report.sh -- p5_`, 2026-12-01,
+//! release, this project's 2-vCPU machine): insert 1 072 ns against 105 ns, read of any key
+//! 195 ns against 51.5 ns. Why, from profiles (`perf record` on `ops p5_read_100000` /
+//! `p5_insert_100000`):
 //!
 //! - A read makes three dependent cache misses where the lock-based map makes two: the table
 //!   slot (10% of the read's samples), the node, whose key it must compare (43%), and the `Arc`
