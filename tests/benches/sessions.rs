@@ -284,61 +284,66 @@ fn p5_map(c: &mut Criterion) {
         })
     });
     // Readers while another thread writes continuously.
-    let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (map, stop) = (map.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                i = (i + 1) % 10;
-                map.insert(i, i);
-            }
-        })
+        let map = map.clone();
+        Writer::start(move |i| map.insert(i, i))
     };
     g.bench_function("read_under_writer", |b| b.iter(|| map.read_key(black_box(&K), |v| v.copied().unwrap_or(0))));
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
+    writer.stop();
     // The same pair on the floor of the shape (`EpochFloor`: an epoch-reclaimed root, no map).
     // Its writer also inserts into an unrelated map each time, so that it writes the floor at
     // about the rate the map's writer above writes the map (a floor write alone is ~3x faster).
     let floor = Arc::new(EpochFloor::new());
     floor.insert(7, 7);
     g.bench_function("floor_read", |b| b.iter(|| floor.read(black_box(7))));
-    stop.store(false, Ordering::Relaxed);
     let writer = {
-        let (floor, stop) = (floor.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let pace = map_with_10_keys();
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                i = (i + 1) % 10;
-                floor.insert(7, i);
-                pace.insert(i, i);
-            }
+        let floor = floor.clone();
+        let pace = map_with_10_keys();
+        Writer::start(move |i| {
+            floor.insert(7, i);
+            pace.insert(i, i);
         })
     };
     g.bench_function("floor_read_under_writer", |b| b.iter(|| floor.read(black_box(7))));
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
+    writer.stop();
     // The peer (Go's design: a read-write lock) quiet and under a writer that writes
     // continuously, as the map's writer above does.
     let twin = Arc::new(RwLockMap::with_keys(10));
     g.bench_function("rwlock_read", |b| b.iter(|| twin.read(black_box(&7))));
-    stop.store(false, Ordering::Relaxed);
     let writer = {
-        let (twin, stop) = (twin.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                i = (i + 1) % 10;
-                twin.insert(i, i);
-            }
-        })
+        let twin = twin.clone();
+        Writer::start(move |i| twin.insert(i, i))
     };
     g.bench_function("rwlock_read_under_writer", |b| b.iter(|| twin.read(black_box(&7))));
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
+    writer.stop();
     g.finish();
+}
+
+/// A thread that writes continuously (`write(i)` with `i` cycling over `0..10`) until stopped:
+/// the concurrent writer of P5's "read under a writer" rows.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(mut write: impl FnMut(u64) + Send + 'static) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                i = (i + 1) % 10;
+                write(i);
+            }
+        });
+        Writer { stop, thread }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+    }
 }
 
 /// Go's `SessionMap` design done in Rust: a read-write lock over a hash map of shared values

@@ -59,7 +59,7 @@ const SCENARIOS: &[(&str, &str)] = &[
     ("p5_rwlock_insert_100000", "peer: RwLock<HashMap<u64, Arc<u64>>> insert, 100 000 keys"),
     (
         "p5_insert_pauses_100000",
-        "SessionMap::insert at 100 000 keys: prints the slowest inserts (the pauses freeing old chains)",
+        "SessionMap::insert at 100 000 keys: prints the slowest inserts (compactions, index merges, frees)",
     ),
     ("p5_trie_read_100000", "layout: persistent hash trie (rpds) read, 100 000 keys"),
     ("p5_trie_insert_100000", "layout: persistent hash trie (rpds) insert (path copy), 100 000 keys"),
@@ -273,8 +273,8 @@ fn rwlock_insert(n: u64, iterations: u64) {
     black_box(map);
 }
 
-/// Times every insert and prints the slowest ones: the amortized figure hides a write that frees
-/// a whole old chain.
+/// Times every insert and prints the slowest ones: the amortized figure hides the writes that
+/// compact the map, merge large index levels or free old nodes.
 fn map_insert_pauses(n: u64, iterations: u64) {
     let map = filled_map(n);
     let mut key = keys(n);
