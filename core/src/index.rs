@@ -5,7 +5,8 @@
 //! [`Table`] explains the layout and its levels; [`find_by`](Table::find_by) is the table half of a
 //! lookup (the bloom-filter walk above the nearest table is the node half, `node::lookup`).
 //! This module also holds the other walks that need a chain's *distinct* bindings:
-//! [`for_each_binding`] (compaction, metainfo iteration) and [`live_len`] (`SessionMap::len`).
+//! [`for_each_binding_unordered`] (`SessionMap` compaction, from the tables), [`for_each_binding`]
+//! (the same by walking the chain, where no table covers it) and [`live_len`] (`SessionMap::len`).
 //!
 //! # Layering
 //!
@@ -95,8 +96,8 @@ pub(crate) fn mix(tag: u64) -> u64 {
 }
 
 /// Calls `f` with the newest binding of every key at or below `top` and above `stop` (tombstones
-/// included), newest first. Allocates the set of keys seen; used by `SessionMap` compaction,
-/// `len` and metainfo iteration, never by reads.
+/// included), newest first. Allocates the set of keys seen; used by `SessionMap` compaction (when
+/// no index table covers the chain) and `len` (the same), never by reads.
 ///
 /// Linear in the chain's length: the keys seen are a short list while there are few, then a
 /// hash set by key tag (an earlier linear scan made compaction, and so every insert into a large
@@ -166,6 +167,139 @@ pub(crate) unsafe fn for_each_binding<N: ChainNode>(top: N, stop: Option<N>, mut
             node = n.parent();
         }
     }
+}
+
+/// Calls `f` with the newest binding of every key at or below `top` and above `stop` (tombstones
+/// included), like [`for_each_binding`] but in no particular order, read from `top`'s index
+/// tables where it has them: the at most `SEGMENT` nodes above the table's owner, then every
+/// level's entries, each skipped when a newer level (or a node above) binds its key.
+///
+/// This is compaction's walk. A chain holds up to three nodes per live key (compaction runs
+/// when the writes since the last one reach twice the live keys), and walking it is one
+/// dependent cache miss per node: 25 of the 40 ms that one compaction of a 10^5-key map took.
+/// The tables list the same bindings in arrays: a sequential scan, whose node reads (to compare
+/// keys on a tag match, and the caller's) do not depend on each other and overlap.
+///
+/// Falls back to [`for_each_binding`] when `top` has no table, or when the walk down to the
+/// table's owner meets `stop` or a barrier first (a table then does not cover the range).
+///
+/// # Safety
+/// `top` is alive while this runs; `stop`, if given, is the barrier that ends `top`'s chain
+/// (tables never reach below a barrier).
+pub(crate) unsafe fn for_each_binding_unordered<N: ChainNode>(top: N, stop: Option<N>, mut f: impl FnMut(N)) {
+    // SAFETY: `top` is alive.
+    let table = unsafe { top.table() };
+    if table.is_null() {
+        // SAFETY: forwarded.
+        return unsafe { for_each_binding(top, stop, f) };
+    }
+    // The distinct keys of the nodes above the table's owner, newest first, with their tags.
+    let mut above: Few<(u64, N), SEGMENT_KEYS> = Few::new();
+    let mut node = Some(top);
+    // SAFETY: every node reached is an ancestor of `top`, so alive.
+    unsafe {
+        loop {
+            let Some(n) = node else {
+                // The chain ended without reaching the table's owner: not a layout tables make.
+                return for_each_binding(top, stop, f);
+            };
+            if n.owns_table(table) {
+                break;
+            }
+            if Some(n) == stop || n.is_barrier() {
+                return for_each_binding(top, stop, f);
+            }
+            if n.is_value() {
+                let tag = n.tag();
+                if !above.any(|(t, a)| t == tag && a.same_key(n)) {
+                    above.push((tag, n));
+                }
+            }
+            node = n.parent();
+        }
+    }
+    // Calls go out after the walk, which may still fall back to the full walk above.
+    for (_, n) in above.iter() {
+        f(n);
+    }
+    // A bitmap of the tags of the nodes above and of the levels scanned so far, sized at 16
+    // bits per such binding (about 3% of the tags that are not in it hit a set bit). Most
+    // entries of the large lower levels have no newer binding: one bit test, in a bitmap that
+    // stays in the L2 cache, settles that for them instead of a probe of every newer table (up
+    // to 37 000 keys in four tables at 10^5 keys): listing a 10^5-key map's bindings took
+    // 5.2–7.1 ms with it, 6.3–8.0 ms without.
+    let newer_total = above.len() + {
+        // SAFETY: `table` (`top`'s) is live.
+        unsafe { levels_above_last(table) }
+    };
+    let bits = newer_total.saturating_mul(16).next_power_of_two().max(64);
+    let shift = 64 - bits.trailing_zeros();
+    // A small map (one level, a few nodes above it) gets no bitmap: an empty one answers "maybe"
+    // for every tag, and a compaction of a 10-key map allocates nothing for it.
+    let mut bitmap: Vec<u64> = if bits > 64 { alloc::vec![0; bits / 64] } else { Vec::new() };
+    let bit = |tag: u64| {
+        let b = (mix(tag) >> shift) as usize;
+        (b / 64, 1u64 << (b % 64))
+    };
+    if !bitmap.is_empty() {
+        for (tag, _) in above.iter() {
+            let (word, mask) = bit(tag);
+            bitmap[word] |= mask;
+        }
+    }
+    // The levels scanned so far (newer than the one being scanned).
+    let mut newer: Few<*const Entry, 8> = Few::new();
+    let mut level = table;
+    // SAFETY: `table` is live (`top`'s), and so is each base below it (see [`Table`]); their
+    // non-null entries were made by `to_entry` from live nodes of this chain.
+    unsafe {
+        while !level.is_null() {
+            let slots = level.add(HEAD);
+            let last = Table::base(level).is_null();
+            for i in 0..=Table::mask(level) {
+                let e = *slots.add(i);
+                if e.node.is_null() {
+                    continue;
+                }
+                let n = N::from_entry(e.node);
+                let (word, mask) = bit(e.tag);
+                let shadowed = bitmap.get(word).is_none_or(|w| w & mask != 0) && {
+                    let same = |m: N| m.same_key(n);
+                    above.any(|(t, a)| t == e.tag && same(a)) || newer.any(|t| Table::probe(t, e.tag, &same).is_some())
+                };
+                if !shadowed {
+                    f(n);
+                }
+            }
+            if !last && !bitmap.is_empty() {
+                for i in 0..=Table::mask(level) {
+                    let e = *slots.add(i);
+                    if !e.node.is_null() {
+                        let (word, mask) = bit(e.tag);
+                        bitmap[word] |= mask;
+                    }
+                }
+            }
+            newer.push(level);
+            level = Table::base(level);
+        }
+    }
+}
+
+/// The entries of every level of `table` but the last (the bindings that can shadow another).
+///
+/// # Safety
+/// `table` is a live table.
+unsafe fn levels_above_last(mut table: *const Entry) -> usize {
+    let mut n = 0;
+    // SAFETY: a live table's bases are live.
+    unsafe {
+        while !Table::base(table).is_null() {
+            n += Table::len(table);
+            table = Table::base(table);
+        }
+    }
+    n
 }
 
 /// A slot of an index table; the first [`HEAD`] slots of every table hold its header instead.
