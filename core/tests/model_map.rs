@@ -833,7 +833,7 @@ fn keys_that_hash_alike_stay_distinct_through_compaction() {
 #[test]
 fn compaction_from_index_levels_keeps_each_key_newest_binding() {
     let _quiesce = Quiesce;
-    let keys: u64 = if cfg!(miri) { 150 } else { 3000 };
+    let keys: u64 = if cfg!(miri) { 100 } else { 3000 };
     let m = SessionMap::new();
     let mut model = BTreeMap::new();
     // A fixed pseudo-random sequence (xorshift), so that a failure names a reproducible step.
@@ -848,7 +848,7 @@ fn compaction_from_index_levels_keeps_each_key_newest_binding() {
         m.insert(k, k);
         model.insert(k, k);
     }
-    for round in 0..if cfg!(miri) { 3 } else { 8 } {
+    for round in 0..if cfg!(miri) { 2 } else { 8 } {
         // Enough writes for at least one compaction per round (twice the live keys).
         for step in 0..keys * 5 / 2 {
             let r = next();
