@@ -71,10 +71,10 @@
 //! Compaction runs inside one write, once per 2·10^5 writes at 10^5 keys, and is O(live keys). It
 //! lists the live bindings from the index levels (a scan of arrays) rather than by walking the
 //! chain (up to three nodes per live key, one dependent cache miss each), and copies them in
-//! address order. At 10^5 keys that pauses the write for 18–31 ms (listing ~5.5 ms, sorting
-//! 1.2 ms, copying 8–13 ms, indexing ~2 ms), where walking the chain paused it for 36–46 ms
-//! (`ops p5_insert_pauses_100000`, which prints the longest inserts, both builds alternated on
-//! 2026-12-01). The old chain it replaces is freed in batches over later writes (see
+//! address order. At 10^5 keys that pauses the write for 17–31 ms (listing ~5.5 ms, sorting
+//! 1.2 ms, copying 8–13 ms, indexing ~2 ms), where walking the chain paused it for 36–53 ms
+//! (`ops p5_insert_pauses_100000`, which prints the longest inserts; both builds alternated,
+//! four runs each, on 2026-12-01). The old chain it replaces is freed in batches over later writes (see
 //! [`SessionMap::free_graves`]).
 
 use core::any::Any;
