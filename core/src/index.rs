@@ -255,7 +255,8 @@ pub(crate) unsafe fn for_each_binding_unordered<N: ChainNode>(top: N, stop: Opti
     unsafe {
         while !level.is_null() {
             let slots = level.add(HEAD);
-            let last = Table::base(level).is_null();
+            // The last level shadows nothing: its tags need no bits.
+            let marking = !bitmap.is_empty() && !Table::base(level).is_null();
             for i in 0..=Table::mask(level) {
                 let e = *slots.add(i);
                 if e.node.is_null() {
@@ -263,6 +264,9 @@ pub(crate) unsafe fn for_each_binding_unordered<N: ChainNode>(top: N, stop: Opti
                 }
                 let n = N::from_entry(e.node);
                 let (word, mask) = bit(e.tag);
+                // A bit set by an earlier entry of this same level (whose keys are distinct)
+                // only sends this entry to the exact check below, which does not look at this
+                // level: marking as we go gives the same answers as marking after the scan.
                 let shadowed = bitmap.get(word).is_none_or(|w| w & mask != 0) && {
                     let same = |m: N| m.same_key(n);
                     above.any(|(t, a)| t == e.tag && same(a)) || newer.any(|t| Table::probe(t, e.tag, &same).is_some())
@@ -270,14 +274,8 @@ pub(crate) unsafe fn for_each_binding_unordered<N: ChainNode>(top: N, stop: Opti
                 if !shadowed {
                     f(n);
                 }
-            }
-            if !last && !bitmap.is_empty() {
-                for i in 0..=Table::mask(level) {
-                    let e = *slots.add(i);
-                    if !e.node.is_null() {
-                        let (word, mask) = bit(e.tag);
-                        bitmap[word] |= mask;
-                    }
+                if marking {
+                    bitmap[word] |= mask;
                 }
             }
             newer.push(level);
@@ -507,16 +505,14 @@ impl Table {
         unsafe {
             while !table.is_null() {
                 let mask = Self::mask(table);
-                let slots = table.add(HEAD);
-                if mask < WARM_MIN_SLOTS - 1 {
-                    table = Self::base(table);
-                    continue;
-                }
-                for n in keys.iter() {
-                    let tag = n.tag();
-                    let e = *slots.add(home(tag, mask));
-                    if e.tag == tag && !e.node.is_null() {
-                        core::hint::black_box(N::from_entry(e.node).tag());
+                if mask >= WARM_MIN_SLOTS - 1 {
+                    let slots = table.add(HEAD);
+                    for n in keys.iter() {
+                        let tag = n.tag();
+                        let e = *slots.add(home(tag, mask));
+                        if e.tag == tag && !e.node.is_null() {
+                            core::hint::black_box(N::from_entry(e.node).tag());
+                        }
                     }
                 }
                 table = Self::base(table);
