@@ -1278,6 +1278,40 @@ mod tests {
         }
     }
 
+    /// The two ways compaction lists a chain's bindings agree: from the index levels
+    /// (`for_each_binding_unordered`) and, where no table covers the chain, by walking it
+    /// (`for_each_binding`, past its short list: its hash set by tag and the side list of keys
+    /// whose tag another key has). Keys re-bound three times each, with their own tags and
+    /// with one tag shared by every key; each listing must give exactly the newest binding of
+    /// every key.
+    #[test]
+    fn listing_from_the_tables_and_walking_the_chain_agree() {
+        let keys: u64 = if cfg!(miri) { 40 } else { 300 };
+        for shared_tag in [false, true] {
+            let tag_of = |k: u64| if shared_tag { 7 } else { hashed_tag(&k) };
+            let (mut indexed, mut walked): (Option<NodeRef>, Option<NodeRef>) = (None, None);
+            for i in 0..keys * 3 {
+                let k = (i * 7919) % keys;
+                indexed = Some(NodeRef::new_value(indexed.take(), tag_of(k), F_VALUE, InlineKey(k), InlineValue(i)));
+                let flags = F_VALUE | F_NO_INDEX;
+                walked = Some(NodeRef::new_value(walked.take(), tag_of(k), flags, InlineKey(k), InlineValue(i)));
+            }
+            let newest: Vec<u64> = (keys * 2..keys * 3).collect();
+            for (top, indexed) in [(indexed.unwrap(), true), (walked.unwrap(), false)] {
+                assert_eq!(!top.header().table.is_null(), indexed, "shared tag {shared_tag}");
+                let mut listed = Vec::new();
+                // SAFETY: `top` (and so its chain) is alive for the call.
+                unsafe {
+                    crate::index::for_each_binding_unordered(top.ptr(), None, |n: NodePtr| {
+                        listed.push(*n.value(&top).downcast_ref::<u64>().unwrap());
+                    });
+                }
+                listed.sort_unstable();
+                assert_eq!(listed, newest, "indexed {indexed}, shared tag {shared_tag}");
+            }
+        }
+    }
+
     #[test]
     fn lookups_across_tables_see_the_newest_binding() {
         let mut top = bind(None, 0, 0);

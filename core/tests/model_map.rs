@@ -792,9 +792,11 @@ fn typed_key_reads_check_the_value_type() {
 }
 
 /// Keys whose `Hash` is degenerate (every key hashes alike, so every binding has the same tag)
-/// stay distinct keys through index tables, compaction (which de-duplicates bindings by tag
-/// first, then by key) and `len()`: more keys than compaction's short list holds (32), each
-/// re-bound many times, some removed.
+/// stay distinct keys through index tables, compaction (which lists the bindings from the
+/// tables: with one tag for all, every entry goes to the exact key comparison) and `len()`: 100
+/// keys, so that the tables have two levels, each re-bound many times, some removed. (The chain
+/// walk's handling of equal tags, which compaction no longer reaches, has a unit test in
+/// `core/src/node.rs`: `listing_from_the_tables_and_walking_the_chain_agree`.)
 #[test]
 fn keys_that_hash_alike_stay_distinct_through_compaction() {
     #[derive(Clone, PartialEq, Eq, Debug)]
