@@ -247,6 +247,10 @@ pub(crate) unsafe fn for_each_binding_unordered<N: ChainNode>(top: N, stop: Opti
             bitmap[word] |= mask;
         }
     }
+    // Whether an equal tag in a newer level is the same key (the nodes above are not covered:
+    // their keys are always compared).
+    // SAFETY: `table` is live.
+    let distinct = unsafe { Table::distinct_tags(table) };
     // The levels scanned so far (newer than the one being scanned).
     let mut newer: Few<*const Entry, 8> = Few::new();
     let mut level = table;
@@ -269,7 +273,12 @@ pub(crate) unsafe fn for_each_binding_unordered<N: ChainNode>(top: N, stop: Opti
                 // level: marking as we go gives the same answers as marking after the scan.
                 let shadowed = bitmap.get(word).is_none_or(|w| w & mask != 0) && {
                     let same = |m: N| m.same_key(n);
-                    above.any(|(t, a)| t == e.tag && same(a)) || newer.any(|t| Table::probe(t, e.tag, &same).is_some())
+                    above.any(|(t, a)| t == e.tag && same(a))
+                        || if distinct {
+                            newer.any(|t| Table::probe(t, e.tag, &|_: N| true).is_some())
+                        } else {
+                            newer.any(|t| Table::probe(t, e.tag, &same).is_some())
+                        }
                 };
                 if !shadowed {
                     f(n);
@@ -312,8 +321,11 @@ impl Entry {
 }
 
 /// Header slots at the start of a table: `[0].tag = mask << 32 | len`, `[0].node` = the next
-/// level down (a table, or null); `[1].tag = live << 8 | level`.
+/// level down (a table, or null); `[1].tag = live << 16 | flags << 8 | level`.
 const HEAD: usize = 2;
+/// Header flag: no two distinct keys in the table and its bases have the same tag (see
+/// [`Table::distinct_tags`]).
+const DISTINCT_TAGS: u64 = 1 << 8;
 /// Distinct keys the top level holds before it is merged into the level below.
 pub(crate) const LEVEL0: usize = 64;
 /// Each level holds this many times the keys of the level above it.
@@ -395,6 +407,28 @@ impl Table {
         unsafe { ((*table.add(1)).tag & 0xff) as u32 }
     }
 
+    /// Whether no two distinct keys bound in `table` and its bases have the same tag (true for
+    /// null). Then an equal tag *is* the same key, among the entries of these tables: merging
+    /// levels, and compaction's test for a newer binding, compare tags only, and read no node.
+    /// (Tags are 64-bit hashes: distinct keys share one only when a key type's `Hash` is
+    /// degenerate, or under a deliberate collision.) A lookup still compares keys: the key it
+    /// looks for need not be in the table.
+    ///
+    /// Kept by induction as tables are built: a table built from scratch records whether its
+    /// fill met two distinct keys of one tag; a table built on `below` is distinct-tagged if
+    /// `below` is, the segment's keys have distinct tags, and no segment key's lookup in `below`
+    /// met an entry of its tag that is another key. (If that lookup found the key at some
+    /// level, no *other* key of that tag can be anywhere in `below`, which is distinct-tagged;
+    /// if it found nothing, it probed every level and compared every entry of that tag.)
+    ///
+    /// # Safety
+    /// `table` is null or a live table.
+    #[inline]
+    unsafe fn distinct_tags(table: *const Entry) -> bool {
+        // SAFETY: forwarded.
+        table.is_null() || unsafe { (*table.add(1)).tag & DISTINCT_TAGS != 0 }
+    }
+
     /// Live keys in this table and its bases; 0 for null.
     ///
     /// # Safety
@@ -405,7 +439,7 @@ impl Table {
             return 0;
         }
         // SAFETY: forwarded.
-        unsafe { ((*table.add(1)).tag >> 8) as usize }
+        unsafe { ((*table.add(1)).tag >> 16) as usize }
     }
 
     /// `(slots, entries)` of one level (for tests of the table sizes).
@@ -549,12 +583,28 @@ impl Table {
             Self::warm(below, &segment);
         }
         let mut fresh: Few<(N, usize), SEGMENT_KEYS> = Few::new();
-        // SAFETY: `below` is null or live.
+        // SAFETY: `below` is null or live; the segment's nodes are live.
         let mut live = unsafe { Self::live(below) };
+        // Whether the new table keeps `below`'s distinct tags (see `distinct_tags`): the
+        // segment's keys have distinct tags, and their lookups meet no other key of their tag.
+        // SAFETY: as above.
+        let mut distinct = unsafe {
+            Self::distinct_tags(below)
+                && segment.iter().enumerate().all(|(i, n)| segment.iter().take(i).all(|m| m.tag() != n.tag()))
+        };
         for n in segment.iter() {
+            // A lookup calls its `matches` with the entries of the key's tag only.
+            let clash = core::cell::Cell::new(false);
+            let matches = |p: N| {
+                // SAFETY: `p` and `n` are live nodes of this chain.
+                let same = unsafe { p.same_key(n) };
+                clash.set(clash.get() | !same);
+                same
+            };
             // SAFETY: `n` is a live node of this chain; `below` is null or live.
             unsafe {
-                let (prev, depth) = Self::find_with_depth::<N>(below, n.tag(), &|p: N| p.same_key(n));
+                let (prev, depth) = Self::find_with_depth::<N>(below, n.tag(), &matches);
+                distinct &= !clash.get();
                 fresh.push((n, depth));
                 let was = prev.is_some_and(|p| !p.is_tombstone());
                 match (was, !n.is_tombstone()) {
@@ -595,7 +645,7 @@ impl Table {
         // showed as 7% of a 10-key map's inserts). The merged tables are the top levels of
         // `below`, so a fresh key is in one of them iff its lookup above hit at a shallower depth.
         let dups = fresh.iter().filter(|&(_, depth)| depth < merged.len()).count();
-        let mut table = Filling::with_capacity(size - dups);
+        let mut table = Filling::with_capacity(size - dups, distinct);
         for (n, _) in fresh.iter() {
             // SAFETY: `n` is a live node of this chain.
             unsafe { table.insert(n.tag(), n) };
@@ -615,7 +665,7 @@ impl Table {
                 }
             }
         }
-        table.finish(rest, live, level)
+        table.finish(rest, live, level, distinct)
     }
 
     /// One table of every binding from `top` down to the nearest barrier (or the chain's end),
@@ -642,7 +692,7 @@ impl Table {
         while nodes.len() > level_capacity(level) {
             level += 1;
         }
-        let mut table = Filling::with_capacity(nodes.len());
+        let mut table = Filling::with_capacity(nodes.len(), false);
         let mut live = 0usize;
         for n in nodes {
             // SAFETY: `n` is a live node of this chain.
@@ -651,7 +701,8 @@ impl Table {
                 live += usize::from(!unsafe { n.is_tombstone() });
             }
         }
-        table.finish(ptr::null(), live, level)
+        let distinct = !table.clashed;
+        table.finish(ptr::null(), live, level, distinct)
     }
 
     /// # Safety
@@ -722,13 +773,18 @@ struct Filling {
     slots: Vec<Entry>,
     mask: usize,
     len: usize,
+    /// Whether an equal tag means the same key (the keys filled in are known to have distinct
+    /// tags: see [`Table::distinct_tags`]), so that no node is read to compare keys.
+    trust_tags: bool,
+    /// Whether two distinct keys of one tag were filled in (only noticed without `trust_tags`).
+    clashed: bool,
 }
 
 impl Filling {
-    /// Room for `keys` distinct keys.
-    fn with_capacity(keys: usize) -> Filling {
+    /// Room for `keys` distinct keys; `trust_tags` as the field.
+    fn with_capacity(keys: usize, trust_tags: bool) -> Filling {
         let cap = (keys * 2).next_power_of_two().max(16);
-        Filling { slots: alloc::vec![Entry::EMPTY; cap + HEAD], mask: cap - 1, len: 0 }
+        Filling { slots: alloc::vec![Entry::EMPTY; cap + HEAD], mask: cap - 1, len: 0, trust_tags, clashed: false }
     }
 
     /// Inserts `node` (whose tag is `tag`) unless a binding of the same key is already in;
@@ -736,7 +792,7 @@ impl Filling {
     ///
     /// # Safety
     /// `node` and every node already in the table are live nodes of one chain; `tag` is
-    /// `node`'s tag.
+    /// `node`'s tag; with `trust_tags`, no two distinct keys among them have the same tag.
     unsafe fn insert<N: ChainNode>(&mut self, tag: u64, node: N) -> bool {
         let mut i = home(tag, self.mask);
         loop {
@@ -746,20 +802,26 @@ impl Filling {
                 self.len += 1;
                 return true;
             }
-            // SAFETY: non-null entries were made by `to_entry` from live nodes (the caller's
-            // guarantee), and so is `node`.
-            if e.tag == tag && unsafe { N::from_entry(e.node).same_key(node) } {
-                return false; // a newer binding of the same key is already in
+            if e.tag == tag {
+                // SAFETY: non-null entries were made by `to_entry` from live nodes (the
+                // caller's guarantee), and so is `node`.
+                if self.trust_tags || unsafe { N::from_entry(e.node).same_key(node) } {
+                    return false; // a newer binding of the same key is already in
+                }
+                self.clashed = true;
             }
             i = (i + 1) & self.mask;
         }
     }
 
-    /// Writes the head (`base`: the next level down, or null) and leaks the table.
-    fn finish(mut self, base: *const Entry, live: usize, level: u32) -> *const Entry {
+    /// Writes the head (`base`: the next level down, or null; `distinct`: whether the table
+    /// and its bases have distinct tags) and leaks the table.
+    fn finish(mut self, base: *const Entry, live: usize, level: u32, distinct: bool) -> *const Entry {
         debug_assert!(self.mask <= u32::MAX as usize && self.len <= u32::MAX as usize && level < 256);
+        debug_assert!(!(distinct && self.clashed));
+        let flags = if distinct { DISTINCT_TAGS } else { 0 };
         self.slots[0] = Entry { tag: ((self.mask as u64) << 32) | self.len as u64, node: base.cast::<()>() };
-        self.slots[1] = Entry { tag: ((live as u64) << 8) | u64::from(level), node: ptr::null() };
+        self.slots[1] = Entry { tag: ((live as u64) << 16) | flags | u64::from(level), node: ptr::null() };
         let boxed: Box<[Entry]> = self.slots.into_boxed_slice();
         Box::into_raw(boxed).cast::<Entry>().cast_const()
     }
