@@ -364,7 +364,12 @@ fn level_capacity(level: u32) -> usize {
 /// copying one flat table, and small contexts (<= 64 keys) keep the single table they always had.
 ///
 /// Every table also records the number of *live* keys (newest binding not a tombstone) in it and
-/// its bases, so that `SessionMap::len` is O(1).
+/// its bases, so that `SessionMap::len` is O(1), and whether their keys have distinct tags
+/// ([`distinct_tags`](Table::distinct_tags)): then a merge tells a re-binding from a hash
+/// collision by the tags alone, without reading the two nodes, and a merge into the deepest
+/// level it takes starts from a copy of that level's slots (slot order is hash order at every
+/// size, so a copy is a valid table), on which the newer bindings are written, oldest level
+/// first.
 ///
 /// A table's base is owned by an ancestor of the node owning the table (it is the table of a
 /// node at or below that node's parent), so it outlives every table built on it.
