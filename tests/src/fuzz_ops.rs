@@ -545,6 +545,9 @@ struct Interp {
     cause_b: ContextError,
     /// The clock of every deadline of this run.
     clock: &'static dyn Clock,
+    /// Whether `clock` is the timer clock. (Not told by comparing addresses: the two clocks
+    /// are zero-sized statics, which may share one address, and did in debug and fuzz builds.)
+    timer_clock: bool,
     /// Timers the timer clock holds: `(at, scope)`, in the order of `TIMERS`.
     timers: Vec<(u64, usize)>,
     /// Keys the bulk operations may still write in this run (keeps each run fast).
@@ -633,6 +636,7 @@ impl Interp {
             cause_a: ContextError::cause(FuzzCause(1)),
             cause_b: ContextError::cause(FuzzCause(2)),
             clock: if timers { &TIMER_CLOCK } else { &CLOCK },
+            timer_clock: timers,
             timers: Vec::new(),
             bulk_budget: big::BULK_BUDGET,
             two_thread_runs: 0,

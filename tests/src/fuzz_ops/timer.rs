@@ -30,7 +30,7 @@ impl Interp {
     }
 
     fn uses_timers(&self) -> bool {
-        core::ptr::addr_eq(self.clock, &super::TIMER_CLOCK)
+        self.timer_clock
     }
 
     pub(super) fn check_timers(&self, what: &str) {
@@ -91,5 +91,19 @@ impl Interp {
         let (_, expiry) = TIMERS.with(|t| t.borrow_mut().remove(j));
         expiry.fire();
         self.settle(s, Cause::Deadline);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Interp;
+
+    /// The interpreter told the clocks apart by address; both are zero-sized statics, which
+    /// debug builds (and the fuzz build) placed at one address, so a run without the timer
+    /// clock expected timers that were never scheduled (a fuzz crash, found 2026-12-01).
+    #[test]
+    fn the_plain_clock_is_not_taken_for_the_timer_clock() {
+        assert!(!Interp::new(1, false).uses_timers());
+        assert!(Interp::new(1, true).uses_timers());
     }
 }
