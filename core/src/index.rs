@@ -258,14 +258,9 @@ pub(crate) unsafe fn for_each_binding_unordered<N: ChainNode>(top: N, stop: Opti
     // non-null entries were made by `to_entry` from live nodes of this chain.
     unsafe {
         while !level.is_null() {
-            let slots = level.add(HEAD);
             // The last level shadows nothing: its tags need no bits.
             let marking = !bitmap.is_empty() && !Table::base(level).is_null();
-            for i in 0..=Table::mask(level) {
-                let e = *slots.add(i);
-                if e.node.is_null() {
-                    continue;
-                }
+            Table::for_each_entry(level, |e| {
                 let n = N::from_entry(e.node);
                 let (word, mask) = bit(e.tag);
                 // A bit set by an earlier entry of this same level (whose keys are distinct)
@@ -273,12 +268,10 @@ pub(crate) unsafe fn for_each_binding_unordered<N: ChainNode>(top: N, stop: Opti
                 // level: marking as we go gives the same answers as marking after the scan.
                 let shadowed = bitmap.get(word).is_none_or(|w| w & mask != 0) && {
                     let same = |m: N| m.same_key(n);
+                    // In the newer levels, with distinct tags, an equal tag is the same key.
+                    let same_in_levels = |m: N| distinct || same(m);
                     above.any(|(t, a)| t == e.tag && same(a))
-                        || if distinct {
-                            newer.any(|t| Table::probe(t, e.tag, &|_: N| true).is_some())
-                        } else {
-                            newer.any(|t| Table::probe(t, e.tag, &same).is_some())
-                        }
+                        || newer.any(|t| Table::probe(t, e.tag, &same_in_levels).is_some())
                 };
                 if !shadowed {
                     f(n);
@@ -286,7 +279,7 @@ pub(crate) unsafe fn for_each_binding_unordered<N: ChainNode>(top: N, stop: Opti
                 if marking {
                     bitmap[word] |= mask;
                 }
-            }
+            });
             newer.push(level);
             level = Table::base(level);
         }
@@ -678,19 +671,14 @@ impl Table {
         // cannot fill it; if they take it past load 1/2, it is doubled afterwards. Sized for
         // `keys` instead, a steady 10^5-key map's largest level had 2^19 slots (8 MiB) where
         // 2^18 hold it, and every read there probed the larger table.
-        let newer_entries = fresh.len()
-            + merged
-                .iter_rev()
-                .skip(1)
-                .map(|t| {
-                    // SAFETY: the merged tables are live.
-                    unsafe { Self::len(t) }
-                })
-                .sum::<usize>();
         let deepest = merged.iter_rev().next().filter(|&t| {
             // SAFETY: the merged tables are live.
-            let (slots, len) = unsafe { (Self::mask(t) + 1, Self::len(t)) };
-            distinct && slots <= Filling::slots_for(keys) && len + newer_entries < slots
+            distinct
+                && unsafe {
+                    let slots = Self::mask(t) + 1;
+                    let newer_entries = fresh.len() + merged.iter_rev().skip(1).map(|u| Self::len(u)).sum::<usize>();
+                    slots <= Filling::slots_for(keys) && Self::len(t) + newer_entries < slots
+                }
         });
         // SAFETY: the merged tables are live; each has `mask + 1` slots after its head, whose
         // non-null entries were made by `to_entry` from live nodes of this chain; the fresh
