@@ -5,7 +5,15 @@
 //! (`cargo run -p localsession-examples --example seed`); `tests/tests/interop/seed.rs` in the
 //! `localsession-tests` package asserts its transcript for both session kinds.
 //!
-//! [`grpc`] (feature `grpc`) is a gRPC service and client written by hand over tonic (no
+// The `grpc` module exists only with its feature: linked when it is on.
+#![cfg_attr(
+    feature = "grpc",
+    doc = "[`grpc`] (feature `grpc`) is a gRPC service and client written by hand over tonic (no"
+)]
+#![cfg_attr(
+    not(feature = "grpc"),
+    doc = "`grpc` (feature `grpc`) is a gRPC service and client written by hand over tonic (no"
+)]
 //! `protoc`), used by `examples/two_services.rs`: one request crossing two services over HTTP
 //! and over gRPC (`cargo run -p localsession-examples --example two_services --features grpc`).
 

@@ -169,10 +169,15 @@ impl Bridges {
         }
     }
 
-    /// Whether either bridge is switched on ([`carries_spans`](crate::carries_spans),
-    /// [`carries_otel_context`](crate::carries_otel_context)); always `false` without the
-    /// `tracing` and `opentelemetry` features. Lets a hot path skip capturing and entering when
-    /// there is nothing to carry (two relaxed loads).
+    /// Whether either bridge is switched on ([`carries_spans`], [`carries_otel_context`]);
+    /// always `false` without the `tracing` and `opentelemetry` features. Lets a hot path skip
+    /// capturing and entering when there is nothing to carry (two relaxed loads).
+    ///
+    // Linked where the feature is on, to the crate's Bridges section otherwise.
+    #[cfg_attr(feature = "tracing", doc = "[`carries_spans`]: crate::carries_spans")]
+    #[cfg_attr(not(feature = "tracing"), doc = "[`carries_spans`]: crate#bridges")]
+    #[cfg_attr(feature = "opentelemetry", doc = "[`carries_otel_context`]: crate::carries_otel_context")]
+    #[cfg_attr(not(feature = "opentelemetry"), doc = "[`carries_otel_context`]: crate#bridges")]
     ///
     /// # Examples
     /// ```
@@ -190,8 +195,11 @@ impl Bridges {
     }
 
     /// Captures, for a unit about to be created here with `session`: the current span (span
-    /// bridge on, a span entered, the flow not suppressed) and `session`'s
-    /// [`OTEL_CONTEXT`](crate::OTEL_CONTEXT) (context bridge on).
+    /// bridge on, a span entered, the flow not suppressed) and `session`'s [`OTEL_CONTEXT`]
+    /// (context bridge on).
+    ///
+    #[cfg_attr(feature = "opentelemetry", doc = "[`OTEL_CONTEXT`]: crate::OTEL_CONTEXT")]
+    #[cfg_attr(not(feature = "opentelemetry"), doc = "[`OTEL_CONTEXT`]: crate#bridges")]
     ///
     /// # Examples
     /// ```

@@ -48,7 +48,20 @@
 //! assert!(!current().unwrap().is_valid()); // still bound, now invalid (Go parity)
 //! unbind();
 //! ```
-
+//!
+// The items of the table above that exist only with a feature: linked to their docs when the
+// feature is on, to the Bridges section otherwise (so that `cargo doc` without the features
+// has no unresolved link).
+#![cfg_attr(feature = "tracing", doc = "[`set_carry_spans`]: crate::set_carry_spans")]
+#![cfg_attr(feature = "tracing", doc = "[`SessionFieldsLayer`]: crate::SessionFieldsLayer")]
+#![cfg_attr(feature = "tracing", doc = "[`SessionFieldsFormat`]: crate::SessionFieldsFormat")]
+#![cfg_attr(not(feature = "tracing"), doc = "[`set_carry_spans`]: #bridges")]
+#![cfg_attr(not(feature = "tracing"), doc = "[`SessionFieldsLayer`]: #bridges")]
+#![cfg_attr(not(feature = "tracing"), doc = "[`SessionFieldsFormat`]: #bridges")]
+#![cfg_attr(feature = "opentelemetry", doc = "[`OTEL_CONTEXT`]: crate::OTEL_CONTEXT")]
+#![cfg_attr(feature = "opentelemetry", doc = "[`set_carry_otel_context`]: crate::set_carry_otel_context")]
+#![cfg_attr(not(feature = "opentelemetry"), doc = "[`OTEL_CONTEXT`]: #bridges")]
+#![cfg_attr(not(feature = "opentelemetry"), doc = "[`set_carry_otel_context`]: #bridges")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod bridge;

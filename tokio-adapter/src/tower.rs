@@ -96,6 +96,13 @@
 //! assert_eq!(server.oneshot(req).await.unwrap().into_body(), "acme");
 //! # }
 //! ```
+//!
+// The gRPC items exist only with the `grpc` feature: linked to their docs when it is on, to the
+// gRPC section otherwise (so that `cargo doc` without the feature has no unresolved link).
+#![cfg_attr(feature = "grpc", doc = "[`ServerBackupLayer::grpc`]: ServerBackupLayer::grpc")]
+#![cfg_attr(feature = "grpc", doc = "[`GrpcInvalidArgument`]: GrpcInvalidArgument")]
+#![cfg_attr(not(feature = "grpc"), doc = "[`ServerBackupLayer::grpc`]: #grpc-tonic")]
+#![cfg_attr(not(feature = "grpc"), doc = "[`GrpcInvalidArgument`]: #grpc-tonic")]
 
 use std::borrow::Cow;
 use std::fmt;

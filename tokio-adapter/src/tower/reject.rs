@@ -19,6 +19,11 @@ use super::HeaderError;
 /// Implement it for an answer of your own; it must not panic (the error comes from the
 /// request: treat its text as untrusted).
 ///
+// `GrpcInvalidArgument` exists only with the `grpc` feature (linked to the module's gRPC
+// section without it).
+#[cfg_attr(feature = "grpc", doc = "[`GrpcInvalidArgument`]: GrpcInvalidArgument")]
+#[cfg_attr(not(feature = "grpc"), doc = "[`GrpcInvalidArgument`]: super#grpc-tonic")]
+///
 /// # Examples
 /// ```
 /// use http::{Response, StatusCode};
