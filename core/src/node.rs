@@ -64,6 +64,13 @@
 //! [`TakeChain`] function here ([`register_chain_owner`]); reclamation moves the chain out of
 //! every value a registered function recognises and releases it in the same loop.
 //!
+//! A freed value node's memory goes to a per-thread cache (`blocks`, with `std`) rather than
+//! straight back to the allocator, and the thread's next value node of the same layout takes
+//! it: a `SessionMap` frees nodes by the thousand when a grace period ends and allocates them
+//! by the thousand when it compacts, a rhythm the allocator's own small thread cache does not
+//! absorb. The block is kept or freed after the node's contents are dropped, also when a
+//! value's `Drop` unwinds.
+//!
 //! # Layering
 //!
 //! This module names no module above it. Node kinds defined elsewhere hook into it through their
@@ -72,6 +79,7 @@
 //! registered [`TakeChain`] functions, not by naming `Context` or the session types. The index
 //! tables sit below this module, generic over the node accessors they need.
 
+use core::alloc::Layout;
 use core::any::{Any, TypeId};
 use core::mem::{ManuallyDrop, offset_of};
 use core::ptr::{self, NonNull};
@@ -83,6 +91,8 @@ use alloc::vec::Vec;
 
 use crate::index::{ChainNode, Entry, Table, mix};
 use crate::key::{ErasedKey, KeyQuery};
+
+mod blocks;
 
 /// Value nodes per segment: a new index table is built every `SEGMENT` bindings.
 pub(crate) const SEGMENT: u16 = 8;
@@ -394,10 +404,28 @@ impl<K: KeySlot, V: ValueSlot> ValueNode<K, V> {
     /// # Safety
     /// `node` is a `ValueNode<K, V>` with no other references, whose parent was moved out.
     unsafe fn drop_and_free(node: NonNull<Header>, nested: &mut Vec<NodeRef>) {
-        // SAFETY: the caller owns the allocation, which `new_value` made with `Box`.
-        let mut node = unsafe { Box::from_raw(node.cast::<Self>().as_ptr()) };
-        node.value.take_nested(nested);
-        drop(node);
+        /// Hands the block to this thread's cache or frees it when dropped: after the node's
+        /// contents are dropped, or while a value's `Drop` unwinds (as `Box` would free it).
+        struct Block(NonNull<u8>, Layout);
+        impl Drop for Block {
+            fn drop(&mut self) {
+                // SAFETY: the block was allocated with this layout (by `new_node`, fresh or
+                // from the cache) and is ours: its contents are dropped, nothing refers to it.
+                unsafe {
+                    if !blocks::keep(self.0, self.1) {
+                        alloc::alloc::dealloc(self.0.as_ptr(), self.1);
+                    }
+                }
+            }
+        }
+        let node = node.cast::<Self>();
+        let _block = Block(node.cast(), Layout::new::<Self>());
+        // SAFETY: the caller owns the node, a live `ValueNode<K, V>` that `new_node` wrote;
+        // its contents are dropped once, here, and the block outlives them.
+        unsafe {
+            (*node.as_ptr()).value.take_nested(nested);
+            ptr::drop_in_place(node.as_ptr());
+        }
     }
 
     /// # Safety
@@ -561,8 +589,18 @@ impl NodeRef {
         vtable: &'static VTable,
     ) -> NodeRef {
         debug_assert!(tag != 0 && flags & F_VALUE != 0);
-        let node = Box::new(ValueNode { header: Header::new(vtable, tag, flags), key, value });
-        let ptr = NonNull::from(Box::leak(node)).cast::<Header>();
+        let node = ValueNode { header: Header::new(vtable, tag, flags), key, value };
+        // A block this thread freed from a node of the same layout, else a fresh allocation
+        // (see `blocks`); either way freed by `drop_and_free` with that layout.
+        let ptr = match blocks::take(Layout::new::<ValueNode<K, V>>()) {
+            Some(block) => {
+                let block = block.cast::<ValueNode<K, V>>();
+                // SAFETY: `take` hands over an unused block of exactly this type's layout.
+                unsafe { block.as_ptr().write(node) };
+                block.cast::<Header>()
+            }
+            None => NonNull::from(Box::leak(Box::new(node))).cast::<Header>(),
+        };
         // Owned from here on: if linking unwinds (a user `Eq` panicking while the index table is
         // built), dropping `node` frees it — key and value included — and releases the parent,
         // instead of leaking the node and its whole chain. Until `link` marks a table as owned,
@@ -1426,5 +1464,67 @@ mod tests {
         assert!(panics >= 1, "no comparison panicked");
         drop(ctx);
         assert_eq!(DROPS.load(Ordering::SeqCst), depth as usize, "every value was dropped");
+    }
+
+    /// A freed value node's block goes to this thread's cache and the thread's next node of the
+    /// same layout takes it; a node of another layout does not; at most `blocks::CAP` are kept
+    /// (with `std`; without it nothing is kept). Each test runs on its own thread, so the cache
+    /// starts empty.
+    #[test]
+    fn freed_node_blocks_are_reused_by_the_next_node_of_their_layout() {
+        let cache = cfg!(feature = "std");
+        assert_eq!(blocks::cached(), 0);
+        let first = bind(None, 1, 1);
+        let address = first.ptr().0.as_ptr() as usize;
+        drop(first);
+        assert_eq!(blocks::cached(), usize::from(cache));
+        // Another layout (a `u32` key): not this block.
+        let other = NodeRef::new_value(None, hashed_tag(&2u32), F_VALUE, InlineKey(2u32), InlineValue(2u8));
+        assert_ne!(other.ptr().0.as_ptr() as usize, address);
+        assert_eq!(blocks::cached(), usize::from(cache));
+        let second = bind(None, 3, 3);
+        // (Without the cache the allocator may or may not hand out the same address.)
+        if cache {
+            assert_eq!(second.ptr().0.as_ptr() as usize, address);
+        }
+        assert_eq!(get(&second, 3), Some(3), "the reused block holds the new node");
+        assert_eq!(blocks::cached(), 0);
+        drop((other, second));
+        assert_eq!(blocks::cached(), 2 * usize::from(cache));
+
+        // A chain longer than the cap: the rest goes back to the allocator.
+        let mut top = None;
+        for k in 0..(blocks::CAP as u64 + 10) {
+            top = Some(bind(top, k, k));
+        }
+        drop(top);
+        assert_eq!(blocks::cached(), if cache { blocks::CAP } else { 0 });
+    }
+
+    /// A value whose `Drop` panics: the panic reaches the caller, and the node's block is still
+    /// kept or freed (not leaked), and a later node takes it.
+    #[test]
+    fn a_panicking_value_drop_still_gives_the_block_back() {
+        extern crate std;
+        use core::panic::AssertUnwindSafe;
+        use std::panic::catch_unwind;
+
+        struct Boom;
+        impl Drop for Boom {
+            fn drop(&mut self) {
+                panic!("a value's Drop panics");
+            }
+        }
+        let cache = cfg!(feature = "std");
+        let node = NodeRef::new_value(None, hashed_tag(&7u64), F_VALUE, InlineKey(7u64), InlineValue(Boom));
+        let address = node.ptr().0.as_ptr() as usize;
+        assert!(catch_unwind(AssertUnwindSafe(|| drop(node))).is_err(), "the panic reaches the caller");
+        assert_eq!(blocks::cached(), usize::from(cache));
+        // `Boom` and `()` are both zero-sized: a node of the same layout.
+        let next = NodeRef::new_value(None, hashed_tag(&8u64), F_VALUE, InlineKey(8u64), InlineValue(()));
+        if cache {
+            assert_eq!(next.ptr().0.as_ptr() as usize, address);
+        }
+        drop(next);
     }
 }
