@@ -25,7 +25,7 @@ use core::ptr::NonNull;
 /// The most blocks one thread keeps: a compaction cycle of a 1 000-key map frees about 3 000
 /// nodes (two writes' worth per key plus the previous compacted chain); with 1 024 the cache
 /// saved nothing there (callgrind: 2 017 instructions per insert against 2 117 without it and
-/// 1 591 with 4 096).
+/// 1 577 with 4 096).
 #[cfg_attr(not(all(feature = "std", not(localsession_loom))), allow(dead_code))]
 pub(super) const CAP: usize = 4096;
 
