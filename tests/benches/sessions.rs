@@ -129,6 +129,17 @@ fn session_of_depth(depth: usize) -> SessionCtx {
 // Benchmarks
 // ---------------------------------------------------------------------------------------------
 
+/// P1's read `iters` times, timed as a whole: the loop of the rows that compare a task with a
+/// plain thread. Not inlined, so that each row runs this one copy.
+#[inline(never)]
+fn p1_read_loop(iters: u64) -> Duration {
+    let start = Instant::now();
+    for _ in 0..iters {
+        black_box(with_current(|s| s.map_or(0, |s| s.read_key(&K, |v| v.copied().unwrap_or(0)))));
+    }
+    start.elapsed()
+}
+
 fn p1_current_get(c: &mut Criterion) {
     let mut g = c.benchmark_group("p1_current_get");
     // Ours: `current()`'s borrowed form plus a typed get, through the std thread store.
@@ -136,6 +147,10 @@ fn p1_current_get(c: &mut Criterion) {
     g.bench_function("localsession", |b| {
         b.iter(|| with_current(|s| s.map_or(0, |s| s.read_key(&K, |v| v.copied().unwrap_or(0)))))
     });
+    // The same read through the task row's loop (one function, so that both rows run the same
+    // machine code: the task row alone measured 2.1, 2.4 or 3.4 ns in builds that differed only
+    // in other benchmarks' code, its peer 2.0 ns in each), on this thread.
+    g.bench_function("localsession_loop", |b| b.iter_custom(p1_read_loop));
     // The same read inside a task of an implicit-mode runtime, with an inherited session: the
     // hooks install it in the worker's slot, so the read path is the plain thread's.
     #[cfg(tokio_unstable)]
@@ -144,19 +159,9 @@ fn p1_current_get(c: &mut Criterion) {
         g.bench_function("localsession_in_implicit_task", |b| {
             b.iter_custom(|iters| {
                 rt.block_on(async {
-                    localsession_std::scope(session_of_depth(1), || {
-                        tokio::spawn(async move {
-                            let start = Instant::now();
-                            for _ in 0..iters {
-                                black_box(with_current(|s| {
-                                    s.map_or(0, |s| s.read_key(&K, |v| v.copied().unwrap_or(0)))
-                                }));
-                            }
-                            start.elapsed()
-                        })
-                    })
-                    .await
-                    .unwrap()
+                    localsession_std::scope(session_of_depth(1), || tokio::spawn(async move { p1_read_loop(iters) }))
+                        .await
+                        .unwrap()
                 })
             })
         });
@@ -831,8 +836,8 @@ fn report(memory: &[String], only: Option<&str>) {
         Row {
             label: "P1 current()+get inside an implicit task",
             ours: m("p1_current_get", "localsession_in_implicit_task"),
-            peer_label: "the same on a plain thread",
-            peer: m("p1_current_get", "localsession"),
+            peer_label: "the same loop on a plain thread",
+            peer: m("p1_current_get", "localsession_loop"),
             target: "<= 1.1x plain thread",
             check: |o, p| p.is_some_and(|p| o <= 1.1 * p),
         },
