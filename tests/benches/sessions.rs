@@ -129,13 +129,19 @@ fn session_of_depth(depth: usize) -> SessionCtx {
 // Benchmarks
 // ---------------------------------------------------------------------------------------------
 
+/// P1's read: the current session's `K`, borrowed.
+#[inline(always)]
+fn p1_read() -> u64 {
+    with_current(|s| s.map_or(0, |s| s.read_key(&K, |v| v.copied().unwrap_or(0))))
+}
+
 /// P1's read `iters` times, timed as a whole: the loop of the rows that compare a task with a
 /// plain thread. Not inlined, so that each row runs this one copy.
 #[inline(never)]
 fn p1_read_loop(iters: u64) -> Duration {
     let start = Instant::now();
     for _ in 0..iters {
-        black_box(with_current(|s| s.map_or(0, |s| s.read_key(&K, |v| v.copied().unwrap_or(0)))));
+        black_box(p1_read());
     }
     start.elapsed()
 }
@@ -144,9 +150,7 @@ fn p1_current_get(c: &mut Criterion) {
     let mut g = c.benchmark_group("p1_current_get");
     // Ours: `current()`'s borrowed form plus a typed get, through the std thread store.
     let _bound = enter(session_of_depth(1));
-    g.bench_function("localsession", |b| {
-        b.iter(|| with_current(|s| s.map_or(0, |s| s.read_key(&K, |v| v.copied().unwrap_or(0)))))
-    });
+    g.bench_function("localsession", |b| b.iter(p1_read));
     // The same read through the task row's loop (one function, so that both rows run the same
     // machine code: the task row alone measured 2.1, 2.4 or 3.4 ns in builds that differed only
     // in other benchmarks' code, its peer 2.0 ns in each), on this thread.
