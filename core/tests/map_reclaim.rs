@@ -86,8 +86,10 @@ fn replaced_values_are_freed_while_the_map_is_written() {
         for i in 0..writes {
             map.insert(i % keys, Counted::new(&CREATED, &DROPPED));
         }
-        // A chain since the last compaction holds at most max(64, 2 * keys) + keys bindings.
-        let chain = 64.max(2 * keys as usize) + keys as usize;
+        // A chain since the last compaction holds at most max(min, 2 * keys) + keys bindings,
+        // `min` being the map's `COMPACT_MIN_WRITES` (64 under miri, 128 otherwise).
+        let min_writes: usize = if cfg!(miri) { 64 } else { 128 };
+        let chain = min_writes.max(2 * keys as usize) + keys as usize;
         let alive = settle(
             keys as usize + 3 * chain,
             || CREATED.load(Ordering::SeqCst) - DROPPED.load(Ordering::SeqCst),

@@ -3,7 +3,7 @@
 //! `BulkInsert` writes up to 4 200 `u16` keys (256 and up, so they never meet the `u8` keys
 //! nor the `1u16` the checks read as absent) into a [`SessionMap`] or derives a
 //! [`SessionCtx`] with them: maps and chains pass the index levels (64, 512 and 4 096 keys)
-//! and, for maps, many compactions (one every `max(64, 2 * live)` writes). `BulkRemove` writes
+//! and, for maps, many compactions (one every `max(128, 2 * live)` writes). `BulkRemove` writes
 //! tombstones. Both check `len` and reads against the model. [`BULK_BUDGET`] bounds the keys a
 //! run writes, so runs stay fast.
 //!
@@ -16,7 +16,7 @@
 //!   the same after the batches as when taken; after the join every write is there (no lost
 //!   writes) and `len` is exact;
 //! - modes 1 and 2, the same 16 keys: both threads overwrite them (mode 2: the second thread
-//!   also removes them), so the map stays small and compacts every 64 writes, concurrently
+//!   also removes them), so the map stays small and compacts every 128 writes, concurrently
 //!   with the other thread's writes; every read decodes to a value some thread wrote to that
 //!   key; after the join each key holds the last write of one of the threads (or, mode 2, is
 //!   absent after the second thread's last remove).
