@@ -133,9 +133,9 @@ const FREE_BATCH: usize = 2;
 /// `max(COMPACT_MIN_WRITES, 2 * live keys)` writes, so this sets the rhythm of small maps only.
 ///
 /// 128 since stop 30 (was 64). A compaction of a 10-key map (rebind the live keys, one table,
-/// hand the old chain to the epoch with a `Guard::flush`) was 13% of its inserts' instructions; at 128
-/// it is paid half as often: `ops p5_insert_10` 1 086 -> 989 instructions per insert
-/// (`tests/benches/instructions.sh`), 97.6 -> 84.4 ns wall clock (medians of five
+/// hand the old chain to the epoch with a `Guard::flush`) was 13% of its inserts'
+/// instructions; at 128 it is paid half as often: `ops p5_insert_10` 1 086 -> 989 instructions
+/// per insert (`tests/benches/instructions.sh`), 97.6 -> 84.4 ns wall clock (medians of five
 /// alternations of the two builds, 2026-12-02); reads do the same work either way (a lookup
 /// never walks more than `SEGMENT` nodes above a table). 256 gave 971 instructions, not worth
 /// doubling again what a small map holds between compactions: up to 128 replaced bindings
