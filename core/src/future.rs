@@ -15,8 +15,51 @@ use core::task::{Context as TaskContext, Poll};
 use crate::session::AnySession;
 use crate::store::{ContextStore, current, global_store};
 
+/// The store type a [`WithSession`] installs its session in: any [`ContextStore`], named by its
+/// type (the calls around each poll are then static and can be inlined), or `dyn ContextStore`
+/// (the default type parameter: a store chosen at run time, or the [global
+/// store](crate::global_store) when none is given). Implemented for both; nothing else
+/// implements it.
+///
+/// # Examples
+/// ```
+/// use localsession_core::{ContextStore, SingleSlotStore, StoreType, WithSession};
+/// static STORE: SingleSlotStore = SingleSlotStore::new();
+/// fn by_type<S: StoreType + ?Sized>(_: &WithSession<(), S>) {}
+/// by_type(&WithSession::new_in_store(&STORE, (), None)); // S = SingleSlotStore
+/// by_type(&WithSession::new((), None)); // S = dyn ContextStore
+/// ```
+pub trait StoreType: ContextStore + sealed::Sealed {
+    /// The store to use: `store`, or for `dyn ContextStore` without one, the global store.
+    #[doc(hidden)]
+    fn resolve(store: Option<&'static Self>) -> Option<&'static Self>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl<S: super::ContextStore> Sealed for S {}
+    impl Sealed for dyn super::ContextStore {}
+}
+
+impl<S: ContextStore> StoreType for S {
+    #[inline]
+    fn resolve(store: Option<&'static S>) -> Option<&'static S> {
+        store
+    }
+}
+
+impl StoreType for dyn ContextStore {
+    #[inline]
+    fn resolve(store: Option<&'static dyn ContextStore>) -> Option<&'static dyn ContextStore> {
+        store.or_else(global_store)
+    }
+}
+
 pin_project_lite::pin_project! {
     /// A future that runs with a session bound (see the [module docs](self)).
+    ///
+    /// The second type parameter is the store's type (see [`StoreType`]): `dyn ContextStore`
+    /// unless the future was made with [`new_in_store`](WithSession::new_in_store).
     ///
     /// # Examples
     /// ```
@@ -30,14 +73,22 @@ pin_project_lite::pin_project! {
     /// assert!(current().is_none()); // nothing left behind
     /// ```
     #[must_use = "futures do nothing unless polled"]
-    pub struct WithSession<F> {
-        store: Option<&'static dyn ContextStore>,
+    pub struct WithSession<F, S = dyn ContextStore>
+    where
+        S: ?Sized,
+        S: StoreType,
+    {
+        store: Option<&'static S>,
         session: Option<AnySession>,
         #[pin]
         future: Option<F>,
     }
 
-    impl<F> PinnedDrop for WithSession<F> {
+    impl<F, S> PinnedDrop for WithSession<F, S>
+    where
+        S: ?Sized,
+        S: StoreType,
+    {
         fn drop(this: Pin<&mut Self>) {
             let mut this = this.project();
             if this.future.is_some() {
@@ -82,7 +133,31 @@ impl<F> WithSession<F> {
     pub fn new_in(store: &'static dyn ContextStore, future: F, session: Option<AnySession>) -> Self {
         WithSession { store: Some(store), session, future: Some(future) }
     }
+}
 
+impl<F, S: ContextStore> WithSession<F, S> {
+    /// Wraps `future` for a store named by its type: the same future as
+    /// [`new_in`](WithSession::new_in), whose calls into the store around each poll are
+    /// static (the tokio adapter's spawn helpers use it with the std adapter's thread store).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{with_current_in, Context, SessionCtx, SingleSlotStore, WithSession};
+    /// static STORE: SingleSlotStore = SingleSlotStore::new();
+    /// let s = SessionCtx::new(&Context::background()).with_value("k", 4u8);
+    /// let fut: WithSession<_, SingleSlotStore> = WithSession::new_in_store(
+    ///     &STORE,
+    ///     async { with_current_in(&STORE, |s| s.unwrap().value_cloned::<u8, _>(&"k")) },
+    ///     Some(s.into()),
+    /// );
+    /// assert_eq!(futures::executor::block_on(fut), Some(4));
+    /// ```
+    pub fn new_in_store(store: &'static S, future: F, session: Option<AnySession>) -> Self {
+        WithSession { store: Some(store), session, future: Some(future) }
+    }
+}
+
+impl<F, S: ?Sized + StoreType> WithSession<F, S> {
     /// The session the future will run with next.
     ///
     /// # Examples
@@ -103,25 +178,25 @@ impl<F> WithSession<F> {
 /// Runs `f` with `session` swapped into the store's slot, and swaps the slot's content back
 /// into `session` afterwards (also when `f` panics).
 #[inline]
-fn with_swapped<R>(
-    store: Option<&'static dyn ContextStore>,
+fn with_swapped<S: ?Sized + StoreType, R>(
+    store: Option<&'static S>,
     session: &mut Option<AnySession>,
     f: impl FnOnce() -> R,
 ) -> R {
-    let Some(store) = store.or_else(global_store) else { return f() };
+    let Some(store) = S::resolve(store) else { return f() };
     let generation = store.generation();
     let Some(token) = store.enter_scope(session) else {
         // The store cannot tell the running unit: run without; the session stays with us.
         return f();
     };
     // `session` now holds what the unit had before; the future's session is in the slot.
-    struct Restore<'a> {
-        store: &'static dyn ContextStore,
+    struct Restore<'a, S: ?Sized + StoreType> {
+        store: &'static S,
         generation: u64,
         token: u64,
         session: &'a mut Option<AnySession>,
     }
-    impl Drop for Restore<'_> {
+    impl<S: ?Sized + StoreType> Drop for Restore<'_, S> {
         fn drop(&mut self) {
             // The unit's binding from before a reset is not restored (see `EnterGuard`).
             if self.store.generation() != self.generation {
@@ -136,7 +211,7 @@ fn with_swapped<R>(
     f()
 }
 
-impl<F: Future> Future for WithSession<F> {
+impl<F: Future, S: ?Sized + StoreType> Future for WithSession<F, S> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
@@ -156,7 +231,7 @@ impl<F: Future> Future for WithSession<F> {
     }
 }
 
-impl<F> fmt::Debug for WithSession<F> {
+impl<F, S: ?Sized + StoreType> fmt::Debug for WithSession<F, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WithSession").field("session", &self.session).finish_non_exhaustive()
     }

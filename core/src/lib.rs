@@ -91,7 +91,7 @@ pub use backup::{backed_up_ctx, backup_ctx, clear_ctx, recover_ctx_on_demands};
 pub use config::{ConfigError, ConfigField, DurationError, ManagerOptions};
 pub use context::{CancelHandle, Context};
 pub use error::{ContextError, ReadError};
-pub use future::{FutureExt, WithSession};
+pub use future::{FutureExt, StoreType, WithSession};
 pub use key::{DynKey, Key, KeyQuery};
 pub use map::SessionMap;
 #[cfg(localsession_loom)]

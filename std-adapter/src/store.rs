@@ -431,6 +431,7 @@ impl ContextStore for ThreadStore {
         self.exit_scope_in_place(session, token);
     }
 
+    #[inline]
     fn generation(&self) -> u64 {
         // Acquire: as in `with`.
         GENERATION.load(Ordering::Acquire)

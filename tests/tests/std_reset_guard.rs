@@ -6,14 +6,17 @@
 //! reset_default_manager(opts)?;   // current() is None here, as documented
 //! drop(guard);                    // current() was `a` again
 //! ```
-//! Fixed by `ContextStore::generation`: guards (and `WithSession`) made before a reset leave the
-//! slot empty instead of restoring a binding of the old generation.
+//! Fixed by `ContextStore::generation`: guards (and `WithSession`, checked here for both of its
+//! store types) made before a reset leave the slot empty instead of restoring a binding of the
+//! old generation.
 //!
 //! Global state: the default manager (resets); one test in this file.
 #![allow(missing_docs)]
 
+use localsession_core::WithSession;
 use localsession_std::{
-    AnySession, Context, ManagerOptions, SessionCtx, bind, current, enter, reset_default_manager, scope, unbind,
+    AnySession, Context, FutureExt, ManagerOptions, SessionCtx, THREAD_STORE, bind, current, enter,
+    reset_default_manager, scope, unbind,
 };
 
 fn session(n: u8) -> AnySession {
@@ -59,4 +62,35 @@ fn reported_bug_a_guard_opened_before_a_reset_must_not_restore_a_pre_reset_bindi
     assert!(inside, "documented: the reset unbinds the scoped session too");
     assert_eq!(here, None, "BUG: the guard restored session 1, bound before the reset");
     assert_eq!(there, None, "BUG: the scope restored session 1, bound before the reset");
+
+    // A `WithSession` polled across a reset, for the store named by its type (the tokio spawn
+    // helpers' `WithSession<_, ThreadStore>`) and through `dyn ContextStore` (`FutureExt`): after
+    // the poll the thread holds neither the future's session nor its own binding from before.
+    for typed in [true, false] {
+        bind(session(1)).unwrap();
+        let body = async {
+            let had = current().and_then(|c| c.value_cloned::<u8, _>(&"n"));
+            reset_default_manager(options()).unwrap();
+            (had, current().is_none())
+        };
+        let (had, cleared) = if typed {
+            poll_once(WithSession::new_in_store(&THREAD_STORE, body, Some(session(3))))
+        } else {
+            poll_once(body.with_session(session(3)))
+        };
+        let after = current().and_then(|c| c.value_cloned::<u8, _>(&"n"));
+        unbind();
+        assert_eq!(had, Some(3), "typed store {typed}: the future runs with its session");
+        assert!(cleared, "typed store {typed}: documented: the reset unbinds the future's session");
+        assert_eq!(after, None, "typed store {typed}: WithSession restored session 1, bound before the reset");
+    }
+}
+
+/// Polls a future that completes in its first poll.
+fn poll_once<F: std::future::Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    match future.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+        std::task::Poll::Ready(out) => out,
+        std::task::Poll::Pending => panic!("the future was meant to complete in one poll"),
+    }
 }

@@ -1,7 +1,8 @@
 //! Explicit inheritance: spawn helpers and future combinators.
 //!
 //! Every helper wraps the future in `WithSession` bound to the thread-local store of
-//! `localsession-std`: around each poll — on whichever worker polls it — the session is swapped
+//! `localsession-std` (by its type, `WithSession<_, ThreadStore>`: the store's calls around each
+//! poll are static): around each poll — on whichever worker polls it — the session is swapped
 //! into that worker's slot and swapped out afterwards, so a worker never carries one task's
 //! session into the next. Works on any runtime flavour, with or without `tokio_unstable`.
 //!
@@ -26,7 +27,9 @@ macro_rules! spawn_bridged {
         // Both bridges off (the default): nothing to capture, and no `Bridges` value to build,
         // test and drop on every spawn (two relaxed loads instead).
         let bridges = if Bridges::switched_on() { Bridges::capture(session.as_ref()) } else { Bridges::none() };
-        let future = WithSession::new_in(&THREAD_STORE, $future, session);
+        // Typed by the store (`WithSession<_, ThreadStore>`): the swaps around each poll are
+        // static calls the compiler inlines.
+        let future = WithSession::new_in_store(&THREAD_STORE, $future, session);
         if bridges.is_empty() { $spawn(future) } else { $spawn(bridges.wrap(future)) }
     }};
 }

@@ -6,7 +6,9 @@
 //! [`FuzzPanic`](super::FuzzPanic), caught). Its `Drop` checks the same, since the wrapper
 //! drops the inner future inside its session too. After every poll and drop the store must
 //! hold what it held before. Futures run on the global store (`with_session`,
-//! `in_current_session`, `without_session`) or on `SLOT_STORE` (`WithSession::new_in`).
+//! `in_current_session`, `without_session`) or on `SLOT_STORE`, named through `dyn
+//! ContextStore` (`WithSession::new_in`) or by its type (`WithSession::new_in_store`, chosen by
+//! the kind byte's top bit).
 
 use core::future::Future;
 use core::pin::Pin;
@@ -16,7 +18,7 @@ use std::rc::Rc;
 use std::sync::atomic::AtomicUsize;
 use std::task::{Wake, Waker};
 
-use localsession_core::{FutureExt, WithSession};
+use localsession_core::{FutureExt, SingleSlotStore, WithSession};
 
 use super::{
     AnySession, Arc, ContextStore, Entry, Interp, Ordering, catch_fuzz, fuzz_panic, pick, same_session, stores,
@@ -92,8 +94,30 @@ impl Wake for CountWake {
     }
 }
 
+/// A probe's wrapper, by the type its store is named by.
+enum Fut {
+    Dyn(Pin<Box<WithSession<Probe>>>),
+    Typed(Pin<Box<WithSession<Probe, SingleSlotStore>>>),
+}
+
+impl Fut {
+    fn session(&self) -> Option<&AnySession> {
+        match self {
+            Fut::Dyn(f) => f.session(),
+            Fut::Typed(f) => f.session(),
+        }
+    }
+
+    fn poll(&mut self, cx: &mut TaskContext<'_>) -> Poll<()> {
+        match self {
+            Fut::Dyn(f) => f.as_mut().poll(cx),
+            Fut::Typed(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
 pub(super) struct FutEntry {
-    fut: Pin<Box<WithSession<Probe>>>,
+    fut: Fut,
     session: Option<Entry>,
     ctl: Rc<RefCell<Ctl>>,
     wakes: Arc<CountWake>,
@@ -104,6 +128,7 @@ impl Interp {
         if self.futures.len() >= MAX_FUTURES {
             return;
         }
+        let typed = kind & 0x80 != 0;
         let kind = kind % 5;
         let store = usize::from(kind >= 3);
         if store == 0 && !stores::global_ours() {
@@ -118,19 +143,26 @@ impl Interp {
             dropped_ok: None,
         }));
         let probe = Probe { ctl: Rc::clone(&ctl) };
+        let on_slot = |probe: Probe, session: Option<AnySession>| {
+            if typed {
+                Fut::Typed(Box::pin(WithSession::new_in_store(&stores::SLOT_STORE, probe, session)))
+            } else {
+                Fut::Dyn(Box::pin(WithSession::new_in(&stores::SLOT_STORE, probe, session)))
+            }
+        };
         let (fut, session) = match (kind, entry) {
-            (0, Some(e)) => (probe.with_session(e.real.clone()), Some(e)),
-            (1, _) => (probe.in_current_session(), self.stores.current(0).cloned()),
-            (2, _) => (probe.without_session(), None),
-            (3, Some(e)) => (WithSession::new_in(&stores::SLOT_STORE, probe, Some(e.real.clone())), Some(e)),
-            (4, _) => (WithSession::new_in(&stores::SLOT_STORE, probe, None), None),
+            (0, Some(e)) => (Fut::Dyn(Box::pin(probe.with_session(e.real.clone()))), Some(e)),
+            (1, _) => (Fut::Dyn(Box::pin(probe.in_current_session())), self.stores.current(0).cloned()),
+            (2, _) => (Fut::Dyn(Box::pin(probe.without_session())), None),
+            (3, Some(e)) => (on_slot(probe, Some(e.real.clone())), Some(e)),
+            (4, _) => (on_slot(probe, None), None),
             // No session to wrap: nothing made (the probe's drop sees nothing to check).
             (_, None) => return,
             _ => unreachable!("kind < 5"),
         };
         same_session(fut.session(), session.as_ref(), "WithSession::session() when made");
         let wakes = Arc::new(CountWake(AtomicUsize::new(0)));
-        self.futures.push(FutEntry { fut: Box::pin(fut), session, ctl, wakes });
+        self.futures.push(FutEntry { fut, session, ctl, wakes });
     }
 
     pub(super) fn fut_poll(&mut self, i: u8, action: u8, s: u8) {
@@ -149,7 +181,7 @@ impl Interp {
         }
         let waker = Waker::from(Arc::clone(&f.wakes));
         let wakes_before = f.wakes.0.load(Ordering::Relaxed);
-        let polled = catch_fuzz(|| f.fut.as_mut().poll(&mut TaskContext::from_waker(&waker)));
+        let polled = catch_fuzz(|| f.fut.poll(&mut TaskContext::from_waker(&waker)));
         match (action, polled) {
             (3, Ok(Poll::Ready(()))) => {
                 let f = self.futures.swap_remove(i);
