@@ -30,8 +30,16 @@ use std::time::Duration;
 
 use async_std::task::JoinHandle;
 use localsession_core::config::ManagerOptions;
-use localsession_core::{AnySession, Clock, Expiry, Instant};
+use localsession_core::{AnySession, Clock, Expiry, Instant, WithSession};
 pub use localsession_std::FutureExt;
+use localsession_std::{THREAD_STORE, ThreadStore};
+
+/// `future` with `session` installed around each poll in the std adapter's thread store, named by
+/// its type (`FutureExt` gives the same future through `dyn ContextStore`; here the store's calls
+/// around each poll are static).
+fn in_thread_store<F: Future>(future: F, session: Option<AnySession>) -> WithSession<F, ThreadStore> {
+    WithSession::new_in_store(&THREAD_STORE, future, session)
+}
 
 /// `async_std::task::spawn` with the spawner's current session.
 ///
@@ -54,7 +62,7 @@ where
     F: Future<Output = T> + Send + 'static,
     T: Send + 'static,
 {
-    async_std::task::spawn(future.in_current_session())
+    async_std::task::spawn(in_thread_store(future, localsession_std::flow_session()))
 }
 
 /// `async_std::task::spawn` with a given session.
@@ -70,7 +78,7 @@ where
     F: Future<Output = T> + Send + 'static,
     T: Send + 'static,
 {
-    async_std::task::spawn(future.with_session(session))
+    async_std::task::spawn(in_thread_store(future, Some(session.into())))
 }
 
 /// `async_std::task::spawn_blocking` with the spawner's current session (bound for the closure,
@@ -109,7 +117,7 @@ where
     F: Future<Output = T> + 'static,
     T: 'static,
 {
-    async_std::task::spawn_local(future.in_current_session())
+    async_std::task::spawn_local(in_thread_store(future, localsession_std::flow_session()))
 }
 
 /// `async_std::task::block_on`, carrying the caller's current session into the future (and into
@@ -228,12 +236,8 @@ impl Builder {
         Builder { session: Some(None), ..self }
     }
 
-    fn wrap<F: Future>(session: Option<Option<AnySession>>, future: F) -> localsession_core::WithSession<F> {
-        match session {
-            None => future.in_current_session(),
-            Some(Some(s)) => future.with_session(s),
-            Some(None) => future.without_session(),
-        }
+    fn wrap<F: Future>(session: Option<Option<AnySession>>, future: F) -> WithSession<F, ThreadStore> {
+        in_thread_store(future, session.unwrap_or_else(localsession_std::flow_session))
     }
 
     /// Spawns the task.

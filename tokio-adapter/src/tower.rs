@@ -117,7 +117,7 @@ use localsession_core::{AnySession, Context, ContextError, MetaInfo, SessionCtx,
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::FutureExt;
+use localsession_std::{THREAD_STORE, ThreadStore};
 
 mod propagate;
 mod reject;
@@ -581,7 +581,8 @@ where
         let fut = localsession_std::scope(session.clone(), || self.inner.call(req));
         let end = EndSession(self.end_with_response.then(|| session.clone().into()));
         let backward = Some((ctx, self.propagators.clone()));
-        ServerBackupFuture { state: ServerState::Inner { fut: fut.with_session(session) }, end, backward }
+        let fut = WithSession::new_in_store(&THREAD_STORE, fut, Some(session.into()));
+        ServerBackupFuture { state: ServerState::Inner { fut }, end, backward }
     }
 }
 
@@ -621,7 +622,7 @@ pin_project_lite::pin_project! {
     #[derive(Debug)]
     enum ServerState<F, B> {
         // The handler runs with the request's backup bound.
-        Inner { #[pin] fut: WithSession<F> },
+        Inner { #[pin] fut: WithSession<F, ThreadStore> },
         // The request was rejected (malformed metainfo); the answer is taken when polled.
         Rejected { response: Option<Response<B>> },
     }
@@ -1228,7 +1229,7 @@ where
         let session: AnySession = (self.make)(&req).into();
         let fut = localsession_std::scope(session.clone(), || self.inner.call(req));
         let end = EndSession(self.end_with_response.then(|| session.clone()));
-        SessionFuture { fut: fut.with_session(session), end }
+        SessionFuture { fut: WithSession::new_in_store(&THREAD_STORE, fut, Some(session)), end }
     }
 }
 
@@ -1257,7 +1258,7 @@ pin_project_lite::pin_project! {
     pub struct SessionFuture<F> {
         // Declared first: dropped (with the session bound) before `end` disables the session.
         #[pin]
-        fut: WithSession<F>,
+        fut: WithSession<F, ThreadStore>,
         end: EndSession,
     }
 }
