@@ -23,7 +23,7 @@ use crate::store::{ContextStore, current, global_store};
 ///
 /// # Examples
 /// ```
-/// use localsession_core::{ContextStore, SingleSlotStore, StoreType, WithSession};
+/// use localsession_core::{SingleSlotStore, StoreType, WithSession};
 /// static STORE: SingleSlotStore = SingleSlotStore::new();
 /// fn by_type<S: StoreType + ?Sized>(_: &WithSession<(), S>) {}
 /// by_type(&WithSession::new_in_store(&STORE, (), None)); // S = SingleSlotStore
@@ -138,7 +138,8 @@ impl<F> WithSession<F> {
 impl<F, S: ContextStore> WithSession<F, S> {
     /// Wraps `future` for a store named by its type: the same future as
     /// [`new_in`](WithSession::new_in), whose calls into the store around each poll are
-    /// static (the tokio adapter's spawn helpers use it with the std adapter's thread store).
+    /// static (the tokio and async-std adapters' spawn helpers use it with the std adapter's
+    /// thread store).
     ///
     /// # Examples
     /// ```
