@@ -139,8 +139,9 @@ const FREE_BATCH: usize = 2;
 /// alternations of the two builds, 2026-12-02); reads do the same work either way (a lookup
 /// never walks more than `SEGMENT` nodes above a table). 256 gave 971 instructions, not worth
 /// doubling again what a small map holds between compactions: up to 128 replaced bindings
-/// besides its live ones (about 14 KiB with `u64` keys and values: a node and its value's `Arc`,
-/// about 112 bytes of heap), where 64 held half that.
+/// besides its live ones, about 14 KiB with `u64` keys and values, where 64 held half that (a
+/// binding requests 88 bytes, the node 64 and its value's `Arc` 24, counted with a counting
+/// global allocator on a fresh thread; about 112 with glibc's chunk headers).
 ///
 /// 64 under miri, whose model tests are sized to cross that threshold within what an
 /// interpreter runs in CI's budget (the compaction code is the same; it runs twice as often).

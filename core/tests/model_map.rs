@@ -275,7 +275,7 @@ fn check(step: usize, real: &Real, model: &Model) -> Result<(), TestCaseError> {
 }
 
 /// Natively long enough to cross the compaction threshold (128 writes for a small map) about
-/// twice per case (42 compactions in 24 cases, counted 2026-12-02). Under miri (an
+/// twice per case (42 compactions in the 24 cases of one counted run, 2026-12-02). Under miri (an
 /// interpreter, one case; the threshold is 64 there) the erased-key sequences stay short:
 /// about 60% of their operations are writes, so 80..100 operations made about 55 and rarely the
 /// 64 a compaction needs (none in five counted runs, 2026-12-02), and 40..50 never do; miri
