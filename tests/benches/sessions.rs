@@ -17,7 +17,7 @@ use std::cell::Cell;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion};
@@ -314,6 +314,24 @@ fn p5_map(c: &mut Criterion) {
         })
     };
     g.bench_function("floor_read_under_writer", |b| b.iter(|| floor.read(black_box(7))));
+    writer.stop();
+    // The least any design with an atomic root adds to a read under a writer: the same quiet
+    // map read plus one load of a cache line (an atomic, alone on its line) that the writer
+    // stores once per write, at the pace of the map's writer (its writer also inserts into an
+    // unrelated map each time). The reader's map itself is never written. A read that must see
+    // every write through a root the write changes pays at least this line's transfer.
+    let shared = Arc::new(crossbeam_utils::CachePadded::new(AtomicU64::new(0)));
+    let one_line_read = || map.read_key(black_box(&K), |v| v.copied().unwrap_or(0)) + shared.load(Ordering::Acquire);
+    g.bench_function("one_line_read", |b| b.iter(one_line_read));
+    let writer = {
+        let shared = shared.clone();
+        let pace = map_with_10_keys();
+        Writer::start(move |i| {
+            shared.store(i, Ordering::Release);
+            pace.insert(i, i);
+        })
+    };
+    g.bench_function("one_line_read_under_writer", |b| b.iter(one_line_read));
     writer.stop();
     // The peer (Go's design: a read-write lock) quiet and under a writer that writes
     // continuously, as the map's writer above does.
@@ -986,6 +1004,14 @@ fn report(memory: &[String], only: Option<&str>) {
             ours: m("p5_session_map", "floor_read_under_writer"),
             peer_label: "floor read, no writer",
             peer: m("p5_session_map", "floor_read"),
+            target: "(information)",
+            check: |_, p| p.is_some(),
+        },
+        Row {
+            label: "P5 (floor) quiet read + one cache line the writer stores per write",
+            ours: m("p5_session_map", "one_line_read_under_writer"),
+            peer_label: "the same, no writer",
+            peer: m("p5_session_map", "one_line_read"),
             target: "(information)",
             check: |_, p| p.is_some(),
         },
