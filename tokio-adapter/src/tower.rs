@@ -245,8 +245,9 @@ pub fn metainfo_from_headers(headers: &HeaderMap) -> Result<MetaInfo, HeaderErro
 /// `rpc-persist-abc-def`). Replaces headers of the same names.
 ///
 /// # Errors
-/// [`HeaderError`] naming the header, for a key that is not a header-name token or a value that
-/// is not header-safe ([`KitexMetainfo::write`]).
+/// [`HeaderError`] naming the header, for a key that is not a header-name token, a value that
+/// is not header-safe, or two keys that become one header (`TENANT` and `tenant`); nothing is
+/// written then ([`KitexMetainfo::write`]).
 ///
 /// # Examples
 /// ```

@@ -1,6 +1,6 @@
 //! The [`Propagator`] abstraction and the Kitex/Hertz metainfo headers ([`KitexMetainfo`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -523,6 +523,12 @@ impl KitexMetainfo {
         entries: impl Iterator<Item = (&'a str, &'a str, &'a str)>,
         headers: &mut HeaderMap,
     ) -> Result<(), HeaderError> {
+        // Staged, then written: on an error `headers` is left as it was (no half-sent metainfo).
+        // Keyed by header name, so that two keys that become one header (`TENANT` and `tenant`,
+        // `A_B` and `A-B`) are an error naming both instead of the second silently replacing the
+        // first.
+        let mut staged: Vec<(HeaderName, HeaderValue)> = Vec::new();
+        let mut keys: HashMap<HeaderName, &'a str> = HashMap::new();
         let (mut count, mut bytes) = (0usize, 0usize);
         for (prefix, key, value) in entries {
             if value.is_empty() {
@@ -531,6 +537,14 @@ impl KitexMetainfo {
             let (name, value) = self.entry(prefix, key, value)?;
             count += 1;
             bytes = bytes.saturating_add(name.as_str().len()).saturating_add(value.len());
+            if let Some(first) = keys.get(&name) {
+                return Err(HeaderError::new(
+                    name.as_str(),
+                    format!(
+                        "the metainfo keys `{first}` and `{key}` both become this header (one value would be lost)"
+                    ),
+                ));
+            }
             if count > self.max_entries {
                 return Err(HeaderError::new(
                     name.as_str(),
@@ -543,6 +557,10 @@ impl KitexMetainfo {
                     format!("the metainfo headers exceed {} bytes in one message", self.max_bytes),
                 ));
             }
+            keys.insert(name.clone(), key);
+            staged.push((name, value));
+        }
+        for (name, value) in staged {
             headers.insert(name, value);
         }
         Ok(())
@@ -558,7 +576,9 @@ impl KitexMetainfo {
     /// # Errors
     /// [`HeaderError`] naming the header the key would have become, for an empty key, a key
     /// that is not a header-name token, a value with control characters or leading/trailing
-    /// whitespace, or more than the limits.
+    /// whitespace, two keys that become the same header (`TENANT` and `tenant`, `A_B` and
+    /// `A-B`: one of the values would be lost), or more than the limits. On an error nothing is
+    /// written to `headers`.
     ///
     /// # Examples
     /// ```
@@ -600,14 +620,17 @@ impl Propagator for KitexMetainfo {
     fn inject_backward(&self, ctx: &Context, headers: &mut HeaderMap) {
         // Lenient (the response is made): values that cannot be headers, or beyond the limits,
         // are dropped, as gopkg drops what it cannot send.
+        // A second key that becomes a header already written here is dropped too (the first
+        // value is kept, as the receiver would have read it).
         let (mut count, mut bytes) = (0usize, 0usize);
+        let mut written = std::collections::HashSet::new();
         for (k, v) in MetaInfo::backward_values_to_send(ctx) {
             if v.is_empty() {
                 continue;
             }
             let Ok((name, value)) = self.entry(BACKWARD_PREFIX, &k, &v) else { continue };
             let size = name.as_str().len() + value.len();
-            if count < self.max_entries && bytes + size <= self.max_bytes {
+            if count < self.max_entries && bytes + size <= self.max_bytes && written.insert(name.clone()) {
                 count += 1;
                 bytes += size;
                 headers.insert(name, value);

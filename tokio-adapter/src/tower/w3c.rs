@@ -103,9 +103,12 @@ impl W3cBaggage {
     /// Invalid UTF-8 after percent-decoding becomes U+FFFD, as the spec says.
     ///
     /// # Errors
-    /// [`HeaderError`] naming `baggage`: more than the limits, a character that is not
-    /// allowed (control characters, non-ASCII, `"`, `\`...), a list-member without `=` or with an
-    /// empty or invalid key, or a `%` not followed by two hex digits.
+    /// [`HeaderError`] naming `baggage`: more than the limits (also once re-encoded: a
+    /// baggage that [`format`](W3cBaggage::format) would write longer than
+    /// [`MAX_BYTES`](W3cBaggage::MAX_BYTES) is refused, so that what is accepted can be sent on),
+    /// a character that is not allowed (control characters, non-ASCII, `"`, `\`...), a
+    /// list-member without `=` or with an empty or invalid key, or a `%` not followed by two hex
+    /// digits.
     ///
     /// # Examples
     /// ```
@@ -117,6 +120,7 @@ impl W3cBaggage {
     pub fn parse(value: &[u8]) -> Result<Vec<(String, String)>, HeaderError> {
         let mut out = Vec::new();
         parse_baggage_into(value, &mut out)?;
+        check_reencoded_len(&out)?;
         Ok(out)
     }
 
@@ -149,9 +153,7 @@ impl W3cBaggage {
             out.push_str(key);
             out.push('=');
             for b in value.bytes() {
-                // `=` is a baggage-octet, but readers that split a list-member at every `=`
-                // (OpenTelemetry's SDK does) would cut the value there: encode it too.
-                if is_baggage_octet(b) && b != b'%' && b != b'=' {
+                if is_sent_raw(b) {
                     out.push(char::from(b));
                 } else {
                     out.push('%');
@@ -165,6 +167,35 @@ impl W3cBaggage {
         }
         Ok(out)
     }
+}
+
+/// Whether [`W3cBaggage::format`] writes the value byte `b` as it is (otherwise as `%XX`).
+/// `=` is a baggage-octet, but readers that split a list-member at every `=` (OpenTelemetry's
+/// SDK does) would cut the value there: it is encoded too.
+fn is_sent_raw(b: u8) -> bool {
+    is_baggage_octet(b) && b != b'%' && b != b'='
+}
+
+/// Refuses a received baggage that [`W3cBaggage::format`] could not send on: re-encoding can
+/// make it longer than it arrived (a raw `=` becomes `%3D`; an invalid UTF-8 sequence, decoded
+/// as U+FFFD, becomes `%EF%BF%BD`). What this crate accepts, it can forward.
+fn check_reencoded_len(members: &[(String, String)]) -> Result<(), HeaderError> {
+    let mut len = members.len().saturating_sub(1); // the commas
+    for (key, value) in members {
+        len += key.len() + 1;
+        len += value.bytes().map(|b| if is_sent_raw(b) { 1 } else { 3 }).sum::<usize>();
+    }
+    if len > W3cBaggage::MAX_BYTES {
+        return Err(HeaderError::new(
+            BAGGAGE,
+            format!(
+                "{len} bytes once re-encoded for sending (a raw '=' or an invalid UTF-8 sequence grows when \
+                 percent-encoded), longer than {}",
+                W3cBaggage::MAX_BYTES
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Parses one baggage field into `out`, keeping the total count within the limit.
@@ -241,6 +272,7 @@ impl Propagator for W3cBaggage {
         for field in headers.get_all(BAGGAGE) {
             parse_baggage_into(field.as_bytes(), &mut members)?;
         }
+        check_reencoded_len(&members)?;
         if members.is_empty() {
             return Ok(ctx.clone());
         }
