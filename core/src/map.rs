@@ -97,8 +97,8 @@ use crate::error::ContextError;
 use crate::index::{for_each_binding_unordered, live_len};
 use crate::key::{DynKey, Key, KeyQuery, hashed_tag};
 use crate::node::{
-    Dying, F_NO_INDEX, F_TOMBSTONE, F_VALUE, InlineKey, NodePtr, NodeRef, SharedKey, SharedValue, Tombstone, TypedKey,
-    lookup, lookup_by,
+    ChainOwner, Dying, F_NO_INDEX, F_TOMBSTONE, F_VALUE, InlineKey, NodePtr, NodeRef, SharedKey, SharedValue,
+    Tombstone, TypedKey, lookup, lookup_by, register_chain_owner,
 };
 use crate::primitive::epoch::{self, Guard};
 use crate::primitive::{AtomicPtr, AtomicUsize, Mutex, Ordering};
@@ -218,12 +218,37 @@ struct Grave {
 impl Drop for MapShared {
     fn drop(&mut self) {
         let root = self.root.load(Ordering::Relaxed);
-        // SAFETY: the root owns one reference; nobody else can reach the map any more.
-        drop(unsafe { NodeRef::from_raw(NonNull::new_unchecked(root)) });
+        // Null once `take_map_chain` moved the chain out, for node reclamation to release.
+        if let Some(root) = NonNull::new(root) {
+            // SAFETY: the root owns one reference; nobody else can reach the map any more.
+            drop(unsafe { NodeRef::from_raw(root) });
+        }
     }
 }
 
+/// The root chain of a [`SessionMap`] value about to be dropped, if it holds the map's last
+/// handle: so that maps nested as values in maps (or in contexts and sessions) drop
+/// iteratively, not one native stack frame group per level (see `node::register_chain_owner`).
+/// `AnySession::Map` values are recognised by the session module, which calls
+/// [`SessionMap::take_chain`].
+fn take_map_chain(value: &mut (dyn Any + Send + Sync)) -> Option<NodeRef> {
+    value.downcast_mut::<SessionMap>().and_then(SessionMap::take_chain)
+}
+
 impl SessionMap {
+    /// Moves the root chain out of a map whose last handle this is (`None` otherwise), for node
+    /// reclamation to release iteratively; the map's own `Drop` then releases only its old
+    /// chains (graves, dying nodes), as before.
+    pub(crate) fn take_chain(&mut self) -> Option<NodeRef> {
+        // The last handle: no reader can walk the chain (reading needs a handle), and the
+        // deferred functions of compactions hold only `graves`, never the map.
+        let shared = Arc::get_mut(&mut self.shared)?;
+        let root = shared.root.swap(core::ptr::null_mut(), Ordering::Relaxed);
+        // SAFETY: the root owned one reference, which moves into the returned `NodeRef`; the
+        // null left behind tells `MapShared::drop` there is nothing more to release.
+        NonNull::new(root).map(|root| unsafe { NodeRef::from_raw(root) })
+    }
+
     /// An empty map with its own validity scope (Go `NewSessionMap(map{})`).
     ///
     /// # Examples
@@ -290,6 +315,8 @@ impl SessionMap {
     }
 
     fn from_base(base: Context) -> SessionMap {
+        // Before any map can be bound as a value: nested maps drop iteratively.
+        register_chain_owner(ChainOwner::Map, take_map_chain);
         let root = base.top().cloned().expect("a scope context has a head").into_raw();
         SessionMap {
             shared: Arc::new(MapShared {
@@ -388,6 +415,13 @@ impl SessionMap {
     }
 
     /// Removes `key`. Returns whether it was present.
+    ///
+    /// The removed value is not dropped here: like a replaced one, it stays in the map's chain
+    /// (snapshots and concurrent readers may still reach it) until a later compaction or the
+    /// map's drop releases it. A value that holds a handle to its own map is a reference cycle
+    /// that `remove` therefore does not break at once: the map (and the value) is freed once
+    /// enough later writes compact it, or never if none come. Keep such back-references out of
+    /// the map's values (or drop them from inside the value before removing it).
     ///
     /// # Examples
     /// ```

@@ -508,14 +508,18 @@ pub(crate) type TakeChain = fn(&mut (dyn Any + Send + Sync)) -> Option<NodeRef>;
 pub(crate) enum ChainOwner {
     /// `Context`, registered by [`context`](crate::context).
     Context = 0,
-    /// `SessionCtx` and `AnySession::Ctx`, registered by [`session`](crate::session).
+    /// `SessionCtx`, `AnySession::Ctx` and `AnySession::Map`, registered by
+    /// [`session`](crate::session).
     Session = 1,
+    /// `SessionMap` (the map's root chain, when the value held the map's last handle),
+    /// registered by [`map`](crate::map); `AnySession::Map` is the session module's.
+    Map = 2,
 }
 
 /// One [`TakeChain`] per [`ChainOwner`], set once. `spin::Once` rather than the crate's
 /// `Global`: a second registrant waits until the first one's function is in place, so whoever
 /// registered can rely on it from then on.
-static CHAIN_OWNERS: [spin::Once<TakeChain>; 2] = [spin::Once::new(), spin::Once::new()];
+static CHAIN_OWNERS: [spin::Once<TakeChain>; 3] = [spin::Once::new(), spin::Once::new(), spin::Once::new()];
 
 /// Registers how to take the chain out of `owner`'s values, so that [`drop_chain`] releases
 /// the chains of such values iteratively.

@@ -957,6 +957,9 @@ impl From<SessionCtx> for AnySession {
 
 impl From<SessionMap> for AnySession {
     fn from(s: SessionMap) -> Self {
+        // An `AnySession::Map` may exist without any `SessionCtx`: nested in a node, it must
+        // still be recognised as owning a chain.
+        register_session_chain_owner();
         AnySession::Map(s)
     }
 }
@@ -990,27 +993,35 @@ impl Session for SessionMap {
         // The value's type is erased: it may be a `Context` (see `Context::note_value_type`).
         Context::register_chain_owner();
         self.insert_erased(key, value);
+        register_session_chain_owner();
         AnySession::Map(self.clone())
     }
 }
 
-/// Registers [`SessionCtx`] and [`AnySession::Ctx`] with node reclamation as values owning a
-/// chain (see [`register_chain_owner`]), so that sessions nested as values in contexts or
-/// sessions drop iteratively. Called by the constructors that make a `SessionCtx` from nothing
-/// (`new`, `with_deadline`): every other `SessionCtx`, and every `AnySession::Ctx`, is derived
-/// from one of those, so no such value can reach a node before this ran. After the first call,
-/// one load.
+/// Registers [`SessionCtx`], [`AnySession::Ctx`] and [`AnySession::Map`] with node reclamation
+/// as values owning a chain (see [`register_chain_owner`]), so that sessions nested as values
+/// in contexts or sessions drop iteratively. Called by the constructors that make a
+/// `SessionCtx` from nothing (`new`, `with_deadline`) — every other `SessionCtx`, and every
+/// `AnySession::Ctx`, is derived from one of those — and by the conversions that make an
+/// `AnySession::Map` (`From<SessionMap>`, the `dyn Session` path). An `AnySession::Map(map)`
+/// written out by hand, in a process that never made a `SessionCtx`, is not recognised: its
+/// drop recurses once per nesting level (never unsound). After the first call, one load.
 #[inline]
 fn register_session_chain_owner() {
     register_chain_owner(ChainOwner::Session, take_session_chain);
 }
 
-/// The chain of a [`SessionCtx`] or an [`AnySession::Ctx`] about to be dropped.
+/// The chain of a [`SessionCtx`], an [`AnySession::Ctx`] or an [`AnySession::Map`] (holding
+/// the map's last handle) about to be dropped.
 fn take_session_chain(value: &mut (dyn Any + Send + Sync)) -> Option<NodeRef> {
     if let Some(s) = value.downcast_mut::<SessionCtx>() {
         s.ctx.take_top()
-    } else if let Some(AnySession::Ctx(s)) = value.downcast_mut::<AnySession>() {
-        s.ctx.take_top()
+    } else if let Some(any) = value.downcast_mut::<AnySession>() {
+        match any {
+            AnySession::Ctx(s) => s.ctx.take_top(),
+            AnySession::Map(m) => m.take_chain(),
+            AnySession::Custom(_) => None,
+        }
     } else {
         None
     }

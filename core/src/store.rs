@@ -604,6 +604,15 @@ pub fn scope<R>(session: impl Into<AnySession>, f: impl FnOnce() -> R) -> R {
 /// the previous binding belonged to the old generation and is not restored: the slot is left
 /// empty.
 ///
+/// Guards must be dropped in the reverse order of their creation, as Rust drops locals. Each
+/// guard restores what was bound when *it* was created, so `drop(outer); drop(inner);` ends
+/// with the *outer* guard's session bound (the inner guard restores it last) — on a pool
+/// thread, the next job would see it. Mind struct fields (dropped in declaration order, so
+/// declare the inner guard first) and `Vec`s of guards (dropped front to back); prefer
+/// [`scope`] where the work is a closure. (The order is not checked: a guard held across an
+/// `.await` in a `WithSession` future is legitimately dropped after guards of other tasks on
+/// the same thread were created and dropped, so a per-thread order would refuse correct code.)
+///
 /// # Examples
 /// ```
 /// use localsession_core::{current, enter, set_global_store, SessionMap, SingleSlotStore};

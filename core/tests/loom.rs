@@ -355,3 +355,40 @@ fn task_table_late_rebind_and_sweep() {
         assert_eq!((table.tasks(), table.sessions()), (0, 0));
     });
 }
+
+/// `reset_default_manager` racing a before-poll hook (the tokio adapter's implicit mode; the
+/// std store's generation is modelled by an atomic): the reset clears every entry (its reset
+/// hook), then bumps the generation; the hook loads the generation (`read_at`), reads the
+/// entry, and installs what it read stamped with the generation its exchange sees — or with
+/// `read_at` if that is older (`ThreadStore::enter_unit`). Whatever the interleaving, a session
+/// from before the reset is never installed as current in the new generation: it is either not
+/// read (cleared first) or stamped with the old generation (reads as empty).
+#[test]
+fn task_table_reset_vs_before_poll() {
+    use localsession_core::TaskTable;
+    use loom::sync::atomic::{AtomicU64, Ordering};
+    model(|| {
+        let table = Arc::new(TaskTable::new());
+        let generation = Arc::new(AtomicU64::new(0));
+        let before_reset: AnySession = SessionMap::new().with_value("n", 0u8).into();
+        drop(table.spawned(1, Some(before_reset.clone())));
+        let (t, g) = (table.clone(), generation.clone());
+        let reset = thread::spawn(move || {
+            drop(t.sweep(|_| false)); // the tokio adapter's reset hook
+            g.fetch_add(1, Ordering::AcqRel); // bump_generation
+        });
+        // The before-poll hook.
+        let read_at = generation.load(Ordering::Acquire);
+        let installed = table.session(1);
+        let exchanged_in = generation.load(Ordering::Acquire); // the exchange's own load
+        let stamp = if exchanged_in == read_at { exchanged_in } else { read_at };
+        reset.join().unwrap();
+        let now = generation.load(Ordering::Acquire);
+        if let Some(s) = &installed {
+            assert!(s.ptr_eq(&before_reset));
+            assert!(stamp < now, "a pre-reset session was installed as current after the reset");
+        }
+        assert_eq!(table.sessions(), 0, "the reset cleared the entry");
+        drop(table.terminated(1));
+    });
+}

@@ -4,20 +4,9 @@
 //! `into_folder` sets up per-job state (here: the installed session) that lives in the folder
 //! until the job's `complete`, and a wrapper producer for the indexed path (`with_producer`).
 //! The session is cloned once per *split* and installed once per *leaf job*, never per item
-//! (except on the `into_iter` path, below).
+//! (except on the `into_iter` path: see "Coverage" on [`ParallelIteratorExt`]).
 //!
-//! Which path runs depends on what follows the adaptor:
-//! - Followed by the terminal operation (`sum`, `collect`, `for_each`, `reduce`, ...) or by
-//!   non-indexed adaptors: the consumer path. The session covers everything the job runs:
-//!   the items, every closure before and after the adaptor, the job's `complete`, and the
-//!   reductions of partial results.
-//! - Followed by indexed adaptors (`map`, `enumerate`, ...) that drive the producer: the
-//!   producer path. The session covers producing and folding the job's items, not what runs
-//!   when the job's result is completed or reduced (a `reduce` closure, a `map` after a `fold`).
-//! - An adaptor that iterates producers itself (`zip`, `interleave`): each item is produced
-//!   with the session installed (one install per item), but consumed after it.
-//!
-//! So: put `.in_current_session()` last, right before the terminal operation.
+//! What each placement of the adaptor covers is in [`ParallelIteratorExt`]'s docs ("Coverage").
 
 use localsession_core::AnySession;
 use localsession_std::Bridges;
@@ -32,6 +21,30 @@ use crate::install::Installed;
 /// Each job installs the session for as long as it runs and then puts back what its thread had
 /// bound before, so items that rayon runs inline on the calling thread leave the caller's own
 /// binding in place, and a `bind` inside an item ends with its job.
+///
+/// # Coverage
+/// Which path runs depends on what follows the adaptor:
+/// - Followed by the terminal operation (`sum`, `collect`, `for_each`, `reduce`, ...) or by
+///   non-indexed adaptors: the consumer path. The session covers everything the job runs:
+///   the items, every closure before and after the adaptor, the job's `complete`, and the
+///   reductions of partial results — except the closures of a `flat_map`/`flatten` *before*
+///   the adaptor, and what precedes them (below).
+/// - Followed by indexed adaptors that drive the producer's `fold_with` (`map`, ...): the
+///   producer path. The session covers producing and folding the job's items, not what runs
+///   when the job's result is completed or reduced (a `reduce` closure, a `map` after a `fold`).
+/// - Followed by an adaptor that iterates the producer itself — `zip`, `interleave`, and also
+///   `enumerate`, `rev`, `step_by`, `chunks` (their producers fold through `into_iter`): each
+///   item is produced with the session installed (one install per item), but consumed after
+///   it, so `.in_current_session().enumerate().for_each(f)` runs `f` *without* the session.
+/// - `flat_map` / `flatten` (not `flat_map_iter`, whose closure runs in the job's folder) call
+///   their closure, and drive everything before it, inside the outer job before any consumer
+///   of this adaptor has installed the session; and a half of an inner parallel iterator that
+///   an idle worker steals runs outside it too. With such an adaptor in the chain, put
+///   `.in_current_session()` both before it and last:
+///   `.in_current_session().flat_map(f).in_current_session().sum()`.
+///
+/// So: put `.in_current_session()` last, right before the terminal operation (and once more
+/// before a `flat_map`/`flatten`). `rayon-adapter/tests/adversary_rayon.rs` checks each case.
 ///
 /// # Examples
 /// ```

@@ -134,6 +134,10 @@ pub fn ensure_default_manager(opts: ManagerOptions) -> Result<(), InitError> {
 pub fn reset_default_manager(opts: ManagerOptions) -> Result<(), InitError> {
     let opts = resolve(opts)?;
     register_globals()?;
+    // Before the bump: a hook clears what an executor keeps outside the slots (the tokio
+    // adapter's task table); a unit that read such a record before the hook and installs it
+    // after the bump gets it stamped with the old generation (`ThreadStore::enter_unit`).
+    crate::store::run_reset_hooks();
     bump_generation();
     *OPTIONS.write().unwrap_or_else(PoisonError::into_inner) = Some(opts);
     STATE.store(INITIALIZED, Ordering::Release);

@@ -177,21 +177,28 @@ impl ThreadStore {
         let out = SLOT.try_with(|t| {
             // Acquire: as in `with`.
             let generation = GENERATION.load(Ordering::Acquire);
-            let mut stale = None;
+            let (mut stale, mut recorded) = (None, None);
             if t.generation.get() != generation {
                 // Dropped after the read, outside the thread-local access (its drop may use the
                 // store).
                 stale = t.slot.replace(None);
                 t.generation.set(generation);
                 crate::live::on_unbind(stale.is_some());
+                // The running unit's record must not keep what the reset ended either: its next
+                // poll would install it again.
+                if stale.is_some()
+                    && let Some(sink) = own_sink(t)
+                {
+                    recorded = (sink.record)(sink.unit, None);
+                }
             }
             let f = f.take().expect("called once");
             let owner = t.owner.get();
             if owner != 0 && owner != running_task() {
                 // Bound by another task of a runtime without hooks: not this unit's session.
-                return (f(None), stale);
+                return (f(None), (stale, recorded));
             }
-            (t.slot.with(f), stale)
+            (t.slot.with(f), (stale, recorded))
         });
         match out {
             Ok((r, stale)) => {
@@ -322,14 +329,23 @@ impl ThreadStore {
     /// before a [`reset_default_manager`](crate::reset_default_manager), which the caller drops
     /// where a panicking `Drop` is harmless; `None` during thread teardown (nothing changed).
     ///
+    /// `read_at` is [`ContextStore::generation`] loaded *before* `*session` was read from the
+    /// unit's record: if a reset ran in between, the session is from before it, and it reads as
+    /// empty from the unit's first read on (and leaves the record at its first read or bind).
+    /// Only bindings of the unit itself reach `sink`: a task of another executor that runs
+    /// inside the unit's poll (a plain `LocalSet` task driven from `block_in_place`, say) and
+    /// binds is tagged with its own task, as on a runtime without hooks, when a
+    /// [task probe](crate::register_task_probe) names it.
+    ///
     /// # Examples
     /// ```
-    /// use localsession_core::{AnySession, SessionMap};
+    /// use localsession_core::{AnySession, ContextStore, SessionMap};
     /// use localsession_std::{bind, current, BindSink, THREAD_STORE};
     ///
     /// fn record(_unit: u64, _s: Option<&AnySession>) -> Option<AnySession> { None }
+    /// let read_at = THREAD_STORE.generation(); // before reading the task's record
     /// let mut task_session = Some(SessionMap::new().with_value("task", 1u8).into());
-    /// let (scope, stale) = THREAD_STORE.enter_unit(&mut task_session, BindSink { unit: 7, record }).unwrap();
+    /// let (scope, stale) = THREAD_STORE.enter_unit(&mut task_session, read_at, BindSink { unit: 7, record }).unwrap();
     /// assert!(stale.is_none() && task_session.is_none()); // the thread had nothing bound
     /// assert!(current().is_some()); // the poll runs with the task's session
     /// let stale = THREAD_STORE.exit_unit(&mut task_session, scope);
@@ -338,6 +354,7 @@ impl ThreadStore {
     pub fn enter_unit(
         &self,
         session: &mut Option<AnySession>,
+        read_at: u64,
         sink: BindSink,
     ) -> Option<(UnitScope, Option<AnySession>)> {
         mark_bound(session);
@@ -345,8 +362,17 @@ impl ThreadStore {
             .try_with(|t| {
                 let outer_sink = t.sink.replace(None);
                 let (token, parked) = exchange_in(t, session, Owner::Scope);
+                // The generation the slot is now in (the exchange brought it up to date).
+                let generation = t.generation.get();
+                if generation != read_at {
+                    // A reset ran after the unit's session was read from its record: the
+                    // session is from before it. Stamped with that older generation, it reads
+                    // as empty and leaves the slot (and, through the sink, the record) at the
+                    // unit's first read or bind, or at `exit_unit`.
+                    t.generation.set(read_at);
+                }
                 t.sink.set(Some(sink));
-                (UnitScope { token, outer_sink }, parked)
+                (UnitScope { token, outer_sink, generation }, parked)
             })
             .ok()?;
         // No sink was set during the exchange: nothing was recorded, only a stale binding.
@@ -361,6 +387,9 @@ impl ThreadStore {
     /// # Examples
     /// See [`enter_unit`](ThreadStore::enter_unit).
     pub fn exit_unit(&self, session: &mut Option<AnySession>, scope: UnitScope) -> Option<AnySession> {
+        // Acquire: as in `with`. A reset during the unit: what the thread held before it is
+        // from the old generation and is not restored (as `EnterGuard` and `WithSession` do).
+        let outdated = if GENERATION.load(Ordering::Acquire) == scope.generation { None } else { session.take() };
         let parked = SLOT
             .try_with(|t| {
                 t.sink.set(None);
@@ -369,7 +398,18 @@ impl ThreadStore {
                 parked
             })
             .ok()?;
-        if parked { take_leftovers().1 } else { None }
+        let stale = if parked { take_leftovers().1 } else { None };
+        if outdated.is_none() {
+            return stale;
+        }
+        // At most one of the two is set besides `outdated`: a parked (stale) slot leaves
+        // `*session` empty. Both go back to the caller to drop.
+        if session.is_none() {
+            *session = stale;
+        } else {
+            debug_assert!(stale.is_none(), "a parked slot leaves the exchanged session empty");
+        }
+        outdated
     }
 
     /// Makes every later change of this thread's binding (by [`bind`](crate::bind),
@@ -448,6 +488,8 @@ impl ContextStore for ThreadStore {
 pub struct UnitScope {
     token: u64,
     outer_sink: Option<BindSink>,
+    /// The generation the unit's scope was opened in.
+    generation: u64,
 }
 
 /// Drops the sessions the last exchange parked: out of line, so that the exchange itself
@@ -504,14 +546,24 @@ fn exchange_slow(t: &ThreadSlot, session: &mut Option<AnySession>, rule: Owner) 
     let generation = GENERATION.load(Ordering::Acquire);
     let stale = t.generation.get() != generation;
     t.generation.set(generation);
-    let sink = t.sink.get();
+    // The sink records the bindings of the unit it was set for, not of another unit that runs
+    // inside that unit's poll without hooks of its own (a plain task of a `LocalSet` or of a
+    // runtime without hooks, driven from `block_in_place`): those are tagged with their task,
+    // as on a runtime without hooks, and never reach the hooked unit's record.
+    let sink = own_sink(t);
     let mut parked = false;
-    // While a sink is set the record equals the slot (every change of the slot passes here),
-    // so a swap that installs what the slot already holds — a scope or a `WithSession` poll
-    // restoring the unit's own session — needs no record.
+    // While the unit's sink is set the record equals the slot whenever the slot belongs to the
+    // unit (every such change passes here), so a swap that installs what the slot already
+    // holds — a scope or a `WithSession` poll restoring the unit's own session — needs no
+    // record. A scope of the unit that closes over another task's binding (that task bound
+    // inside the unit's poll, then the unit opened a scope) brings that binding back tagged
+    // with its task: the unit reads nothing, and its record gets nothing — never the other
+    // task's session. (What the unit had before that task bound is not kept: the one case in
+    // which a unit loses its own binding, for a task of another executor that binds inside it.)
+    let restores_foreign = matches!(rule, Owner::Restore(token) if token != 0);
     if let Some(sink) = sink
-        && !t.slot.with(|cur| same(cur, session.as_ref()))
-        && let Some(old) = (sink.record)(sink.unit, session.as_ref())
+        && !(!restores_foreign && t.owner.get() == 0 && t.slot.with(|cur| same(cur, session.as_ref())))
+        && let Some(old) = (sink.record)(sink.unit, if restores_foreign { None } else { session.as_ref() })
     {
         park(&t.leftover_recorded, old);
         parked = true;
@@ -587,11 +639,63 @@ fn running_task() -> u64 {
     TASK_PROBE.get().map_or(0, |probe| probe())
 }
 
+/// The thread's bind sink if it belongs to the unit running now: the probe names no task (no
+/// probe, or outside any task) or names the sink's unit. `None` when a different task runs
+/// inside the sink's unit (see `exchange_slow`).
+#[inline]
+fn own_sink(t: &ThreadSlot) -> Option<BindSink> {
+    let sink = t.sink.get()?;
+    let running = running_task();
+    (running == 0 || running == sink.unit).then_some(sink)
+}
+
 fn same(a: Option<&AnySession>, b: Option<&AnySession>) -> bool {
     match (a, b) {
         (Some(a), Some(b)) => a.ptr_eq(b),
         (None, None) => true,
         _ => false,
+    }
+}
+
+/// What [`reset_default_manager`](crate::reset_default_manager) runs before it invalidates the
+/// bindings (see [`register_reset_hook`]).
+static RESET_HOOKS: std::sync::Mutex<Vec<fn()>> = std::sync::Mutex::new(Vec::new());
+
+/// Registers `hook` to run in every [`reset_default_manager`](crate::reset_default_manager),
+/// on the resetting thread, before the bindings made so far are invalidated; returns whether it
+/// was new (registering the same function twice runs it once).
+///
+/// For executors that keep sessions outside the thread slots — the tokio adapter's implicit
+/// mode keeps each task's session in a table and clears it here, so that an idle task does
+/// not get its pre-reset session back at its next poll. Hooks run in registration order, under
+/// no lock of this crate; a hook must not call `reset_default_manager` itself.
+///
+/// # Examples
+/// ```
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use localsession_std::{register_reset_hook, reset_default_manager, ManagerOptions};
+///
+/// static RESETS: AtomicUsize = AtomicUsize::new(0);
+/// fn count() { RESETS.fetch_add(1, Ordering::Relaxed); }
+/// assert!(register_reset_hook(count));
+/// assert!(!register_reset_hook(count)); // once
+/// reset_default_manager(ManagerOptions::default()).unwrap();
+/// assert_eq!(RESETS.load(Ordering::Relaxed), 1);
+/// ```
+pub fn register_reset_hook(hook: fn()) -> bool {
+    let mut hooks = RESET_HOOKS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if hooks.iter().any(|h| core::ptr::fn_addr_eq(*h, hook)) {
+        return false;
+    }
+    hooks.push(hook);
+    true
+}
+
+/// Runs the [reset hooks](register_reset_hook), outside their list's lock.
+pub(crate) fn run_reset_hooks() {
+    let hooks = RESET_HOOKS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    for hook in hooks {
+        hook();
     }
 }
 

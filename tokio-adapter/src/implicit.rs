@@ -26,6 +26,17 @@
 //! - Polls nest on one thread (`block_in_place` plus an inner runtime's `block_on`): each
 //!   before-poll pushes a frame (the slot's previous session and the outer sink) and each
 //!   after-poll pops it, so the outer task gets its own session and sink back.
+//! - The sink records only the bindings of the task it was set for: a task of an executor
+//!   without these hooks that runs inside the poll (a plain `LocalSet` task, or a task of a
+//!   runtime built without them, driven from `block_in_place`) and binds is tagged with its own
+//!   task id, as on a runtime without hooks, and never reaches the hooked task's entry (it did
+//!   before: such a bind became the hooked task's session for the rest of its life, and its
+//!   children's).
+//! - [`reset_default_manager`](localsession_std::reset_default_manager) clears every entry
+//!   (a reset hook, before it bumps the generation), and the before-poll hook reads the
+//!   generation before the entry, so a session read before a concurrent reset is installed as
+//!   outdated (it reads as empty). An after-poll hook does not restore what the thread held
+//!   before the poll if a reset ran during it. No pre-reset session comes back.
 //!
 //! # Hooks run no user code
 //! tokio does not catch panics in its poll hooks (a panic there aborts the process or kills a
@@ -87,7 +98,12 @@
 //! - The runtime's `block_on` future is not a task: it sees the session of the thread calling
 //!   `block_on`.
 //! - Tasks cancelled by the runtime's shutdown have their future dropped outside a poll,
-//!   without their session.
+//!   before the terminate hook: that drop sees whatever the dropping thread has bound (the
+//!   caller of the runtime's `drop`/`shutdown_*`, or nothing on a worker), not the task's
+//!   session. A future whose `Drop` needs its session: spawn it with
+//!   [`spawn_with`](crate::spawn_with) or wrap it with
+//!   [`FutureExt::with_session`](crate::FutureExt::with_session), which install the session
+//!   around the drop too.
 //!
 //! # Examples
 //! A `bind` inside a task sticks to that task, and what it spawns afterwards inherits it:
@@ -119,7 +135,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 use std::time::Duration;
 
-use localsession_core::{AnySession, TaskAttachment, TaskTable};
+use localsession_core::{AnySession, ContextStore, TaskAttachment, TaskTable};
 use localsession_std::{BindSink, BridgeGuard, Bridges, THREAD_STORE, UnitScope};
 
 use crate::probe::raw_id;
@@ -189,6 +205,9 @@ fn on_spawn(meta: &TaskMeta<'_>) {
 
 fn on_before_poll(meta: &TaskMeta<'_>) {
     let id = raw_id(meta.id());
+    // Before the entry is read: a reset that runs in between clears the entry (its hook) and
+    // then bumps the generation, so a session read before that is installed as outdated.
+    let read_at = THREAD_STORE.generation();
     let (mut session, attachment) = TABLE.entry(id);
     // The context bridge reads the task's session as it is now (the task may have rebound).
     // With both bridges off and no span kept, there is nothing to enter.
@@ -199,7 +218,7 @@ fn on_before_poll(meta: &TaskMeta<'_>) {
     };
     // One thread-local access: the outer poll's sink (nested polls) is suspended, the task's
     // session installed, and its bindings recorded in its entry from now on.
-    let Some((scope, stale)) = THREAD_STORE.enter_unit(&mut session, BindSink { unit: id, record }) else {
+    let Some((scope, stale)) = THREAD_STORE.enter_unit(&mut session, read_at, BindSink { unit: id, record }) else {
         // Thread teardown: nothing can be installed; the clones are not the last references.
         drop_caught(session);
         drop_caught(attachment);
@@ -487,6 +506,7 @@ impl ImplicitSessions {
     /// ```
     pub fn install(self, builder: &mut Builder) -> &mut Builder {
         crate::probe::register();
+        localsession_std::register_reset_hook(clear_on_reset);
         // The hooks own `alive`; the sweeper holds a `Weak` and stops when the runtime (and with
         // it the hooks) is dropped.
         let alive = Arc::new(());
@@ -629,6 +649,16 @@ pub fn sweep_ended_sessions() -> usize {
         drop_caught(Some(session));
     }
     n
+}
+
+/// `reset_default_manager`'s hook: every task's session is from before the reset, so every
+/// entry is cleared (an idle task would otherwise get its session back at its next poll). Runs
+/// in the resetting caller's context, not in a hook; drops are caught all the same, so that a
+/// panicking `Drop` cannot stop the reset half-way.
+fn clear_on_reset() {
+    for session in TABLE.sweep(|_| false) {
+        drop_caught(Some(session));
+    }
 }
 
 /// Tasks that currently hold a session in the implicit table (for leak tests and metrics).
