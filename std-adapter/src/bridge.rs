@@ -28,7 +28,12 @@
 //!
 //! A unit spawned while the flow is suppressed ([`without_flow`](crate::without_flow)) captures
 //! no span either: work that outlives its request must not stay under the request's span, as it
-//! must not keep its session.
+//! must not keep its session. And a unit whose session has *ended* (disabled when its request
+//! completed, cancelled, past its deadline) enters neither its span nor its context any more:
+//! a leftover task (a worker built lazily inside a request) that goes on to serve later requests
+//! does not log them under the first request's span or trace them in its trace. The
+//! [`SessionFieldsLayer`](crate::SessionFieldsLayer) likewise records no field of an ended
+//! session.
 //!
 //! # Compared with doing it by hand
 //! `tracing::Instrument::in_current_span` and OpenTelemetry's `FutureExt::with_context` do the
@@ -286,6 +291,9 @@ impl Bridges {
     /// ```
     #[inline]
     pub fn enter(&self) -> BridgeGuard<'_> {
+        if self.is_empty() || installed_session_ended() {
+            return BridgeGuard::empty();
+        }
         BridgeGuard {
             #[cfg(feature = "opentelemetry")]
             otel: self.otel.clone().map(opentelemetry::Context::attach),
@@ -305,6 +313,9 @@ impl Bridges {
     /// ```
     #[inline]
     pub fn into_guard(self) -> BridgeGuard<'static> {
+        if self.is_empty() || installed_session_ended() {
+            return BridgeGuard::empty();
+        }
         // A span is kept behind an `Arc` and entered by id: the guard stays two words.
         #[cfg(feature = "tracing")]
         if self.span.is_some() {
@@ -334,6 +345,10 @@ impl Bridges {
         // Without the `tracing` and `opentelemetry` features there is nothing to enter.
         #[cfg(not(any(feature = "tracing", feature = "opentelemetry")))]
         drop(shared);
+        #[cfg(any(feature = "tracing", feature = "opentelemetry"))]
+        if installed_session_ended() {
+            return BridgeGuard::empty();
+        }
         BridgeGuard {
             #[cfg(feature = "opentelemetry")]
             otel: shared.otel.clone().map(opentelemetry::Context::attach),
@@ -436,6 +451,29 @@ pub struct BridgeGuard<'a> {
     #[allow(dead_code)]
     span: Option<SpanGuard<'a>>,
     _not_send: PhantomData<(*const (), &'a ())>,
+}
+
+impl BridgeGuard<'_> {
+    /// A guard that entered nothing.
+    fn empty() -> Self {
+        BridgeGuard {
+            #[cfg(feature = "opentelemetry")]
+            otel: None,
+            #[cfg(feature = "tracing")]
+            span: None,
+            _not_send: PhantomData,
+        }
+    }
+}
+
+/// Whether the session installed on this thread has ended (disabled, cancelled, past its
+/// deadline): its unit then enters no span and attaches no context, so work that outlives its
+/// request (a leftover worker serving later requests) does not log or trace under the ended
+/// request's span, trace or baggage — the bridges' half of "sessions end with their request".
+/// A unit without a session is not affected. One thread-local read and a validity check, only
+/// where something was captured.
+fn installed_session_ended() -> bool {
+    crate::with_current(|s| s.is_some_and(|s| !s.is_valid()))
 }
 
 impl fmt::Debug for BridgeGuard<'_> {

@@ -103,7 +103,9 @@ impl SessionFields {
     }
 
     /// The fields' values in the session current on this thread, in the order they were
-    /// added; empty without a session.
+    /// added; empty without a session, and for a session that has ended (disabled, cancelled,
+    /// past its deadline): a task left over from an ended request does not stamp its identity
+    /// on the lines it logs for later requests.
     ///
     /// # Examples
     /// ```
@@ -118,8 +120,10 @@ impl SessionFields {
             return Vec::new();
         }
         crate::with_current(|session| match session {
-            Some(s) => self.fields.iter().filter_map(|(name, render)| render(s).map(|v| (*name, v))).collect(),
-            None => Vec::new(),
+            Some(s) if s.is_valid() => {
+                self.fields.iter().filter_map(|(name, render)| render(s).map(|v| (*name, v))).collect()
+            }
+            _ => Vec::new(),
         })
     }
 

@@ -20,7 +20,8 @@ use localsession_std::{Bridges, THREAD_STORE};
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 
 /// `future` with `session` installed around each poll, and the bridges captured here (if any)
-/// entered around that: spawned with `$spawn`, as one of two future types.
+/// entered inside that (so that they see the session, and enter nothing once it has ended):
+/// spawned with `$spawn`, as one of two future types.
 macro_rules! spawn_bridged {
     ($spawn:expr, $session:expr, $future:expr) => {{
         let session: Option<AnySession> = $session;
@@ -29,8 +30,11 @@ macro_rules! spawn_bridged {
         let bridges = if Bridges::switched_on() { Bridges::capture(session.as_ref()) } else { Bridges::none() };
         // Typed by the store (`WithSession<_, ThreadStore>`): the swaps around each poll are
         // static calls the compiler inlines.
-        let future = WithSession::new_in_store(&THREAD_STORE, $future, session);
-        if bridges.is_empty() { $spawn(future) } else { $spawn(bridges.wrap(future)) }
+        if bridges.is_empty() {
+            $spawn(WithSession::new_in_store(&THREAD_STORE, $future, session))
+        } else {
+            $spawn(WithSession::new_in_store(&THREAD_STORE, bridges.wrap($future), session))
+        }
     }};
 }
 
