@@ -121,7 +121,9 @@ where
 }
 
 /// `async_std::task::block_on`, carrying the caller's current session into the future (and into
-/// its drop), even if the future binds something else meanwhile.
+/// its drop), even if the future binds something else meanwhile. Also under
+/// [`without_flow`](localsession_std::without_flow): the future runs on the calling thread, like
+/// a synchronous call, and suppression only stops what is spawned from inheriting.
 ///
 /// # Examples
 /// ```
@@ -140,7 +142,10 @@ where
 ///
 /// See also the [crate docs](crate).
 pub fn block_on<F: Future>(future: F) -> F::Output {
-    async_std::task::block_on(future.in_current_session())
+    // `current()`, not the flow's session: the future runs here, on the caller's thread, as
+    // a synchronous call would, so `without_flow` (which stops what is *spawned* from
+    // inheriting) does not take the caller's session away from it.
+    async_std::task::block_on(in_thread_store(future, localsession_std::current()))
 }
 
 /// `async_std::task::Builder` that hands a session to the task.

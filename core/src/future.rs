@@ -6,6 +6,9 @@
 //! cloned per poll. Because the session is taken back *from the slot*, a `bind` or `unbind`
 //! inside the future sticks to the future (Go's `BindSession` inside a goroutine), and never
 //! leaks into the next task the worker polls. A panic inside `poll` still restores the slot.
+//! A session the future holds while its store is reset ([`ContextStore::generation`] changes:
+//! the std adapter's `reset_default_manager`) is dropped at the next poll instead of being
+//! installed: every binding from before a reset ends, also one an idle task carries.
 
 use core::fmt;
 use core::future::Future;
@@ -80,6 +83,10 @@ pin_project_lite::pin_project! {
     {
         store: Option<&'static S>,
         session: Option<AnySession>,
+        // The store generation `session` belongs to (`None`: not known yet, no store was
+        // resolvable when the future was made). A session held across a reset of the store is
+        // dropped before the next poll, not installed again.
+        generation: Option<u64>,
         #[pin]
         future: Option<F>,
     }
@@ -93,7 +100,7 @@ pin_project_lite::pin_project! {
             let mut this = this.project();
             if this.future.is_some() {
                 let store = *this.store;
-                with_swapped(store, this.session, || this.future.set(None));
+                with_swapped(store, this.session, this.generation, || this.future.set(None));
             }
         }
     }
@@ -117,7 +124,8 @@ impl<F> WithSession<F> {
     ///
     /// See also [`WithSession`].
     pub fn new(future: F, session: Option<AnySession>) -> Self {
-        WithSession { store: None, session, future: Some(future) }
+        let generation = global_store().map(|store| store.generation());
+        WithSession { store: None, session, generation, future: Some(future) }
     }
 
     /// Wraps `future` for a given store instead of the default one.
@@ -131,7 +139,7 @@ impl<F> WithSession<F> {
     /// assert!(futures::executor::block_on(fut));
     /// ```
     pub fn new_in(store: &'static dyn ContextStore, future: F, session: Option<AnySession>) -> Self {
-        WithSession { store: Some(store), session, future: Some(future) }
+        WithSession { store: Some(store), session, generation: Some(store.generation()), future: Some(future) }
     }
 }
 
@@ -154,7 +162,7 @@ impl<F, S: ContextStore> WithSession<F, S> {
     /// assert_eq!(futures::executor::block_on(fut), Some(4));
     /// ```
     pub fn new_in_store(store: &'static S, future: F, session: Option<AnySession>) -> Self {
-        WithSession { store: Some(store), session, future: Some(future) }
+        WithSession { store: Some(store), session, generation: Some(store.generation()), future: Some(future) }
     }
 }
 
@@ -177,15 +185,24 @@ impl<F, S: ?Sized + StoreType> WithSession<F, S> {
 }
 
 /// Runs `f` with `session` swapped into the store's slot, and swaps the slot's content back
-/// into `session` afterwards (also when `f` panics).
+/// into `session` afterwards (also when `f` panics). `stamp` is the store generation `session`
+/// belongs to: a session from before a reset of the store (the future was idle, or made, when
+/// it happened) is dropped here, in the future's own poll, instead of being installed — as a
+/// thread's binding from before the reset reads as empty. Afterwards `stamp` is the generation
+/// the slot's content was taken back in.
 #[inline]
 fn with_swapped<S: ?Sized + StoreType, R>(
     store: Option<&'static S>,
     session: &mut Option<AnySession>,
+    stamp: &mut Option<u64>,
     f: impl FnOnce() -> R,
 ) -> R {
     let Some(store) = S::resolve(store) else { return f() };
     let generation = store.generation();
+    if stamp.is_some_and(|held| held != generation) {
+        *session = None;
+    }
+    *stamp = Some(generation);
     let Some(token) = store.enter_scope(session) else {
         // The store cannot tell the running unit: run without; the session stays with us.
         return f();
@@ -196,19 +213,24 @@ fn with_swapped<S: ?Sized + StoreType, R>(
         generation: u64,
         token: u64,
         session: &'a mut Option<AnySession>,
+        stamp: &'a mut Option<u64>,
     }
     impl<S: ?Sized + StoreType> Drop for Restore<'_, S> {
         fn drop(&mut self) {
+            let now = self.store.generation();
             // The unit's binding from before a reset is not restored (see `EnterGuard`).
-            if self.store.generation() != self.generation {
+            if now != self.generation {
                 *self.session = None;
             }
+            // What the exit takes back is of this generation at least: a store hands back no
+            // binding from before its reset (the std thread store parks a stale one).
+            *self.stamp = Some(now);
             // Swap back: what the slot holds now is the future's session from here on (a
             // `bind` inside the future sticks to it).
             self.store.exit_scope(self.session, self.token);
         }
     }
-    let _restore = Restore { store, generation, token, session };
+    let _restore = Restore { store, generation, token, session, stamp };
     f()
 }
 
@@ -218,7 +240,7 @@ impl<F: Future, S: ?Sized + StoreType> Future for WithSession<F, S> {
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
         let mut this = self.project();
         let store = *this.store;
-        with_swapped(store, this.session, || {
+        with_swapped(store, this.session, this.generation, || {
             let poll = match this.future.as_mut().as_pin_mut() {
                 Some(fut) => fut.poll(cx),
                 None => panic!("`WithSession` polled after completion"),
@@ -309,3 +331,78 @@ pub trait FutureExt: Future + Sized {
 }
 
 impl<F: Future> FutureExt for F {}
+
+#[cfg(test)]
+mod tests {
+    use core::future::Future;
+    use core::pin::pin;
+    use core::sync::atomic::{AtomicU64, Ordering};
+    use core::task::{Context as TaskContext, Poll, Waker};
+
+    use super::WithSession;
+    use crate::store::{ContextStore, SingleSlotStore};
+    use crate::{AnySession, BindError, Context, SessionCtx};
+
+    /// A one-slot store with a generation that the test bumps (what `reset_default_manager`
+    /// does to the std thread store).
+    struct Resettable {
+        slot: SingleSlotStore,
+        generation: AtomicU64,
+    }
+
+    impl ContextStore for Resettable {
+        fn with_current(&self, f: &mut dyn FnMut(Option<&AnySession>)) {
+            self.slot.with_current(f);
+        }
+        fn replace(&self, session: Option<AnySession>) -> Result<Option<AnySession>, BindError> {
+            self.slot.replace(session)
+        }
+        fn generation(&self) -> u64 {
+            self.generation.load(Ordering::Acquire)
+        }
+    }
+
+    static STORE: Resettable = Resettable { slot: SingleSlotStore::new(), generation: AtomicU64::new(0) };
+
+    fn current_value() -> Option<u8> {
+        let mut v = None;
+        STORE.with_current(&mut |s| v = s.and_then(|s| s.value_cloned::<u8, _>(&"k")));
+        v
+    }
+
+    /// Regression: a `WithSession` idle while its store was reset installed its pre-reset
+    /// session again at its next poll (the generation was compared only within one poll).
+    /// Now the session it held is dropped and the future runs with none — also when the reset
+    /// came before its first poll.
+    #[test]
+    fn a_session_held_across_a_reset_is_not_installed_again() {
+        let mut cx = TaskContext::from_waker(Waker::noop());
+        let session: AnySession = SessionCtx::new(&Context::background()).with_value("k", 7u8).into();
+        let mut yielded = false;
+        let body = core::future::poll_fn(|_| {
+            if yielded {
+                Poll::Ready(current_value())
+            } else {
+                yielded = true;
+                Poll::Pending
+            }
+        });
+        let mut fut = pin!(WithSession::new_in_store(&STORE, body, Some(session.clone())));
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert!(fut.session().is_some(), "held between polls");
+        STORE.generation.fetch_add(1, Ordering::AcqRel); // the reset, while the future is idle
+        assert_eq!(fut.as_mut().poll(&mut cx), Poll::Ready(None));
+
+        // Made before the reset, first polled after it.
+        let early =
+            WithSession::new_in_store(&STORE, core::future::poll_fn(|_| Poll::Ready(current_value())), Some(session));
+        STORE.generation.fetch_add(1, Ordering::AcqRel);
+        assert_eq!(pin!(early).poll(&mut cx), Poll::Ready(None));
+
+        // Made and polled in one generation: the session is installed.
+        let fresh: AnySession = SessionCtx::new(&Context::background()).with_value("k", 8u8).into();
+        let now =
+            WithSession::new_in_store(&STORE, core::future::poll_fn(|_| Poll::Ready(current_value())), Some(fresh));
+        assert_eq!(pin!(now).poll(&mut cx), Poll::Ready(Some(8)));
+    }
+}

@@ -264,6 +264,18 @@ impl ContextStore for ShardedStore {
             None => self.remove(id),
         })
     }
+
+    /// Asks the id function *before* moving anything: if it panics (it is the embedder's
+    /// code), `*session` is still the caller's and the unit's binding is untouched. (The
+    /// default `swap` moves the session into `replace` first, so such a panic lost it.)
+    fn swap(&self, session: &mut Option<AnySession>) -> bool {
+        let Some(id) = (self.current_id)() else { return false };
+        *session = match session.take() {
+            Some(s) => self.bind(id, s),
+            None => self.remove(id),
+        };
+        true
+    }
 }
 
 impl fmt::Debug for ShardedStore {

@@ -316,6 +316,24 @@ impl Bridges {
         if self.is_empty() || installed_session_ended() {
             return BridgeGuard::empty();
         }
+        self.into_guard_unchecked()
+    }
+
+    /// [`into_guard`](Bridges::into_guard) without its check that the session installed on
+    /// this thread has not ended: for an executor hook that holds the unit's session and has
+    /// checked it itself ([`AnySession::is_valid`]), which spares a thread-local read per poll.
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::Bridges;
+    /// let session = SessionMap::new().into();
+    /// let bridges = Bridges::session_context(Some(&session));
+    /// let guard = if session.is_valid() { bridges.into_guard_unchecked() } else { Bridges::none().into_guard() };
+    /// drop(guard);
+    /// ```
+    #[inline]
+    pub fn into_guard_unchecked(self) -> BridgeGuard<'static> {
         // A span is kept behind an `Arc` and entered by id: the guard stays two words.
         #[cfg(feature = "tracing")]
         if self.span.is_some() {
@@ -333,6 +351,8 @@ impl Bridges {
     /// [`enter`](Bridges::enter) for bridges shared with a table that keeps them (tokio's
     /// implicit mode keeps a task's span in its entry): the guard holds `shared` and enters
     /// and exits the span by id through the span's subscriber, without cloning the span.
+    /// Like [`into_guard_unchecked`](Bridges::into_guard_unchecked), it does not check that the
+    /// unit's session has not ended: the caller (an executor hook holding the session) does.
     ///
     /// # Examples
     /// ```
@@ -345,10 +365,6 @@ impl Bridges {
         // Without the `tracing` and `opentelemetry` features there is nothing to enter.
         #[cfg(not(any(feature = "tracing", feature = "opentelemetry")))]
         drop(shared);
-        #[cfg(any(feature = "tracing", feature = "opentelemetry"))]
-        if installed_session_ended() {
-            return BridgeGuard::empty();
-        }
         BridgeGuard {
             #[cfg(feature = "opentelemetry")]
             otel: shared.otel.clone().map(opentelemetry::Context::attach),

@@ -210,9 +210,16 @@ fn on_before_poll(meta: &TaskMeta<'_>) {
     let read_at = THREAD_STORE.generation();
     let (mut session, attachment) = TABLE.entry(id);
     // The context bridge reads the task's session as it is now (the task may have rebound).
-    // With both bridges off and no span kept, there is nothing to enter.
+    // With both bridges off and no span kept, there is nothing to enter; nor for a task whose
+    // session has ended (its request is over: a leftover task must not log or trace later
+    // work under that request's span, trace or baggage). A user session's `is_valid` and
+    // values are user code: caught, and a panic enters nothing.
     let context = if attachment.is_some() || Bridges::switched_on() {
-        Some(Bridges::session_context(session.as_ref()))
+        catch_unwind(AssertUnwindSafe(|| {
+            let session = session.as_ref();
+            session.is_none_or(AnySession::is_valid).then(|| Bridges::session_context(session))
+        }))
+        .unwrap_or(None)
     } else {
         None
     };
@@ -254,7 +261,8 @@ fn enter_bridges(attachment: Option<TaskAttachment>, context: Bridges) -> Entere
     // terminate hook, inside the task's final poll, removes the entry first.
     let entered = catch_unwind(AssertUnwindSafe(move || {
         let span = shared.map(Bridges::enter_shared);
-        let context = if context.is_empty() { None } else { Some(context.into_guard()) };
+        // Checked above: the task's session has not ended.
+        let context = if context.is_empty() { None } else { Some(context.into_guard_unchecked()) };
         Entered { context, span }
     }));
     entered.unwrap_or_else(|_| {
