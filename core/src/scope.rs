@@ -107,11 +107,14 @@ struct Registrations {
     slots: Vec<Slot>,
     free: usize,
     live: usize,
+    /// An `err()` reported `DeadlineExceeded` for the passed deadline before the scope was
+    /// settled: the scope then settles with that cause, whatever a racing cancel brings.
+    deadline_seen: bool,
 }
 
 impl Registrations {
     const fn new() -> Self {
-        Registrations { slots: Vec::new(), free: NO_SLOT, live: 0 }
+        Registrations { slots: Vec::new(), free: NO_SLOT, live: 0, deadline_seen: false }
     }
 
     fn next_index(&self) -> usize {
@@ -286,9 +289,44 @@ impl ScopeNode {
         if self.is_cancelled() {
             Some(self.cause_unchecked())
         } else if self.deadline_passed() {
-            Some(ContextError::DeadlineExceeded)
+            // Decided under the lock `settle` takes: a cancel that settled first is seen here,
+            // and one that read the clock before the deadline but settles after this finds the
+            // mark and settles `DeadlineExceeded` — so `err()` never changes once it is `Some`.
+            // (Nothing is settled here: no callback runs inside `err()` or `Debug`; and no
+            // clock is read under the lock.)
+            let mut regs = self.regs.lock();
+            // Relaxed: `state` only changes under this lock.
+            if self.state.load(Ordering::Relaxed) == CANCELLED {
+                Some(self.cause_unchecked())
+            } else {
+                regs.deadline_seen = true;
+                Some(ContextError::DeadlineExceeded)
+            }
         } else {
             None
+        }
+    }
+
+    /// Whether a deadline passed on the way from this scope up to `top` (excluded) that is
+    /// earlier than `top`'s own: this scope's, or one of the scopes between — not one inherited
+    /// from `top` or above (a scope stores its effective deadline, the earlier of its own and
+    /// its parent's, so a deadline no earlier than `top`'s on the same clock is `top`'s).
+    fn deadline_passed_below(&self, top: &ScopeNode) -> bool {
+        let top_deadline = top.deadline;
+        let mut scope = self;
+        loop {
+            if core::ptr::eq(scope, top) {
+                return false;
+            }
+            let own = |d: &Instant| top_deadline.is_none_or(|t| !d.same_clock(&t) || *d < t);
+            if scope.deadline.is_some_and(|d| own(&d) && d.has_passed()) {
+                return true;
+            }
+            match scope.outer {
+                // SAFETY: as in `deadline_passed`.
+                Some(outer) => scope = unsafe { outer.as_ref() },
+                None => return false,
+            }
         }
     }
 
@@ -304,23 +342,25 @@ impl ScopeNode {
     /// `DeadlineExceeded` whatever cause the late cancel brings, so `err()` never changes once
     /// it is `Some`.
     pub(crate) fn cancel(&self, cause: ContextError) -> bool {
-        let expired = !cause.is_deadline_exceeded() && self.deadline_passed();
-        let cause = if expired { ContextError::DeadlineExceeded } else { cause };
+        let given_deadline = cause.is_deadline_exceeded();
+        let cause = if !given_deadline && self.deadline_passed() { ContextError::DeadlineExceeded } else { cause };
         let mut fired = Fired::default();
-        if !self.settle(&cause, &mut fired) {
+        let Some(cause) = self.settle(cause, &mut fired) else {
             return false;
-        }
+        };
+        let expired = !given_deadline && cause.is_deadline_exceeded();
         let mut done = Vec::new();
         while let Some(child) = fired.children.pop() {
             // SAFETY: `Child` registrations are scope nodes; we hold a reference.
             let c = unsafe { ScopeNode::from_node(&child) };
-            // A child already past its (earlier) deadline reports that, as in Go.
-            let child_cause = if !cause.is_deadline_exceeded() && c.deadline_passed() {
+            // A child already past an (earlier) deadline of its own reports that, as in Go —
+            // not one it inherits from this scope or above, which this cancel's cause settled.
+            let child_cause = if !cause.is_deadline_exceeded() && c.deadline_passed_below(self) {
                 &ContextError::DeadlineExceeded
             } else {
                 &cause
             };
-            c.settle(child_cause, &mut fired);
+            let _ = c.settle(child_cause.clone(), &mut fired);
             done.push(child);
         }
         for waker in fired.wakers {
@@ -333,14 +373,18 @@ impl ScopeNode {
         !expired
     }
 
-    /// Marks this scope cancelled and collects its registrations.
-    fn settle(&self, cause: &ContextError, fired: &mut Fired) -> bool {
-        let slots = {
+    /// Marks this scope cancelled and collects its registrations; returns the cause it settled
+    /// with, `None` if it was cancelled already. A cause other than `DeadlineExceeded` becomes
+    /// `DeadlineExceeded` if an `err()` already reported the passed deadline (it marks that
+    /// under this lock): `err()` never changes once it is `Some`.
+    fn settle(&self, cause: ContextError, fired: &mut Fired) -> Option<ContextError> {
+        let (slots, cause) = {
             let mut regs = self.regs.lock();
             // Relaxed: `state` only changes under this lock.
             if self.state.load(Ordering::Relaxed) == CANCELLED {
-                return false;
+                return None;
             }
+            let cause = if regs.deadline_seen { ContextError::DeadlineExceeded } else { cause };
             // SAFETY: no reader reads `cause` before seeing CANCELLED, which is stored below.
             unsafe { self.cause.with_mut(|c| *c = Some(cause.clone())) };
             // Release: publishes `cause` to lock-free readers of `state`.
@@ -356,7 +400,7 @@ impl ScopeNode {
                     }
                 }
             }
-            slots
+            (slots, cause)
         };
         for slot in slots {
             match slot {
@@ -365,7 +409,7 @@ impl ScopeNode {
                 Slot::Child(_) | Slot::Vacant(_) => {}
             }
         }
-        true
+        Some(cause)
     }
 
     /// Registers a waker or callback; gives it back if the scope is cancelled already.

@@ -392,3 +392,42 @@ fn task_table_reset_vs_before_poll() {
         drop(table.terminated(1));
     });
 }
+
+/// A cancel racing a deadline that passes while the cancel runs, observed by `err()`: once
+/// `err()` is `Some`, it never changes. The cancel decides its cause under the scope's lock,
+/// re-reading the clock there, and a lazy `err()` (a passed deadline, not settled) decides
+/// under the same lock. (The clock is a plain atomic: loom explores the order of the two
+/// threads' lock sections around it.) Before, a cancel that read the clock before the deadline
+/// settled `Canceled` after an `err()` had reported `DeadlineExceeded`.
+#[test]
+fn err_never_changes_when_a_cancel_races_the_deadline() {
+    use core::time::Duration;
+    use localsession_core::{Clock, Instant};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    struct Manual(AtomicU64);
+    impl Clock for Manual {
+        fn now(&self) -> Duration {
+            Duration::from_millis(self.0.load(Ordering::SeqCst))
+        }
+    }
+    static CLOCK: Manual = Manual(AtomicU64::new(0));
+
+    model(|| {
+        CLOCK.0.store(0, Ordering::SeqCst);
+        let (ctx, cancel) =
+            Context::background().with_deadline(Instant::from_clock_time(&CLOCK, Duration::from_millis(5)));
+        let reader = ctx.clone();
+        let observer = thread::spawn(move || {
+            CLOCK.0.store(10, Ordering::SeqCst); // the deadline passes
+            let first = reader.err();
+            (first, reader)
+        });
+        let _ = cancel.cancel();
+        let (first, reader) = observer.join().unwrap();
+        let later = reader.err();
+        assert!(first.is_some(), "the deadline had passed");
+        assert_eq!(first, later, "err() changed once it was Some");
+        assert_eq!(ctx.err(), later);
+    });
+}

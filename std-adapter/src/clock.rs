@@ -211,7 +211,14 @@ impl Timer {
                 Some(_) => {
                     let Some(Reverse(entry)) = q.heap.pop() else { continue };
                     drop(q);
-                    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| entry.expiry.fire())) {
+                    // Each expiry runs its callbacks (user code) in a scope of its own with no
+                    // session: a callback's `bind` ends with it, so a later callback — another
+                    // request's — never sees it as current.
+                    let fire = || {
+                        let _scope = localsession_core::enter_option_in(&crate::THREAD_STORE, None);
+                        entry.expiry.fire();
+                    };
+                    if let Err(panic) = catch_unwind(AssertUnwindSafe(fire)) {
                         let msg = panic
                             .downcast_ref::<&str>()
                             .map(|s| (*s).to_owned())

@@ -4,7 +4,10 @@
 //! core asks for a deadline to be fired, the clock spawns one small task on the current runtime
 //! that sleeps until the deadline — racing the scope's own `done()`, so a scope cancelled early
 //! releases its task and memory right away. Outside a runtime it falls back to the std timer
-//! thread.
+//! thread — and so does a deadline whose task is dropped before it fired: the runtime shut
+//! down (its tasks are dropped), or it was built without `enable_time` (`sleep_until` panics in
+//! the task). A deadline is never lost: a `done()` parked on another thread or runtime is
+//! still woken, and `after_cancel` callbacks still run.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -77,20 +80,48 @@ impl Clock for TokioClock {
         let (origin, std_origin) = self.origin();
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
+                let mut pending = Pending { expiry: Some(expiry), std_at: std_origin + at };
                 drop(handle.spawn(async move {
-                    let settled = expiry.settled();
+                    let Some(settled) = pending.expiry.as_ref().map(Expiry::settled) else { return };
                     tokio::select! {
-                        () = tokio::time::sleep_until(origin + at) => expiry.fire(),
+                        () = tokio::time::sleep_until(origin + at) => {
+                            if let Some(expiry) = pending.expiry.take() {
+                                expiry.fire();
+                            }
+                        }
+                        // Settled (cancelled, or fired elsewhere): `Pending` drops it.
                         () = settled => {}
                     }
                 }));
             }
-            Err(_) => {
-                // No runtime here: let the std timer thread fire it at the same wall time.
-                let std_at = (std_origin + at).saturating_duration_since(std::time::Instant::now());
-                let std_deadline = localsession_std::STD_CLOCK.after(std_at);
-                localsession_std::STD_CLOCK.schedule(std_deadline.since_origin(), expiry);
-            }
+            // No runtime here: let the std timer thread fire it at the same wall time.
+            Err(_) => fire_on_std_timer(std_origin + at, expiry),
+        }
+    }
+}
+
+/// Hands `expiry` to the std timer thread, to fire at the wall time `at`.
+fn fire_on_std_timer(at: std::time::Instant, expiry: Expiry) {
+    let std_deadline = localsession_std::STD_CLOCK.after(at.saturating_duration_since(std::time::Instant::now()));
+    localsession_std::STD_CLOCK.schedule(std_deadline.since_origin(), expiry);
+}
+
+/// The expiry a timer task holds. Dropped with it unfired and unsettled — the runtime shut down
+/// and dropped the task, a spawn onto a runtime that is shutting down, `sleep_until` panicking on
+/// a runtime without timers — it goes to the std timer thread, which fires it at the same wall
+/// time (at once if that has passed). Without this a parked `done()` elsewhere would wait
+/// forever: the core arms a scope's timer once.
+struct Pending {
+    expiry: Option<Expiry>,
+    std_at: std::time::Instant,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(expiry) = self.expiry.take()
+            && !expiry.is_settled()
+        {
+            fire_on_std_timer(self.std_at, expiry);
         }
     }
 }
