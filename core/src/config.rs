@@ -26,7 +26,7 @@
 //!
 //! * `implicit` is one of Go's `strconv.ParseBool` spellings: `1`, `t`, `T`,
 //!   `TRUE`, `true`, `True`, `0`, `f`, `F`, `FALSE`, `false`, `False`.
-//! * `shards` is a decimal integer of at least 1 (a leading `+` is allowed).
+//! * `shards` is a decimal integer from 1 to [`MAX_SHARD_NUMBER`] (a leading `+` is allowed).
 //! * `gc_interval` is a Go `time.ParseDuration` string such as `10m`, `1h30m`
 //!   or `1.5h` (Go's `time.ParseDuration` syntax) of at least [`MIN_GC_INTERVAL`] (1s).
 //!
@@ -96,6 +96,20 @@ mod duration;
 
 pub use duration::DurationError;
 pub(crate) use duration::{GoDuration, format_go_duration, parse_go_duration};
+
+/// The most session shards a [`ManagerOptions`] may ask for (65 536). A shard is a lock and a
+/// map allocated up front: Go accepts any `int` and then fails to allocate, or panics, for a
+/// large one; here a larger value is a [`ConfigError`] naming the shard number, from
+/// [`ManagerOptions::validate`] and from parsing the environment variable.
+///
+/// # Examples
+/// ```
+/// use localsession_core::config::{ManagerOptions, MAX_SHARD_NUMBER};
+/// assert!(ManagerOptions { shard_number: MAX_SHARD_NUMBER, ..Default::default() }.validate().is_ok());
+/// let err = ",65537".parse::<ManagerOptions>().unwrap_err();
+/// assert_eq!(err.to_string(), r#"invalid shard number "65537": too large (the maximum is 65536)"#);
+/// ```
+pub const MAX_SHARD_NUMBER: usize = 1 << 16;
 
 /// Default number of session shards (Go's `DefaultManagerOptions().ShardNumber`).
 ///
@@ -175,7 +189,7 @@ const BOOL_SPELLINGS: &str = "1, t, T, TRUE, true, True, 0, f, F, FALSE, false, 
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ManagerOptions {
-    /// Number of shards session ids are spread over; must be at least 1
+    /// Number of shards session ids are spread over; from 1 to [`MAX_SHARD_NUMBER`]
     /// (Go's `ShardNumber`).
     pub shard_number: usize,
     /// Interval between garbage-collection passes that drop invalid
@@ -347,7 +361,7 @@ fn parse_bool(text: &str) -> Option<bool> {
 }
 
 /// Parses a shard number: optional sign, then ASCII digits (Go's `Atoi`),
-/// which must be in `1..=usize::MAX`.
+/// which must be in `1..=MAX_SHARD_NUMBER`.
 fn parse_shards(text: &str) -> Result<usize, ConfigError> {
     let err = |reason| ConfigError::new(ConfigField::Shards, text, reason);
     let (negative, digits) = match text.strip_prefix('-') {
@@ -368,6 +382,9 @@ fn parse_shards(text: &str) -> Result<usize, ConfigError> {
     if n == 0 {
         return Err(err(Reason::ZeroShards));
     }
+    if n > MAX_SHARD_NUMBER {
+        return Err(err(Reason::TooManyShards));
+    }
     Ok(n)
 }
 
@@ -384,6 +401,9 @@ fn parse_gc_interval(text: &str) -> Result<Duration, ConfigError> {
 fn check_shards(n: usize) -> Result<(), ConfigError> {
     if n == 0 {
         return Err(ConfigError::new(ConfigField::Shards, "0", Reason::ZeroShards));
+    }
+    if n > MAX_SHARD_NUMBER {
+        return Err(ConfigError::new(ConfigField::Shards, &n.to_string(), Reason::TooManyShards));
     }
     Ok(())
 }
@@ -520,7 +540,7 @@ impl fmt::Display for ConfigError {
             Reason::NotBool => write!(f, "expected true or false (accepted: {BOOL_SPELLINGS})"),
             Reason::NotDecimal => f.write_str("not a decimal integer"),
             Reason::ZeroShards => f.write_str("must be at least 1"),
-            Reason::TooManyShards => write!(f, "too large (the maximum is {})", usize::MAX),
+            Reason::TooManyShards => write!(f, "too large (the maximum is {MAX_SHARD_NUMBER})"),
             Reason::Duration(e) => e.fmt_reason(f),
             Reason::BelowMinimum => write!(f, "below the {} minimum", GoDuration(MIN_GC_INTERVAL)),
             Reason::TooManyFields => {
@@ -583,7 +603,14 @@ mod tests {
         ok(ManagerOptions { gc_interval: None, ..base() });
         ok(ManagerOptions { gc_interval: Some(MIN_GC_INTERVAL), ..base() });
         ok(ManagerOptions { shard_number: 1, ..base() });
-        ok(ManagerOptions { shard_number: usize::MAX, gc_interval: Some(Duration::MAX), implicit_transmit: true });
+        ok(ManagerOptions {
+            shard_number: MAX_SHARD_NUMBER,
+            gc_interval: Some(Duration::MAX),
+            implicit_transmit: true,
+        });
+        let e = ManagerOptions { shard_number: usize::MAX, ..base() }.validate().unwrap_err();
+        assert_eq!(e.field(), ConfigField::Shards);
+        assert!(e.to_string().contains("too large"), "{e}");
 
         let e = ManagerOptions { shard_number: 0, gc_interval: Some(Duration::ZERO), ..base() }.validate().unwrap_err();
         assert_eq!(e.field(), ConfigField::Shards);
@@ -677,7 +704,10 @@ mod tests {
         assert_eq!(n("1"), Ok(1));
         assert_eq!(n("+10"), Ok(10));
         assert_eq!(n("007"), Ok(7));
-        assert_eq!(n(&usize::MAX.to_string()), Ok(usize::MAX));
+        assert_eq!(n(&MAX_SHARD_NUMBER.to_string()), Ok(MAX_SHARD_NUMBER));
+        // Accepted before, then `ShardedStore::new` panicked ("capacity overflow").
+        assert!(n(&usize::MAX.to_string()).unwrap_err().to_string().contains("too large"));
+        assert!(n(&(MAX_SHARD_NUMBER + 1).to_string()).is_err());
 
         let e = |s: &str| err(&alloc::format!("true,{s},1h"));
         let msg = |s: &str| e(s).to_string();

@@ -163,7 +163,7 @@ fn reference_config(s: &str, base: ManagerOptions) -> Result<ManagerOptions, (Co
     Ok(out)
 }
 
-/// Go's `Atoi` restricted to `1..=usize::MAX`.
+/// Go's `Atoi` restricted to `1..=MAX_SHARD_NUMBER`.
 fn reference_shards(text: &str) -> Option<usize> {
     let digits = text.strip_prefix(['+', '-']).unwrap_or(text);
     if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) || text.starts_with('-') {
@@ -173,7 +173,7 @@ fn reference_shards(text: &str) -> Option<usize> {
         let next = acc * 10 + u128::from(c.to_digit(10)?);
         (next <= usize::MAX as u128).then_some(next)
     })?;
-    usize::try_from(n).ok().filter(|&n| n >= 1)
+    usize::try_from(n).ok().filter(|&n| (1..=localsession_core::config::MAX_SHARD_NUMBER).contains(&n))
 }
 
 /// Reference for Go's `time.ParseDuration` restricted to non-negative `u64` nanoseconds.

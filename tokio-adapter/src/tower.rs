@@ -242,7 +242,7 @@ pub fn metainfo_from_headers(headers: &HeaderMap) -> Result<MetaInfo, HeaderErro
 /// Writes the metainfo an outgoing request carries with the default [`KitexMetainfo`]: every
 /// persistent value, and the transient values set at this hop, under `rpc-persist-<key>` /
 /// `rpc-transit-<key>` with the key lower-cased and `_` as `-` (`ABC_DEF` ->
-/// `rpc-persist-abc-def`). Replaces headers of the same names.
+/// `rpc-persist-abc-def`). Replaces every metainfo header `headers` had.
 ///
 /// # Errors
 /// [`HeaderError`] naming the header, for a key that is not a header-name token, a value that
@@ -579,8 +579,10 @@ where
         let ctx = MetaInfo::with_backward_values_to_send(&ctx);
         req.extensions_mut().insert(ctx.clone());
         let session = SessionCtx::new(&ctx);
-        let fut = localsession_std::scope(session.clone(), || self.inner.call(req));
+        // Made before the inner `call`: if `call` panics, the request is over and its session
+        // ends as it unwinds (what `call` already handed the session to must not keep it valid).
         let end = EndSession(self.end_with_response.then(|| session.clone().into()));
+        let fut = localsession_std::scope(session.clone(), || self.inner.call(req));
         let backward = Some((ctx, self.propagators.clone()));
         let fut = WithSession::new_in_store(&THREAD_STORE, fut, Some(session.into()));
         ServerBackupFuture { state: ServerState::Inner { fut }, end, backward }
@@ -1047,7 +1049,8 @@ impl Drop for EndSession {
 /// mode), sees it with no context parameter.
 ///
 /// **Request lifecycle.** When the response future completes (`Ok` or `Err`) or is dropped
-/// before completing (the client went away), the session is ended: `disable()` for a
+/// before completing (the client went away), or the inner `call` panics, the session is
+/// ended: `disable()` for a
 /// [`SessionCtx`] or a [`SessionMap`](localsession_core::SessionMap), which also invalidates
 /// every session derived from it. A task the request left behind then sees an invalid session,
 /// and [`ClientBackup`] refuses to send from it. A user [`Session`](localsession_core::Session)
@@ -1228,8 +1231,9 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let session: AnySession = (self.make)(&req).into();
-        let fut = localsession_std::scope(session.clone(), || self.inner.call(req));
+        // Before the inner `call`, as in `ServerBackup::call`: a panicking `call` ends it.
         let end = EndSession(self.end_with_response.then(|| session.clone()));
+        let fut = localsession_std::scope(session.clone(), || self.inner.call(req));
         SessionFuture { fut: WithSession::new_in_store(&THREAD_STORE, fut, Some(session)), end }
     }
 }

@@ -560,6 +560,20 @@ impl KitexMetainfo {
             keys.insert(name.clone(), key);
             staged.push((name, value));
         }
+        // The message's metainfo becomes exactly `meta`'s: metainfo headers already on it (a
+        // request received from upstream and forwarded as it is) would otherwise carry the
+        // upstream's transient values a second hop, and keys removed since.
+        let stale: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| {
+                let name = name.as_str();
+                name.starts_with(PERSISTENT_PREFIX) || name.starts_with(TRANSIENT_PREFIX)
+            })
+            .cloned()
+            .collect();
+        for name in stale {
+            headers.remove(name);
+        }
         for (name, value) in staged {
             headers.insert(name, value);
         }
@@ -567,8 +581,10 @@ impl KitexMetainfo {
     }
 
     /// Writes the metainfo an outgoing request carries: every persistent value, and the
-    /// transient values set at this hop (not those received from upstream). Replaces headers
-    /// of the same names. Empty values are not sent (a gopkg receiver skips them).
+    /// transient values set at this hop (not those received from upstream). Replaces every
+    /// `rpc-persist-*` / `rpc-transit-*` header `headers` had (a request forwarded as it was
+    /// received must not carry the upstream's one-hop values further). Empty values are not
+    /// sent (a gopkg receiver skips them).
     ///
     /// Strict, unlike gopkg (which drops what it cannot send): the metainfo is this program's
     /// own data, and silently losing a tenant is worse than an error.

@@ -255,6 +255,9 @@ impl Propagator for W3cBaggage {
     fn inject(&self, ctx: &Context, headers: &mut HeaderMap) -> Result<(), HeaderError> {
         let meta = MetaInfo::of(ctx);
         if meta.count_persistent() == 0 {
+            // Nothing to send: not a `baggage` the message had already either (a request
+            // forwarded as it was received, whose values were removed since).
+            headers.remove(BAGGAGE);
             return Ok(());
         }
         let value = W3cBaggage::format(meta.persistent_values())?;
