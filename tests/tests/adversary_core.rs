@@ -5,6 +5,9 @@
 //! (this same test binary, filtered to the one test), so a crash fails only that test.
 #![allow(missing_docs)]
 
+mod common;
+use common::in_child_process;
+
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -25,27 +28,6 @@ const HANG: Duration = Duration::from_secs(20);
 // ---------------------------------------------------------------------------------------------
 // helpers
 // ---------------------------------------------------------------------------------------------
-
-/// Runs `body` in a child process (this test binary, `--exact name`), so that an abort (stack
-/// overflow, double panic) fails this test only.
-fn in_child_process(name: &str, body: impl FnOnce()) {
-    if std::env::var("ADVERSARY_CHILD").as_deref() == Ok(name) {
-        body();
-        return;
-    }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env("ADVERSARY_CHILD", name)
-        .output()
-        .expect("spawn child test process");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "child process for `{name}` failed: {:?}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
-        out.status
-    );
-}
 
 /// Counts values made and dropped: `made == dropped` at the end means nothing leaked and nothing
 /// was dropped twice.

@@ -8,6 +8,9 @@
 //! length) run their body in a child process (this binary, `--exact <name>`).
 #![allow(missing_docs)]
 
+mod common;
+use common::in_child_process;
+
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
@@ -28,29 +31,6 @@ const CAP: Duration = Duration::from_secs(5);
 // ---------------------------------------------------------------------------------------------
 // helpers
 // ---------------------------------------------------------------------------------------------
-
-const CHILD_ENV: &str = "ADVERSARY_TIME_CHILD";
-
-/// Runs `body` in a child process (this test binary, filtered to `name`), for tests that read
-/// process-wide counters.
-fn in_child_process(name: &str, body: impl FnOnce()) {
-    if std::env::var(CHILD_ENV).as_deref() == Ok(name) {
-        body();
-        return;
-    }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, name)
-        .output()
-        .expect("spawn child test process");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "child process for `{name}` failed: {:?}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
-        out.status
-    );
-}
 
 /// A value whose drops are counted.
 #[derive(Debug)]

@@ -1,5 +1,5 @@
-//! Helpers shared by the `std_*` integration tests (not a test target itself: cargo only builds
-//! `tests/*.rs` as targets, and each file includes this module with `mod common;`).
+//! Helpers shared by the integration tests of this package (not a test target itself: cargo only
+//! builds `tests/*.rs` as targets, and each file includes this module with `mod common;`).
 #![allow(dead_code)]
 
 use std::future::Future;
@@ -84,4 +84,29 @@ where
         Ok(out) => out,
         Err(_) => panic!("timed out after {cap:?} waiting until {what}"),
     }
+}
+
+/// Runs `body` in a child process — this test binary, filtered to the test `name` — for tests
+/// that may abort the process (a stack overflow) or that read or change process-wide state
+/// (counters, the global clock): a crash then fails that one test, and the rest of the binary
+/// is unaffected. `name` is the test's path as the harness prints it (`module::test` inside a
+/// module).
+pub(crate) fn in_child_process(name: &str, body: impl FnOnce()) {
+    const CHILD_ENV: &str = "LOCALSESSION_TEST_CHILD";
+    if std::env::var(CHILD_ENV).as_deref() == Ok(name) {
+        body();
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("the test binary's path"))
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, name)
+        .output()
+        .expect("spawn child test process");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "child process for `{name}` failed: {:?}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+        out.status
+    );
 }
