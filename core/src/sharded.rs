@@ -259,10 +259,7 @@ impl ContextStore for ShardedStore {
         let Some(id) = (self.current_id)() else {
             return Err(BindError::new(session, "the sharded store's id function reports no running unit"));
         };
-        Ok(match session {
-            Some(s) => self.bind(id, s),
-            None => self.remove(id),
-        })
+        Ok(self.exchange(id, session))
     }
 
     /// Asks the id function *before* moving anything: if it panics (it is the embedder's
@@ -270,11 +267,18 @@ impl ContextStore for ShardedStore {
     /// default `swap` moves the session into `replace` first, so such a panic lost it.)
     fn swap(&self, session: &mut Option<AnySession>) -> bool {
         let Some(id) = (self.current_id)() else { return false };
-        *session = match session.take() {
+        *session = self.exchange(id, session.take());
+        true
+    }
+}
+
+impl ShardedStore {
+    /// Binds `session` to unit `id` (or unbinds it for `None`); returns the previous binding.
+    fn exchange(&self, id: u64, session: Option<AnySession>) -> Option<AnySession> {
+        match session {
             Some(s) => self.bind(id, s),
             None => self.remove(id),
-        };
-        true
+        }
     }
 }
 
