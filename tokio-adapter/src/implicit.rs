@@ -287,31 +287,28 @@ impl Entered {
     }
 }
 
+#[inline]
 fn push_frame(frame: Frame) -> Result<(), Frame> {
+    // The frame stays in `frame` unless pushed (thread teardown, or the stack borrowed): no
+    // other state to match on, so the frame is moved once into the stack (it is 112 bytes).
     let mut frame = Some(frame);
-    let pushed = FRAMES.try_with(|frames| match frames.try_borrow_mut() {
-        Ok(mut frames) => {
-            frames.push(frame.take().expect("pushed once"));
-            true
+    let _ = FRAMES.try_with(|frames| {
+        if let Ok(mut frames) = frames.try_borrow_mut()
+            && let Some(frame) = frame.take()
+        {
+            frames.push(frame);
         }
-        Err(_) => false,
     });
-    match (pushed, frame) {
-        (Ok(true), _) => Ok(()),
-        (_, Some(frame)) => Err(frame),
-        (_, None) => Ok(()),
-    }
+    frame.map_or(Ok(()), Err)
 }
 
 /// Pops the frame of task `id` (the innermost one; frames are strictly nested per thread).
+#[inline]
 fn pop_frame(id: u64) -> Option<Frame> {
     FRAMES
         .try_with(|frames| {
             let mut frames = frames.try_borrow_mut().ok()?;
-            match frames.last() {
-                Some(top) if top.id == id => frames.pop(),
-                _ => None,
-            }
+            if frames.last()?.id == id { frames.pop() } else { None }
         })
         .ok()
         .flatten()
