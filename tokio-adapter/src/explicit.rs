@@ -25,15 +25,18 @@ use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 macro_rules! spawn_bridged {
     ($spawn:expr, $session:expr, $future:expr) => {{
         let session: Option<AnySession> = $session;
-        // Both bridges off (the default): nothing to capture, and no `Bridges` value to build,
-        // test and drop on every spawn (two relaxed loads instead).
-        let bridges = if Bridges::switched_on() { Bridges::capture(session.as_ref()) } else { Bridges::none() };
         // Typed by the store (`WithSession<_, ThreadStore>`): the swaps around each poll are
-        // static calls the compiler inlines.
-        if bridges.is_empty() {
-            $spawn(WithSession::new_in_store(&THREAD_STORE, $future, session))
+        // static calls the compiler inlines. Both bridges off (the default): nothing to
+        // capture, and no `Bridges` value to build, test and drop on every spawn (two relaxed
+        // loads instead).
+        let bridges = if Bridges::switched_on() {
+            Some(Bridges::capture(session.as_ref())).filter(|bridges| !bridges.is_empty())
         } else {
-            $spawn(WithSession::new_in_store(&THREAD_STORE, bridges.wrap($future), session))
+            None
+        };
+        match bridges {
+            None => $spawn(WithSession::new_in_store(&THREAD_STORE, $future, session)),
+            Some(bridges) => $spawn(WithSession::new_in_store(&THREAD_STORE, bridges.wrap($future), session)),
         }
     }};
 }
