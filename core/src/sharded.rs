@@ -146,30 +146,51 @@ impl ShardedStore {
     /// assert_eq!(store.retain(|id, _| id % 2 == 0), 5);
     /// assert_eq!(store.len(), 5);
     /// ```
-    pub fn retain(&self, mut keep: impl FnMut(u64, &AnySession) -> bool) -> usize {
+    pub fn retain(&self, keep: impl FnMut(u64, &AnySession) -> bool) -> usize {
+        let (removed, to_drop) = self.retain_and_take(keep);
+        // Sessions (and the copies taken to run `keep`) are dropped here, with no lock held.
+        drop(to_drop);
+        removed
+    }
+
+    /// [`retain`](Self::retain), handing back instead of dropping what it removed (and the
+    /// copies it took to run `keep` on): how many bindings it removed, and the sessions for the
+    /// caller to drop — one at a time under `catch_unwind`, say, so that a user `Drop` that
+    /// panics neither stops the sweep nor, with a second one, aborts the process (the std
+    /// adapter's GC thread does this).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ManagerOptions, SessionMap, ShardedStore};
+    /// let store = ShardedStore::new(ManagerOptions::default(), || None).unwrap();
+    /// for id in 0..4 { store.bind(id, SessionMap::new()); }
+    /// let (removed, to_drop) = store.retain_and_take(|id, _| id < 1);
+    /// assert_eq!((removed, store.len()), (3, 1));
+    /// assert!(to_drop.len() >= 3);
+    /// for session in to_drop { drop(session); }
+    /// ```
+    pub fn retain_and_take(&self, mut keep: impl FnMut(u64, &AnySession) -> bool) -> (usize, Vec<AnySession>) {
         let mut removed_total = 0;
+        let mut to_drop = Vec::new();
         for shard in self.shards.iter() {
             let snapshot: Vec<(u64, AnySession)> = shard.lock().iter().map(|(id, s)| (*id, s.clone())).collect();
             let doomed: Vec<(u64, AnySession)> = snapshot.into_iter().filter(|(id, s)| !keep(*id, s)).collect();
             if doomed.is_empty() {
                 continue;
             }
-            let mut removed = Vec::with_capacity(doomed.len());
             {
                 let mut map = shard.lock();
                 for (id, s) in &doomed {
                     // Only if the same session is still bound (it may have been rebound since).
                     if map.get(id).is_some_and(|cur| cur.ptr_eq(s)) {
-                        removed.extend(map.remove(id));
+                        to_drop.extend(map.remove(id));
+                        removed_total += 1;
                     }
                 }
             }
-            removed_total += removed.len();
-            // Sessions (and the copies in `doomed`) are dropped here, with no lock held.
-            drop(removed);
-            drop(doomed);
+            to_drop.extend(doomed.into_iter().map(|(_, s)| s));
         }
-        removed_total
+        (removed_total, to_drop)
     }
 
     /// Removes every invalid session (Go's GC sweep); returns how many were removed.

@@ -183,13 +183,24 @@ impl GcThread {
                         return;
                     }
                     drop(g);
-                    store.gc_with(is_valid_or_keep);
+                    sweep_caught(&store);
                     sweeps2.fetch_add(1, Ordering::Relaxed);
                     guard = stopped.lock().unwrap_or_else(PoisonError::into_inner);
                 }
             })
             .expect("failed to start the localsession GC thread");
         GcThread { stop, handle, sweeps }
+    }
+}
+
+/// One GC sweep in which no user code can stop the thread: `is_valid` is caught (the session is
+/// kept), and each removed session is dropped on its own under `catch_unwind` — a `Drop` that
+/// panics is reported by the panic hook and the sweep goes on (it used to end the GC thread for
+/// good, and two such drops in one shard aborted the process).
+fn sweep_caught(store: &ShardedStore) {
+    let (_, to_drop) = store.retain_and_take(|_, s| is_valid_or_keep(s));
+    for session in to_drop {
+        let _ = catch_unwind(AssertUnwindSafe(move || drop(session)));
     }
 }
 

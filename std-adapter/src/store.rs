@@ -39,6 +39,8 @@ struct ThreadSlot {
     /// store-forwarding stalls on the hot path, and these are almost always empty.
     leftover_recorded: Cell<Option<AnySession>>,
     leftover_stale: Cell<Option<AnySession>>,
+    /// What a scope closing over a reset would have restored (saved before the reset).
+    leftover_outdated: Cell<Option<AnySession>>,
 }
 
 impl ThreadSlot {
@@ -74,6 +76,7 @@ thread_local! {
             owner: Cell::new(0),
             leftover_recorded: Cell::new(None),
             leftover_stale: Cell::new(None),
+            leftover_outdated: Cell::new(None),
         }
     };
 }
@@ -375,7 +378,8 @@ impl ThreadStore {
                 (UnitScope { token, outer_sink, generation }, parked)
             })
             .ok()?;
-        // No sink was set during the exchange: nothing was recorded, only a stale binding.
+        // No sink was set during the exchange: nothing was recorded, only a stale binding (a
+        // scope opens: nothing is restored, so nothing outdated).
         let stale = if parked { take_leftovers().1 } else { None };
         Some((scope, stale))
     }
@@ -398,7 +402,15 @@ impl ThreadStore {
                 parked
             })
             .ok()?;
-        let stale = if parked { take_leftovers().1 } else { None };
+        let (stale, late_outdated) = if parked {
+            let (_, stale, late_outdated) = take_leftovers();
+            (stale, late_outdated)
+        } else {
+            (None, None)
+        };
+        // A reset between the generation check above and the exchange: the exchange did not
+        // restore what the thread held before the unit either.
+        let outdated = outdated.or(late_outdated);
         if outdated.is_none() {
             return stale;
         }
@@ -502,8 +514,9 @@ fn drop_leftovers() {
 
 /// Takes the sessions the last exchange parked (see `ThreadSlot::leftover_recorded`).
 #[cold]
-fn take_leftovers() -> (Option<AnySession>, Option<AnySession>) {
-    SLOT.try_with(|t| (t.leftover_recorded.take(), t.leftover_stale.take())).unwrap_or((None, None))
+fn take_leftovers() -> (Option<AnySession>, Option<AnySession>, Option<AnySession>) {
+    SLOT.try_with(|t| (t.leftover_recorded.take(), t.leftover_stale.take(), t.leftover_outdated.take()))
+        .unwrap_or((None, None, None))
 }
 
 #[inline]
@@ -546,12 +559,25 @@ fn exchange_slow(t: &ThreadSlot, session: &mut Option<AnySession>, rule: Owner) 
     let generation = GENERATION.load(Ordering::Acquire);
     let stale = t.generation.get() != generation;
     t.generation.set(generation);
+    let mut parked = false;
+    // A scope that closes over a reset: the slot was last set when the scope opened, before
+    // the reset, and so was what the scope saved to restore. It is not restored (the slot is
+    // left empty, and a sink records nothing for it). The closing guard's own generation check
+    // cannot catch this alone: a reset may land between that check and this exchange, and the
+    // exchange re-stamps the slot with the new generation (it restored a pre-reset binding,
+    // visible after the reset had returned).
+    if stale
+        && matches!(rule, Owner::Restore(_))
+        && let Some(old) = session.take()
+    {
+        park(&t.leftover_outdated, old);
+        parked = true;
+    }
     // The sink records the bindings of the unit it was set for, not of another unit that runs
     // inside that unit's poll without hooks of its own (a plain task of a `LocalSet` or of a
     // runtime without hooks, driven from `block_in_place`): those are tagged with their task,
     // as on a runtime without hooks, and never reach the hooked unit's record.
     let sink = own_sink(t);
-    let mut parked = false;
     // While the unit's sink is set the record equals the slot whenever the slot belongs to the
     // unit (every such change passes here), so a swap that installs what the slot already
     // holds — a scope or a `WithSession` poll restoring the unit's own session — needs no

@@ -84,6 +84,38 @@ fn reported_bug_a_guard_opened_before_a_reset_must_not_restore_a_pre_reset_bindi
         assert!(cleared, "typed store {typed}: documented: the reset unbinds the future's session");
         assert_eq!(after, None, "typed store {typed}: WithSession restored session 1, bound before the reset");
     }
+
+    // A reset that lands after a closing guard checked the generation and before its exchange
+    // (a race found by `adversary_concurrency.rs`, `after_reset_returns_no_thread_reads_a_session_bound_before_it`):
+    // the store's own scope calls reach that window deterministically. The exchange that closes
+    // the scope must not restore the binding saved before the reset (it did, and re-stamped the
+    // slot with the new generation, so it read as current), nor hand the pre-reset scope's
+    // session back to the caller as still usable.
+    let drops = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    bind(counted(1, &drops)).unwrap();
+    let mut inner = Some(counted(2, &drops));
+    let token = THREAD_STORE.enter_scope_in_place(&mut inner).unwrap();
+    // `inner` now holds session 1 (what the scope will restore).
+    reset_default_manager(options()).unwrap();
+    THREAD_STORE.exit_scope_in_place(&mut inner, token);
+    let restored = current().and_then(|c| c.value_cloned::<u8, _>(&"n"));
+    assert_eq!(restored, None, "BUG: closing the scope after the reset restored session 1, bound before it");
+    assert!(inner.is_none(), "the pre-reset scope's session is not handed back: {inner:?}");
+    assert_eq!(drops.load(std::sync::atomic::Ordering::SeqCst), 2, "both pre-reset sessions were dropped");
+}
+
+/// A session whose value counts its drop.
+fn counted(n: u8, drops: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> AnySession {
+    struct Count(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+    impl Drop for Count {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    SessionCtx::new(&Context::background())
+        .with_value("n", n)
+        .with_value("count", std::sync::Arc::new(Count(drops.clone())))
+        .into()
 }
 
 /// Polls a future that completes in its first poll.
