@@ -90,6 +90,14 @@
 //! [`sweep_ended_sessions`] (or [`ImplicitSessions::sweep_every`], Go's GC interval) clears
 //! the sessions that have ended (disabled, expired) out of the entries of tasks still alive.
 //!
+//! A *shared worker* — a task that serves every later caller, such as the worker
+//! `tower::buffer::Buffer::new` spawns — must not inherit even while the request that spawned
+//! it is in flight: its session is valid then, only someone else's, and a client layer inside
+//! the worker would send it on every other request's call. The spawn hook knows
+//! `Buffer::new`'s spawn site (from `TaskMeta::spawned_at`) and gives such a task, spawned
+//! inside a session, one that is ended from the start instead; name other sites with
+//! [`ImplicitSessions::shared_workers_spawned_at`].
+//!
 //! # What the hooks do not cover
 //! - `spawn_blocking`: tokio fires no spawn hook for blocking tasks; use
 //!   [`spawn_blocking`](crate::spawn_blocking).
@@ -130,12 +138,12 @@
 
 use std::cell::RefCell;
 use std::fmt;
-use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::panic::{AssertUnwindSafe, Location, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 use std::time::Duration;
 
-use localsession_core::{AnySession, ContextStore, TaskAttachment, TaskTable};
+use localsession_core::{AnySession, Context, ContextError, ContextStore, SessionCtx, TaskAttachment, TaskTable};
 use localsession_std::{BindSink, BridgeGuard, Bridges, THREAD_STORE, UnitScope};
 
 use crate::probe::raw_id;
@@ -146,6 +154,48 @@ static TABLE: LazyLock<TaskTable> = LazyLock::new(TaskTable::new);
 
 /// Panics caught while dropping a session inside a hook.
 static HOOK_DROP_PANICS: AtomicUsize = AtomicUsize::new(0);
+
+/// Decides, from where `tokio::spawn` was called, whether the task is a shared worker (see
+/// [`ImplicitSessions::shared_workers_spawned_at`]).
+type SpawnFilter = Arc<dyn Fn(&'static Location<'static>) -> bool + Send + Sync>;
+
+/// The session of every shared worker spawned inside a request: ended from the start (one
+/// process-wide value), its cause naming why. Kept by sweeps and resets, so the worker never
+/// falls back to "no session", which a client layer would send without complaint.
+static SHARED_WORKER_SESSION: LazyLock<AnySession> = LazyLock::new(|| {
+    let (ctx, cancel) = Context::background().with_cancel();
+    cancel.cancel_with_cause(ContextError::cause(SharedWorker));
+    SessionCtx::new(&ctx).into()
+});
+
+/// The cause in [`SHARED_WORKER_SESSION`].
+#[derive(Debug)]
+struct SharedWorker;
+
+impl fmt::Display for SharedWorker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "this task is a shared worker (spawned where it serves every later caller, such as the \
+             worker of a tower::buffer::Buffer built inside a request), so it carries no request's \
+             session",
+        )
+    }
+}
+
+impl std::error::Error for SharedWorker {}
+
+/// Whether `session` is the shared workers' session.
+fn is_shared_worker_session(session: &AnySession) -> bool {
+    session.ptr_eq(&SHARED_WORKER_SESSION)
+}
+
+/// The spawn sites known to start shared workers: `tower::buffer::Buffer::new` (it spawns its
+/// worker with `tokio::spawn` from tower's `src/buffer/service.rs`; the worker then runs every
+/// later caller's requests through the inner service).
+fn is_known_shared_worker(location: &Location<'_>) -> bool {
+    let file = location.file();
+    (file.ends_with("/src/buffer/service.rs") || file.ends_with("\\src\\buffer\\service.rs")) && file.contains("tower")
+}
 
 /// A poll in progress on this thread.
 struct Frame {
@@ -184,15 +234,23 @@ fn record(id: u64, session: Option<&AnySession>) -> Option<AnySession> {
     TABLE.rebind(id, session)
 }
 
-fn on_spawn(meta: &TaskMeta<'_>) {
+fn on_spawn(meta: &TaskMeta<'_>, shared_workers: Option<&SpawnFilter>) {
     // Runs on the spawning thread: its slot holds the spawner's session (a task's, installed by
     // `on_before_poll`, or whatever the calling thread bound), and tracing's current span is
     // the spawner's.
     let id = raw_id(meta.id());
-    let inherited = catch_unwind(localsession_std::flow_session).unwrap_or(None);
+    let mut inherited = catch_unwind(localsession_std::flow_session).unwrap_or(None);
+    // A shared worker spawned inside a request (a `Buffer` built lazily in a handler) would
+    // serve every later request with this one's identity, also while this one is still in
+    // flight (an ended-session check cannot see that): it gets the shared workers' session,
+    // ended from the start, and none of the spawner's span.
+    let shared_worker = inherited.is_some() && is_shared_worker(meta.spawned_at(), shared_workers);
+    if shared_worker {
+        drop_caught(inherited.replace(SHARED_WORKER_SESSION.clone()));
+    }
     // The span bridge (two relaxed loads when both bridges are off): the span lives in the
     // task's entry, created and removed with it.
-    let attachment: Option<TaskAttachment> = if Bridges::switched_on() {
+    let attachment: Option<TaskAttachment> = if !shared_worker && Bridges::switched_on() {
         let span = catch_unwind(Bridges::current_span).unwrap_or_default();
         if span.is_empty() { None } else { Some(Arc::new(span)) }
     } else {
@@ -201,6 +259,18 @@ fn on_spawn(meta: &TaskMeta<'_>) {
     let (session, attachment) = TABLE.spawned_with(id, inherited, attachment);
     drop_caught(session);
     drop_caught(attachment);
+}
+
+/// Whether a task spawned at `location` is a shared worker: a known site, or one `filter` (user
+/// code: caught; a panic counts as "shared", the side that cannot leak an identity) names.
+fn is_shared_worker(location: &'static Location<'static>, filter: Option<&SpawnFilter>) -> bool {
+    is_known_shared_worker(location)
+        || filter.is_some_and(|f| {
+            catch_unwind(AssertUnwindSafe(|| f(location))).unwrap_or_else(|_| {
+                HOOK_DROP_PANICS.fetch_add(1, Ordering::Relaxed);
+                true
+            })
+        })
 }
 
 fn on_before_poll(meta: &TaskMeta<'_>) {
@@ -393,6 +463,7 @@ pub struct ImplicitSessions {
     after_poll: Option<Hook>,
     terminate: Option<Hook>,
     sweep_every: Option<Duration>,
+    shared_workers: Option<SpawnFilter>,
 }
 
 impl ImplicitSessions {
@@ -477,6 +548,57 @@ impl ImplicitSessions {
         self
     }
 
+    /// Names more spawn sites whose tasks are *shared workers*, besides the one known here
+    /// (`tower::buffer::Buffer::new`'s worker). `is_shared` gets the location `tokio::spawn` was
+    /// called from (`TaskMeta::spawned_at`: the innermost caller that is not `#[track_caller]`).
+    ///
+    /// A shared worker serves every later caller, so it must not carry the session of the
+    /// request that happened to spawn it — not after that request ends (an ended-session check
+    /// catches that), and not while it is still in flight (nothing else can: the worker then
+    /// holds a valid session that is simply someone else's). A task spawned at such a site
+    /// inside a session gets, instead of that session, one that is *ended from the start*
+    /// (`err()` names the cause): a [`ClientBackup`](crate::tower::ClientBackup) inside the
+    /// worker refuses every call with `EndedSession` rather than sending the first request's
+    /// identity, the bridges enter nothing, and sweeps and resets keep it (so the worker never
+    /// falls back to "no session", which would send no identity silently). Spawned outside any
+    /// session, such a task gets none, as before. `is_shared` runs on every spawn made inside
+    /// a session (cache what it computes if it is not cheap); if it panics the task counts as a
+    /// shared worker, and the panic as one of [`hook_drop_panics`].
+    ///
+    /// # Examples
+    /// ```
+    /// # #[cfg(tokio_unstable)] {
+    /// use localsession_core::SessionMap;
+    /// use localsession_std::{current, scope};
+    /// use localsession_tokio::ImplicitSessions;
+    ///
+    /// #[inline(never)]
+    /// fn spawn_pool_refresher() -> tokio::task::JoinHandle<bool> {
+    ///     tokio::spawn(async { current().is_some_and(|s| !s.is_valid()) })
+    /// }
+    /// let refresher_line = line!() - 2;
+    ///
+    /// let mut builder = tokio::runtime::Builder::new_current_thread();
+    /// ImplicitSessions::new()
+    ///     .shared_workers_spawned_at(move |at| at.file() == file!() && at.line() == refresher_line)
+    ///     .install(builder.enable_all());
+    /// let rt = builder.build().unwrap();
+    /// rt.block_on(async {
+    ///     let request = SessionMap::new().with_value("tenant", "acme");
+    ///     // Inside the request: the refresher gets an ended session, not the request's.
+    ///     assert!(scope(request, spawn_pool_refresher).await.unwrap());
+    /// });
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn shared_workers_spawned_at(
+        mut self,
+        is_shared: impl Fn(&'static Location<'static>) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.shared_workers = Some(Arc::new(is_shared));
+        self
+    }
+
     /// Sweeps ended sessions out of live tasks' entries every `interval` (Go's GC interval) on
     /// a background thread, which stops once the runtime built with these hooks is dropped.
     ///
@@ -521,12 +643,12 @@ impl ImplicitSessions {
                 .name("localsession-implicit-sweep".into())
                 .spawn(move || sweeper(&weak, interval));
         }
-        let ImplicitSessions { spawn, before_poll, after_poll, terminate, .. } = self;
+        let ImplicitSessions { spawn, before_poll, after_poll, terminate, shared_workers, .. } = self;
         let keep = alive.clone();
         builder
             .on_task_spawn(move |meta| {
                 let _ = &keep;
-                on_spawn(meta);
+                on_spawn(meta, shared_workers.as_ref());
                 if let Some(f) = &spawn {
                     f(meta);
                 }
@@ -570,6 +692,7 @@ impl fmt::Debug for ImplicitSessions {
             .field("on_after_task_poll", &self.after_poll.is_some())
             .field("on_task_terminate", &self.terminate.is_some())
             .field("sweep_every", &self.sweep_every)
+            .field("shared_workers_spawned_at", &self.shared_workers.is_some())
             .finish()
     }
 }
@@ -648,7 +771,9 @@ pub fn enable_implicit_sessions(builder: &mut Builder) -> &mut Builder {
 /// # }
 /// ```
 pub fn sweep_ended_sessions() -> usize {
-    let cleared = TABLE.sweep(|s| catch_unwind(AssertUnwindSafe(|| s.is_valid())).unwrap_or(true));
+    // The shared workers' session is ended by design: kept (see `shared_workers_spawned_at`).
+    let cleared =
+        TABLE.sweep(|s| catch_unwind(AssertUnwindSafe(|| s.is_valid())).unwrap_or(true) || is_shared_worker_session(s));
     let n = cleared.len();
     for session in cleared {
         drop_caught(Some(session));
@@ -661,7 +786,8 @@ pub fn sweep_ended_sessions() -> usize {
 /// in the resetting caller's context, not in a hook; drops are caught all the same, so that a
 /// panicking `Drop` cannot stop the reset half-way.
 fn clear_on_reset() {
-    for session in TABLE.sweep(|_| false) {
+    // The shared workers' session is no request's: kept, so that those workers stay marked.
+    for session in TABLE.sweep(is_shared_worker_session) {
         drop_caught(Some(session));
     }
 }
@@ -693,9 +819,10 @@ pub fn implicit_tasks() -> usize {
     TABLE.tasks()
 }
 
-/// Session drops inside hooks whose `Drop` panicked, and panics of tracing subscribers or
-/// OpenTelemetry values while the bridges entered or left a poll (caught, so the runtime lived
-/// on).
+/// Session drops inside hooks whose `Drop` panicked, panics of tracing subscribers or
+/// OpenTelemetry values while the bridges entered or left a poll, and panics of a
+/// [`shared_workers_spawned_at`](ImplicitSessions::shared_workers_spawned_at) predicate (caught,
+/// so the runtime lived on).
 ///
 /// # Examples
 /// ```

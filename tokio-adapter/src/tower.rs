@@ -846,8 +846,10 @@ pub enum ClientBackupError<E> {
     /// sent.
     ///
     /// Typical causes: a `tower::buffer::Buffer` whose worker was spawned inside a handler (in
-    /// implicit mode a plain `tokio::spawn` inherits the handler's session), or a pooled
-    /// connection task spawned during a request. Fix: build the client at startup, or inside
+    /// implicit mode such a worker is a *shared worker*, whose session is ended from the start
+    /// — see `ImplicitSessions::shared_workers_spawned_at`, with `--cfg tokio_unstable` —
+    /// so every call through it is refused, also while the request that built it is in flight),
+    /// or a task that outlived the request that spawned it. Fix: build the client at startup, or inside
     /// [`localsession_std::without_flow`], or spawn its worker with
     /// [`spawn_without_session`](crate::spawn_without_session) — and put [`ClientBackupLayer`]
     /// *outside* the buffer, so that the headers are written in the caller's task.

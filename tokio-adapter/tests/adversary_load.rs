@@ -1092,7 +1092,7 @@ type Leftover = tower::buffer::Buffer<u64, std::future::Ready<Result<Seen, Infal
 
 /// The README's hazard "clients built lazily inside a handler": a `Buffer` built with
 /// `Buffer::new` inside the first request's handler, whose worker (a plain `tokio::spawn`)
-/// inherits that request's session. The README's safety net: the session ends with its
+/// inherited that request's session (it now gets one ended from the start: a shared worker). The README's safety net: the session ends with its
 /// response, so a leftover task "can no longer use the request's identity" (`tower` module
 /// docs) — `backed_up_ctx()` is `None` there and `ClientBackup` refuses to send. This checks
 /// what the same worker *logs and traces* while it serves the second request: its log line must
@@ -1187,11 +1187,16 @@ fn leftover_run(sweep: bool) {
         text.lines().find(|l| l.contains("adv_leftover serving") && l.ends_with(&format!("id={i}"))).map(str::to_owned)
     };
     eprintln!("first: {first}\nsecond: {second}\nlog lines: {:?} / {:?}\nexported: {exported:?}", line(1), line(2));
-    assert!(first.contains("Some(\"t1\")"), "the first request is served with its own identity: {first}");
-    if !sweep {
-        // While it serves request 2, the worker holds request 1's ended session.
-        assert!(second.contains("Some(false)"), "the leftover worker runs with an ended session: {second}");
-    }
+    // The buffer's worker is a shared worker (implicit mode knows `Buffer::new`'s spawn site):
+    // it runs with a session ended from the start, never request 1's — not even while it serves
+    // request 1 (before, it served request 1 as request 1, and any request arriving meanwhile
+    // too), and a sweep keeps it.
+    assert!(
+        !first.contains("t1") && first.contains("Some(false)"),
+        "the shared worker serves request 1 without its identity, with an ended session: {first}"
+    );
+    assert!(second.contains("Some(false)"), "the leftover worker runs with an ended session: {second}");
+    let _ = sweep;
     // What a user checks: request 2's work is not logged or traced as request 1.
     let second_line = line(2).expect("the worker logged request 2");
     assert!(!second_line.contains("tenant=t1"), "request 2's log line carries request 1's tenant: {second_line}");
