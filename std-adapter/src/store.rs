@@ -402,6 +402,10 @@ impl ThreadStore {
                 parked
             })
             .ok()?;
+        if !parked && outdated.is_none() {
+            // The common case: nothing from before a reset on either side.
+            return None;
+        }
         let (stale, late_outdated) = if parked {
             let (_, stale, late_outdated) = take_leftovers();
             (stale, late_outdated)

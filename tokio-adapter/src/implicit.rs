@@ -194,7 +194,10 @@ fn is_shared_worker_session(session: &AnySession) -> bool {
 /// later caller's requests through the inner service).
 fn is_known_shared_worker(location: &Location<'_>) -> bool {
     let file = location.file();
-    (file.ends_with("/src/buffer/service.rs") || file.ends_with("\\src\\buffer\\service.rs")) && file.contains("tower")
+    // Every spawn made inside a session asks: one short comparison decides almost all of them.
+    file.ends_with("service.rs")
+        && (file.ends_with("/src/buffer/service.rs") || file.ends_with("\\src\\buffer\\service.rs"))
+        && file.contains("tower")
 }
 
 /// A poll in progress on this thread.
