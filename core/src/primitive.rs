@@ -16,10 +16,34 @@
 //! "Module layering").
 
 #[cfg(localsession_loom)]
-pub(crate) use loom::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 
 #[cfg(not(localsession_loom))]
-pub(crate) use core::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+pub(crate) use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+
+/// One step of a wait loop on an atomic that another thread will change soon (the wait for a
+/// cancel's propagation in [`scope`](mod@crate::scope)): lets the awaited thread run.
+///
+/// Under loom, `loom::thread::yield_now`, which tells loom's scheduler that this thread cannot
+/// progress until another one does (a loop without it would never end in a model); with the
+/// `std` feature, `std::thread::yield_now`, so a waiter on a busy machine gives its core to the
+/// thread it waits for; in `no_std`, `core::hint::spin_loop` (there is no scheduler to yield to).
+#[inline]
+pub(crate) fn spin_wait() {
+    #[cfg(localsession_loom)]
+    {
+        loom::thread::yield_now();
+    }
+    #[cfg(all(not(localsession_loom), feature = "std"))]
+    {
+        extern crate std;
+        std::thread::yield_now();
+    }
+    #[cfg(all(not(localsession_loom), not(feature = "std")))]
+    {
+        core::hint::spin_loop();
+    }
+}
 
 /// `UnsafeCell` with loom's closure-based access API, so that loom can check that no access
 /// races with another. Outside loom the closures compile down to plain pointer use.

@@ -26,9 +26,23 @@
 //!   then is freed; the parent's cancel takes a reference to each child under that same lock,
 //!   only if the child's count is not already zero. So a child is never freed while its parent
 //!   can still reach it.
+//! - A cancel returns only once the scope and every scope under it are cancelled, also when it
+//!   loses the race to another cancel. This follows Go's `cancelCtx.cancel`, which holds the
+//!   scope's mutex while it cancels the children, so that a losing cancel, blocked on that mutex,
+//!   returns after the whole subtree is cancelled. Here the winner propagates outside the lock
+//!   (the children's `detach`, registrations and `err()` must not wait behind a whole subtree),
+//!   so the winning `settle` raises the scope's `propagating` flag under the lock, and the
+//!   winner lowers the flags of every scope it settled once its whole propagation loop is over
+//!   (before it wakes wakers and runs callbacks). A cancel that finds the scope settled
+//!   already — the loser at the top, or a winner that finds a child another cancel settled —
+//!   waits until that scope's flag is down ([`ScopeNode::wait_propagated`], which argues why
+//!   this cannot deadlock). Loom models `losing_cancel_returns_after_the_subtree` and
+//!   `cancel_of_a_child_vs_cancel_of_the_root`.
 //! - `done()` registers a waker under the lock after checking `state` under it, so a concurrent
 //!   cancel either sees the waker or the poll sees `CANCELLED`: no lost wake-up (loom model
-//!   `done_vs_cancel`).
+//!   `done_vs_cancel`). No user code runs under a scope's lock: a waker is cloned before the
+//!   lock is taken (or between two lock sections, [`ScopeNode::update_waker`]), and wakers,
+//!   callbacks and replaced wakers are woken, run or dropped after it is released.
 //!
 //! # Layering
 //!
@@ -49,7 +63,7 @@ use alloc::vec::Vec;
 
 use crate::error::ContextError;
 use crate::node::{F_BARRIER, F_SCOPE, Header, NodePtr, NodeRef, VTable};
-use crate::primitive::{AtomicU8, Mutex, Ordering, UnsafeCell};
+use crate::primitive::{AtomicBool, AtomicU8, Mutex, Ordering, UnsafeCell, spin_wait};
 use crate::time::{Expiry, Instant};
 
 const ACTIVE: u8 = 0;
@@ -72,6 +86,10 @@ pub(crate) struct ScopeNode {
     /// is ours too. It is in our chain, so alive while we are.
     outer: Option<ScopePtr>,
     timer_armed: AtomicU8,
+    /// Raised (under `regs`) by the cancel that settles this scope, lowered by it once it has
+    /// settled every scope below; a cancel that finds the scope settled waits for it to be
+    /// lowered ([`ScopeNode::wait_propagated`]).
+    propagating: AtomicBool,
     regs: Mutex<Registrations>,
 }
 
@@ -204,6 +222,7 @@ impl ScopeNode {
             deadline,
             outer,
             timer_armed: AtomicU8::new(0),
+            propagating: AtomicBool::new(false),
             regs: Mutex::new(Registrations::new()),
         });
         let ptr: ScopePtr = NonNull::from(Box::leak(node));
@@ -341,15 +360,27 @@ impl ScopeNode {
     /// `DeadlineExceeded` first, a scope whose deadline has passed settles with
     /// `DeadlineExceeded` whatever cause the late cancel brings, so `err()` never changes once
     /// it is `Some`.
+    ///
+    /// Whatever it returns, this scope and every scope under it are cancelled when it returns:
+    /// a cancel that lost the race waits for the winner's propagation (as a losing cancel in Go
+    /// waits on the mutex the winner holds while it cancels the children; see the module
+    /// documentation).
     pub(crate) fn cancel(&self, cause: ContextError) -> bool {
         let given_deadline = cause.is_deadline_exceeded();
         let cause = if !given_deadline && self.deadline_passed() { ContextError::DeadlineExceeded } else { cause };
         let mut fired = Fired::default();
         let Some(cause) = self.settle(cause, &mut fired) else {
+            // Cancelled already: return once whoever settled it has cancelled the subtree.
+            self.wait_propagated();
             return false;
         };
         let expired = !given_deadline && cause.is_deadline_exceeded();
-        let mut done = Vec::new();
+        // From here until `finish`, no user code runs (see `wait_propagated`): the references
+        // to children are dropped only at the end (a last reference frees a chain, whose
+        // values' `Drop` is user code), and the guard lowers our flags even if we unwind.
+        let mut propagation = Propagation { top: Some(self), settled: Vec::new() };
+        // Children another cancel settled first; we waited for its propagation.
+        let mut waited = Vec::new();
         while let Some(child) = fired.children.pop() {
             // SAFETY: `Child` registrations are scope nodes; we hold a reference.
             let c = unsafe { ScopeNode::from_node(&child) };
@@ -360,9 +391,18 @@ impl ScopeNode {
             } else {
                 &cause
             };
-            let _ = c.settle(child_cause.clone(), &mut fired);
-            done.push(child);
+            if c.settle(child_cause.clone(), &mut fired).is_some() {
+                propagation.settled.push(child);
+            } else {
+                // Another cancel settled this child (it was cancelled itself: we took the list
+                // it is registered in); it took the child's list, so wait until it is through.
+                c.wait_propagated();
+                waited.push(child);
+            }
         }
+        // Lowered before any user code runs: a waker or callback may cancel these scopes again
+        // (and would then wait for our flags).
+        let done = propagation.finish();
         for waker in fired.wakers {
             waker.wake();
         }
@@ -370,7 +410,40 @@ impl ScopeNode {
             callback();
         }
         drop(done);
+        drop(waited);
         !expired
+    }
+
+    /// Waits until the cancel that settled this scope has settled every scope below it: spins
+    /// (yielding, [`spin_wait`]) until `propagating` is down. The caller found the scope
+    /// `CANCELLED` under its lock, so it sees the flag raised or already lowered, never the
+    /// initial `false` (the winner raised it in the same lock section that settled `state`). A
+    /// scope born cancelled never raises it: every scope under it is born cancelled too.
+    ///
+    /// Why the waits cannot deadlock:
+    /// - No thread waits while it holds a scope's lock (every lock section is short and never
+    ///   waits), so the waits only wait for other threads' propagation loops.
+    /// - A propagation loop runs no user code: it settles scopes and reads clocks; wakers,
+    ///   callbacks and the `Drop` of references run after the flags are lowered. (A
+    ///   `Clock::now` that cancelled a scope being propagated would re-enter, like any clock
+    ///   that re-enters the scope it is read for.) So a thread never waits for its own flags:
+    ///   it could only do so by cancelling again from inside its own propagation.
+    /// - A thread whose cancel lost at the top settled nothing and raised no flag: nobody waits
+    ///   for it.
+    /// - The waits follow the tree downwards. A winner `W` waits for a child `c` of a scope it
+    ///   settled, which another thread `T` settled; `T` cannot have reached `c` through `c`'s
+    ///   parent (`W` took that list, and a scope is registered in one list only), so `c` is
+    ///   the scope `T`'s cancel was called on, and every flag `T` raised is on `c` or below.
+    ///   Along any chain of waits the top scope of the awaited thread is strictly deeper in the
+    ///   tree than that of the waiting one: there is no cycle.
+    /// - Each loop is finite: a child opened under a settled scope is born cancelled instead of
+    ///   joining the list the loop took.
+    fn wait_propagated(&self) {
+        // Acquire: pairs with the Release store in `Propagation::finish` (or its `Drop`): once
+        // the flag reads lowered, every scope below is seen `CANCELLED`, with its cause.
+        while self.propagating.load(Ordering::Acquire) {
+            spin_wait();
+        }
     }
 
     /// Marks this scope cancelled and collects its registrations; returns the cause it settled
@@ -385,6 +458,10 @@ impl ScopeNode {
                 return None;
             }
             let cause = if regs.deadline_seen { ContextError::DeadlineExceeded } else { cause };
+            // Relaxed: a cancel that loses reads the flag after it saw `CANCELLED` under this
+            // lock, which orders this store before its load; the caller lowers it once the
+            // scopes below are settled (see `wait_propagated`).
+            self.propagating.store(true, Ordering::Relaxed);
             // SAFETY: no reader reads `cause` before seeing CANCELLED, which is stored below.
             unsafe { self.cause.with_mut(|c| *c = Some(cause.clone())) };
             // Release: publishes `cause` to lock-free readers of `state`.
@@ -423,20 +500,49 @@ impl ScopeNode {
     }
 
     /// Replaces the waker at `idx`; `Err` if the scope was cancelled meanwhile.
+    ///
+    /// `Waker::clone` (and `drop`) is user code, which may re-enter this scope (cancel it,
+    /// register on it) and so must not run under `regs`, which is not re-entrant: the waker is
+    /// compared under the lock (`will_wake` only compares pointers), cloned outside it, and put
+    /// in under the lock again, after checking again that the scope is not cancelled; the old
+    /// waker, or the clone if it is not needed any more, is dropped outside.
     fn update_waker(&self, idx: usize, waker: &Waker) -> Result<(), ()> {
-        let old = {
-            let mut regs = self.regs.lock();
+        {
+            let regs = self.regs.lock();
+            // Relaxed: `state` only changes under this lock.
             if self.state.load(Ordering::Relaxed) == CANCELLED {
                 return Err(());
             }
-            match regs.slots.get_mut(idx) {
+            match regs.slots.get(idx) {
                 Some(Slot::Waker(w)) if w.will_wake(waker) => return Ok(()),
-                Some(Slot::Waker(w)) => mem::replace(w, waker.clone()),
+                Some(Slot::Waker(_)) => {}
                 _ => return Err(()),
             }
+        }
+        let new = waker.clone();
+        // The slot is still ours if the scope is not cancelled: only the `Done` that owns it
+        // (polling now, through `&mut`) or a cancel (which settles the scope) removes it.
+        let replaced = {
+            let mut regs = self.regs.lock();
+            if self.state.load(Ordering::Relaxed) == CANCELLED {
+                Err(new)
+            } else {
+                match regs.slots.get_mut(idx) {
+                    Some(Slot::Waker(w)) => Ok(mem::replace(w, new)),
+                    _ => Err(new),
+                }
+            }
         };
-        drop(old);
-        Ok(())
+        match replaced {
+            Ok(old) => {
+                drop(old);
+                Ok(())
+            }
+            Err(unused) => {
+                drop(unused);
+                Err(())
+            }
+        }
     }
 
     /// Removes registration `idx`; `None` if the scope was cancelled (the cancel took it).
@@ -468,6 +574,43 @@ impl ScopeNode {
                 scope.arm_timer(&outer_node);
             }
         }
+    }
+}
+
+/// The scopes one winning cancel settled: it lowers their `propagating` flags when its
+/// propagation loop is over ([`finish`](Propagation::finish)) — or, should the loop unwind (a
+/// panicking `Clock::now`), when the guard is dropped, so that no waiting cancel spins forever.
+struct Propagation<'a> {
+    /// The scope the cancel was called on; `None` once the flags are lowered.
+    top: Option<&'a ScopeNode>,
+    /// The scopes below it that this cancel settled (not those another cancel settled first).
+    settled: Vec<NodeRef>,
+}
+
+impl Propagation<'_> {
+    fn lower(&mut self) {
+        if let Some(top) = self.top.take() {
+            // Release: pairs with the Acquire load of `wait_propagated`; everything this loop
+            // settled (states and causes, stored before) is visible to a waiter that sees it.
+            top.propagating.store(false, Ordering::Release);
+            for node in &self.settled {
+                // SAFETY: only scope nodes are settled; we hold a reference to each.
+                unsafe { ScopeNode::from_node(node) }.propagating.store(false, Ordering::Release);
+            }
+        }
+    }
+
+    /// Lowers the flags, and hands back the references (the caller drops them after the wakers
+    /// and callbacks ran).
+    fn finish(mut self) -> Vec<NodeRef> {
+        self.lower();
+        mem::take(&mut self.settled)
+    }
+}
+
+impl Drop for Propagation<'_> {
+    fn drop(&mut self) {
+        self.lower();
     }
 }
 

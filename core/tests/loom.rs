@@ -84,6 +84,60 @@ fn concurrent_cancels_have_one_winner() {
     });
 }
 
+/// Two cancels of a root with a child and a grandchild: whichever wins, once either cancel has
+/// returned (`true` or `false`), the child and the grandchild are cancelled. Go's losing cancel
+/// blocks on the mutex the winner holds while it cancels the children; here the loser waits for
+/// the winner's `propagating` flag (`src/scope.rs`, `ScopeNode::wait_propagated`). Before, the
+/// loser returned as soon as it saw the root cancelled, while the winner was still settling the
+/// child.
+#[test]
+fn losing_cancel_returns_after_the_subtree() {
+    model(|| {
+        let (root, cancel) = Context::background().with_cancel();
+        let (child, _c) = root.with_cancel();
+        let (grandchild, _g) = child.with_cancel();
+        let cancelled_below = move |child: &Context, grandchild: &Context| {
+            assert_eq!(child.err(), Some(ContextError::Canceled), "a cancel returned before the child was cancelled");
+            assert_eq!(grandchild.err(), Some(ContextError::Canceled), "a cancel returned before the grandchild was");
+        };
+        let c2 = cancel.clone();
+        let (child2, grandchild2) = (child.clone(), grandchild.clone());
+        let t = thread::spawn(move || {
+            let won = c2.cancel();
+            cancelled_below(&child2, &grandchild2);
+            won
+        });
+        let mine = cancel.cancel();
+        cancelled_below(&child, &grandchild);
+        let theirs = t.join().unwrap();
+        assert!(mine ^ theirs);
+        assert_eq!(root.err(), Some(ContextError::Canceled));
+    });
+}
+
+/// One thread cancels the root while another cancels the child (which has a grandchild). When
+/// the root's cancel returns, the child and the grandchild are cancelled — also when the root's
+/// cancel found the child settled by the other thread, whose propagation to the grandchild it
+/// then waits for; when the child's cancel returns, the grandchild is cancelled.
+#[test]
+fn cancel_of_a_child_vs_cancel_of_the_root() {
+    model(|| {
+        let (root, cancel) = Context::background().with_cancel();
+        let (child, child_cancel) = root.with_cancel();
+        let (grandchild, _g) = child.with_cancel();
+        let grandchild2 = grandchild.clone();
+        let t = thread::spawn(move || {
+            child_cancel.cancel();
+            assert!(grandchild2.is_done(), "the child's cancel returned before the grandchild was cancelled");
+        });
+        assert!(cancel.cancel());
+        assert!(child.is_done(), "the root's cancel returned before the child was cancelled");
+        assert!(grandchild.is_done(), "the root's cancel returned before the grandchild was cancelled");
+        t.join().unwrap();
+        assert_eq!(grandchild.err(), Some(ContextError::Canceled));
+    });
+}
+
 /// `done()` registration racing with cancel: the waiting thread always wakes (loom reports a
 /// deadlock if the wake-up is lost).
 #[test]
