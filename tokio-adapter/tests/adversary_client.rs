@@ -429,6 +429,8 @@ enum Arrangement {
     BufferNaive,
 }
 
+// One proxy per test, built once: the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Proxy {
     Pooled(ClientBackup<Pooled, Recover>),
     Buffered(ClientBackup<Buffer<Request<Body>, ResponseFuture>, Recover>),
