@@ -447,6 +447,44 @@ fn task_table_reset_vs_before_poll() {
     });
 }
 
+/// `reset_default_manager` racing a scope that closes inside a hooked task's poll and restores
+/// a pre-reset session into the task's record (the std store's `exchange_slow` records through
+/// the task's sink; the generation is modelled by an atomic). The reset clears every record,
+/// bumps the generation, and clears again (its hooks run before and after the bump); the
+/// exchange loads the generation, records, and takes its record back if the generation moved
+/// meanwhile. Whatever the interleaving, the record ends empty: a session the exchange recorded
+/// against the old generation never outlives the reset in the table (the task's next poll would
+/// install it as current). Before, the hooks ran only before the bump and the exchange did not
+/// check again: a record landing between the clear and the bump survived.
+#[test]
+fn task_table_reset_vs_scope_restore_record() {
+    use localsession_core::TaskTable;
+    use loom::sync::atomic::{AtomicU64, Ordering};
+    model(|| {
+        let table = Arc::new(TaskTable::new());
+        let generation = Arc::new(AtomicU64::new(0));
+        let before_reset: AnySession = SessionMap::new().with_value("n", 0u8).into();
+        drop(table.spawned(1, None));
+        let (t, g) = (table.clone(), generation.clone());
+        let reset = thread::spawn(move || {
+            drop(t.sweep(|_| false)); // the reset hooks, first pass
+            g.fetch_add(1, Ordering::AcqRel); // bump_generation
+            drop(t.sweep(|_| false)); // second pass
+        });
+        // The closing scope's exchange (its generation check saw no reset yet).
+        let read = generation.load(Ordering::Acquire);
+        drop(table.rebind(1, Some(&before_reset)));
+        if generation.load(Ordering::Acquire) != read {
+            drop(table.rebind(1, None)); // taken back
+        }
+        reset.join().unwrap();
+        if read == 0 {
+            assert!(table.session(1).is_none(), "a pre-reset session survived the reset in the task's record");
+        }
+        drop(table.terminated(1));
+    });
+}
+
 /// A cancel racing a deadline that passes while the cancel runs, observed by `err()`: once
 /// `err()` is `Some`, it never changes. The cancel decides its cause under the scope's lock,
 /// re-reading the clock there, and a lazy `err()` (a passed deadline, not settled) decides

@@ -94,7 +94,10 @@ pub use manager::{
 #[cfg(feature = "opentelemetry")]
 pub use otel::{BaggageError, OTEL_CONTEXT, baggage_from_metainfo, metainfo_with_baggage, try_baggage_from_metainfo};
 pub use sharded::{ShardedManager, thread_id};
-pub use store::{BindSink, THREAD_STORE, ThreadStore, UnitScope, register_reset_hook, register_task_probe};
+pub use store::{
+    BindSink, THREAD_STORE, ThreadStore, UnitScope, is_shared_worker_session, register_reset_hook, register_task_probe,
+    shared_worker_session,
+};
 pub use thread::{Builder, ScopeExt, go, go_session, in_current_session, with_session};
 #[cfg(feature = "tracing")]
 pub use trace_fields::{RecordedSessionFields, SessionFields, SessionFieldsFormat, SessionFieldsLayer};

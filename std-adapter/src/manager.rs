@@ -139,6 +139,12 @@ pub fn reset_default_manager(opts: ManagerOptions) -> Result<(), InitError> {
     // after the bump gets it stamped with the old generation (`ThreadStore::enter_unit`).
     crate::store::run_reset_hooks();
     bump_generation();
+    // And after it: a record written between the first run and the bump (a scope of a hooked
+    // task closing then, whose exchange could not yet see the reset, restoring a pre-reset
+    // session into its task's record) is cleared too. An exchange that read the generation
+    // before the bump and records after this second run takes its record back itself
+    // (`exchange_slow`).
+    crate::store::run_reset_hooks();
     *OPTIONS.write().unwrap_or_else(PoisonError::into_inner) = Some(opts);
     STATE.store(INITIALIZED, Ordering::Release);
     Ok(())

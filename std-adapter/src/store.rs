@@ -18,7 +18,7 @@ use std::cell::Cell;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use localsession_core::{AnySession, BindError, ContextStore, LocalSlot};
+use localsession_core::{AnySession, BindError, Context, ContextError, ContextStore, LocalSlot, SessionCtx};
 
 /// The generation of the default manager; bumped by `reset_default_manager`.
 static GENERATION: AtomicU64 = AtomicU64::new(0);
@@ -181,7 +181,10 @@ impl ThreadStore {
             // Acquire: as in `with`.
             let generation = GENERATION.load(Ordering::Acquire);
             let (mut stale, mut recorded) = (None, None);
-            if t.generation.get() != generation {
+            if t.generation.get() != generation && t.slot.with(|s| s.is_some_and(is_shared_worker_session)) {
+                // The shared workers' session is no request's: a reset does not end it.
+                t.generation.set(generation);
+            } else if t.generation.get() != generation {
                 // Dropped after the read, outside the thread-local access (its drop may use the
                 // store).
                 stale = t.slot.replace(None);
@@ -367,7 +370,7 @@ impl ThreadStore {
                 let (token, parked) = exchange_in(t, session, Owner::Scope);
                 // The generation the slot is now in (the exchange brought it up to date).
                 let generation = t.generation.get();
-                if generation != read_at {
+                if generation != read_at && !t.slot.with(|s| s.is_some_and(is_shared_worker_session)) {
                     // A reset ran after the unit's session was read from its record: the
                     // session is from before it. Stamped with that older generation, it reads
                     // as empty and leaves the slot (and, through the sink, the record) at the
@@ -572,6 +575,7 @@ fn exchange_slow(t: &ThreadSlot, session: &mut Option<AnySession>, rule: Owner) 
     // visible after the reset had returned).
     if stale
         && matches!(rule, Owner::Restore(_))
+        && !session.as_ref().is_some_and(is_shared_worker_session)
         && let Some(old) = session.take()
     {
         park(&t.leftover_outdated, old);
@@ -593,10 +597,23 @@ fn exchange_slow(t: &ThreadSlot, session: &mut Option<AnySession>, rule: Owner) 
     let restores_foreign = matches!(rule, Owner::Restore(token) if token != 0);
     if let Some(sink) = sink
         && !(!restores_foreign && t.owner.get() == 0 && t.slot.with(|cur| same(cur, session.as_ref())))
-        && let Some(old) = (sink.record)(sink.unit, if restores_foreign { None } else { session.as_ref() })
     {
-        park(&t.leftover_recorded, old);
-        parked = true;
+        if let Some(old) = (sink.record)(sink.unit, if restores_foreign { None } else { session.as_ref() }) {
+            park(&t.leftover_recorded, old);
+            parked = true;
+        }
+        // A reset that bumped the generation since this exchange read it may have cleared the
+        // unit's record before this record landed (its hooks clear records before and again
+        // after the bump): take it back. Either the reset's second clear comes after this
+        // record in the shard's lock order and clears it, or it came first — then the bump,
+        // before it, happens-before this load, which sees it.
+        if GENERATION.load(Ordering::Acquire) != generation
+            && !session.as_ref().is_some_and(is_shared_worker_session)
+            && let Some(undone) = (sink.record)(sink.unit, None)
+        {
+            park(&t.leftover_outdated, undone);
+            parked = true;
+        }
     }
     crate::live::on_bind(session.is_some());
     t.slot.swap(session);
@@ -635,6 +652,70 @@ enum Owner {
     /// A scope closes: the tag from before it.
     Restore(u64),
 }
+
+/// The shared workers' session (see [`shared_worker_session`]).
+static SHARED_WORKER: OnceLock<AnySession> = OnceLock::new();
+
+/// The session of a *shared worker*: a unit that serves every later caller (the worker of a
+/// `tower::buffer::Buffer`, say), which must carry no request's identity and must not fall back
+/// to "no session" either. It is ended from the start — [`is_valid`](AnySession::is_valid) is
+/// `false` and [`err`](AnySession::err) names the cause — so a client layer in such a unit
+/// refuses to send instead of sending one request's identity (or none, silently), and the
+/// bridges enter nothing for it. One process-wide value; unlike any other binding, a
+/// [`reset_default_manager`](crate::reset_default_manager) does not end it (it is no request's
+/// session): a thread that holds it still holds it after a reset. The tokio adapter's implicit
+/// mode gives it to tasks spawned at known shared-worker sites.
+///
+/// # Examples
+/// ```
+/// use localsession_std::{bind, current, is_shared_worker_session, shared_worker_session, unbind};
+/// let marker = shared_worker_session();
+/// assert!(!marker.is_valid());
+/// assert!(marker.err().unwrap().to_string().contains("shared worker"));
+/// bind(marker.clone()).unwrap();
+/// assert!(current().is_some_and(|s| is_shared_worker_session(&s)));
+/// unbind();
+/// ```
+#[must_use]
+pub fn shared_worker_session() -> AnySession {
+    SHARED_WORKER
+        .get_or_init(|| {
+            let (ctx, cancel) = Context::background().with_cancel();
+            cancel.cancel_with_cause(ContextError::cause(SharedWorker));
+            SessionCtx::new(&ctx).into()
+        })
+        .clone()
+}
+
+/// Whether `session` is [`shared_worker_session`] (compared by identity).
+///
+/// # Examples
+/// ```
+/// use localsession_core::SessionMap;
+/// use localsession_std::{is_shared_worker_session, shared_worker_session};
+/// assert!(is_shared_worker_session(&shared_worker_session()));
+/// assert!(!is_shared_worker_session(&SessionMap::new().into()));
+/// ```
+#[must_use]
+pub fn is_shared_worker_session(session: &AnySession) -> bool {
+    SHARED_WORKER.get().is_some_and(|marker| marker.ptr_eq(session))
+}
+
+/// The cause in [`shared_worker_session`].
+#[derive(Debug)]
+struct SharedWorker;
+
+impl std::fmt::Display for SharedWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "this task is a shared worker (spawned where it serves every later caller, such as the \
+             worker of a tower::buffer::Buffer built inside a request), so it carries no request's \
+             session",
+        )
+    }
+}
+
+impl std::error::Error for SharedWorker {}
 
 static TASK_PROBE: OnceLock<fn() -> u64> = OnceLock::new();
 
@@ -692,13 +773,16 @@ fn same(a: Option<&AnySession>, b: Option<&AnySession>) -> bool {
 static RESET_HOOKS: std::sync::Mutex<Vec<fn()>> = std::sync::Mutex::new(Vec::new());
 
 /// Registers `hook` to run in every [`reset_default_manager`](crate::reset_default_manager),
-/// on the resetting thread, before the bindings made so far are invalidated; returns whether it
-/// was new (registering the same function twice runs it once).
+/// on the resetting thread, twice: before the bindings made so far are invalidated, and again
+/// right after (so a hook must be idempotent); returns whether it was new (registering the
+/// same function twice runs it once per pass).
 ///
 /// For executors that keep sessions outside the thread slots — the tokio adapter's implicit
 /// mode keeps each task's session in a table and clears it here, so that an idle task does
-/// not get its pre-reset session back at its next poll. Hooks run in registration order, under
-/// no lock of this crate; a hook must not call `reset_default_manager` itself.
+/// not get its pre-reset session back at its next poll. The second pass clears what a unit
+/// recorded in between (a scope closing while the reset ran, restoring a pre-reset session).
+/// Hooks run in registration order, under no lock of this crate; a hook must not call
+/// `reset_default_manager` itself.
 ///
 /// # Examples
 /// ```
@@ -710,7 +794,7 @@ static RESET_HOOKS: std::sync::Mutex<Vec<fn()>> = std::sync::Mutex::new(Vec::new
 /// assert!(register_reset_hook(count));
 /// assert!(!register_reset_hook(count)); // once
 /// reset_default_manager(ManagerOptions::default()).unwrap();
-/// assert_eq!(RESETS.load(Ordering::Relaxed), 1);
+/// assert_eq!(RESETS.load(Ordering::Relaxed), 2); // before and after the invalidation
 /// ```
 pub fn register_reset_hook(hook: fn()) -> bool {
     let mut hooks = RESET_HOOKS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

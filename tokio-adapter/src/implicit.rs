@@ -143,8 +143,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 use std::time::Duration;
 
-use localsession_core::{AnySession, Context, ContextError, ContextStore, SessionCtx, TaskAttachment, TaskTable};
-use localsession_std::{BindSink, BridgeGuard, Bridges, THREAD_STORE, UnitScope};
+use localsession_core::{AnySession, ContextStore, TaskAttachment, TaskTable};
+use localsession_std::{
+    BindSink, BridgeGuard, Bridges, THREAD_STORE, UnitScope, is_shared_worker_session, shared_worker_session,
+};
 
 use crate::probe::raw_id;
 use tokio::runtime::{Builder, TaskMeta};
@@ -158,36 +160,6 @@ static HOOK_DROP_PANICS: AtomicUsize = AtomicUsize::new(0);
 /// Decides, from where `tokio::spawn` was called, whether the task is a shared worker (see
 /// [`ImplicitSessions::shared_workers_spawned_at`]).
 type SpawnFilter = Arc<dyn Fn(&'static Location<'static>) -> bool + Send + Sync>;
-
-/// The session of every shared worker spawned inside a request: ended from the start (one
-/// process-wide value), its cause naming why. Kept by sweeps and resets, so the worker never
-/// falls back to "no session", which a client layer would send without complaint.
-static SHARED_WORKER_SESSION: LazyLock<AnySession> = LazyLock::new(|| {
-    let (ctx, cancel) = Context::background().with_cancel();
-    cancel.cancel_with_cause(ContextError::cause(SharedWorker));
-    SessionCtx::new(&ctx).into()
-});
-
-/// The cause in [`SHARED_WORKER_SESSION`].
-#[derive(Debug)]
-struct SharedWorker;
-
-impl fmt::Display for SharedWorker {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(
-            "this task is a shared worker (spawned where it serves every later caller, such as the \
-             worker of a tower::buffer::Buffer built inside a request), so it carries no request's \
-             session",
-        )
-    }
-}
-
-impl std::error::Error for SharedWorker {}
-
-/// Whether `session` is the shared workers' session.
-fn is_shared_worker_session(session: &AnySession) -> bool {
-    session.ptr_eq(&SHARED_WORKER_SESSION)
-}
 
 /// The spawn sites known to start shared workers: `tower::buffer::Buffer::new` (it spawns its
 /// worker with `tokio::spawn` from tower's `src/buffer/service.rs`; the worker then runs every
@@ -249,7 +221,7 @@ fn on_spawn(meta: &TaskMeta<'_>, shared_workers: Option<&SpawnFilter>) {
     // ended from the start, and none of the spawner's span.
     let shared_worker = inherited.is_some() && is_shared_worker(meta.spawned_at(), shared_workers);
     if shared_worker {
-        drop_caught(inherited.replace(SHARED_WORKER_SESSION.clone()));
+        drop_caught(inherited.replace(shared_worker_session()));
     }
     // The span bridge (two relaxed loads when both bridges are off): the span lives in the
     // task's entry, created and removed with it.
