@@ -431,6 +431,12 @@ impl Context {
     /// on the thread that cancels it; immediately if it is done already (Go `context.AfterFunc`).
     /// The returned handle can [stop](AfterCancel::stop) it.
     ///
+    /// The cancel wakes the tasks waiting on [`done`](Context::done) first, then runs the
+    /// callbacks in registration order. A panic there — a callback's, or a waker's `wake` —
+    /// goes on to the cancelling caller and the callbacks after it are dropped without running
+    /// (the core has no `catch_unwind` without `std`); the scope and every scope under it are
+    /// cancelled before any of them runs, so nothing stays valid.
+    ///
     /// # Examples
     /// ```
     /// use std::sync::mpsc;
