@@ -432,10 +432,11 @@ impl Context {
     /// The returned handle can [stop](AfterCancel::stop) it.
     ///
     /// The cancel wakes the tasks waiting on [`done`](Context::done) first, then runs the
-    /// callbacks in registration order. A panic there — a callback's, or a waker's `wake` —
-    /// goes on to the cancelling caller and the callbacks after it are dropped without running
-    /// (the core has no `catch_unwind` without `std`); the scope and every scope under it are
-    /// cancelled before any of them runs, so nothing stays valid.
+    /// callbacks in registration order; the scope and every scope under it are cancelled before
+    /// any of them runs. A panic there — a callback's, or a waker's `wake` — goes on to the
+    /// cancelling caller: with the `std` feature (which the std adapter enables) after every
+    /// other waker and callback has run; without it at once, and the callbacks after it are
+    /// dropped without running (there is no `catch_unwind` without `std`).
     ///
     /// # Examples
     /// ```

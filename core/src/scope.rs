@@ -403,12 +403,7 @@ impl ScopeNode {
         // Lowered before any user code runs: a waker or callback may cancel these scopes again
         // (and would then wait for our flags).
         let done = propagation.finish();
-        for waker in fired.wakers {
-            waker.wake();
-        }
-        for callback in fired.callbacks {
-            callback();
-        }
+        run_user_code(fired.wakers, fired.callbacks);
         drop(done);
         drop(waited);
         !expired
@@ -573,6 +568,44 @@ impl ScopeNode {
                 let outer_node = unsafe { NodeRef::clone_from_ptr(NodePtr(outer.cast())) };
                 scope.arm_timer(&outer_node);
             }
+        }
+    }
+}
+
+/// Wakes the wakers, then runs the callbacks, of one cancel (user code: the scopes are settled
+/// and their flags lowered by now). With `std`, each runs under `catch_unwind`, so a panicking
+/// `wake` or callback does not keep the ones after it from running; the first panic goes on to
+/// the cancelling caller once all have run (later ones are reported by the panic hook and
+/// dropped). Without `std` there is no `catch_unwind`: a panic goes on at once and the rest are
+/// dropped without running (documented at `Context::after_cancel`).
+fn run_user_code(wakers: Vec<Waker>, callbacks: Vec<Box<dyn FnOnce() + Send>>) {
+    #[cfg(feature = "std")]
+    {
+        extern crate std;
+        use core::panic::AssertUnwindSafe;
+        use std::panic::{catch_unwind, resume_unwind};
+        let mut first_panic = None;
+        for waker in wakers {
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| waker.wake())) {
+                first_panic.get_or_insert(panic);
+            }
+        }
+        for callback in callbacks {
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(callback)) {
+                first_panic.get_or_insert(panic);
+            }
+        }
+        if let Some(panic) = first_panic {
+            resume_unwind(panic);
+        }
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        for waker in wakers {
+            waker.wake();
+        }
+        for callback in callbacks {
+            callback();
         }
     }
 }

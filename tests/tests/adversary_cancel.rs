@@ -13,6 +13,7 @@
 //! when nothing panicked), and every value and closure is dropped exactly once.
 #![allow(missing_docs)]
 
+use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex, OnceLock, mpsc};
@@ -885,4 +886,59 @@ fn panicking_callbacks_on_maps_and_sessions_never_leave_a_subtree_valid() {
             closures.assert_balanced("map callbacks");
         }
     });
+}
+
+/// A panicking `wake` or callback must not cost the other callbacks of the same cancel their
+/// run (with `std`, which this package enables): before, the panic unwound out of the cancel's
+/// loop and every callback after it was dropped unrun — a cleanup (closing a connection,
+/// releasing a permit) silently lost. The first panic still reaches the cancelling caller.
+#[test]
+fn a_panicking_waker_or_callback_does_not_keep_the_other_callbacks_from_running() {
+    fn panicking_waker() -> Waker {
+        fn clone(p: *const ()) -> RawWaker {
+            RawWaker::new(p, &VTABLE)
+        }
+        fn wake(_: *const ()) {
+            panic!("hostile wake");
+        }
+        fn noop(_: *const ()) {}
+        static VTABLE: RawWakerVTable = RawWakerVTable::new(clone, wake, wake, noop);
+        // SAFETY: the vtable's functions ignore the data pointer.
+        unsafe { Waker::from_raw(RawWaker::new(std::ptr::null(), &VTABLE)) }
+    }
+    for waker_panics in [true, false] {
+        let (ctx, cancel) = Context::background().with_cancel();
+        let ran = Arc::new(AtomicUsize::new(0));
+        // A waiting `done()` whose waker panics when woken.
+        let mut done = Box::pin(ctx.done());
+        if waker_panics {
+            let waker = panicking_waker();
+            assert!(done.as_mut().poll(&mut TaskContext::from_waker(&waker)).is_pending());
+        }
+        let r = ran.clone();
+        let _first = ctx.after_cancel(move || {
+            r.fetch_add(1, Ordering::SeqCst);
+            if !waker_panics {
+                panic!("hostile callback");
+            }
+        });
+        let handles: Vec<_> = (0..3)
+            .map(|_| {
+                let r = ran.clone();
+                ctx.after_cancel(move || {
+                    r.fetch_add(1, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        let outcome = silently(|| cancel.cancel());
+        assert!(outcome.is_err(), "the panic reaches the cancelling caller (waker panics: {waker_panics})");
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            4,
+            "every callback ran despite the panicking {}",
+            if waker_panics { "waker" } else { "callback" }
+        );
+        assert_eq!(ctx.err(), Some(ContextError::Canceled));
+        drop(handles);
+    }
 }
