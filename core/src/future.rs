@@ -199,7 +199,7 @@ fn with_swapped<S: ?Sized + StoreType, R>(
 ) -> R {
     let Some(store) = S::resolve(store) else { return f() };
     let generation = store.generation();
-    if stamp.is_some_and(|held| held != generation) {
+    if stamp.is_some_and(|held| held != generation) && !session.as_ref().is_some_and(|s| store.survives_reset(s)) {
         *session = None;
     }
     *stamp = Some(generation);
@@ -219,7 +219,7 @@ fn with_swapped<S: ?Sized + StoreType, R>(
         fn drop(&mut self) {
             let now = self.store.generation();
             // The unit's binding from before a reset is not restored (see `EnterGuard`).
-            if now != self.generation {
+            if now != self.generation && !self.session.as_ref().is_some_and(|s| self.store.survives_reset(s)) {
                 *self.session = None;
             }
             // What the exit takes back is of this generation at least: a store hands back no

@@ -18,9 +18,11 @@
 //!   cancel returned.
 //! - Cancel takes the whole list under the lock, then works outside it: children are cancelled
 //!   iteratively (a work stack, so deep trees do not recurse), then wakers are woken, then
-//!   callbacks run, in registration order, on the cancelling thread. A panicking callback
-//!   unwinds to the canceller after the scope and its descendants are already cancelled; the
-//!   callbacks after it are dropped without running.
+//!   callbacks run, in registration order, on the cancelling thread. A panicking callback (or
+//!   `wake`) unwinds to the canceller after the scope and its descendants are already
+//!   cancelled: with `std`, once every other waker and callback has run (each is caught and the
+//!   first panic resumed); without `std`, at once, and the callbacks after it are dropped
+//!   without running.
 //! - A parent reaches a child through a raw pointer in its list. A child whose count reaches zero
 //!   first removes itself from the parent's list, under the parent's lock ([`detach`]), and only
 //!   then is freed; the parent's cancel takes a reference to each child under that same lock,

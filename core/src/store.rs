@@ -131,6 +131,23 @@ pub trait ContextStore: Send + Sync + 'static {
         0
     }
 
+    /// Whether `session` stays bound across a reset of this store (see
+    /// [`generation`](ContextStore::generation)): guards and `WithSession` futures made before
+    /// a reset restore such a session instead of dropping it. The std adapter's thread store
+    /// says so of its shared workers' marker session, which is no request's; the default is
+    /// `false` (a reset ends every binding).
+    ///
+    /// # Examples
+    /// ```
+    /// use localsession_core::{ContextStore, SessionMap, SingleSlotStore};
+    /// static STORE: SingleSlotStore = SingleSlotStore::new();
+    /// assert!(!STORE.survives_reset(&SessionMap::new().into()));
+    /// ```
+    fn survives_reset(&self, session: &AnySession) -> bool {
+        let _ = session;
+        false
+    }
+
     /// Opens a scope: exchanges the running unit's session with `*session` like
     /// [`swap`](ContextStore::swap), for a scope that [`exit_scope`](ContextStore::exit_scope)
     /// closes on the same unit ([`EnterGuard`], each poll of [`WithSession`](crate::WithSession)).
@@ -639,7 +656,7 @@ pub struct EnterGuard {
 impl Drop for EnterGuard {
     fn drop(&mut self) {
         if let Some(store) = self.store {
-            if store.generation() != self.generation {
+            if store.generation() != self.generation && !self.prev.as_ref().is_some_and(|p| store.survives_reset(p)) {
                 self.prev = None;
             }
             // The session we entered comes back into `prev` and is dropped with the guard,

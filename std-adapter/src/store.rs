@@ -396,7 +396,13 @@ impl ThreadStore {
     pub fn exit_unit(&self, session: &mut Option<AnySession>, scope: UnitScope) -> Option<AnySession> {
         // Acquire: as in `with`. A reset during the unit: what the thread held before it is
         // from the old generation and is not restored (as `EnterGuard` and `WithSession` do).
-        let outdated = if GENERATION.load(Ordering::Acquire) == scope.generation { None } else { session.take() };
+        let outdated = if GENERATION.load(Ordering::Acquire) == scope.generation
+            || session.as_ref().is_some_and(is_shared_worker_session)
+        {
+            None
+        } else {
+            session.take()
+        };
         let parked = SLOT
             .try_with(|t| {
                 t.sink.set(None);
@@ -494,6 +500,12 @@ impl ContextStore for ThreadStore {
     fn generation(&self) -> u64 {
         // Acquire: as in `with`.
         GENERATION.load(Ordering::Acquire)
+    }
+
+    /// The shared workers' marker ([`shared_worker_session`]) is no request's session: no reset
+    /// ends it.
+    fn survives_reset(&self, session: &AnySession) -> bool {
+        is_shared_worker_session(session)
     }
 }
 
@@ -626,7 +638,10 @@ fn exchange_slow(t: &ThreadSlot, session: &mut Option<AnySession>, rule: Owner) 
         Owner::Scope => 0,
         Owner::Restore(token) => token,
     };
-    if stale && let Some(old) = session.take() {
+    if stale
+        && !session.as_ref().is_some_and(is_shared_worker_session)
+        && let Some(old) = session.take()
+    {
         // A binding from before a reset is not handed back.
         park(&t.leftover_stale, old);
         parked = true;

@@ -17,6 +17,16 @@
 //! The values are rendered with `Display` when the span is created or the event formatted (the
 //! session cannot be read later: by then another request may run on the thread). Only values
 //! present in the session are written; nothing is written without a session.
+//!
+//! # Format
+//! Each value is written `name=value`, as `fmt` writes its own fields — and, as `fmt` does for
+//! its string fields, quoted and escaped (Rust's `{:?}` of the string: `"a b"`, `"x\ny"`,
+//! `"\u{1b}[31m"`) when it is empty or holds whitespace, `=`, `"`, `\` or a control character.
+//! Session values often come from request headers: unescaped, a value such as
+//! `"acme\ntenant=globex ..."` or `"mallory tenant=globex"` would forge a line, or a field, of
+//! another tenant. [`RecordedSessionFields`] and [`SessionFields::current_values`] keep the
+//! values as rendered (unescaped). A render that panics (a `Display` of a value, a `field`
+//! closure) is caught: the field is left out of that span or line.
 
 use std::any::Any;
 use std::fmt::{self, Display, Write as _};
@@ -82,7 +92,8 @@ impl SessionFields {
 
     /// Records what `render` returns for the current session (nothing for `None`) as field
     /// `name`: for hashed keys, or values that need formatting of their own. `render` runs
-    /// wherever a span is created or an event formatted; it must not panic.
+    /// wherever a span is created or an event formatted; if it panics, the field is left out
+    /// (the panic hook reports it).
     ///
     /// # Examples
     /// ```
@@ -120,9 +131,19 @@ impl SessionFields {
             return Vec::new();
         }
         crate::with_current(|session| match session {
-            Some(s) if s.is_valid() => {
-                self.fields.iter().filter_map(|(name, render)| render(s).map(|v| (*name, v))).collect()
-            }
+            Some(s) if s.is_valid() => self
+                .fields
+                .iter()
+                .filter_map(|(name, render)| {
+                    // User code (a value's `Display`, a `field` closure), run inside a
+                    // subscriber's callback: a panic there would break the log call (and leak
+                    // the span the registry had already opened). Caught: the field is left out.
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| render(s)))
+                        .ok()
+                        .flatten()
+                        .map(|v| (*name, v))
+                })
+                .collect(),
             _ => Vec::new(),
         })
     }
@@ -267,7 +288,19 @@ fn append(out: &mut String, values: &[(&'static str, String)]) {
         if !out.is_empty() {
             out.push(' ');
         }
-        let _ = write!(out, "{name}={value}");
+        let _ = write!(out, "{name}={}", Escaped(value));
+    }
+}
+
+/// A value written as `fmt` writes its string fields: as is when that is unambiguous, else
+/// quoted and escaped (`{:?}`; see the module docs, "Format").
+struct Escaped<'a>(&'a str);
+
+impl Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let plain = !self.0.is_empty()
+            && !self.0.chars().any(|c| c.is_whitespace() || c.is_control() || matches!(c, '=' | '"' | '\\'));
+        if plain { f.write_str(self.0) } else { write!(f, "{:?}", self.0) }
     }
 }
 
@@ -318,7 +351,7 @@ where
     fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
         // In front, so that `inner` writes straight to the (possibly coloured) writer.
         for (name, value) in self.fields.current_values() {
-            write!(writer, "{name}={value} ")?;
+            write!(writer, "{name}={} ", Escaped(&value))?;
         }
         self.inner.format_event(ctx, writer, event)
     }

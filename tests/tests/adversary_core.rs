@@ -1193,7 +1193,7 @@ fn contexts_survive_keys_whose_eq_panics_while_tables_are_built() {
 }
 
 #[test]
-fn a_panicking_after_cancel_callback_drops_the_rest_without_leaking_and_cancels_everything() {
+fn a_panicking_after_cancel_callback_runs_the_rest_without_leaking_and_cancels_everything() {
     let t = Arc::new(Tracker::default());
     let ran = Arc::new(AtomicUsize::new(0));
     let (root, cancel) = Context::background().with_cancel();
@@ -1213,8 +1213,10 @@ fn a_panicking_after_cancel_callback_drops_the_rest_without_leaking_and_cancels_
     let r = silently(|| cancel.cancel());
     assert!(r.is_err(), "the panic reaches the canceller (doc)");
     assert!(root.is_done() && child.is_done());
-    assert_eq!(ran.load(Ordering::SeqCst), 2, "callbacks after the panicking one do not run (doc)");
-    assert_eq!(t.live(), 0, "callbacks dropped without running still release what they captured: {t:?}");
+    // With `std` (this package's build), the callbacks after the panicking one still run
+    // (stop 33; they were dropped unrun before, which this test asserted as documented then).
+    assert_eq!(ran.load(Ordering::SeqCst), 4, "callbacks after the panicking one run too (doc, with std)");
+    assert_eq!(t.live(), 0, "every callback released what it captured: {t:?}");
     // The scope stays usable: new registrations run at once, cancel is a no-op.
     let again = Arc::new(AtomicBool::new(false));
     let a2 = Arc::clone(&again);
