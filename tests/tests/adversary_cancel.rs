@@ -13,10 +13,12 @@
 //! when nothing panicked), and every value and closure is dropped exactly once.
 #![allow(missing_docs)]
 
+mod common;
+use common::{Token, Tracker, in_child_within, silently, within};
+
 use std::future::Future;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, Mutex, OnceLock, mpsc};
+use std::sync::{Arc, Barrier, Mutex, OnceLock};
 use std::task::{Context as TaskContext, RawWaker, RawWakerVTable, Waker};
 use std::time::Duration;
 
@@ -29,97 +31,6 @@ const HANG: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------------------------
 // helpers
 // ---------------------------------------------------------------------------------------------
-
-/// Counts values made and dropped (a double drop shows as `dropped > made`).
-#[derive(Default, Debug)]
-struct Tracker {
-    made: AtomicUsize,
-    dropped: AtomicUsize,
-}
-
-impl Tracker {
-    fn new() -> Arc<Tracker> {
-        Arc::new(Tracker::default())
-    }
-    fn token(self: &Arc<Self>) -> Token {
-        self.made.fetch_add(1, Ordering::SeqCst);
-        Token(Arc::clone(self))
-    }
-    #[track_caller]
-    fn assert_balanced(&self, what: &str) {
-        let (m, d) = (self.made.load(Ordering::SeqCst), self.dropped.load(Ordering::SeqCst));
-        assert_eq!(m, d, "{what}: {m} made, {d} dropped (leak or double drop)");
-    }
-}
-
-#[derive(Debug)]
-struct Token(Arc<Tracker>);
-
-impl Drop for Token {
-    fn drop(&mut self) {
-        self.0.dropped.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-/// Runs `f` on a helper thread and waits at most `cap`: a hang fails the test.
-#[track_caller]
-fn within<R: Send + 'static>(what: &str, cap: Duration, f: impl FnOnce() -> R + Send + 'static) -> R {
-    let (tx, rx) = mpsc::channel();
-    let handle = std::thread::spawn(move || {
-        let out = catch_unwind(AssertUnwindSafe(f));
-        let _ = tx.send(());
-        out
-    });
-    match rx.recv_timeout(cap) {
-        Ok(()) => match handle.join().expect("the helper catches panics") {
-            Ok(r) => r,
-            Err(payload) => std::panic::resume_unwind(payload),
-        },
-        Err(_) => panic!("HANG: {what} did not finish within {cap:?} (deadlock?)"),
-    }
-}
-
-/// Runs `body` in a child process (this binary filtered to `name`), killed after `cap`.
-fn in_child_with_timeout(name: &str, cap: Duration, body: impl FnOnce()) {
-    const CHILD_ENV: &str = "LOCALSESSION_CANCEL_CHILD";
-    if std::env::var(CHILD_ENV).as_deref() == Ok(name) {
-        body();
-        return;
-    }
-    let mut child = std::process::Command::new(std::env::current_exe().expect("the test binary's path"))
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, name)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn the child test process");
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for the child") {
-            break Some(status);
-        }
-        if started.elapsed() > cap {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = child.wait_with_output().expect("the child's output");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    match status {
-        None => panic!("HANG: child `{name}` did not finish within {cap:?}\n--- stderr ---\n{stderr}"),
-        Some(status) => assert!(
-            status.success() && stdout.contains("1 passed"),
-            "child `{name}` failed: {status:?}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
-        ),
-    }
-}
-
-fn silently<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
-    catch_unwind(AssertUnwindSafe(f))
-}
 
 #[derive(Clone)]
 struct Rng(u64);
@@ -186,7 +97,7 @@ fn deep_chain(levels: usize, tokens: &Arc<Tracker>) -> (Vec<SessionCtx>, Vec<Opt
 /// `err()` each level reported first never changes; every value is dropped once.
 #[test]
 fn deep_chain_cancelled_at_four_levels_at_once_is_cancelled_below_each_on_return() {
-    in_child_with_timeout(
+    in_child_within(
         "deep_chain_cancelled_at_four_levels_at_once_is_cancelled_below_each_on_return",
         Duration::from_secs(60),
         || {
@@ -557,7 +468,7 @@ fn hostile_waker(h: Arc<Hostile>) -> Waker {
 /// is dropped (its token released).
 #[test]
 fn done_wakers_whose_clone_wake_and_drop_reenter_the_tree_never_deadlock() {
-    in_child_with_timeout(
+    in_child_within(
         "done_wakers_whose_clone_wake_and_drop_reenter_the_tree_never_deadlock",
         Duration::from_secs(60),
         || {

@@ -12,11 +12,13 @@
 //! store takes it for reading.
 #![allow(missing_docs)]
 
+mod common;
+use common::{Token, Tracker, in_child_within, silently, within};
+
 use std::any::Any;
 use std::hash::{Hash, Hasher};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, mpsc};
+use std::sync::{Arc, Barrier, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::task::{Context as TaskContext, RawWaker, RawWakerVTable, Waker};
 use std::time::Duration;
 
@@ -42,102 +44,6 @@ fn std_shared() -> RwLockReadGuard<'static, ()> {
 
 fn std_exclusive() -> RwLockWriteGuard<'static, ()> {
     STD_LOCK.write().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Counts values made and dropped: `made == dropped` at the end means nothing leaked and nothing
-/// was dropped twice (a double drop shows as `dropped > made`).
-#[derive(Default, Debug)]
-struct Tracker {
-    made: AtomicUsize,
-    dropped: AtomicUsize,
-}
-
-impl Tracker {
-    fn new() -> Arc<Tracker> {
-        Arc::new(Tracker::default())
-    }
-    fn made(&self) -> usize {
-        self.made.load(Ordering::SeqCst)
-    }
-    fn dropped(&self) -> usize {
-        self.dropped.load(Ordering::SeqCst)
-    }
-    fn token(self: &Arc<Self>) -> Token {
-        self.made.fetch_add(1, Ordering::SeqCst);
-        Token(Arc::clone(self))
-    }
-}
-
-/// One counted value.
-#[derive(Debug)]
-struct Token(Arc<Tracker>);
-
-impl Drop for Token {
-    fn drop(&mut self) {
-        self.0.dropped.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-/// Runs `f` on a helper thread and waits at most `cap` for it: a hang fails the test naming
-/// `what` (the helper thread is left behind), a panic in `f` is re-raised here.
-#[track_caller]
-fn within<R: Send + 'static>(what: &str, cap: Duration, f: impl FnOnce() -> R + Send + 'static) -> R {
-    let (tx, rx) = mpsc::channel();
-    let handle = std::thread::spawn(move || {
-        let out = catch_unwind(AssertUnwindSafe(f));
-        let _ = tx.send(());
-        out
-    });
-    match rx.recv_timeout(cap) {
-        Ok(()) => match handle.join().expect("the helper catches panics") {
-            Ok(r) => r,
-            Err(payload) => std::panic::resume_unwind(payload),
-        },
-        Err(_) => panic!("HANG: {what} did not finish within {cap:?} (deadlock?)"),
-    }
-}
-
-/// Runs `body` in a child process (this test binary filtered to the test `name`), killing it
-/// after `cap`: for tests whose failure mode is a thread spinning forever or a process abort.
-fn in_child_with_timeout(name: &str, cap: Duration, body: impl FnOnce()) {
-    const CHILD_ENV: &str = "LOCALSESSION_CONCURRENCY_CHILD";
-    if std::env::var(CHILD_ENV).as_deref() == Ok(name) {
-        body();
-        return;
-    }
-    let mut child = std::process::Command::new(std::env::current_exe().expect("the test binary's path"))
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, name)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn the child test process");
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for the child") {
-            break Some(status);
-        }
-        if started.elapsed() > cap {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = child.wait_with_output().expect("the child's output");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    match status {
-        None => panic!("HANG: child `{name}` did not finish within {cap:?}\n--- stderr ---\n{stderr}"),
-        Some(status) => assert!(
-            status.success() && stdout.contains("1 passed"),
-            "child `{name}` failed: {status:?}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
-        ),
-    }
-}
-
-fn silently<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
-    catch_unwind(AssertUnwindSafe(f))
 }
 
 /// A tiny deterministic generator (no dependency): xorshift.
@@ -735,26 +641,22 @@ static REENTRANT_VTABLE: RawWakerVTable =
 /// code re-entering the library). Expected: no deadlock; the future then resolves.
 #[test]
 fn a_waker_whose_clone_cancels_the_scope_does_not_deadlock_done() {
-    in_child_with_timeout(
-        "a_waker_whose_clone_cancels_the_scope_does_not_deadlock_done",
-        Duration::from_secs(20),
-        || {
-            let (ctx, cancel) = Context::background().with_cancel();
-            REENTRANT_CANCEL.set(cancel).unwrap();
-            let mut done = Box::pin(ctx.done());
-            assert!(done.as_mut().poll(&mut TaskContext::from_waker(Waker::noop())).is_pending());
-            // SAFETY: the vtable's functions ignore the data pointer (a static byte).
-            let hostile =
-                unsafe { Waker::from_raw(RawWaker::new(std::ptr::from_ref(&WAKER_DATA).cast(), &REENTRANT_VTABLE)) };
-            WAKER_ARMED.store(true, Ordering::SeqCst);
-            let polled = within("poll of done() with a re-entrant waker", Duration::from_secs(10), move || {
-                let r = done.as_mut().poll(&mut TaskContext::from_waker(&hostile));
-                (r.is_ready(), done.as_mut().poll(&mut TaskContext::from_waker(Waker::noop())).is_ready())
-            });
-            assert!(polled.1, "done() did not resolve after its scope was cancelled");
-            assert!(ctx.is_done());
-        },
-    );
+    in_child_within("a_waker_whose_clone_cancels_the_scope_does_not_deadlock_done", Duration::from_secs(20), || {
+        let (ctx, cancel) = Context::background().with_cancel();
+        REENTRANT_CANCEL.set(cancel).unwrap();
+        let mut done = Box::pin(ctx.done());
+        assert!(done.as_mut().poll(&mut TaskContext::from_waker(Waker::noop())).is_pending());
+        // SAFETY: the vtable's functions ignore the data pointer (a static byte).
+        let hostile =
+            unsafe { Waker::from_raw(RawWaker::new(std::ptr::from_ref(&WAKER_DATA).cast(), &REENTRANT_VTABLE)) };
+        WAKER_ARMED.store(true, Ordering::SeqCst);
+        let polled = within("poll of done() with a re-entrant waker", Duration::from_secs(10), move || {
+            let r = done.as_mut().poll(&mut TaskContext::from_waker(&hostile));
+            (r.is_ready(), done.as_mut().poll(&mut TaskContext::from_waker(Waker::noop())).is_ready())
+        });
+        assert!(polled.1, "done() did not resolve after its scope was cancelled");
+        assert!(ctx.is_done());
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -943,7 +845,7 @@ fn gc_thread_keeps_sweeping_after_a_swept_session_panics_in_drop() {
 /// process must not abort (it does if the second drop runs while the first unwinds).
 #[test]
 fn gc_of_two_sessions_with_panicking_drops_reports_the_panic_and_keeps_the_store_usable() {
-    in_child_with_timeout(
+    in_child_within(
         "gc_of_two_sessions_with_panicking_drops_reports_the_panic_and_keeps_the_store_usable",
         HANG,
         || {

@@ -25,6 +25,9 @@
 #![allow(missing_docs)]
 #![cfg(all(feature = "tower", feature = "hyper"))]
 
+mod common;
+use common::{Counted, outstanding};
+
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::fmt;
@@ -69,28 +72,6 @@ static USER_TENANT: Key<String> = Key::new("tenant");
 static REQ_ID: Key<u64> = Key::new("req");
 /// A value whose drops are counted, one per request session.
 static COUNTED: Key<Counted> = Key::new("counted");
-
-static MADE: AtomicUsize = AtomicUsize::new(0);
-static DROPPED: AtomicUsize = AtomicUsize::new(0);
-
-struct Counted;
-
-impl Counted {
-    fn new() -> Counted {
-        MADE.fetch_add(1, Ordering::SeqCst);
-        Counted
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        DROPPED.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-fn outstanding() -> usize {
-    MADE.load(Ordering::SeqCst) - DROPPED.load(Ordering::SeqCst)
-}
 
 /// The implicit table, the live-session count and the drop counters are process-wide.
 static SERIAL: Mutex<()> = Mutex::new(());

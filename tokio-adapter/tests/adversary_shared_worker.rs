@@ -14,6 +14,9 @@
 #![cfg(feature = "tower")]
 #![allow(missing_docs)]
 
+mod common;
+use common::{Counted, outstanding};
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -39,28 +42,6 @@ fn serial() -> MutexGuard<'static, ()> {
 
 static TENANT: Key<String> = Key::new("shared_worker_tenant");
 static COUNTED: Key<Counted> = Key::new("shared_worker_counted");
-
-static MADE: AtomicUsize = AtomicUsize::new(0);
-static DROPPED: AtomicUsize = AtomicUsize::new(0);
-
-struct Counted;
-
-impl Counted {
-    fn new() -> Counted {
-        MADE.fetch_add(1, Ordering::SeqCst);
-        Counted
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        DROPPED.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-fn outstanding() -> usize {
-    MADE.load(Ordering::SeqCst) - DROPPED.load(Ordering::SeqCst)
-}
 
 /// A request's session: the tenant as a user value and as persistent metainfo (which
 /// `ClientBackupLayer` sends as `rpc-persist-tenant`), and a drop-counted value.

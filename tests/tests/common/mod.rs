@@ -92,21 +92,108 @@ where
 /// is unaffected. `name` is the test's path as the harness prints it (`module::test` inside a
 /// module).
 pub(crate) fn in_child_process(name: &str, body: impl FnOnce()) {
+    in_child_within(name, Duration::from_secs(600), body);
+}
+
+/// [`in_child_process`], killing the child after `cap`: for tests whose failure mode is a
+/// thread spinning forever (a deadlock) as well as a process abort.
+pub(crate) fn in_child_within(name: &str, cap: Duration, body: impl FnOnce()) {
     const CHILD_ENV: &str = "LOCALSESSION_TEST_CHILD";
     if std::env::var(CHILD_ENV).as_deref() == Ok(name) {
         body();
         return;
     }
-    let out = std::process::Command::new(std::env::current_exe().expect("the test binary's path"))
+    let mut child = std::process::Command::new(std::env::current_exe().expect("the test binary's path"))
         .args([name, "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, name)
-        .output()
-        .expect("spawn child test process");
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the child test process");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            break Some(status);
+        }
+        if started.elapsed() > cap {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().expect("the child's output");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "child process for `{name}` failed: {:?}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
-        out.status
-    );
+    match status {
+        None => panic!("HANG: child `{name}` did not finish within {cap:?}\n--- stderr ---\n{stderr}"),
+        Some(status) => assert!(
+            status.success() && stdout.contains("1 passed"),
+            "child process for `{name}` failed: {status:?}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
+        ),
+    }
+}
+
+/// Runs `f` on a helper thread and waits at most `cap` for it: a hang fails the test naming
+/// `what` (the helper thread is left behind), a panic in `f` is re-raised here.
+#[track_caller]
+pub(crate) fn within<R: Send + 'static>(what: &str, cap: Duration, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (tx, rx) = mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let _ = tx.send(());
+        out
+    });
+    match rx.recv_timeout(cap) {
+        Ok(()) => match handle.join().expect("the helper catches panics") {
+            Ok(r) => r,
+            Err(payload) => std::panic::resume_unwind(payload),
+        },
+        Err(_) => panic!("HANG: {what} did not finish within {cap:?} (deadlock?)"),
+    }
+}
+
+/// `f`, its panic caught (and returned).
+pub(crate) fn silently<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+}
+
+/// Counts values made and dropped: `made == dropped` at the end means nothing leaked and nothing
+/// was dropped twice (a double drop shows as `dropped > made`).
+#[derive(Default, Debug)]
+pub(crate) struct Tracker {
+    made: AtomicUsize,
+    dropped: AtomicUsize,
+}
+
+impl Tracker {
+    pub(crate) fn new() -> Arc<Tracker> {
+        Arc::new(Tracker::default())
+    }
+    pub(crate) fn made(&self) -> usize {
+        self.made.load(Ordering::SeqCst)
+    }
+    pub(crate) fn dropped(&self) -> usize {
+        self.dropped.load(Ordering::SeqCst)
+    }
+    /// A new counted value.
+    pub(crate) fn token(self: &Arc<Self>) -> Token {
+        self.made.fetch_add(1, Ordering::SeqCst);
+        Token(Arc::clone(self))
+    }
+    #[track_caller]
+    pub(crate) fn assert_balanced(&self, what: &str) {
+        let (m, d) = (self.made(), self.dropped());
+        assert_eq!(m, d, "{what}: {m} made, {d} dropped (leak or double drop)");
+    }
+}
+
+/// One counted value of a [`Tracker`] (the tracker it counts for).
+#[derive(Debug)]
+pub(crate) struct Token(pub(crate) Arc<Tracker>);
+
+impl Drop for Token {
+    fn drop(&mut self) {
+        self.0.dropped.fetch_add(1, Ordering::SeqCst);
+    }
 }

@@ -214,3 +214,28 @@ impl XorShift {
 pub(crate) fn stress() -> bool {
     std::env::var("LOCALSESSION_STRESS").is_ok_and(|v| v == "1")
 }
+
+static COUNTED_MADE: AtomicUsize = AtomicUsize::new(0);
+static COUNTED_DROPPED: AtomicUsize = AtomicUsize::new(0);
+
+/// A session value whose making and dropping are counted process-wide (per test binary): with
+/// the runtime idle, [`outstanding`] back at its baseline means no session value was leaked.
+pub(crate) struct Counted;
+
+impl Counted {
+    pub(crate) fn new() -> Counted {
+        COUNTED_MADE.fetch_add(1, Ordering::SeqCst);
+        Counted
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        COUNTED_DROPPED.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// [`Counted`] values made and not yet dropped.
+pub(crate) fn outstanding() -> usize {
+    COUNTED_MADE.load(Ordering::SeqCst) - COUNTED_DROPPED.load(Ordering::SeqCst)
+}
