@@ -181,7 +181,7 @@ impl ThreadStore {
             // Acquire: as in `with`.
             let generation = GENERATION.load(Ordering::Acquire);
             let (mut stale, mut recorded) = (None, None);
-            if t.generation.get() != generation && t.slot.with(|s| s.is_some_and(is_shared_worker_session)) {
+            if t.generation.get() != generation && t.slot.with(survives_resets) {
                 // The shared workers' session is no request's: a reset does not end it.
                 t.generation.set(generation);
             } else if t.generation.get() != generation {
@@ -370,7 +370,7 @@ impl ThreadStore {
                 let (token, parked) = exchange_in(t, session, Owner::Scope);
                 // The generation the slot is now in (the exchange brought it up to date).
                 let generation = t.generation.get();
-                if generation != read_at && !t.slot.with(|s| s.is_some_and(is_shared_worker_session)) {
+                if generation != read_at && !t.slot.with(survives_resets) {
                     // A reset ran after the unit's session was read from its record: the
                     // session is from before it. Stamped with that older generation, it reads
                     // as empty and leaves the slot (and, through the sink, the record) at the
@@ -396,9 +396,7 @@ impl ThreadStore {
     pub fn exit_unit(&self, session: &mut Option<AnySession>, scope: UnitScope) -> Option<AnySession> {
         // Acquire: as in `with`. A reset during the unit: what the thread held before it is
         // from the old generation and is not restored (as `EnterGuard` and `WithSession` do).
-        let outdated = if GENERATION.load(Ordering::Acquire) == scope.generation
-            || session.as_ref().is_some_and(is_shared_worker_session)
-        {
+        let outdated = if GENERATION.load(Ordering::Acquire) == scope.generation || survives_resets(session.as_ref()) {
             None
         } else {
             session.take()
@@ -505,7 +503,7 @@ impl ContextStore for ThreadStore {
     /// The shared workers' marker ([`shared_worker_session`]) is no request's session: no reset
     /// ends it.
     fn survives_reset(&self, session: &AnySession) -> bool {
-        is_shared_worker_session(session)
+        survives_resets(Some(session))
     }
 }
 
@@ -587,7 +585,7 @@ fn exchange_slow(t: &ThreadSlot, session: &mut Option<AnySession>, rule: Owner) 
     // visible after the reset had returned).
     if stale
         && matches!(rule, Owner::Restore(_))
-        && !session.as_ref().is_some_and(is_shared_worker_session)
+        && !survives_resets(session.as_ref())
         && let Some(old) = session.take()
     {
         park(&t.leftover_outdated, old);
@@ -620,7 +618,7 @@ fn exchange_slow(t: &ThreadSlot, session: &mut Option<AnySession>, rule: Owner) 
         // record in the shard's lock order and clears it, or it came first — then the bump,
         // before it, happens-before this load, which sees it.
         if GENERATION.load(Ordering::Acquire) != generation
-            && !session.as_ref().is_some_and(is_shared_worker_session)
+            && !survives_resets(session.as_ref())
             && let Some(undone) = (sink.record)(sink.unit, None)
         {
             park(&t.leftover_outdated, undone);
@@ -639,7 +637,7 @@ fn exchange_slow(t: &ThreadSlot, session: &mut Option<AnySession>, rule: Owner) 
         Owner::Restore(token) => token,
     };
     if stale
-        && !session.as_ref().is_some_and(is_shared_worker_session)
+        && !survives_resets(session.as_ref())
         && let Some(old) = session.take()
     {
         // A binding from before a reset is not handed back.
@@ -714,6 +712,13 @@ pub fn shared_worker_session() -> AnySession {
 #[must_use]
 pub fn is_shared_worker_session(session: &AnySession) -> bool {
     SHARED_WORKER.get().is_some_and(|marker| marker.ptr_eq(session))
+}
+
+/// Whether a binding outlives `reset_default_manager` (the one rule every stale-slot path of
+/// this store and [`ContextStore::survives_reset`] follow): only the shared workers' marker.
+#[inline]
+fn survives_resets(session: Option<&AnySession>) -> bool {
+    session.is_some_and(is_shared_worker_session)
 }
 
 /// The cause in [`shared_worker_session`].

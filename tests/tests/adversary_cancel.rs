@@ -14,7 +14,7 @@
 #![allow(missing_docs)]
 
 mod common;
-use common::{Token, Tracker, in_child_within, silently, within};
+use common::{Cause, Rng, Token, Tracker, in_child_within, silently, within};
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,31 +31,6 @@ const HANG: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------------------------
 // helpers
 // ---------------------------------------------------------------------------------------------
-
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x % n
-    }
-}
-
-#[derive(Debug)]
-struct Cause(u64);
-
-impl std::fmt::Display for Cause {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cause {}", self.0)
-    }
-}
-
-impl std::error::Error for Cause {}
 
 /// The first index in `nodes[from..]` that still reads valid, if any.
 fn first_valid(nodes: &[SessionCtx], from: usize) -> Option<usize> {

@@ -13,7 +13,7 @@
 #![allow(missing_docs)]
 
 mod common;
-use common::{Token, Tracker, in_child_within, silently, within};
+use common::{Cause, Rng, Token, Tracker, in_child_within, silently, within};
 
 use std::any::Any;
 use std::hash::{Hash, Hasher};
@@ -45,35 +45,6 @@ fn std_shared() -> RwLockReadGuard<'static, ()> {
 fn std_exclusive() -> RwLockWriteGuard<'static, ()> {
     STD_LOCK.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
-
-/// A tiny deterministic generator (no dependency): xorshift.
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-#[derive(Debug)]
-struct Cause(u64);
-
-impl std::fmt::Display for Cause {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cause {}", self.0)
-    }
-}
-
-impl std::error::Error for Cause {}
 
 // ---------------------------------------------------------------------------------------------
 // 1. Context / SessionCtx trees

@@ -26,7 +26,7 @@
 #![cfg(all(feature = "tower", feature = "hyper"))]
 
 mod common;
-use common::{Counted, outstanding};
+use common::{Counted, XorShift, outstanding};
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -82,19 +82,6 @@ fn serial() -> MutexGuard<'static, ()> {
 
 fn recover(_prev: &Context, cur: &Context) -> (Context, bool) {
     (cur.clone(), true)
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x % n
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -795,7 +782,7 @@ fn load_run(spec: Spec) {
     runtime(spec.mode, spec.workers).block_on(async {
         let h = setup(spec.mode, spec.arrangement).await;
         let svc = proxy_service(h.env.clone());
-        let mut rng = Rng(spec.seed);
+        let mut rng = XorShift::raw(spec.seed);
         let mut assigned = HashMap::new();
         let mut tasks = Vec::new();
         let mut aborted = 0;
@@ -957,7 +944,7 @@ fn client_backup_inside_a_safe_buffer_never_sends_a_foreign_tenant_implicit() {
     runtime(Mode::Implicit, 2).block_on(async {
         let h = setup(Mode::Implicit, Arrangement::BufferInsideSafe).await;
         let svc = proxy_service(h.env.clone());
-        let mut rng = Rng(99);
+        let mut rng = XorShift::raw(99);
         let mut tasks = Vec::new();
         for i in 0..300 {
             let tenant = TENANTS[rng.below(TENANTS.len() as u64) as usize];
@@ -1061,7 +1048,7 @@ fn detached_run(mode: Mode, workers: usize, sweep: bool) {
     runtime(mode, workers).block_on(async {
         let mut h = setup(mode, Arrangement::Pooled).await;
         let svc = proxy_service(h.env.clone());
-        let mut rng = Rng(4242 + workers as u64);
+        let mut rng = XorShift::raw(4242 + workers as u64);
         let mut assigned = HashMap::new();
         let mut tasks = Vec::new();
         for i in 0..N {
@@ -1247,7 +1234,7 @@ fn naive_tokio_executor_pins_only_the_openers_session_until_swept_implicit() {
     runtime(Mode::Implicit, 2).block_on(async {
         let h = setup(Mode::Implicit, Arrangement::PooledNaive).await;
         let svc = proxy_service(h.env.clone());
-        let mut rng = Rng(7);
+        let mut rng = XorShift::raw(7);
         let mut wrong = Vec::new();
         // Sequential requests, then a concurrent burst (more connections, more openers).
         for i in 0..30u64 {

@@ -197,3 +197,34 @@ impl Drop for Token {
         self.0.dropped.fetch_add(1, Ordering::SeqCst);
     }
 }
+
+/// A tiny deterministic generator (no dependency): xorshift64, seeded as given.
+#[derive(Clone)]
+pub(crate) struct Rng(pub(crate) u64);
+
+impl Rng {
+    pub(crate) fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    /// Uniform-ish in `0..n`.
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A cancellation cause that says which caller gave it (`ContextError::cause(Cause(n))`).
+#[derive(Debug)]
+pub(crate) struct Cause(pub(crate) u64);
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cause {}", self.0)
+    }
+}
+
+impl std::error::Error for Cause {}

@@ -195,6 +195,11 @@ impl XorShift {
         XorShift(seed.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
 
+    /// Seeded as given (no spreading): the same sequence as a bare xorshift64 from `seed`.
+    pub(crate) fn raw(seed: u64) -> XorShift {
+        XorShift(seed)
+    }
+
     pub(crate) fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;
